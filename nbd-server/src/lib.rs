@@ -1,0 +1,2 @@
+//! `blockmesh-nbd`: an NBD protocol server for any export behind a trait.
+#![forbid(unsafe_code)]

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the whole test suite of the workspace: format, lints, every test.
+# Installs the Debian packages the tests drive (real NBD clients and servers) when they are missing.
+# Under CI=true a test that needs one of these tools fails when it is missing; it never skips.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# command:package pairs for the third-party tools the tests run for real.
+tools=(fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdsh:python3-libnbd
+       qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils)
+missing=()
+for pair in "${tools[@]}"; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "installing missing packages: $(printf '%s\n' "${missing[@]}" | sort -u | tr '\n' ' ')"
+  $sudo apt-get update -qq
+  # shellcheck disable=SC2046
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+    $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
