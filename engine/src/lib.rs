@@ -1,7 +1,46 @@
 //! `blockmesh-engine`: a log-structured copy-on-write store of thin block volumes inside one pool.
+//!
+//! A [`Pool`] lives on one [`io::Device`] (a file, a block device, or a simulated device in tests). It holds thin
+//! [`Volume`]s addressed in bytes (512-byte granularity, 4 KiB internal blocks). Writes append to a log; flush makes
+//! them durable; after a crash the pool opens to a state holding every write acknowledged before the last completed
+//! flush. The on-disk format and its invariants (`[I<n>]` in the code) are in `engine/docs/format.md`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use blockmesh_engine::{io::SimDevice, Pool, PoolOptions};
+//!
+//! let dev = SimDevice::new(64 << 20);
+//! let opts = PoolOptions { segment_size_bytes: 1 << 20, ..PoolOptions::default() };
+//! let pool = Pool::create(dev.clone(), opts.clone())?;
+//! let vol = pool.create_volume("db", 16 << 20)?;
+//! vol.write(4096, &[7u8; 8192])?;
+//! vol.flush()?;
+//! drop(pool);
+//!
+//! let pool = Pool::open(dev, opts)?;
+//! let mut buf = vec![0u8; 512];
+//! pool.volume("db")?.read(8192, &mut buf)?;
+//! assert!(buf.iter().all(|&b| b == 7));
+//! assert!(pool.check()?.problems.is_empty());
+//! # Ok::<(), blockmesh_engine::Error>(())
+//! ```
 #![warn(missing_docs)]
 
+mod allocator;
+mod check;
 pub mod error;
+pub mod format;
+mod index;
 pub mod io;
+mod journal;
+mod pool;
+mod volume;
 
+pub use check::CheckReport;
 pub use error::{Error, Result};
+pub use pool::{
+    validate_volume_name, Pool, PoolOptions, PoolStats, VolumeInfo, DEFAULT_CHECKPOINT_INTERVAL_BYTES,
+    DEFAULT_SEGMENT_SIZE_BYTES, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES, MAX_VOLUME_SIZE_BYTES,
+    MIN_SEGMENT_SIZE_BYTES,
+};
+pub use volume::Volume;

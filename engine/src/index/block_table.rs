@@ -1,0 +1,176 @@
+//! The block table: vbn -> (physical block, crc32, refcount), paged in blocks of 256 entries, with a directory of
+//! page locations paged the same way; the directory's own page list is stored in the checkpoint [I5].
+
+use std::collections::BTreeSet;
+
+use crate::format::checkpoint::PageLoc;
+use crate::format::node::{decode_page, Page, Slot, FANOUT, FANOUT_BITS};
+use crate::format::{crc32, BLOCK, BLOCK_SIZE};
+use crate::io::Device;
+use crate::{Error, Result};
+
+/// One block-table entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct BtEntry {
+    /// Physical block (4 KiB units from the device start); 0 = not written yet (a node born since the last
+    /// checkpoint) or free.
+    pub(crate) pba: u64,
+    /// CRC-32 of the block's 4096 bytes.
+    pub(crate) crc: u32,
+    /// References from tree entries, inner nodes and volume roots; 0 = free.
+    pub(crate) refcount: u32,
+}
+
+impl BtEntry {
+    fn to_slot(self) -> Slot {
+        Slot { a: self.pba, b: u64::from(self.crc) | (u64::from(self.refcount) << 32) }
+    }
+    fn from_slot(s: Slot) -> Self {
+        Self { pba: s.a, crc: s.b as u32, refcount: (s.b >> 32) as u32 }
+    }
+}
+
+/// The block table in memory, with what must be written at the next checkpoint.
+#[derive(Debug, Default)]
+pub(crate) struct BlockTable {
+    /// Table pages by page number; `None` = all entries free.
+    pages: Vec<Option<Box<Page>>>,
+    /// Where each table page lives on disk (the contents of the directory pages).
+    page_locs: Vec<PageLoc>,
+    /// Table pages changed since the last checkpoint.
+    dirty_pages: BTreeSet<u64>,
+    /// Where each directory page lives on disk (stored in the checkpoint).
+    dir_locs: Vec<PageLoc>,
+    /// Directory pages changed since the last checkpoint.
+    dirty_dirs: BTreeSet<u64>,
+}
+
+fn read_page(dev: &dyn Device, loc: PageLoc, what: &'static str) -> Result<Box<Page>> {
+    let mut buf = vec![0u8; BLOCK];
+    let offset = loc.pba * BLOCK_SIZE;
+    dev.read_at(&mut buf, offset)?;
+    let crc = crc32(&buf);
+    if crc != loc.crc {
+        return Err(Error::corrupt(what, offset, format!("crc32 {:#010x}", loc.crc), format!("crc32 {crc:#010x}")));
+    }
+    Ok(decode_page(&buf))
+}
+
+impl BlockTable {
+    /// Load the whole table from the directory locations of a checkpoint.
+    pub(crate) fn load(dev: &dyn Device, dir_locs: Vec<PageLoc>) -> Result<Self> {
+        let mut page_locs = Vec::with_capacity(dir_locs.len() * FANOUT);
+        for loc in &dir_locs {
+            if loc.pba == 0 {
+                page_locs.extend(std::iter::repeat_n(PageLoc::default(), FANOUT));
+                continue;
+            }
+            let dir = read_page(dev, *loc, "block-table directory page")?;
+            page_locs.extend(dir.iter().map(|s| PageLoc { pba: s.a, crc: s.b as u32 }));
+        }
+        while page_locs.last().is_some_and(|l| l.pba == 0) {
+            page_locs.pop();
+        }
+        let mut pages = Vec::with_capacity(page_locs.len());
+        for loc in &page_locs {
+            pages.push(if loc.pba == 0 { None } else { Some(read_page(dev, *loc, "block-table page")?) });
+        }
+        Ok(Self { pages, page_locs, dirty_pages: BTreeSet::new(), dir_locs, dirty_dirs: BTreeSet::new() })
+    }
+
+    pub(crate) fn get(&self, vbn: u64) -> BtEntry {
+        let page = (vbn >> FANOUT_BITS) as usize;
+        match self.pages.get(page) {
+            Some(Some(p)) => BtEntry::from_slot(p[(vbn as usize) & (FANOUT - 1)]),
+            _ => BtEntry::default(),
+        }
+    }
+
+    pub(crate) fn set(&mut self, vbn: u64, e: BtEntry) {
+        let page = (vbn >> FANOUT_BITS) as usize;
+        if self.pages.len() <= page {
+            self.pages.resize_with(page + 1, || None);
+        }
+        let p = self.pages[page].get_or_insert_with(|| Box::new([Slot::default(); FANOUT]));
+        p[(vbn as usize) & (FANOUT - 1)] = e.to_slot();
+        self.dirty_pages.insert(page as u64);
+    }
+
+    /// Table pages to write at the next checkpoint, with their contents (a missing page is written as zeroes).
+    pub(crate) fn dirty_pages(&self) -> Vec<(u64, Box<Page>)> {
+        self.dirty_pages
+            .iter()
+            .map(|&p| {
+                let page = self.pages.get(p as usize).and_then(|x| x.clone());
+                (p, page.unwrap_or_else(|| Box::new([Slot::default(); FANOUT])))
+            })
+            .collect()
+    }
+
+    pub(crate) fn dirty_page_count(&self) -> usize {
+        self.dirty_pages.len()
+    }
+
+    /// Record where a table page was written; returns the block the old copy occupied (0 if none).
+    pub(crate) fn page_written(&mut self, page: u64, loc: PageLoc) -> u64 {
+        let i = page as usize;
+        if self.page_locs.len() <= i {
+            self.page_locs.resize(i + 1, PageLoc::default());
+        }
+        let old = std::mem::replace(&mut self.page_locs[i], loc);
+        self.dirty_pages.remove(&page);
+        self.dirty_dirs.insert(page >> FANOUT_BITS);
+        old.pba
+    }
+
+    /// Directory pages to write at the next checkpoint, with their contents.
+    pub(crate) fn dirty_dirs(&self) -> Vec<(u64, Box<Page>)> {
+        self.dirty_dirs
+            .iter()
+            .map(|&d| {
+                let mut page = Box::new([Slot::default(); FANOUT]);
+                for (j, slot) in page.iter_mut().enumerate() {
+                    if let Some(loc) = self.page_locs.get(d as usize * FANOUT + j) {
+                        *slot = Slot { a: loc.pba, b: u64::from(loc.crc) };
+                    }
+                }
+                (d, page)
+            })
+            .collect()
+    }
+
+    /// Record where a directory page was written; returns the block the old copy occupied (0 if none).
+    pub(crate) fn dir_written(&mut self, dir: u64, loc: PageLoc) -> u64 {
+        let i = dir as usize;
+        if self.dir_locs.len() <= i {
+            self.dir_locs.resize(i + 1, PageLoc::default());
+        }
+        let old = std::mem::replace(&mut self.dir_locs[i], loc);
+        self.dirty_dirs.remove(&dir);
+        old.pba
+    }
+
+    pub(crate) fn dir_locs(&self) -> &[PageLoc] {
+        &self.dir_locs
+    }
+
+    /// Physical blocks the table itself occupies (pages and directory pages), for integrity checks.
+    pub(crate) fn own_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.page_locs.iter().chain(self.dir_locs.iter()).map(|l| l.pba).filter(|&p| p != 0)
+    }
+
+    /// Every allocated entry (refcount > 0), in vbn order.
+    pub(crate) fn live_entries(&self) -> impl Iterator<Item = (u64, BtEntry)> + '_ {
+        self.pages.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|p| (i, p))).flat_map(|(i, p)| {
+            p.iter().enumerate().filter_map(move |(j, s)| {
+                let e = BtEntry::from_slot(*s);
+                (e.refcount > 0).then_some(((i * FANOUT + j) as u64, e))
+            })
+        })
+    }
+
+    /// Bytes of memory the loaded pages use.
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.pages.iter().flatten().count() * BLOCK + self.page_locs.len() * std::mem::size_of::<PageLoc>()
+    }
+}

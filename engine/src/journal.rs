@@ -1,0 +1,333 @@
+//! The log: appending records to the open segment, moving to the reserved next segment when it is full, and
+//! replaying the records written since the last checkpoint.
+//!
+//! Writes to volumes gather in an open batch (one header block of ops, then the data blocks of the writes); the batch
+//! is written when it is full, when the segment has no more room, and on flush. Reads of blocks still in the open
+//! batch are served from memory.
+
+use std::collections::BTreeSet;
+
+use crate::allocator::Segments;
+use crate::format::ops::Op;
+use crate::format::record::{RecordHeader, RecordKind, BODY_CAPACITY_BYTES};
+use crate::format::superblock::LogCursor;
+use crate::format::{crc32, Enc, BLOCK, BLOCK_SIZE};
+use crate::io::Device;
+use crate::{Error, Result};
+
+/// Most data blocks in one batch (512 KiB): bounds the log buffer of the open batch.
+pub(crate) const MAX_BATCH_DATA_BLOCKS: u32 = 128;
+
+/// What an append may use: user data must leave the reserve to checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Purpose {
+    /// Volume writes and metadata operations.
+    Data,
+    /// Checkpoint records, which may use the reserved segments.
+    Checkpoint,
+}
+
+#[derive(Debug)]
+struct OpenBatch {
+    pba: u64,
+    body: Enc,
+    data: Vec<u8>,
+    n_data: u32,
+}
+
+/// The log writer.
+#[derive(Debug)]
+pub(crate) struct Log {
+    pool_id: u64,
+    seg: u64,
+    next_seg: u64,
+    /// Next free block of the open segment.
+    pos: u64,
+    /// Sequence number of the next record.
+    seq: u64,
+    batch: Option<OpenBatch>,
+    /// Segments left free for checkpoints: user data fails with "out of space" rather than take them.
+    pub(crate) reserve_segments: u64,
+    /// Blocks written to the log since the last checkpoint.
+    pub(crate) blocks_since_checkpoint: u64,
+    /// Blocks written to the device in all (records, headers, checkpoints), for write-amplification figures.
+    pub(crate) blocks_written: u64,
+}
+
+impl Log {
+    pub(crate) fn new(pool_id: u64, segs: &Segments, cursor: LogCursor, reserve_segments: u64) -> Self {
+        debug_assert!(cursor.pba >= segs.first_pba(cursor.segment) && cursor.pba <= segs.end_pba(cursor.segment));
+        Self {
+            pool_id,
+            seg: cursor.segment,
+            next_seg: cursor.next_segment,
+            pos: cursor.pba,
+            seq: cursor.seq,
+            batch: None,
+            reserve_segments,
+            blocks_since_checkpoint: 0,
+            blocks_written: 0,
+        }
+    }
+
+    /// Where the next record goes (with no batch open).
+    pub(crate) fn cursor(&self) -> LogCursor {
+        debug_assert!(self.batch.is_none(), "cursor with an open batch");
+        LogCursor { segment: self.seg, pba: self.pos, next_segment: self.next_seg, seq: self.seq }
+    }
+
+    /// Segments the log must keep: the open one and the reserved next one.
+    pub(crate) fn pinned_segments(&self) -> [u64; 2] {
+        [self.seg, self.next_seg]
+    }
+
+    /// Skip `n` sequence numbers (after recovery, so stale records of a lost tail can never match [I3]).
+    pub(crate) fn skip_seq(&mut self, n: u64) {
+        self.seq += n;
+    }
+
+    /// Blocks the log can still take for user data without touching the reserve.
+    pub(crate) fn data_room_blocks(&self, segs: &Segments) -> u64 {
+        let in_seg = segs.end_pba(self.seg).saturating_sub(self.pos);
+        let spare = segs.free_count().saturating_sub(self.reserve_segments);
+        // the reserved next segment counts as room, a new reservation replaces it
+        in_seg + spare * segs.blocks_per_segment
+    }
+
+    fn room_in_segment(&self, segs: &Segments) -> u64 {
+        segs.end_pba(self.seg).saturating_sub(self.pos)
+    }
+
+    /// Move to the reserved next segment and reserve another.
+    fn switch_segment(&mut self, segs: &mut Segments, purpose: Purpose) -> Result<()> {
+        if purpose == Purpose::Data && segs.free_count() <= self.reserve_segments {
+            return Err(Error::NoSpace(format!(
+                "{} free segments left, {} reserved for checkpoints",
+                segs.free_count(),
+                self.reserve_segments
+            )));
+        }
+        let new_next = segs
+            .take_free()
+            .ok_or_else(|| Error::NoSpace("no free segment left for the log to continue".to_string()))?;
+        self.seg = self.next_seg;
+        self.next_seg = new_next;
+        self.pos = segs.first_pba(self.seg);
+        Ok(())
+    }
+
+    /// Append one op to the open batch (opening one if needed); returns the physical block given to `data`.
+    pub(crate) fn append_op(
+        &mut self,
+        dev: &dyn Device,
+        segs: &mut Segments,
+        op: &Op,
+        data: Option<&[u8]>,
+    ) -> Result<Option<u64>> {
+        let need_body = op.encoded_len();
+        assert!(need_body <= BODY_CAPACITY_BYTES);
+        if let Some(b) = &self.batch {
+            let full_body = b.body.len() + need_body > BODY_CAPACITY_BYTES;
+            let full_data = data.is_some()
+                && (b.n_data >= MAX_BATCH_DATA_BLOCKS || b.pba + 2 + u64::from(b.n_data) > segs.end_pba(self.seg));
+            if full_body || full_data {
+                self.seal(dev)?;
+            }
+        }
+        if self.batch.is_none() {
+            if self.room_in_segment(segs) < 2 {
+                self.switch_segment(segs, Purpose::Data)?;
+            }
+            self.batch = Some(OpenBatch {
+                pba: self.pos,
+                body: Enc::with_capacity(BODY_CAPACITY_BYTES),
+                data: Vec::new(),
+                n_data: 0,
+            });
+        }
+        let b = self.batch.as_mut().unwrap_or_else(|| unreachable!("batch opened above"));
+        op.encode(&mut b.body);
+        Ok(data.map(|d| {
+            assert_eq!(d.len(), BLOCK);
+            let pba = b.pba + 1 + u64::from(b.n_data);
+            b.data.extend_from_slice(d);
+            b.n_data += 1;
+            pba
+        }))
+    }
+
+    /// Copy a block still in the open batch; false if `pba` is not there.
+    pub(crate) fn read_buffered(&self, pba: u64, out: &mut [u8]) -> bool {
+        match &self.batch {
+            Some(b) if pba > b.pba && pba <= b.pba + u64::from(b.n_data) => {
+                let i = (pba - b.pba - 1) as usize * BLOCK;
+                out.copy_from_slice(&b.data[i..i + BLOCK]);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Write the open batch, if any.
+    pub(crate) fn seal(&mut self, dev: &dyn Device) -> Result<()> {
+        let Some(b) = self.batch.take() else { return Ok(()) };
+        let header = RecordHeader {
+            kind: RecordKind::Batch,
+            pool_id: self.pool_id,
+            seq: self.seq,
+            payload_blocks: b.n_data,
+            next_segment: self.next_seg,
+            payload_crc: 0,
+            body: b.body.buf,
+        };
+        let mut buf = header.encode();
+        buf.extend_from_slice(&b.data);
+        dev.write_at(&buf, b.pba * BLOCK_SIZE)?;
+        let blocks = 1 + u64::from(b.n_data);
+        self.seq += 1;
+        self.pos = b.pba + blocks;
+        self.blocks_since_checkpoint += blocks;
+        self.blocks_written += blocks;
+        Ok(())
+    }
+
+    /// Append a whole record (checkpoint kinds); returns the physical block of its first payload block.
+    pub(crate) fn append_record(
+        &mut self,
+        dev: &dyn Device,
+        segs: &mut Segments,
+        kind: RecordKind,
+        body: Vec<u8>,
+        payload: &[u8],
+        payload_crc: u32,
+    ) -> Result<u64> {
+        self.seal(dev)?;
+        assert_eq!(payload.len() % BLOCK, 0);
+        let n = (payload.len() / BLOCK) as u64;
+        if n + 1 > segs.blocks_per_segment {
+            return Err(Error::Limit(format!(
+                "a {kind:?} record of {n} blocks does not fit in a segment of {} blocks; create the pool with \
+                 larger segments",
+                segs.blocks_per_segment
+            )));
+        }
+        if self.room_in_segment(segs) < n + 1 {
+            self.switch_segment(segs, Purpose::Checkpoint)?;
+        }
+        let header = RecordHeader {
+            kind,
+            pool_id: self.pool_id,
+            seq: self.seq,
+            payload_blocks: n as u32,
+            next_segment: self.next_seg,
+            payload_crc,
+            body,
+        };
+        let mut buf = header.encode();
+        buf.extend_from_slice(payload);
+        let at = self.pos;
+        dev.write_at(&buf, at * BLOCK_SIZE)?;
+        self.seq += 1;
+        self.pos = at + 1 + n;
+        self.blocks_written += 1 + n;
+        Ok(at + 1)
+    }
+}
+
+/// One record found by replay.
+#[derive(Debug)]
+pub(crate) struct Replayed {
+    pub(crate) header: RecordHeader,
+    /// Physical block of the header.
+    pub(crate) pba: u64,
+    /// Decoded ops (batches only).
+    pub(crate) ops: Vec<Op>,
+}
+
+/// Where replay stopped.
+#[derive(Debug)]
+pub(crate) struct ReplayEnd {
+    pub(crate) cursor: LogCursor,
+    pub(crate) segments_visited: BTreeSet<u64>,
+    pub(crate) records: u64,
+}
+
+/// Read a record at `pba` expecting sequence `seq`; `None` if there is no valid such record there [I2].
+fn read_record(
+    dev: &dyn Device,
+    segs: &Segments,
+    pool_id: u64,
+    seg: u64,
+    pba: u64,
+    seq: u64,
+) -> Result<Option<Replayed>> {
+    if seg >= segs.count || pba < segs.first_pba(seg) || pba + 1 > segs.end_pba(seg) {
+        return Ok(None);
+    }
+    let mut hbuf = vec![0u8; BLOCK];
+    dev.read_at(&mut hbuf, pba * BLOCK_SIZE)?;
+    let header = match RecordHeader::decode(&hbuf, pool_id)? {
+        Ok(h) if h.seq == seq => h,
+        _ => return Ok(None),
+    };
+    let n = u64::from(header.payload_blocks);
+    if pba + 1 + n > segs.end_pba(seg) {
+        return Ok(None);
+    }
+    let mut ops = Vec::new();
+    if header.kind == RecordKind::Batch {
+        let Ok(decoded) = Op::decode_all(&header.body, pba * BLOCK_SIZE) else { return Ok(None) };
+        ops = decoded;
+        let writes: Vec<u32> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Write { crc, .. } => Some(*crc),
+                _ => None,
+            })
+            .collect();
+        if writes.len() as u64 != n {
+            return Ok(None);
+        }
+        if n > 0 {
+            let mut data = vec![0u8; (n as usize) * BLOCK];
+            dev.read_at(&mut data, (pba + 1) * BLOCK_SIZE)?;
+            for (block, crc) in data.chunks(BLOCK).zip(&writes) {
+                if crc32(block) != *crc {
+                    return Ok(None); // a torn batch: the log ends before it
+                }
+            }
+        }
+    }
+    Ok(Some(Replayed { header, pba, ops }))
+}
+
+/// Replay the log from `start`: call `apply` for every valid record in sequence, stop at the first gap [I2].
+pub(crate) fn replay(
+    dev: &dyn Device,
+    segs: &Segments,
+    pool_id: u64,
+    start: LogCursor,
+    mut apply: impl FnMut(&Replayed) -> Result<()>,
+) -> Result<ReplayEnd> {
+    let mut cursor = start;
+    let mut visited = BTreeSet::new();
+    let mut records = 0u64;
+    loop {
+        let here = read_record(dev, segs, pool_id, cursor.segment, cursor.pba, cursor.seq)?;
+        let found = match here {
+            Some(r) => Some((cursor.segment, r)),
+            None if cursor.next_segment < segs.count => {
+                let next = cursor.next_segment;
+                read_record(dev, segs, pool_id, next, segs.first_pba(next), cursor.seq)?.map(|r| (next, r))
+            }
+            None => None,
+        };
+        let Some((seg, r)) = found else { break };
+        apply(&r)?;
+        let n = 1 + u64::from(r.header.payload_blocks);
+        visited.insert(seg);
+        cursor = LogCursor { segment: seg, pba: r.pba + n, next_segment: r.header.next_segment, seq: cursor.seq + 1 };
+        records += 1;
+    }
+    Ok(ReplayEnd { cursor, segments_visited: visited, records })
+}

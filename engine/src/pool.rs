@@ -1,0 +1,904 @@
+//! The pool: one device holding volumes. Creation, opening (recovery), checkpoints, and the operations every volume
+//! change goes through, applied identically when they happen and when the log is replayed after a crash.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::allocator::Segments;
+use crate::format::checkpoint::{Checkpoint, PageLoc, VolumeRecord};
+use crate::format::node::{encode_page, Page};
+use crate::format::ops::{Op, MAX_VOLUME_NAME_BYTES};
+use crate::format::record::{RecordHeader, RecordKind, BODY_CAPACITY_BYTES};
+use crate::format::superblock::{LogCursor, SlotContents, Superblock};
+use crate::format::{crc32, BLOCK, BLOCK_SIZE, FORMAT_VERSION, SEGMENT_AREA_OFFSET, SUPERBLOCK_OFFSETS};
+use crate::index::{BlockTable, Index, Mapping, MappingKind, Root};
+use crate::io::{Device, FileDevice, SECTOR_SIZE};
+use crate::journal::{self, Log, MAX_BATCH_DATA_BLOCKS};
+use crate::volume::Volume;
+use crate::{Error, Result};
+
+/// Segment size when none is given.
+pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 8 << 20;
+/// Smallest segment size a pool may be created with.
+pub const MIN_SEGMENT_SIZE_BYTES: u64 = 128 << 10;
+/// Largest segment size a pool may be created with.
+pub const MAX_SEGMENT_SIZE_BYTES: u64 = 1 << 30;
+/// Fewest segments a pool may have.
+pub const MIN_SEGMENTS: u64 = 8;
+/// Largest volume.
+pub const MAX_VOLUME_SIZE_BYTES: u64 = 1 << 50;
+/// Most volumes in one pool.
+pub const MAX_VOLUMES: usize = 100_000;
+/// Largest read or write request.
+pub const MAX_IO_BYTES: u64 = 32 << 20;
+/// Log written between two automatic checkpoints when none is given: bounds recovery time.
+pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 256 << 20;
+/// Most dirty metadata blocks (tree nodes and table pages) before an automatic checkpoint.
+pub const MAX_DIRTY_METADATA_BLOCKS: u64 = 4096;
+
+/// Options for creating or opening a pool.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    /// Segment size (creation only): a power of two between [`MIN_SEGMENT_SIZE_BYTES`] and
+    /// [`MAX_SEGMENT_SIZE_BYTES`].
+    pub segment_size_bytes: u64,
+    /// Log written between automatic checkpoints.
+    pub checkpoint_interval_bytes: u64,
+    /// Pool identity (creation only); random when `None`.
+    pub pool_id: Option<u64>,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
+            checkpoint_interval_bytes: DEFAULT_CHECKPOINT_INTERVAL_BYTES,
+            pool_id: None,
+        }
+    }
+}
+
+/// A volume as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeInfo {
+    /// Its name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size_bytes: u64,
+}
+
+/// Figures about a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStats {
+    /// Bytes of the pool.
+    pub pool_size_bytes: u64,
+    /// Segment size.
+    pub segment_size_bytes: u64,
+    /// Segments in all.
+    pub segments: u64,
+    /// Segments free for the log.
+    pub free_segments: u64,
+    /// Blocks referenced by the current state.
+    pub live_blocks: u64,
+    /// Blocks written to the device since the pool was opened.
+    pub blocks_written: u64,
+    /// Volumes.
+    pub volumes: u64,
+    /// Bytes of memory the index uses (loaded nodes and block-table pages).
+    pub index_memory_bytes: u64,
+    /// Checkpoint generation of the superblock.
+    pub generation: u64,
+    /// Log records replayed when the pool was opened.
+    pub replayed_records: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct VolumeState {
+    pub(crate) name: String,
+    pub(crate) size_bytes: u64,
+    pub(crate) root: Root,
+}
+
+/// Everything behind the pool lock.
+#[derive(Debug)]
+pub(crate) struct State {
+    pub(crate) sb: Superblock,
+    pub(crate) segs: Segments,
+    pub(crate) log: Log,
+    pub(crate) index: Index,
+    pub(crate) volumes: BTreeMap<u64, VolumeState>,
+    pub(crate) names: HashMap<String, u64>,
+    pub(crate) next_volume_id: u64,
+    /// Birth generation of new writes.
+    pub(crate) generation: u64,
+    /// Segment holding the current checkpoint record.
+    pub(crate) checkpoint_segment: u64,
+    pub(crate) checkpoint_interval_blocks: u64,
+    pub(crate) max_dirty_metadata_blocks: u64,
+    pub(crate) failed: Option<String>,
+    pub(crate) closed: bool,
+    pub(crate) replayed_records: u64,
+}
+
+/// Shared by the pool and its volume handles.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) dev: Arc<dyn Device>,
+    pub(crate) state: Mutex<State>,
+    /// Held shared while reading data blocks outside the state lock; held exclusively while segments become free,
+    /// so no block is reused under a reader [I4].
+    pub(crate) reuse_gate: RwLock<()>,
+}
+
+/// A pool of thin volumes on one device.
+#[derive(Debug)]
+pub struct Pool {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// Check a volume name: 1 to 200 bytes of letters, digits and `-_.:/@+=`.
+pub fn validate_volume_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_VOLUME_NAME_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "volume name must be 1 to {MAX_VOLUME_NAME_BYTES} bytes, got {}",
+            name.len()
+        )));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || "-_.:/@+=".contains(*c))) {
+        return Err(Error::InvalidArgument(format!(
+            "volume name {name:?} contains {c:?}; use letters, digits and -_.:/@+="
+        )));
+    }
+    Ok(())
+}
+
+fn validate_volume_size(size_bytes: u64) -> Result<()> {
+    if size_bytes == 0 || size_bytes % SECTOR_SIZE != 0 || size_bytes > MAX_VOLUME_SIZE_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "volume size {size_bytes} must be a non-zero multiple of {SECTOR_SIZE} bytes, at most {MAX_VOLUME_SIZE_BYTES}"
+        )));
+    }
+    Ok(())
+}
+
+fn blocks_for(size_bytes: u64) -> u64 {
+    size_bytes.div_ceil(BLOCK_SIZE)
+}
+
+impl Pool {
+    /// Create a pool on `dev`, overwriting whatever the device held.
+    pub fn create(dev: Arc<dyn Device>, opts: PoolOptions) -> Result<Pool> {
+        let seg = opts.segment_size_bytes;
+        if !seg.is_power_of_two() || !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&seg) {
+            return Err(Error::InvalidArgument(format!(
+                "segment size {seg} must be a power of two from {MIN_SEGMENT_SIZE_BYTES} to {MAX_SEGMENT_SIZE_BYTES}"
+            )));
+        }
+        let size = dev.size_bytes();
+        let segment_count = size.saturating_sub(SEGMENT_AREA_OFFSET) / seg;
+        if segment_count < MIN_SEGMENTS {
+            return Err(Error::InvalidArgument(format!(
+                "device of {size} bytes holds {segment_count} segments of {seg} bytes; a pool needs {MIN_SEGMENTS}"
+            )));
+        }
+        let pool_id = opts.pool_id.unwrap_or_else(rand::random);
+        let pool_size_bytes = SEGMENT_AREA_OFFSET + segment_count * seg;
+        // Invalidate both superblock slots first, so no earlier pool's superblock can outrank ours.
+        dev.write_at(&vec![0u8; 2 * BLOCK], 0)?;
+        dev.sync()?;
+        let mut segs = Segments::new(segment_count, seg, vec![0; segment_count as usize]);
+        let cursor = LogCursor { segment: 0, pba: segs.first_pba(0), next_segment: 1, seq: 1 };
+        segs.rebuild_free(&[0, 1]);
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            pool_id,
+            generation: 0,
+            pool_size_bytes,
+            segment_size_bytes: seg,
+            segment_count,
+            checkpoint_pba: 0,
+            checkpoint_payload_blocks: 0,
+            checkpoint_crc: 0,
+            replay: cursor,
+        };
+        let mut state = State::new(sb, segs, Index::new(BlockTable::default(), 1), cursor, &opts);
+        let inner = Inner { dev, state: Mutex::new(State::placeholder()), reuse_gate: RwLock::new(()) };
+        state.checkpoint(&*inner.dev, &inner.reuse_gate)?;
+        *inner.state.lock() = state;
+        Ok(Pool { inner: Arc::new(inner) })
+    }
+
+    /// Create a pool in a new sparse file of `size_bytes`.
+    pub fn create_file(path: &Path, size_bytes: u64, opts: PoolOptions) -> Result<Pool> {
+        let dev = FileDevice::create(path, size_bytes)?;
+        Pool::create(Arc::new(dev), opts)
+    }
+
+    /// Open the pool in an existing file or block device.
+    pub fn open_file(path: &Path, opts: PoolOptions) -> Result<Pool> {
+        let dev = FileDevice::open(path)?;
+        Pool::open(Arc::new(dev), opts).map_err(|e| match e {
+            Error::NotAPool(_) => Error::NotAPool(path.display().to_string()),
+            other => other,
+        })
+    }
+
+    /// Open the pool on `dev`: the newest valid superblock, its checkpoint, then replay of the log written since
+    /// [I1][I2]. Ends with a checkpoint, so what was replayed is never replayed again [I3].
+    pub fn open(dev: Arc<dyn Device>, opts: PoolOptions) -> Result<Pool> {
+        let sb = read_superblock(&*dev)?;
+        let seg = sb.segment_size_bytes;
+        if !seg.is_power_of_two()
+            || !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&seg)
+            || sb.segment_count < MIN_SEGMENTS
+            || SEGMENT_AREA_OFFSET + sb.segment_count * seg != sb.pool_size_bytes
+        {
+            return Err(Error::corrupt(
+                "superblock",
+                0,
+                "a consistent segment geometry",
+                format!("segment size {seg}, {} segments, pool {} bytes", sb.segment_count, sb.pool_size_bytes),
+            ));
+        }
+        if dev.size_bytes() < sb.pool_size_bytes {
+            return Err(Error::Truncated { device_bytes: dev.size_bytes(), pool_bytes: sb.pool_size_bytes });
+        }
+        let cp = read_checkpoint(&*dev, &sb)?;
+        if cp.segment_live_blocks.len() as u64 != sb.segment_count {
+            return Err(Error::corrupt(
+                "checkpoint payload",
+                sb.checkpoint_pba * BLOCK_SIZE,
+                format!("{} segment usage entries", sb.segment_count),
+                cp.segment_live_blocks.len(),
+            ));
+        }
+        let bt = BlockTable::load(&*dev, cp.dir_pages.clone())?;
+        let segs = Segments::new(sb.segment_count, seg, cp.segment_live_blocks.clone());
+        let index = Index::new(bt, cp.next_vbn);
+        let cursor = sb.replay;
+        if cursor.segment >= sb.segment_count || cursor.next_segment >= sb.segment_count {
+            return Err(Error::corrupt("superblock", 0, "a replay cursor inside the pool", format!("{cursor:?}")));
+        }
+        let mut state = State::new(sb.clone(), segs, index, cursor, &opts);
+        state.generation = cp.generation;
+        state.next_volume_id = cp.next_volume_id;
+        state.checkpoint_segment = state.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
+        for v in cp.volumes {
+            state.names.insert(v.name.clone(), v.id);
+            state.volumes.insert(
+                v.id,
+                VolumeState {
+                    name: v.name,
+                    size_bytes: v.size_bytes,
+                    root: Root { vbn: v.root_vbn, height: v.height },
+                },
+            );
+        }
+        // Roll forward over the log written since the checkpoint [I2].
+        let end = {
+            let st = &mut state;
+            let segs_view = Segments::new(st.segs.count, seg, vec![0; st.segs.count as usize]);
+            journal::replay(&*dev, &segs_view, sb.pool_id, cursor, |r| {
+                if r.header.kind != RecordKind::Batch {
+                    return Ok(()); // checkpoint records of a checkpoint whose superblock never landed
+                }
+                let mut data_pba = r.pba + 1;
+                for op in &r.ops {
+                    let pba = match op {
+                        Op::Write { .. } => {
+                            data_pba += 1;
+                            Some(data_pba - 1)
+                        }
+                        _ => None,
+                    };
+                    st.apply(&*dev, op, pba).map_err(|e| match e {
+                        Error::Corrupt { .. } | Error::Io { .. } => e,
+                        other => Error::corrupt(
+                            "log replay",
+                            r.pba * BLOCK_SIZE,
+                            format!("op {op:?} to apply"),
+                            other.to_string(),
+                        ),
+                    })?;
+                }
+                Ok(())
+            })?
+        };
+        state.replayed_records = end.records;
+        state.log = Log::new(sb.pool_id, &state.segs, end.cursor, state.log.reserve_segments);
+        // Records of a lost tail may follow the cursor: skip past every sequence number they can carry [I3].
+        state.log.skip_seq(sb.pool_size_bytes / BLOCK_SIZE + 1);
+        let mut pinned: Vec<u64> = end.segments_visited.into_iter().collect();
+        pinned.extend([end.cursor.segment, end.cursor.next_segment, state.checkpoint_segment, cursor.segment]);
+        state.segs.rebuild_free(&pinned);
+        let inner = Inner { dev, state: Mutex::new(State::placeholder()), reuse_gate: RwLock::new(()) };
+        state.checkpoint(&*inner.dev, &inner.reuse_gate)?;
+        *inner.state.lock() = state;
+        Ok(Pool { inner: Arc::new(inner) })
+    }
+
+    /// Create a volume.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<Volume> {
+        validate_volume_name(name)?;
+        validate_volume_size(size_bytes)?;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        if st.names.contains_key(name) {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        if st.volumes.len() >= MAX_VOLUMES {
+            return Err(Error::Limit(format!("a pool holds at most {MAX_VOLUMES} volumes")));
+        }
+        let id = st.next_volume_id;
+        st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
+        st.log_apply(&*self.inner.dev, Op::CreateVolume { volume: id, size_bytes, name: name.to_string() }, None)?;
+        drop(st);
+        Ok(Volume::new(self.inner.clone(), id, name.to_string()))
+    }
+
+    /// A handle on an existing volume.
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        let st = self.inner.state.lock();
+        st.check_open()?;
+        let id = *st.names.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        Ok(Volume::new(self.inner.clone(), id, name.to_string()))
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<VolumeInfo> =
+            st.volumes.values().map(|v| VolumeInfo { name: v.name.clone(), size_bytes: v.size_bytes }).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Change a volume's size. Shrinking is refused when it would drop written data, unless `force`.
+    pub fn resize_volume(&self, name: &str, size_bytes: u64, force: bool) -> Result<()> {
+        validate_volume_size(size_bytes)?;
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let id = *st.names.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let vol = st.volumes[&id].clone();
+        if size_bytes < vol.size_bytes {
+            let keep_blocks = blocks_for(size_bytes);
+            if !force {
+                let root = vol.root;
+                if let Some(b) = st.index.first_data_at_or_after(dev, root, keep_blocks)? {
+                    return Err(Error::ShrinkDropsData {
+                        volume: name.to_string(),
+                        new_size_bytes: size_bytes,
+                        first_written_bytes: b * BLOCK_SIZE,
+                    });
+                }
+                // Data in the tail of the new last block counts as well.
+                if size_bytes % BLOCK_SIZE != 0 {
+                    let mut buf = vec![0u8; BLOCK];
+                    st.read_block(dev, id, keep_blocks - 1, &mut buf)?;
+                    let from = (size_bytes % BLOCK_SIZE) as usize;
+                    let tail_end = (vol.size_bytes - (keep_blocks - 1) * BLOCK_SIZE).min(BLOCK_SIZE) as usize;
+                    if let Some(i) = buf[from..tail_end].iter().position(|&b| b != 0) {
+                        return Err(Error::ShrinkDropsData {
+                            volume: name.to_string(),
+                            new_size_bytes: size_bytes,
+                            first_written_bytes: size_bytes + (i as u64 / SECTOR_SIZE) * SECTOR_SIZE,
+                        });
+                    }
+                }
+            }
+            st.ensure_room(dev, &self.inner.reuse_gate, 4)?;
+            // Bytes past the end inside the last block always read as zero: a later grow shows zeroes there.
+            if size_bytes % BLOCK_SIZE != 0 {
+                let end = vol.size_bytes.min(keep_blocks * BLOCK_SIZE);
+                st.zero_partial(dev, id, size_bytes, end)?;
+            }
+        }
+        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
+        st.log_apply(dev, Op::ResizeVolume { volume: id, size_bytes }, None)?;
+        st.maybe_checkpoint(dev, &self.inner.reuse_gate)
+    }
+
+    /// Delete a volume and release its blocks.
+    pub fn delete_volume(&self, name: &str) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let id = *st.names.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
+        st.log_apply(dev, Op::DeleteVolume { volume: id }, None)?;
+        st.maybe_checkpoint(dev, &self.inner.reuse_gate)
+    }
+
+    /// Make every acknowledged change durable.
+    pub fn flush(&self) -> Result<()> {
+        flush(&self.inner)
+    }
+
+    /// Write a checkpoint now (bounds the log a later open replays).
+    pub fn checkpoint(&self) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        st.checkpoint(&*self.inner.dev, &self.inner.reuse_gate)
+    }
+
+    /// Checkpoint and close. Volume handles fail afterwards.
+    pub fn close(self) -> Result<()> {
+        let mut st = self.inner.state.lock();
+        if st.closed {
+            return Ok(());
+        }
+        let r = st.check_writable().and_then(|_| st.checkpoint(&*self.inner.dev, &self.inner.reuse_gate));
+        st.closed = true;
+        r
+    }
+
+    /// Figures about the pool.
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.state.lock();
+        PoolStats {
+            pool_size_bytes: st.sb.pool_size_bytes,
+            segment_size_bytes: st.sb.segment_size_bytes,
+            segments: st.segs.count,
+            free_segments: st.segs.free_count(),
+            live_blocks: st.segs.live().iter().map(|&n| u64::from(n)).sum(),
+            blocks_written: st.log.blocks_written,
+            volumes: st.volumes.len() as u64,
+            index_memory_bytes: st.index.memory_bytes() as u64,
+            generation: st.sb.generation,
+            replayed_records: st.replayed_records,
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Not closed: make acknowledged writes durable at least (the log replays them at the next open).
+        let closed = self.inner.state.lock().closed;
+        if !closed {
+            let _ = flush(&self.inner);
+        }
+    }
+}
+
+pub(crate) fn flush(inner: &Inner) -> Result<()> {
+    {
+        let mut st = inner.state.lock();
+        st.check_writable()?;
+        if let Err(e) = st.log.seal(&*inner.dev) {
+            return Err(st.fail(e));
+        }
+    }
+    // Every write acknowledged before this call is now in the device's hands; make it durable.
+    if let Err(e) = inner.dev.sync() {
+        let mut st = inner.state.lock();
+        return Err(st.fail(e));
+    }
+    Ok(())
+}
+
+fn read_superblock(dev: &dyn Device) -> Result<Superblock> {
+    if dev.size_bytes() < SEGMENT_AREA_OFFSET {
+        return Err(Error::NotAPool("device".into()));
+    }
+    let mut best: Option<Superblock> = None;
+    let mut damaged = Vec::new();
+    for off in SUPERBLOCK_OFFSETS {
+        let mut buf = vec![0u8; BLOCK];
+        dev.read_at(&mut buf, off)?;
+        match Superblock::decode(&buf, off)? {
+            SlotContents::Foreign => {}
+            SlotContents::Damaged(why) => damaged.push(why),
+            SlotContents::Valid(sb) => {
+                if best.as_ref().is_none_or(|b| sb.generation > b.generation) {
+                    best = Some(sb);
+                }
+            }
+        }
+    }
+    match best {
+        Some(sb) => Ok(sb),
+        None if damaged.is_empty() => Err(Error::NotAPool("device".into())),
+        None => Err(Error::corrupt("superblock", 0, "one valid superblock", damaged.join("; "))),
+    }
+}
+
+fn read_checkpoint(dev: &dyn Device, sb: &Superblock) -> Result<Checkpoint> {
+    let offset = sb.checkpoint_pba * BLOCK_SIZE;
+    let n = u64::from(sb.checkpoint_payload_blocks);
+    if offset < SEGMENT_AREA_OFFSET || offset + (1 + n) * BLOCK_SIZE > sb.pool_size_bytes {
+        return Err(Error::corrupt(
+            "superblock",
+            0,
+            "a checkpoint inside the pool",
+            format!("block {}", sb.checkpoint_pba),
+        ));
+    }
+    let mut hbuf = vec![0u8; BLOCK];
+    dev.read_at(&mut hbuf, offset)?;
+    let header = match RecordHeader::decode(&hbuf, sb.pool_id)? {
+        Ok(h) if h.kind == RecordKind::Checkpoint && u64::from(h.payload_blocks) == n => h,
+        Ok(h) => {
+            return Err(Error::corrupt(
+                "checkpoint record",
+                offset,
+                format!("a checkpoint header with {n} payload blocks"),
+                format!("{:?} with {} payload blocks", h.kind, h.payload_blocks),
+            ))
+        }
+        Err(why) => {
+            return Err(Error::corrupt("checkpoint record", offset, "a valid record header", format!("{why:?}")))
+        }
+    };
+    let mut payload = vec![0u8; (n as usize) * BLOCK];
+    dev.read_at(&mut payload, offset + BLOCK_SIZE)?;
+    let crc = crc32(&payload);
+    if crc != sb.checkpoint_crc || crc != header.payload_crc {
+        return Err(Error::corrupt(
+            "checkpoint payload",
+            offset + BLOCK_SIZE,
+            format!("crc32 {:#010x}", sb.checkpoint_crc),
+            format!("crc32 {crc:#010x}"),
+        ));
+    }
+    Checkpoint::decode(&payload, offset + BLOCK_SIZE)
+}
+
+impl State {
+    fn new(sb: Superblock, segs: Segments, index: Index, cursor: LogCursor, opts: &PoolOptions) -> Self {
+        let total_blocks = sb.segment_count * segs.blocks_per_segment;
+        let max_dirty = MAX_DIRTY_METADATA_BLOCKS.min((total_blocks / 16).max(16));
+        // A checkpoint writes at most the dirty nodes, as many table pages, their directory pages and the
+        // checkpoint itself: keep that much free, plus two segments of slack.
+        let reserve_blocks = 2 * max_dirty + 2 * segs.blocks_per_segment;
+        let reserve_segments = reserve_blocks.div_ceil(segs.blocks_per_segment).min(sb.segment_count / 2);
+        let log = Log::new(sb.pool_id, &segs, cursor, reserve_segments);
+        Self {
+            sb,
+            segs,
+            log,
+            index,
+            volumes: BTreeMap::new(),
+            names: HashMap::new(),
+            next_volume_id: 1,
+            generation: 1,
+            checkpoint_segment: 0,
+            checkpoint_interval_blocks: (opts.checkpoint_interval_bytes / BLOCK_SIZE).max(1),
+            max_dirty_metadata_blocks: max_dirty,
+            failed: None,
+            closed: false,
+            replayed_records: 0,
+        }
+    }
+
+    /// A stand-in while the real state is being built.
+    fn placeholder() -> Self {
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            pool_id: 0,
+            generation: 0,
+            pool_size_bytes: 0,
+            segment_size_bytes: MIN_SEGMENT_SIZE_BYTES,
+            segment_count: 2,
+            checkpoint_pba: 0,
+            checkpoint_payload_blocks: 0,
+            checkpoint_crc: 0,
+            replay: LogCursor { segment: 0, pba: SEGMENT_AREA_OFFSET / BLOCK_SIZE, next_segment: 1, seq: 0 },
+        };
+        let segs = Segments::new(2, MIN_SEGMENT_SIZE_BYTES, vec![0; 2]);
+        let mut s =
+            State::new(sb.clone(), segs, Index::new(BlockTable::default(), 1), sb.replay, &PoolOptions::default());
+        s.closed = true;
+        s
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed {
+            return Err(Error::Failed("the pool is closed".into()));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        self.check_open()?;
+        match &self.failed {
+            Some(why) => Err(Error::Failed(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Record that a device write or sync failed: no more changes until the pool is reopened.
+    pub(crate) fn fail(&mut self, e: Error) -> Error {
+        if matches!(e, Error::Io { .. }) && self.failed.is_none() {
+            self.failed = Some(e.to_string());
+        }
+        e
+    }
+
+    pub(crate) fn volume(&self, id: u64, name: &str) -> Result<&VolumeState> {
+        self.volumes.get(&id).ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+    }
+
+    fn settle_released(&mut self) {
+        for pba in std::mem::take(&mut self.index.released) {
+            self.segs.release(pba);
+        }
+    }
+
+    /// Apply one op to the in-memory state. The same code runs live and in replay, so both reach the same state.
+    pub(crate) fn apply(&mut self, dev: &dyn Device, op: &Op, data_pba: Option<u64>) -> Result<()> {
+        let gen = self.generation;
+        match op {
+            Op::Write { volume, block, vbn, crc } => {
+                let pba = data_pba.ok_or_else(|| Error::corrupt("log", 0, "a data block for a write", "none"))?;
+                let mut root = self.root_of(*volume, *block, 1)?;
+                let got = self.index.alloc_data(pba, *crc);
+                if got != *vbn {
+                    return Err(Error::corrupt(
+                        "log replay",
+                        pba * BLOCK_SIZE,
+                        format!("vbn {vbn}"),
+                        format!("vbn {got}"),
+                    ));
+                }
+                self.segs.add_live(pba);
+                self.index.set(dev, &mut root, *block, Mapping { kind: MappingKind::Data, vbn: got, birth: gen })?;
+                self.set_root(*volume, root);
+            }
+            Op::Zero { volume, block, count } | Op::Trim { volume, block, count } => {
+                let kind = if matches!(op, Op::Zero { .. }) { MappingKind::Zero } else { MappingKind::Trimmed };
+                let mut root = self.root_of(*volume, *block, *count)?;
+                self.index.set_range(dev, &mut root, *block, *count, kind, gen)?;
+                self.set_root(*volume, root);
+            }
+            Op::CreateVolume { volume, size_bytes, name } => {
+                if self.volumes.contains_key(volume) || self.names.contains_key(name) {
+                    return Err(Error::corrupt("log", 0, "a new volume", format!("volume {volume} {name:?} exists")));
+                }
+                let root = Root::empty_for(blocks_for(*size_bytes));
+                self.volumes.insert(*volume, VolumeState { name: name.clone(), size_bytes: *size_bytes, root });
+                self.names.insert(name.clone(), *volume);
+                self.next_volume_id = self.next_volume_id.max(volume + 1);
+            }
+            Op::ResizeVolume { volume, size_bytes } => {
+                let v = self.volumes.get(volume).ok_or_else(|| Error::corrupt("log", 0, "a volume", volume))?;
+                let mut root = v.root;
+                let new_blocks = blocks_for(*size_bytes);
+                if *size_bytes < v.size_bytes {
+                    self.index.truncate(dev, &mut root, new_blocks)?;
+                } else {
+                    self.index.grow(&mut root, new_blocks);
+                }
+                let v = self.volumes.get_mut(volume).ok_or_else(|| Error::corrupt("log", 0, "a volume", volume))?;
+                v.size_bytes = *size_bytes;
+                v.root = root;
+            }
+            Op::DeleteVolume { volume } => {
+                let v = self.volumes.remove(volume).ok_or_else(|| Error::corrupt("log", 0, "a volume", volume))?;
+                self.names.remove(&v.name);
+                self.index.free_tree(dev, v.root)?;
+            }
+        }
+        self.settle_released();
+        Ok(())
+    }
+
+    fn root_of(&self, volume: u64, block: u64, count: u64) -> Result<Root> {
+        let v = self.volumes.get(&volume).ok_or_else(|| Error::corrupt("log", 0, "an existing volume", volume))?;
+        let end = block.saturating_add(count);
+        if end > blocks_for(v.size_bytes) {
+            return Err(Error::corrupt(
+                "log",
+                0,
+                format!("blocks inside volume {volume} of {} bytes", v.size_bytes),
+                format!("blocks [{block}, {end})"),
+            ));
+        }
+        Ok(v.root)
+    }
+
+    fn set_root(&mut self, volume: u64, root: Root) {
+        if let Some(v) = self.volumes.get_mut(&volume) {
+            v.root = root;
+        }
+    }
+
+    /// Log an op (with its data block) and apply it.
+    pub(crate) fn log_apply(&mut self, dev: &dyn Device, op: Op, data: Option<&[u8]>) -> Result<()> {
+        let pba = match self.log.append_op(dev, &mut self.segs, &op, data) {
+            Ok(p) => p,
+            Err(e) => return Err(self.fail(e)),
+        };
+        self.apply(dev, &op, pba)
+    }
+
+    /// Log and apply a write of one whole block.
+    pub(crate) fn write_block(&mut self, dev: &dyn Device, volume: u64, block: u64, data: &[u8]) -> Result<()> {
+        if data.iter().all(|&b| b == 0) {
+            return self.log_apply(dev, Op::Zero { volume, block, count: 1 }, None);
+        }
+        let op = Op::Write { volume, block, vbn: self.index.next_vbn, crc: crc32(data) };
+        self.log_apply(dev, op, Some(data))
+    }
+
+    /// Read one whole block of a volume (under the lock; used for read-modify-write).
+    pub(crate) fn read_block(&mut self, dev: &dyn Device, volume: u64, block: u64, out: &mut [u8]) -> Result<()> {
+        let root = self.volumes.get(&volume).map(|v| v.root).ok_or_else(|| Error::NoSuchVolume(volume.to_string()))?;
+        let m = self.index.lookup(dev, root, block)?;
+        if m.kind != MappingKind::Data {
+            out.fill(0);
+            return Ok(());
+        }
+        let e = self.index.bt.get(m.vbn);
+        if !self.log.read_buffered(e.pba, out) {
+            dev.read_at(out, e.pba * BLOCK_SIZE)?;
+        }
+        let crc = crc32(out);
+        if crc != e.crc {
+            let name = self.volumes.get(&volume).map(|v| v.name.clone()).unwrap_or_default();
+            return Err(Error::Checksum {
+                volume: name,
+                volume_offset_bytes: block * BLOCK_SIZE,
+                device_offset_bytes: e.pba * BLOCK_SIZE,
+                expected: e.crc,
+                found: crc,
+            });
+        }
+        Ok(())
+    }
+
+    /// Zero bytes `[from, to)` that lie inside one block, by read-modify-write.
+    pub(crate) fn zero_partial(&mut self, dev: &dyn Device, volume: u64, from: u64, to: u64) -> Result<()> {
+        if from >= to {
+            return Ok(());
+        }
+        let block = from / BLOCK_SIZE;
+        debug_assert_eq!(block, (to - 1) / BLOCK_SIZE);
+        let mut buf = vec![0u8; BLOCK];
+        self.read_block(dev, volume, block, &mut buf)?;
+        let base = block * BLOCK_SIZE;
+        buf[(from - base) as usize..(to - base) as usize].fill(0);
+        self.write_block(dev, volume, block, &buf)
+    }
+
+    /// Make sure `blocks` blocks of log fit without touching the reserve; a checkpoint may free dead segments.
+    pub(crate) fn ensure_room(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
+        if self.log.data_room_blocks(&self.segs) >= blocks {
+            return Ok(());
+        }
+        let pinned = self.pinned();
+        if self.segs.reclaimable_count(&pinned) > 0 {
+            self.checkpoint(dev, gate)?;
+            if self.log.data_room_blocks(&self.segs) >= blocks {
+                return Ok(());
+            }
+        }
+        Err(Error::NoSpace(format!(
+            "{blocks} blocks needed, {} available outside the checkpoint reserve",
+            self.log.data_room_blocks(&self.segs)
+        )))
+    }
+
+    fn pinned(&self) -> Vec<u64> {
+        let [a, b] = self.log.pinned_segments();
+        vec![a, b, self.checkpoint_segment]
+    }
+
+    /// Checkpoint when the log since the last one, or the dirty metadata, has grown past its bound.
+    pub(crate) fn maybe_checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+        let dirty = self.index.dirty_node_count() as u64 + self.index.bt.dirty_page_count() as u64;
+        if self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
+            || dirty >= self.max_dirty_metadata_blocks
+        {
+            self.checkpoint(dev, gate)?;
+        }
+        Ok(())
+    }
+
+    /// Write a checkpoint: dirty nodes, then table pages, then directory pages, then the checkpoint record; sync;
+    /// then the superblock; sync; then free the segments no longer referenced [I1][I4].
+    pub(crate) fn checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+        self.check_writable()?;
+        match self.checkpoint_steps(dev, gate) {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn write_pages(
+        &mut self,
+        dev: &dyn Device,
+        kind: RecordKind,
+        pages: Vec<(u64, Vec<u8>)>,
+        mut written: impl FnMut(&mut Self, u64, PageLoc) -> u64,
+    ) -> Result<()> {
+        let per_record = ((BODY_CAPACITY_BYTES / 8) as u64).min(self.segs.blocks_per_segment - 1) as usize;
+        for chunk in pages.chunks(per_record) {
+            let mut body = Vec::with_capacity(chunk.len() * 8);
+            let mut payload = Vec::with_capacity(chunk.len() * BLOCK);
+            for (id, buf) in chunk {
+                body.extend_from_slice(&id.to_le_bytes());
+                payload.extend_from_slice(buf);
+            }
+            let first = self.log.append_record(dev, &mut self.segs, kind, body, &payload, 0)?;
+            for (i, (id, buf)) in chunk.iter().enumerate() {
+                let pba = first + i as u64;
+                self.segs.add_live(pba);
+                let old = written(self, *id, PageLoc { pba, crc: crc32(buf) });
+                if old != 0 {
+                    self.segs.release(old);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint_steps(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+        self.log.seal(dev)?;
+        let nodes = self.index.dirty_nodes();
+        self.write_pages(dev, RecordKind::Nodes, nodes, |st, vbn, loc| st.index.node_written(vbn, loc.pba, loc.crc))?;
+        let pages = encode_pages(self.index.bt.dirty_pages());
+        self.write_pages(dev, RecordKind::TablePages, pages, |st, p, loc| st.index.bt.page_written(p, loc))?;
+        let dirs = encode_pages(self.index.bt.dirty_dirs());
+        self.write_pages(dev, RecordKind::DirPages, dirs, |st, d, loc| st.index.bt.dir_written(d, loc))?;
+        let cp = Checkpoint {
+            generation: self.generation,
+            next_vbn: self.index.next_vbn,
+            next_volume_id: self.next_volume_id,
+            volumes: self
+                .volumes
+                .iter()
+                .map(|(id, v)| VolumeRecord {
+                    id: *id,
+                    name: v.name.clone(),
+                    size_bytes: v.size_bytes,
+                    root_vbn: v.root.vbn,
+                    height: v.root.height,
+                })
+                .collect(),
+            dir_pages: self.index.bt.dir_locs().to_vec(),
+            segment_live_blocks: self.segs.live().to_vec(),
+        };
+        let mut payload = cp.encode();
+        payload.resize(payload.len().div_ceil(BLOCK) * BLOCK, 0);
+        let crc = crc32(&payload);
+        let first = self.log.append_record(dev, &mut self.segs, RecordKind::Checkpoint, Vec::new(), &payload, crc)?;
+        dev.sync()?;
+        let sb = Superblock {
+            generation: self.sb.generation + 1,
+            checkpoint_pba: first - 1,
+            checkpoint_payload_blocks: (payload.len() / BLOCK) as u32,
+            checkpoint_crc: crc,
+            replay: self.log.cursor(),
+            ..self.sb.clone()
+        };
+        dev.write_at(&sb.encode(), SUPERBLOCK_OFFSETS[(sb.generation % 2) as usize])?;
+        dev.sync()?;
+        self.checkpoint_segment = self.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
+        self.sb = sb;
+        self.log.blocks_since_checkpoint = 0;
+        let pinned = self.pinned();
+        let _exclusive = gate.write();
+        self.segs.rebuild_free(&pinned);
+        Ok(())
+    }
+}
+
+fn encode_pages(pages: Vec<(u64, Box<Page>)>) -> Vec<(u64, Vec<u8>)> {
+    pages
+        .into_iter()
+        .map(|(id, p)| {
+            let mut buf = vec![0u8; BLOCK];
+            encode_page(&p, &mut buf);
+            (id, buf)
+        })
+        .collect()
+}
+
+/// Blocks of log a write of `blocks` data blocks may need (headers included).
+pub(crate) fn log_blocks_for(blocks: u64) -> u64 {
+    blocks + blocks.div_ceil(u64::from(MAX_BATCH_DATA_BLOCKS)) + 2
+}

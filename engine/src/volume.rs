@@ -1,0 +1,214 @@
+//! Volume handles: byte-addressed I/O on one thin volume.
+//!
+//! Offsets and lengths are multiples of 512 bytes; the engine maps 4 KiB blocks, so writes that cover part of a block
+//! read, modify and rewrite it. Never-written ranges read as zeroes.
+
+use std::sync::Arc;
+
+use crate::format::{crc32, BLOCK, BLOCK_SIZE};
+use crate::index::MappingKind;
+use crate::io::SECTOR_SIZE;
+use crate::pool::{flush, log_blocks_for, Inner, State, MAX_IO_BYTES};
+use crate::{Error, Result};
+
+/// A handle on one volume of a pool. Cheap to clone; handles outlive nothing: after the volume is deleted or the pool
+/// closed, calls fail.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    inner: Arc<Inner>,
+    id: u64,
+    name: String,
+}
+
+/// What a request does, for validation messages.
+#[derive(Clone, Copy)]
+enum Kind {
+    Buffer,
+    Range,
+}
+
+impl State {
+    fn validate(&self, id: u64, name: &str, offset: u64, len: u64, kind: Kind) -> Result<u64> {
+        let size = self.volume(id, name)?.size_bytes;
+        if len == 0 {
+            return Err(Error::InvalidArgument("zero-length request".into()));
+        }
+        if matches!(kind, Kind::Buffer) && len > MAX_IO_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "request of {len} bytes is larger than the maximum of {MAX_IO_BYTES} bytes"
+            )));
+        }
+        if offset % SECTOR_SIZE != 0 {
+            return Err(Error::Unaligned { what: "offset", value: offset, align: SECTOR_SIZE });
+        }
+        if len % SECTOR_SIZE != 0 {
+            return Err(Error::Unaligned { what: "length", value: len, align: SECTOR_SIZE });
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(size),
+            _ => Err(Error::OutOfRange {
+                volume: name.to_string(),
+                offset_bytes: offset,
+                len_bytes: len,
+                size_bytes: size,
+            }),
+        }
+    }
+}
+
+impl Volume {
+    pub(crate) fn new(inner: Arc<Inner>, id: u64, name: String) -> Self {
+        Self { inner, id, name }
+    }
+
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The volume's size in bytes.
+    pub fn size_bytes(&self) -> Result<u64> {
+        let st = self.inner.state.lock();
+        st.check_open()?;
+        Ok(st.volume(self.id, &self.name)?.size_bytes)
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let len = buf.len() as u64;
+        let mut st = self.inner.state.lock();
+        st.check_open()?;
+        st.validate(self.id, &self.name, offset, len, Kind::Buffer)?;
+        let root = st.volume(self.id, &self.name)?.root;
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        let n = (last - first + 1) as usize;
+        let aligned = offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0;
+        let mut scratch = if aligned { Vec::new() } else { vec![0u8; n * BLOCK] };
+        let target: &mut [u8] = if aligned { &mut *buf } else { &mut scratch };
+        // (index in request, device block, expected crc)
+        let mut from_device: Vec<(usize, u64, u32)> = Vec::new();
+        for i in 0..n {
+            let m = st.index.lookup(dev, root, first + i as u64)?;
+            let out = &mut target[i * BLOCK..(i + 1) * BLOCK];
+            if m.kind != MappingKind::Data {
+                out.fill(0);
+                continue;
+            }
+            let e = st.index.bt.get(m.vbn);
+            if st.log.read_buffered(e.pba, out) {
+                continue;
+            }
+            from_device.push((i, e.pba, e.crc));
+        }
+        // Read from the device without the pool lock, but with the reuse gate: no segment is reused meanwhile [I4].
+        let _gate = self.inner.reuse_gate.read();
+        drop(st);
+        let mut k = 0;
+        while k < from_device.len() {
+            let (i0, p0, _) = from_device[k];
+            let mut run = 1;
+            while k + run < from_device.len()
+                && from_device[k + run].0 == i0 + run
+                && from_device[k + run].1 == p0 + run as u64
+            {
+                run += 1;
+            }
+            let dst = &mut target[i0 * BLOCK..(i0 + run) * BLOCK];
+            dev.read_at(dst, p0 * BLOCK_SIZE)?;
+            for (j, &(i, pba, crc)) in from_device[k..k + run].iter().enumerate() {
+                let found = crc32(&dst[j * BLOCK..(j + 1) * BLOCK]);
+                if found != crc {
+                    return Err(Error::Checksum {
+                        volume: self.name.clone(),
+                        volume_offset_bytes: (first + i as u64) * BLOCK_SIZE,
+                        device_offset_bytes: pba * BLOCK_SIZE,
+                        expected: crc,
+                        found,
+                    });
+                }
+            }
+            k += run;
+        }
+        if !aligned {
+            let skip = (offset - first * BLOCK_SIZE) as usize;
+            buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
+        }
+        Ok(())
+    }
+
+    /// Write `data` at `offset`. Acknowledged writes are durable after the next [`Volume::flush`].
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let gate = &self.inner.reuse_gate;
+        let len = data.len() as u64;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        st.validate(self.id, &self.name, offset, len, Kind::Buffer)?;
+        let first = offset / BLOCK_SIZE;
+        let last = (offset + len - 1) / BLOCK_SIZE;
+        st.ensure_room(dev, gate, log_blocks_for(last - first + 1))?;
+        let mut block_buf = vec![0u8; BLOCK];
+        for b in first..=last {
+            let base = b * BLOCK_SIZE;
+            let lo = offset.max(base);
+            let hi = (offset + len).min(base + BLOCK_SIZE);
+            let src = &data[(lo - offset) as usize..(hi - offset) as usize];
+            if hi - lo == BLOCK_SIZE {
+                st.write_block(dev, self.id, b, src)?;
+            } else {
+                st.read_block(dev, self.id, b, &mut block_buf)?;
+                block_buf[(lo - base) as usize..(hi - base) as usize].copy_from_slice(src);
+                st.write_block(dev, self.id, b, &block_buf)?;
+            }
+        }
+        st.maybe_checkpoint(dev, gate)
+    }
+
+    /// Write zeroes over `[offset, offset + len)`: whole blocks become zero mappings that take no data space.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.range_op(offset, len, MappingKind::Zero)
+    }
+
+    /// Discard `[offset, offset + len)`: whole blocks inside it read as zeroes afterwards and free their space;
+    /// partial blocks at either end are left as they are (a discard is a hint).
+    pub fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.range_op(offset, len, MappingKind::Trimmed)
+    }
+
+    fn range_op(&self, offset: u64, len: u64, kind: MappingKind) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let gate = &self.inner.reuse_gate;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        st.validate(self.id, &self.name, offset, len, Kind::Range)?;
+        let end = offset + len;
+        let whole_lo = offset.div_ceil(BLOCK_SIZE);
+        let whole_hi = end / BLOCK_SIZE;
+        st.ensure_room(dev, gate, 8)?;
+        if kind == MappingKind::Zero {
+            if whole_lo > whole_hi {
+                // inside one block
+                st.zero_partial(dev, self.id, offset, end)?;
+            } else {
+                st.zero_partial(dev, self.id, offset, (whole_lo * BLOCK_SIZE).min(end))?;
+                st.zero_partial(dev, self.id, (whole_hi * BLOCK_SIZE).max(offset), end)?;
+            }
+        }
+        if whole_hi > whole_lo {
+            let count = whole_hi - whole_lo;
+            let op = match kind {
+                MappingKind::Zero => crate::format::ops::Op::Zero { volume: self.id, block: whole_lo, count },
+                _ => crate::format::ops::Op::Trim { volume: self.id, block: whole_lo, count },
+            };
+            st.log_apply(dev, op, None)?;
+        }
+        st.maybe_checkpoint(dev, gate)
+    }
+
+    /// Make every write acknowledged so far (to any volume of the pool) durable.
+    pub fn flush(&self) -> Result<()> {
+        flush(&self.inner)
+    }
+}
