@@ -86,9 +86,17 @@ impl Log {
         self.seq += n;
     }
 
+    /// The first block not yet taken: after the open batch, if one is open.
+    fn tail_pba(&self) -> u64 {
+        match &self.batch {
+            Some(b) => b.pba + 1 + u64::from(b.n_data),
+            None => self.pos,
+        }
+    }
+
     /// Blocks the log can still take for user data without touching the reserve.
     pub(crate) fn data_room_blocks(&self, segs: &Segments) -> u64 {
-        let in_seg = segs.end_pba(self.seg).saturating_sub(self.pos);
+        let in_seg = segs.end_pba(self.seg).saturating_sub(self.tail_pba());
         let spare = segs.free_count().saturating_sub(self.reserve_segments);
         // the reserved next segment counts as room, a new reservation replaces it
         in_seg + spare * segs.blocks_per_segment

@@ -1,0 +1,265 @@
+//! Model test: random sequences of volume operations, flushes, checkpoints, clean reopens, crashes, and power cuts in
+//! the middle of writes, checked against the reference model in `common`. After a crash the pool must hold every
+//! flushed step and a prefix of the later ones; every reopen passes the integrity check.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use blockmesh_engine::io::{SimDevice, SimFault};
+use blockmesh_engine::{Error, Pool};
+use common::{pattern, small_opts, Model, State, BS};
+use proptest::prelude::*;
+
+const POOL_BYTES: u64 = 24 << 20;
+/// 12 segments of 128 KiB: less than the three volumes can hold.
+const TIGHT_POOL_BYTES: u64 = (64 << 10) + 12 * (128 << 10);
+const SECTOR: u64 = 512;
+
+#[derive(Debug, Clone)]
+enum Action {
+    Create { vol: u8, size_sectors: u32 },
+    Write { vol: u8, off: u32, len: u16, seed: u64 },
+    Zero { vol: u8, off: u32, len: u16 },
+    Trim { vol: u8, off: u32, len: u16 },
+    Read { vol: u8, off: u32, len: u16 },
+    Resize { vol: u8, size_sectors: u32, force: bool },
+    Delete { vol: u8 },
+    Flush,
+    Checkpoint,
+    Reopen,
+    Crash { seed: u64 },
+    PowerCutWrite { after_ios: u8, vol: u8, off: u32, len: u16, seed: u64 },
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    let vol = 0u8..3;
+    prop_oneof![
+        2 => (vol.clone(), 1u32..1200).prop_map(|(vol, size_sectors)| Action::Create { vol, size_sectors }),
+        12 => (vol.clone(), any::<u32>(), 1u16..40, any::<u64>())
+            .prop_map(|(vol, off, len, seed)| Action::Write { vol, off, len, seed }),
+        2 => (vol.clone(), any::<u32>(), 64u16..512, any::<u64>())
+            .prop_map(|(vol, off, len, seed)| Action::Write { vol, off, len, seed }),
+        3 => (vol.clone(), any::<u32>(), 1u16..64).prop_map(|(vol, off, len)| Action::Zero { vol, off, len }),
+        3 => (vol.clone(), any::<u32>(), 1u16..64).prop_map(|(vol, off, len)| Action::Trim { vol, off, len }),
+        4 => (vol.clone(), any::<u32>(), 1u16..64).prop_map(|(vol, off, len)| Action::Read { vol, off, len }),
+        1 => (vol.clone(), 1u32..1200, any::<bool>())
+            .prop_map(|(vol, size_sectors, force)| Action::Resize { vol, size_sectors, force }),
+        1 => vol.clone().prop_map(|vol| Action::Delete { vol }),
+        3 => Just(Action::Flush),
+        1 => Just(Action::Checkpoint),
+        1 => Just(Action::Reopen),
+        2 => any::<u64>().prop_map(|seed| Action::Crash { seed }),
+        1 => (0u8..12, vol, any::<u32>(), 1u16..40, any::<u64>())
+            .prop_map(|(after_ios, vol, off, len, seed)| Action::PowerCutWrite { after_ios, vol, off, len, seed }),
+    ]
+}
+
+struct Harness {
+    dev: Arc<SimDevice>,
+    pool: Option<Pool>,
+    model: Model,
+    pool_id: u64,
+}
+
+impl Harness {
+    fn pool(&self) -> &Pool {
+        self.pool.as_ref().unwrap()
+    }
+
+    fn reopen_from(&mut self, dev: Arc<SimDevice>) {
+        self.dev = dev;
+        let pool = Pool::open(self.dev.clone(), small_opts(self.pool_id)).unwrap();
+        let report = pool.check().unwrap();
+        assert!(report.is_ok(), "integrity after reopen: {:?}", report.problems);
+        self.pool = Some(pool);
+    }
+
+    fn crash(&mut self, seed: u64) {
+        let image = self.dev.crash(seed);
+        if let Some(p) = self.pool.take() {
+            std::mem::forget(p); // a crash runs no destructor: no flush on the way down
+        }
+        self.reopen_from(image);
+        self.model.recovered(self.pool.as_ref().unwrap());
+    }
+
+    /// An operation refused for lack of space changed nothing.
+    fn assert_unchanged(&self) {
+        common::assert_same(&State::of_pool(self.pool()), &self.model.current, "a refused operation changed the pool");
+    }
+
+    /// Offset and length of a request on `vol`: mostly inside the volume, sometimes past its end.
+    fn range(&self, name: &str, off: u32, len: u16) -> (u64, u64) {
+        let size = self.model.current.vols.get(name).map_or(0, |v| v.len() as u64);
+        let sectors = size / SECTOR + 4;
+        (u64::from(off) % sectors * SECTOR, u64::from(len) * SECTOR)
+    }
+
+    fn run(&mut self, a: &Action) {
+        let exists = |h: &Harness, v: u8| h.model.current.vols.contains_key(&format!("v{v}"));
+        match a {
+            Action::Create { vol, size_sectors } => {
+                let name = format!("v{vol}");
+                let size = u64::from(*size_sectors) * SECTOR;
+                match self.pool().create_volume(&name, size) {
+                    Ok(_) => {
+                        assert!(!exists(self, *vol));
+                        self.model.create(&name, size);
+                    }
+                    Err(Error::VolumeExists(_)) => assert!(exists(self, *vol)),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("create: {e}"),
+                }
+            }
+            Action::Write { vol, off, len, seed } | Action::PowerCutWrite { vol, off, len, seed, .. } => {
+                let name = format!("v{vol}");
+                if !exists(self, *vol) {
+                    assert!(matches!(self.pool().volume(&name), Err(Error::NoSuchVolume(_))));
+                    return;
+                }
+                let (off, len) = self.range(&name, *off, *len);
+                let data = pattern(*seed, len as usize);
+                let size = self.model.current.vols[&name].len() as u64;
+                if let Action::PowerCutWrite { after_ios, .. } = a {
+                    self.dev.set_fault(SimFault::PowerCutAfter(u64::from(*after_ios)));
+                    let r = self.pool().volume(&name).unwrap().write(off, &data);
+                    if off + len <= size {
+                        // the write may have been cut short: the model keeps its steps as "maybe"
+                        self.model.write(&name, off, &data);
+                        let _ = r.and_then(|_| self.pool().flush()).map(|_| self.model.flushed());
+                    }
+                    self.crash(*seed);
+                    return;
+                }
+                match self.pool().volume(&name).unwrap().write(off, &data) {
+                    Ok(()) => {
+                        assert!(off + len <= size);
+                        self.model.write(&name, off, &data);
+                    }
+                    Err(Error::OutOfRange { .. }) => assert!(off + len > size),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            Action::Zero { vol, off, len } | Action::Trim { vol, off, len } => {
+                let name = format!("v{vol}");
+                if !exists(self, *vol) {
+                    return;
+                }
+                let (off, len) = self.range(&name, *off, *len);
+                let size = self.model.current.vols[&name].len() as u64;
+                let v = self.pool().volume(&name).unwrap();
+                let zero = matches!(a, Action::Zero { .. });
+                let r = if zero { v.write_zeroes(off, len) } else { v.trim(off, len) };
+                match r {
+                    Ok(()) => {
+                        assert!(off + len <= size);
+                        if zero {
+                            self.model.write_zeroes(&name, off, len);
+                        } else {
+                            self.model.trim(&name, off, len);
+                        }
+                    }
+                    Err(Error::OutOfRange { .. }) => assert!(off + len > size),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("zero/trim: {e}"),
+                }
+            }
+            Action::Read { vol, off, len } => {
+                let name = format!("v{vol}");
+                if !exists(self, *vol) {
+                    return;
+                }
+                let (off, len) = self.range(&name, *off, *len);
+                let mut buf = vec![0u8; len as usize];
+                let v = &self.model.current.vols[&name];
+                match self.pool().volume(&name).unwrap().read(off, &mut buf) {
+                    Ok(()) => assert!(buf == v[off as usize..(off + len) as usize], "read {name} [{off}, +{len})"),
+                    Err(Error::OutOfRange { .. }) => assert!(off + len > v.len() as u64),
+                    Err(e) => panic!("read: {e}"),
+                }
+            }
+            Action::Resize { vol, size_sectors, force } => {
+                let name = format!("v{vol}");
+                if !exists(self, *vol) {
+                    return;
+                }
+                let size = u64::from(*size_sectors) * SECTOR;
+                let old = &self.model.current.vols[&name];
+                let drops = size < old.len() as u64 && old[size as usize..].iter().any(|&b| b != 0);
+                match self.pool().resize_volume(&name, size, *force) {
+                    Ok(()) => {
+                        assert!(*force || !drops, "shrink dropping data must be refused without force");
+                        self.model.resize(&name, size);
+                    }
+                    Err(Error::ShrinkDropsData { .. }) => assert!(drops && !force),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("resize: {e}"),
+                }
+            }
+            Action::Delete { vol } => {
+                let name = format!("v{vol}");
+                match self.pool().delete_volume(&name) {
+                    Ok(()) => self.model.delete(&name),
+                    Err(Error::NoSuchVolume(_)) => assert!(!exists(self, *vol)),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("delete: {e}"),
+                }
+            }
+            Action::Flush => {
+                self.pool().flush().unwrap();
+                self.model.flushed();
+            }
+            Action::Checkpoint => {
+                self.pool().checkpoint().unwrap();
+                self.model.flushed();
+            }
+            Action::Reopen => {
+                self.pool.take().unwrap().close().unwrap();
+                self.model.flushed();
+                let dev = self.dev.clone();
+                self.reopen_from(dev);
+                common::assert_same(&State::of_pool(self.pool()), &self.model.current, "after a clean reopen");
+            }
+            Action::Crash { seed } => self.crash(*seed),
+        }
+    }
+}
+
+fn run_case(pool_bytes: u64, pool_id: u64, actions: &[Action]) {
+    let dev = SimDevice::new(pool_bytes);
+    let pool = Pool::create(dev.clone(), small_opts(pool_id)).unwrap();
+    let mut h = Harness { dev, pool: Some(pool), model: Model::default(), pool_id };
+    for a in actions {
+        h.run(a);
+    }
+    // End every run with a crash, a reopen and a full comparison.
+    h.crash(pool_id);
+    common::assert_same(&State::of_pool(h.pool()), &h.model.current, "at the end");
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("MODEL_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: cases(1000), max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    /// A roomy pool: every operation fits.
+    #[test]
+    fn engine_matches_model(pool_id in any::<u64>(), actions in prop::collection::vec(action(), 1..60)) {
+        run_case(POOL_BYTES, pool_id, &actions);
+    }
+
+    /// A pool so small that segments are reused all the time and writes run out of space.
+    #[test]
+    fn engine_matches_model_in_a_tight_pool(
+        pool_id in any::<u64>(),
+        actions in prop::collection::vec(action(), 1..150),
+    ) {
+        run_case(TIGHT_POOL_BYTES, pool_id, &actions);
+        let _ = BS;
+    }
+}
