@@ -9,7 +9,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::allocator::Segments;
 use crate::format::checkpoint::{Checkpoint, PageLoc, VolumeRecord};
-use crate::format::node::{encode_page, Page};
+use crate::format::node::{encode_page, Page, Slot};
 use crate::format::ops::{Op, MAX_VOLUME_NAME_BYTES};
 use crate::format::record::{RecordHeader, RecordKind, BODY_CAPACITY_BYTES};
 use crate::format::superblock::{LogCursor, SlotContents, Superblock};
@@ -840,9 +840,22 @@ impl State {
         self.log.seal(dev)?;
         let nodes = self.index.dirty_nodes();
         self.write_pages(dev, RecordKind::Nodes, nodes, |st, vbn, loc| st.index.node_written(vbn, loc.pba, loc.crc))?;
-        let pages = encode_pages(self.index.bt.dirty_pages());
+        // Table and directory pages with nothing in them are dropped, not written [I5].
+        let (empty, pages) = split_empty(self.index.bt.dirty_pages());
+        for p in empty {
+            let old = self.index.bt.page_dropped(p);
+            if old != 0 {
+                self.segs.release(old);
+            }
+        }
         self.write_pages(dev, RecordKind::TablePages, pages, |st, p, loc| st.index.bt.page_written(p, loc))?;
-        let dirs = encode_pages(self.index.bt.dirty_dirs());
+        let (empty, dirs) = split_empty(self.index.bt.dirty_dirs());
+        for d in empty {
+            let old = self.index.bt.dir_dropped(d);
+            if old != 0 {
+                self.segs.release(old);
+            }
+        }
         self.write_pages(dev, RecordKind::DirPages, dirs, |st, d, loc| st.index.bt.dir_written(d, loc))?;
         let cp = Checkpoint {
             generation: self.generation,
@@ -887,15 +900,20 @@ impl State {
     }
 }
 
-fn encode_pages(pages: Vec<(u64, Box<Page>)>) -> Vec<(u64, Vec<u8>)> {
-    pages
-        .into_iter()
-        .map(|(id, p)| {
+/// Split pages into the ids of empty ones and the others, encoded.
+fn split_empty(pages: Vec<(u64, Box<Page>)>) -> (Vec<u64>, Vec<(u64, Vec<u8>)>) {
+    let mut empty = Vec::new();
+    let mut full = Vec::new();
+    for (id, p) in pages {
+        if p.iter().all(|s| *s == Slot::default()) {
+            empty.push(id);
+        } else {
             let mut buf = vec![0u8; BLOCK];
             encode_page(&p, &mut buf);
-            (id, buf)
-        })
-        .collect()
+            full.push((id, buf));
+        }
+    }
+    (empty, full)
 }
 
 /// Blocks of log a write of `blocks` data blocks may need (headers included).

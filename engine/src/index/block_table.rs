@@ -123,6 +123,28 @@ impl BlockTable {
         old.pba
     }
 
+    /// Forget a table page whose entries are all free: it takes no space and reads as free [I5]. Returns the block
+    /// its last written copy occupied (0 if none).
+    pub(crate) fn page_dropped(&mut self, page: u64) -> u64 {
+        let i = page as usize;
+        if let Some(p) = self.pages.get_mut(i) {
+            *p = None;
+        }
+        let old = self.page_locs.get_mut(i).map(std::mem::take).unwrap_or_default();
+        self.dirty_pages.remove(&page);
+        if old.pba != 0 {
+            self.dirty_dirs.insert(page >> FANOUT_BITS);
+        }
+        old.pba
+    }
+
+    /// Forget a directory page that points at no table page. Returns the block it occupied (0 if none).
+    pub(crate) fn dir_dropped(&mut self, dir: u64) -> u64 {
+        let old = self.dir_locs.get_mut(dir as usize).map(std::mem::take).unwrap_or_default();
+        self.dirty_dirs.remove(&dir);
+        old.pba
+    }
+
     /// Directory pages to write at the next checkpoint, with their contents.
     pub(crate) fn dirty_dirs(&self) -> Vec<(u64, Box<Page>)> {
         self.dirty_dirs
