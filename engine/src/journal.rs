@@ -31,6 +31,7 @@ pub(crate) enum Purpose {
 struct OpenBatch {
     pba: u64,
     body: Enc,
+    /// The header block (filled at seal), then the data blocks.
     data: Vec<u8>,
     n_data: u32,
 }
@@ -146,12 +147,11 @@ impl Log {
             if self.room_in_segment(segs) < 2 {
                 self.switch_segment(segs, Purpose::Data)?;
             }
-            self.batch = Some(OpenBatch {
-                pba: self.pos,
-                body: Enc::with_capacity(BODY_CAPACITY_BYTES),
-                data: Vec::new(),
-                n_data: 0,
-            });
+            // The buffer starts with room for the header block, filled in at seal: data is copied once.
+            let mut data = Vec::with_capacity(BLOCK * (1 + MAX_BATCH_DATA_BLOCKS as usize));
+            data.resize(BLOCK, 0);
+            self.batch =
+                Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), data, n_data: 0 });
         }
         let b = self.batch.as_mut().unwrap_or_else(|| unreachable!("batch opened above"));
         op.encode(&mut b.body);
@@ -168,7 +168,7 @@ impl Log {
     pub(crate) fn read_buffered(&self, pba: u64, out: &mut [u8]) -> bool {
         match &self.batch {
             Some(b) if pba > b.pba && pba <= b.pba + u64::from(b.n_data) => {
-                let i = (pba - b.pba - 1) as usize * BLOCK;
+                let i = (pba - b.pba) as usize * BLOCK;
                 out.copy_from_slice(&b.data[i..i + BLOCK]);
                 true
             }
@@ -178,7 +178,7 @@ impl Log {
 
     /// Write the open batch, if any.
     pub(crate) fn seal(&mut self, dev: &dyn Device) -> Result<()> {
-        let Some(b) = self.batch.take() else { return Ok(()) };
+        let Some(mut b) = self.batch.take() else { return Ok(()) };
         let header = RecordHeader {
             kind: RecordKind::Batch,
             pool_id: self.pool_id,
@@ -188,9 +188,8 @@ impl Log {
             payload_crc: 0,
             body: b.body.buf,
         };
-        let mut buf = header.encode();
-        buf.extend_from_slice(&b.data);
-        dev.write_at(&buf, b.pba * BLOCK_SIZE)?;
+        b.data[..BLOCK].copy_from_slice(&header.encode());
+        dev.write_at(&b.data, b.pba * BLOCK_SIZE)?;
         let blocks = 1 + u64::from(b.n_data);
         self.seq += 1;
         self.pos = b.pba + blocks;

@@ -93,12 +93,33 @@ fn slot_index(block: u64, level: u8) -> usize {
     ((block >> (FANOUT_BITS * u32::from(level))) as usize) & (FANOUT - 1)
 }
 
+/// Hashes u64 keys (vbns) by Fibonacci multiplication: cheap, and spreads sequential vbns over the high bits the
+/// hash table uses.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct VbnHasher(u64);
+
+impl std::hash::Hasher for VbnHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type VbnMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<VbnHasher>>;
+
 /// The index: block table, loaded tree nodes, and the vbn allocator.
 #[derive(Debug)]
 pub(crate) struct Index {
     pub(crate) bt: BlockTable,
     /// Tree nodes in memory, by vbn (loaded on first use, or born since the last checkpoint).
-    nodes: HashMap<u64, Box<Page>>,
+    nodes: VbnMap<Box<Page>>,
     /// Nodes changed since the last checkpoint: written by the next one.
     dirty_nodes: BTreeSet<u64>,
     /// The next vbn to hand out; vbns are never reused [I9].
@@ -109,7 +130,7 @@ pub(crate) struct Index {
 
 impl Index {
     pub(crate) fn new(bt: BlockTable, next_vbn: u64) -> Self {
-        Self { bt, nodes: HashMap::new(), dirty_nodes: BTreeSet::new(), next_vbn, released: Vec::new() }
+        Self { bt, nodes: VbnMap::default(), dirty_nodes: BTreeSet::new(), next_vbn, released: Vec::new() }
     }
 
     /// A new vbn with one reference.

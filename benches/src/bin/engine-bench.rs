@@ -1,0 +1,176 @@
+//! Engine workloads for the comparison script (`benches/engine/compare.sh`): each prints one JSON line.
+//!
+//! - `io <randwrite|randread|seqwrite|seqread> --path F --bs B --size-mib N --seconds S [--flush-every K]
+//!   [--device file|uring]`: I/O through one volume of a fresh pool in file F; prints ops/s and MB/s.
+//! - `recovery --path F --gib N`: writes N GiB with no checkpoint, stops without closing, times the reopen.
+//! - `idle-memory --path F --volumes N`: resident memory per idle volume of a reopened pool of N volumes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use blockmesh_engine::io::{Device, FileDevice, UringDevice};
+use blockmesh_engine::{Pool, PoolOptions};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// Headroom of the pool over the volume: the log needs free segments to write into.
+const POOL_OVER_VOLUME: u64 = 3;
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+}
+
+fn num(args: &[String], name: &str, default: u64) -> Result<u64> {
+    arg(args, name).map_or(Ok(default), |v| v.parse().with_context(|| format!("{name} {v}")))
+}
+
+fn device(path: &PathBuf, size: u64, kind: &str) -> Result<Arc<dyn Device>> {
+    let _ = std::fs::remove_file(path);
+    Ok(match kind {
+        "file" => Arc::new(FileDevice::create(path, size)?),
+        "uring" => Arc::new(UringDevice::create(path, size)?),
+        other => bail!("unknown device {other}"),
+    })
+}
+
+fn rss_bytes() -> Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm.split_whitespace().nth(1).context("statm")?.parse()?;
+    Ok(pages * 4096)
+}
+
+fn io(args: &[String]) -> Result<()> {
+    let workload = args.get(1).context("workload")?.clone();
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let bs = num(args, "--bs", 4096)?;
+    let size = num(args, "--size-mib", 1024)? << 20;
+    let seconds = num(args, "--seconds", 5)?;
+    let flush_every = num(args, "--flush-every", 0)?;
+    let kind = arg(args, "--device").unwrap_or_else(|| "file".into());
+    let dev = device(&path, size * POOL_OVER_VOLUME + (64 << 20), &kind)?;
+    let pool = Pool::create(dev, PoolOptions::default())?;
+    let vol = pool.create_volume("bench", size)?;
+    let mut rng = SmallRng::seed_from_u64(1);
+    let mut buf: Vec<u8> = (0..bs).map(|i| (i % 251) as u8 | 1).collect();
+    if workload.ends_with("read") {
+        // fill the volume first so reads hit data
+        let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
+        for off in (0..size).step_by(1 << 20) {
+            vol.write(off, &chunk)?;
+        }
+        pool.checkpoint()?;
+    }
+    let blocks = size / bs;
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut ops = 0u64;
+    let mut seq_block = 0u64;
+    while Instant::now() < deadline {
+        for _ in 0..64 {
+            let block = if workload.starts_with("rand") {
+                rng.random_range(0..blocks)
+            } else {
+                seq_block = (seq_block + 1) % blocks;
+                seq_block
+            };
+            if workload.ends_with("write") {
+                buf[0] = buf[0].wrapping_add(1) | 1;
+                vol.write(block * bs, &buf)?;
+                if flush_every > 0 && (ops + 1) % flush_every == 0 {
+                    vol.flush()?;
+                }
+            } else {
+                vol.read(block * bs, &mut buf)?;
+            }
+            ops += 1;
+        }
+    }
+    if workload.ends_with("write") {
+        vol.flush()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let stats = pool.stats();
+    println!(
+        "{{\"workload\":\"{workload}\",\"device\":\"{kind}\",\"bs\":{bs},\"flush_every\":{flush_every},\"ops\":{ops},\"seconds\":{secs:.3},\"iops\":{:.0},\"mbps\":{:.1},\"device_blocks_written\":{}}}",
+        ops as f64 / secs,
+        (ops * bs) as f64 / secs / 1e6,
+        stats.blocks_written
+    );
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+fn recovery(args: &[String]) -> Result<()> {
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let gib = num(args, "--gib", 1)?;
+    let size = gib << 30;
+    let opts = PoolOptions { checkpoint_interval_bytes: u64::MAX / 2, ..PoolOptions::default() };
+    let dev = device(&path, size * 2 + (256 << 20), "file")?;
+    let pool = Pool::create(dev, opts.clone())?;
+    let vol = pool.create_volume("v", size)?;
+    let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
+    for off in (0..size).step_by(1 << 20) {
+        vol.write(off, &chunk)?;
+    }
+    vol.flush()?;
+    let generation_before = pool.stats().generation;
+    drop(pool); // no close, no checkpoint: the next open replays everything
+    let start = Instant::now();
+    let pool = Pool::open_file(&path, opts)?;
+    let secs = start.elapsed().as_secs_f64();
+    let stats = pool.stats();
+    let mut back = vec![0u8; 1 << 20];
+    pool.volume("v")?.read(size - (1 << 20), &mut back)?;
+    if back != chunk {
+        bail!("data after recovery differs");
+    }
+    println!(
+        "{{\"gib_since_checkpoint\":{gib},\"generation_before\":{generation_before},\"replayed_records\":{},\"open_seconds\":{secs:.3}}}",
+        stats.replayed_records
+    );
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
+fn idle_memory(args: &[String]) -> Result<()> {
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let n = num(args, "--volumes", 10_000)?;
+    let dev = device(&path, 2 << 30, "file")?;
+    let pool = Pool::create(dev, PoolOptions::default())?;
+    let block = vec![7u8; 4096];
+    for i in 0..n {
+        let v = pool.create_volume(&format!("ns/volume-{i:06}"), 10 << 30)?;
+        v.write((i % 1000) * 4096, &block)?;
+    }
+    pool.close()?;
+    let empty_path = path.with_extension("empty");
+    let empty = Pool::create(device(&empty_path, 2 << 30, "file")?, PoolOptions::default())?;
+    let base = rss_bytes()?;
+    drop(empty);
+    let pool = Pool::open_file(&path, PoolOptions::default())?;
+    let after = rss_bytes()?;
+    let per_volume = after.saturating_sub(base) as f64 / n as f64;
+    println!(
+        "{{\"volumes\":{n},\"rss_delta_bytes\":{},\"bytes_per_idle_volume\":{per_volume:.0},\"index_memory_bytes\":{}}}",
+        after.saturating_sub(base),
+        pool.stats().index_memory_bytes
+    );
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&empty_path);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("io") => io(&args),
+        Some("recovery") => recovery(&args),
+        Some("idle-memory") => idle_memory(&args),
+        _ => bail!("usage: engine-bench io|recovery|idle-memory ... (see the source header)"),
+    }
+}
