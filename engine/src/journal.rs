@@ -12,7 +12,7 @@ use crate::format::ops::Op;
 use crate::format::record::{RecordHeader, RecordKind, BODY_CAPACITY_BYTES};
 use crate::format::superblock::LogCursor;
 use crate::format::{crc32, Enc, BLOCK, BLOCK_SIZE};
-use crate::io::Device;
+use crate::io::{AlignedBuf, Device};
 use crate::{Error, Result};
 
 /// Most data blocks in one batch (512 KiB): bounds the log buffer of the open batch.
@@ -31,10 +31,11 @@ pub(crate) enum Purpose {
 struct OpenBatch {
     pba: u64,
     body: Enc,
-    /// The header block (filled at seal), then the data blocks.
-    data: Vec<u8>,
     n_data: u32,
 }
+
+/// Bytes of the batch buffer: the header block, then the data blocks.
+const BATCH_BUFFER_BYTES: usize = BLOCK * (1 + MAX_BATCH_DATA_BLOCKS as usize);
 
 /// The log writer.
 #[derive(Debug)]
@@ -47,6 +48,8 @@ pub(crate) struct Log {
     /// Sequence number of the next record.
     seq: u64,
     batch: Option<OpenBatch>,
+    /// The open batch's blocks, aligned for O_DIRECT and reused from batch to batch.
+    buf: AlignedBuf,
     /// Segments left free for checkpoints: user data fails with "out of space" rather than take them.
     pub(crate) reserve_segments: u64,
     /// Blocks written to the log since the last checkpoint.
@@ -65,6 +68,7 @@ impl Log {
             pos: cursor.pba,
             seq: cursor.seq,
             batch: None,
+            buf: AlignedBuf::zeroed(BATCH_BUFFER_BYTES),
             reserve_segments,
             blocks_since_checkpoint: 0,
             blocks_written: 0,
@@ -147,20 +151,17 @@ impl Log {
             if self.room_in_segment(segs) < 2 {
                 self.switch_segment(segs, Purpose::Data)?;
             }
-            // The buffer starts with room for the header block, filled in at seal: data is copied once.
-            let mut data = Vec::with_capacity(BLOCK * (1 + MAX_BATCH_DATA_BLOCKS as usize));
-            data.resize(BLOCK, 0);
-            self.batch =
-                Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), data, n_data: 0 });
+            self.batch = Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), n_data: 0 });
         }
         let b = self.batch.as_mut().unwrap_or_else(|| unreachable!("batch opened above"));
         op.encode(&mut b.body);
         Ok(data.map(|d| {
             assert_eq!(d.len(), BLOCK);
-            let pba = b.pba + 1 + u64::from(b.n_data);
-            b.data.extend_from_slice(d);
             b.n_data += 1;
-            pba
+            // data block i sits after the header block, at buffer block 1 + i: copied once, written as is
+            let at = b.n_data as usize * BLOCK;
+            self.buf.as_mut_slice()[at..at + BLOCK].copy_from_slice(d);
+            b.pba + u64::from(b.n_data)
         }))
     }
 
@@ -169,7 +170,7 @@ impl Log {
         match &self.batch {
             Some(b) if pba > b.pba && pba <= b.pba + u64::from(b.n_data) => {
                 let i = (pba - b.pba) as usize * BLOCK;
-                out.copy_from_slice(&b.data[i..i + BLOCK]);
+                out.copy_from_slice(&self.buf.as_slice()[i..i + BLOCK]);
                 true
             }
             _ => false,
@@ -178,7 +179,7 @@ impl Log {
 
     /// Write the open batch, if any.
     pub(crate) fn seal(&mut self, dev: &dyn Device) -> Result<()> {
-        let Some(mut b) = self.batch.take() else { return Ok(()) };
+        let Some(b) = self.batch.take() else { return Ok(()) };
         let header = RecordHeader {
             kind: RecordKind::Batch,
             pool_id: self.pool_id,
@@ -188,9 +189,10 @@ impl Log {
             payload_crc: 0,
             body: b.body.buf,
         };
-        b.data[..BLOCK].copy_from_slice(&header.encode());
-        dev.write_at(&b.data, b.pba * BLOCK_SIZE)?;
         let blocks = 1 + u64::from(b.n_data);
+        let buf = self.buf.as_mut_slice();
+        buf[..BLOCK].copy_from_slice(&header.encode());
+        dev.write_at(&buf[..blocks as usize * BLOCK], b.pba * BLOCK_SIZE)?;
         self.seq += 1;
         self.pos = b.pba + blocks;
         self.blocks_since_checkpoint += blocks;

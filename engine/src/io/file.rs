@@ -1,17 +1,22 @@
 //! A pool on a host file or block device, through pread / pwrite / fdatasync.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
-use super::Device;
+use super::{AlignedBuf, Device};
 use crate::{Error, Result};
 
-/// A file or block device accessed with positioned reads and writes.
+/// Alignment of buffers, offsets and lengths for O_DIRECT I/O.
+pub const DIRECT_IO_ALIGN: usize = 4096;
+
+/// A file or block device accessed with positioned reads and writes, through the page cache or, opened with
+/// [`FileDevice::open_direct`], with O_DIRECT (misaligned requests go through an aligned bounce buffer).
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
     size_bytes: u64,
+    direct: bool,
 }
 
 impl FileDevice {
@@ -24,18 +29,49 @@ impl FileDevice {
             .open(path)
             .map_err(|e| Error::io("create", 0, size_bytes, annotate(e, path)))?;
         file.set_len(size_bytes).map_err(|e| Error::io("set_len", 0, size_bytes, annotate(e, path)))?;
-        Ok(Self { file, size_bytes })
+        Ok(Self { file, size_bytes, direct: false })
     }
 
-    /// Open an existing file or block device read-write.
+    /// Open an existing file or block device read-write, through the page cache.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io("open", 0, 0, annotate(e, path)))?;
+        Self::open_with(path, false)
+    }
+
+    /// Open an existing file or block device read-write with O_DIRECT: no page cache, as databases and hypervisors
+    /// use it. Fails on file systems without O_DIRECT (tmpfs).
+    pub fn open_direct(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, direct: bool) -> Result<Self> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if direct {
+            opts.custom_flags(libc::O_DIRECT);
+        }
+        let file = opts.open(path).map_err(|e| Error::io("open", 0, 0, annotate(e, path)))?;
         let size_bytes = device_size(&file).map_err(|e| Error::io("stat", 0, 0, annotate(e, path)))?;
-        Ok(Self { file, size_bytes })
+        Ok(Self { file, size_bytes, direct })
+    }
+
+    /// True when the device bypasses the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Can this request go straight to the file under O_DIRECT?
+    fn aligned(buf: &[u8], offset: u64) -> bool {
+        buf.as_ptr().align_offset(DIRECT_IO_ALIGN) == 0
+            && buf.len() % DIRECT_IO_ALIGN == 0
+            && offset % DIRECT_IO_ALIGN as u64 == 0
+    }
+
+    /// The aligned span around `[offset, offset + len)`: its start and length.
+    fn span(offset: u64, len: usize) -> (u64, usize) {
+        let a = DIRECT_IO_ALIGN as u64;
+        let start = offset / a * a;
+        let end = (offset + len as u64).div_ceil(a) * a;
+        (start, (end - start) as usize)
     }
 
     /// The open file, for devices that want to share it.
@@ -79,12 +115,34 @@ impl Device for FileDevice {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.check_range("read", offset, buf.len())?;
-        self.file.read_exact_at(buf, offset).map_err(|e| Error::io("read", offset, buf.len() as u64, e))
+        let len_bytes = buf.len() as u64;
+        let io = |e| Error::io("read", offset, len_bytes, e);
+        if !self.direct || Self::aligned(buf, offset) {
+            return self.file.read_exact_at(buf, offset).map_err(io);
+        }
+        let (start, len) = Self::span(offset, buf.len());
+        let mut bounce = AlignedBuf::zeroed(len);
+        self.file.read_exact_at(bounce.as_mut_slice(), start).map_err(io)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        Ok(())
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range("write", offset, buf.len())?;
-        self.file.write_all_at(buf, offset).map_err(|e| Error::io("write", offset, buf.len() as u64, e))
+        let io = |e| Error::io("write", offset, buf.len() as u64, e);
+        if !self.direct || Self::aligned(buf, offset) {
+            return self.file.write_all_at(buf, offset).map_err(io);
+        }
+        let (start, len) = Self::span(offset, buf.len());
+        let mut bounce = AlignedBuf::zeroed(len);
+        if start != offset || len != buf.len() {
+            // partial blocks at the ends: read what is there first
+            self.file.read_exact_at(bounce.as_mut_slice(), start).map_err(io)?;
+        }
+        let skip = (offset - start) as usize;
+        bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(bounce.as_slice(), start).map_err(io)
     }
 
     fn sync(&self) -> Result<()> {
@@ -105,6 +163,12 @@ mod tests {
         drop(dev);
         let dev = FileDevice::open(&path).expect("open");
         assert_eq!(dev.size_bytes(), 4 << 20);
+        let direct_path = dir.path().join("direct");
+        drop(FileDevice::create(&direct_path, 4 << 20).expect("create"));
+        let dev =
+            FileDevice::open_direct(&direct_path).expect("O_DIRECT open (the test directory must not be on tmpfs)");
+        assert!(dev.is_direct());
+        super::super::tests::device_contract(&dev);
         assert!(FileDevice::create(&path, 1 << 20).is_err(), "create refuses an existing file");
     }
 }

@@ -8,7 +8,7 @@ mod file;
 mod sim;
 mod uring;
 
-pub use file::FileDevice;
+pub use file::{FileDevice, DIRECT_IO_ALIGN};
 pub use sim::{SimDevice, SimFault};
 pub use uring::UringDevice;
 
@@ -30,6 +30,40 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Return once every write completed before the call is on stable storage.
     fn sync(&self) -> Result<()>;
+}
+
+/// A zero-filled byte buffer whose start is aligned to [`DIRECT_IO_ALIGN`], as O_DIRECT I/O requires. Built without
+/// `unsafe`: it over-allocates and starts at the first aligned byte.
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        let raw = vec![0u8; len + DIRECT_IO_ALIGN];
+        let start = raw.as_ptr().align_offset(DIRECT_IO_ALIGN);
+        assert!(start < DIRECT_IO_ALIGN, "cannot align a byte buffer");
+        Self { raw, start, len }
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    /// The bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuf").field("len", &self.len).finish()
+    }
 }
 
 #[cfg(test)]
