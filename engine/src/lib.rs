@@ -38,6 +38,7 @@ mod volume;
 
 pub use check::CheckReport;
 pub use error::{Error, Result};
+pub use journal::{DEFAULT_LOG_WRITER_THREADS, MAX_LOG_WRITER_THREADS};
 pub use pool::{
     validate_volume_name, Pool, PoolOptions, PoolStats, VolumeInfo, DEFAULT_CHECKPOINT_INTERVAL_BYTES,
     DEFAULT_SEGMENT_SIZE_BYTES, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES, MAX_VOLUME_SIZE_BYTES,

@@ -16,7 +16,7 @@ use crate::format::superblock::{LogCursor, SlotContents, Superblock};
 use crate::format::{crc32, BLOCK, BLOCK_SIZE, FORMAT_VERSION, SEGMENT_AREA_OFFSET, SUPERBLOCK_OFFSETS};
 use crate::index::{BlockTable, Index, Mapping, MappingKind, Root};
 use crate::io::{Device, FileDevice, SECTOR_SIZE};
-use crate::journal::{self, Log, MAX_BATCH_DATA_BLOCKS};
+use crate::journal::{self, Log, DEFAULT_LOG_WRITER_THREADS, MAX_BATCH_DATA_BLOCKS};
 use crate::volume::Volume;
 use crate::{Error, Result};
 
@@ -49,6 +49,8 @@ pub struct PoolOptions {
     pub checkpoint_interval_bytes: u64,
     /// Pool identity (creation only); random when `None`.
     pub pool_id: Option<u64>,
+    /// Background threads writing the log (0: writes happen in the calling thread, in a deterministic order).
+    pub log_writer_threads: usize,
 }
 
 impl Default for PoolOptions {
@@ -57,6 +59,7 @@ impl Default for PoolOptions {
             segment_size_bytes: DEFAULT_SEGMENT_SIZE_BYTES,
             checkpoint_interval_bytes: DEFAULT_CHECKPOINT_INTERVAL_BYTES,
             pool_id: None,
+            log_writer_threads: DEFAULT_LOG_WRITER_THREADS,
         }
     }
 }
@@ -134,6 +137,9 @@ pub(crate) struct Inner {
 }
 
 /// A pool of thin volumes on one device.
+///
+/// Only [`Pool::flush`] (or a volume's flush), [`Pool::checkpoint`] and [`Pool::close`] make writes durable. Dropping
+/// a pool without closing it makes nothing durable: like a crash, the next open keeps what the last flush covered.
 #[derive(Debug)]
 pub struct Pool {
     pub(crate) inner: Arc<Inner>,
@@ -204,11 +210,10 @@ impl Pool {
             checkpoint_crc: 0,
             replay: cursor,
         };
-        let mut state = State::new(sb, segs, Index::new(BlockTable::default(), 1), cursor, &opts);
-        let inner = Inner { dev, state: Mutex::new(State::placeholder()), reuse_gate: RwLock::new(()) };
-        state.checkpoint(&*inner.dev, &inner.reuse_gate)?;
-        *inner.state.lock() = state;
-        Ok(Pool { inner: Arc::new(inner) })
+        let mut state = State::new(dev.clone(), sb, segs, Index::new(BlockTable::default(), 1), cursor, &opts);
+        let reuse_gate = RwLock::new(());
+        state.checkpoint(&*dev, &reuse_gate)?;
+        Ok(Pool { inner: Arc::new(Inner { dev, state: Mutex::new(state), reuse_gate }) })
     }
 
     /// Create a pool in a new sparse file of `size_bytes`.
@@ -262,7 +267,7 @@ impl Pool {
         if cursor.segment >= sb.segment_count || cursor.next_segment >= sb.segment_count {
             return Err(Error::corrupt("superblock", 0, "a replay cursor inside the pool", format!("{cursor:?}")));
         }
-        let mut state = State::new(sb.clone(), segs, index, cursor, &opts);
+        let mut state = State::new(dev.clone(), sb.clone(), segs, index, cursor, &opts);
         state.generation = cp.generation;
         state.next_volume_id = cp.next_volume_id;
         state.checkpoint_segment = state.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
@@ -308,16 +313,22 @@ impl Pool {
             })?
         };
         state.replayed_records = end.records;
-        state.log = Log::new(sb.pool_id, &state.segs, end.cursor, state.log.reserve_segments);
+        state.log = Log::new(
+            sb.pool_id,
+            &state.segs,
+            end.cursor,
+            state.log.reserve_segments,
+            dev.clone(),
+            opts.log_writer_threads,
+        );
         // Records of a lost tail may follow the cursor: skip past every sequence number they can carry [I3].
         state.log.skip_seq(sb.pool_size_bytes / BLOCK_SIZE + 1);
         let mut pinned: Vec<u64> = end.segments_visited.into_iter().collect();
         pinned.extend([end.cursor.segment, end.cursor.next_segment, state.checkpoint_segment, cursor.segment]);
         state.segs.rebuild_free(&pinned);
-        let inner = Inner { dev, state: Mutex::new(State::placeholder()), reuse_gate: RwLock::new(()) };
-        state.checkpoint(&*inner.dev, &inner.reuse_gate)?;
-        *inner.state.lock() = state;
-        Ok(Pool { inner: Arc::new(inner) })
+        let reuse_gate = RwLock::new(());
+        state.checkpoint(&*dev, &reuse_gate)?;
+        Ok(Pool { inner: Arc::new(Inner { dev, state: Mutex::new(state), reuse_gate }) })
     }
 
     /// Create a volume.
@@ -454,21 +465,11 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
-    fn drop(&mut self) {
-        // Not closed: make acknowledged writes durable at least (the log replays them at the next open).
-        let closed = self.inner.state.lock().closed;
-        if !closed {
-            let _ = flush(&self.inner);
-        }
-    }
-}
-
 pub(crate) fn flush(inner: &Inner) -> Result<()> {
     {
         let mut st = inner.state.lock();
         st.check_writable()?;
-        if let Err(e) = st.log.seal(&*inner.dev) {
+        if let Err(e) = st.log.seal().and_then(|_| st.log.drain()) {
             return Err(st.fail(e));
         }
     }
@@ -548,14 +549,21 @@ fn read_checkpoint(dev: &dyn Device, sb: &Superblock) -> Result<Checkpoint> {
 }
 
 impl State {
-    fn new(sb: Superblock, segs: Segments, index: Index, cursor: LogCursor, opts: &PoolOptions) -> Self {
+    fn new(
+        dev: Arc<dyn Device>,
+        sb: Superblock,
+        segs: Segments,
+        index: Index,
+        cursor: LogCursor,
+        opts: &PoolOptions,
+    ) -> Self {
         let total_blocks = sb.segment_count * segs.blocks_per_segment;
         let max_dirty = MAX_DIRTY_METADATA_BLOCKS.min((total_blocks / 16).max(16));
         // A checkpoint writes at most the dirty nodes, as many table pages, their directory pages and the
         // checkpoint itself: keep that much free, plus two segments of slack.
         let reserve_blocks = 2 * max_dirty + 2 * segs.blocks_per_segment;
         let reserve_segments = reserve_blocks.div_ceil(segs.blocks_per_segment).min(sb.segment_count / 2);
-        let log = Log::new(sb.pool_id, &segs, cursor, reserve_segments);
+        let log = Log::new(sb.pool_id, &segs, cursor, reserve_segments, dev, opts.log_writer_threads);
         Self {
             sb,
             segs,
@@ -572,27 +580,6 @@ impl State {
             closed: false,
             replayed_records: 0,
         }
-    }
-
-    /// A stand-in while the real state is being built.
-    fn placeholder() -> Self {
-        let sb = Superblock {
-            version: FORMAT_VERSION,
-            pool_id: 0,
-            generation: 0,
-            pool_size_bytes: 0,
-            segment_size_bytes: MIN_SEGMENT_SIZE_BYTES,
-            segment_count: 2,
-            checkpoint_pba: 0,
-            checkpoint_payload_blocks: 0,
-            checkpoint_crc: 0,
-            replay: LogCursor { segment: 0, pba: SEGMENT_AREA_OFFSET / BLOCK_SIZE, next_segment: 1, seq: 0 },
-        };
-        let segs = Segments::new(2, MIN_SEGMENT_SIZE_BYTES, vec![0; 2]);
-        let mut s =
-            State::new(sb.clone(), segs, Index::new(BlockTable::default(), 1), sb.replay, &PoolOptions::default());
-        s.closed = true;
-        s
     }
 
     pub(crate) fn check_open(&self) -> Result<()> {
@@ -708,7 +695,7 @@ impl State {
 
     /// Log an op (with its data block) and apply it.
     pub(crate) fn log_apply(&mut self, dev: &dyn Device, op: Op, data: Option<&[u8]>) -> Result<()> {
-        let pba = match self.log.append_op(dev, &mut self.segs, &op, data) {
+        let pba = match self.log.append_op(&mut self.segs, &op, data) {
             Ok(p) => p,
             Err(e) => return Err(self.fail(e)),
         };
@@ -837,7 +824,7 @@ impl State {
     }
 
     fn checkpoint_steps(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
-        self.log.seal(dev)?;
+        self.log.seal()?;
         let nodes = self.index.dirty_nodes();
         self.write_pages(dev, RecordKind::Nodes, nodes, |st, vbn, loc| st.index.node_written(vbn, loc.pba, loc.crc))?;
         // Table and directory pages with nothing in them are dropped, not written [I5].
@@ -879,6 +866,7 @@ impl State {
         payload.resize(payload.len().div_ceil(BLOCK) * BLOCK, 0);
         let crc = crc32(&payload);
         let first = self.log.append_record(dev, &mut self.segs, RecordKind::Checkpoint, Vec::new(), &payload, crc)?;
+        self.log.drain()?;
         dev.sync()?;
         let sb = Superblock {
             generation: self.sb.generation + 1,

@@ -93,7 +93,7 @@ fn crash_at(seed: u64, ops: usize, cut: Option<u64>) -> u64 {
         r.unwrap();
     }
     let image = dev.crash(seed.wrapping_add(cut.unwrap_or(0)));
-    std::mem::forget(pool); // a power failure runs no destructor
+    drop(pool); // dropping flushes nothing
     let pool = open_checked(image.clone(), seed);
     model.recovered(&pool);
 
@@ -112,7 +112,7 @@ fn crash_at(seed: u64, ops: usize, cut: Option<u64>) -> u64 {
     vol.write(16384, &more).unwrap();
     model.write("a", 16384, &more);
     let image2 = image.crash(seed ^ 0x55);
-    std::mem::forget(pool);
+    drop(pool);
     let pool = open_checked(image2, seed);
     model.recovered(&pool);
     pool.close().unwrap();
@@ -152,7 +152,7 @@ fn crash_during_recovery() {
         pool.volume("a").unwrap().write(4096, &tail).unwrap();
         model.write("a", 4096, &tail);
         let image = dev.crash(seed);
-        std::mem::forget(pool);
+        drop(pool);
         // measure how many I/Os an open takes, then cut each of them
         let probe = image.crash_losing_all_unsynced();
         let before = probe.io_count();

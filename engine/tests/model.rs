@@ -8,8 +8,8 @@ mod common;
 use std::sync::Arc;
 
 use blockmesh_engine::io::{SimDevice, SimFault};
-use blockmesh_engine::{Error, Pool};
-use common::{pattern, small_opts, Model, State, BS};
+use blockmesh_engine::{Error, Pool, PoolOptions};
+use common::{pattern, small_opts, threaded_opts, Model, State, BS};
 use proptest::prelude::*;
 
 const POOL_BYTES: u64 = 24 << 20;
@@ -61,6 +61,7 @@ struct Harness {
     pool: Option<Pool>,
     model: Model,
     pool_id: u64,
+    opts: fn(u64) -> PoolOptions,
 }
 
 impl Harness {
@@ -70,7 +71,7 @@ impl Harness {
 
     fn reopen_from(&mut self, dev: Arc<SimDevice>) {
         self.dev = dev;
-        let pool = Pool::open(self.dev.clone(), small_opts(self.pool_id)).unwrap();
+        let pool = Pool::open(self.dev.clone(), (self.opts)(self.pool_id)).unwrap();
         let report = pool.check().unwrap();
         assert!(report.is_ok(), "integrity after reopen: {:?}", report.problems);
         self.pool = Some(pool);
@@ -79,7 +80,7 @@ impl Harness {
     fn crash(&mut self, seed: u64) {
         let image = self.dev.crash(seed);
         if let Some(p) = self.pool.take() {
-            std::mem::forget(p); // a crash runs no destructor: no flush on the way down
+            drop(p); // dropping flushes nothing: like a crash
         }
         self.reopen_from(image);
         self.model.recovered(self.pool.as_ref().unwrap());
@@ -228,10 +229,10 @@ impl Harness {
     }
 }
 
-fn run_case(pool_bytes: u64, pool_id: u64, actions: &[Action]) {
+fn run_case(pool_bytes: u64, opts: fn(u64) -> PoolOptions, pool_id: u64, actions: &[Action]) {
     let dev = SimDevice::new(pool_bytes);
-    let pool = Pool::create(dev.clone(), small_opts(pool_id)).unwrap();
-    let mut h = Harness { dev, pool: Some(pool), model: Model::default(), pool_id };
+    let pool = Pool::create(dev.clone(), opts(pool_id)).unwrap();
+    let mut h = Harness { dev, pool: Some(pool), model: Model::default(), pool_id, opts };
     for a in actions {
         h.run(a);
     }
@@ -247,10 +248,10 @@ fn cases(default: u32) -> u32 {
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(1000), max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
-    /// A roomy pool: every operation fits.
+    /// A roomy pool, with background log writers: every operation fits.
     #[test]
     fn engine_matches_model(pool_id in any::<u64>(), actions in prop::collection::vec(action(), 1..60)) {
-        run_case(POOL_BYTES, pool_id, &actions);
+        run_case(POOL_BYTES, threaded_opts, pool_id, &actions);
     }
 
     /// A pool so small that segments are reused all the time and writes run out of space.
@@ -259,7 +260,7 @@ proptest! {
         pool_id in any::<u64>(),
         actions in prop::collection::vec(action(), 1..150),
     ) {
-        run_case(TIGHT_POOL_BYTES, pool_id, &actions);
+        run_case(TIGHT_POOL_BYTES, small_opts, pool_id, &actions);
         let _ = BS;
     }
 }

@@ -113,7 +113,7 @@ fn a_failed_flush_fails_the_pool_until_reopened() {
     let mut buf = vec![0u8; 4096];
     v.read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(1, 4096), "reads keep working");
-    std::mem::forget(pool);
+    drop(pool);
     let pool = Pool::open(dev.crash_losing_all_unsynced(), small_opts(5)).unwrap();
     assert!(pool.check().unwrap().is_ok());
     pool.volume("v").unwrap().read(0, &mut buf).unwrap();

@@ -9,9 +9,20 @@ use blockmesh_engine::{Pool, PoolOptions};
 
 pub const BS: u64 = 4096;
 
-/// Small segments and frequent checkpoints, so tests exercise segment switches, reuse and checkpoints.
+/// Small segments and frequent checkpoints, so tests exercise segment switches, reuse and checkpoints. Log writes
+/// happen in the calling thread, so I/O numbering (for power cuts) is the same on every run.
 pub fn small_opts(pool_id: u64) -> PoolOptions {
-    PoolOptions { segment_size_bytes: 128 << 10, checkpoint_interval_bytes: 512 << 10, pool_id: Some(pool_id) }
+    PoolOptions {
+        segment_size_bytes: 128 << 10,
+        checkpoint_interval_bytes: 512 << 10,
+        pool_id: Some(pool_id),
+        log_writer_threads: 0,
+    }
+}
+
+/// As [`small_opts`], with background log writers.
+pub fn threaded_opts(pool_id: u64) -> PoolOptions {
+    PoolOptions { log_writer_threads: 2, ..small_opts(pool_id) }
 }
 
 pub fn sim_pool(size_bytes: u64, pool_id: u64) -> (Arc<SimDevice>, Pool) {

@@ -2,10 +2,16 @@
 //! replaying the records written since the last checkpoint.
 //!
 //! Writes to volumes gather in an open batch (one header block of ops, then the data blocks of the writes); the batch
-//! is written when it is full, when the segment has no more room, and on flush. Reads of blocks still in the open
-//! batch are served from memory.
+//! is written when it is full, when the segment has no more room, and on flush, by the background writers of
+//! [`writer`]. Reads of blocks still in the open batch, or in a write not yet completed, are served from memory.
+
+mod writer;
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use writer::Pipeline;
+pub use writer::{DEFAULT_LOG_WRITER_THREADS, MAX_LOG_WRITER_THREADS};
 
 use crate::allocator::Segments;
 use crate::format::ops::Op;
@@ -50,6 +56,8 @@ pub(crate) struct Log {
     batch: Option<OpenBatch>,
     /// The open batch's blocks, aligned for O_DIRECT and reused from batch to batch.
     buf: AlignedBuf,
+    /// Writes of sealed batches.
+    pipeline: Pipeline,
     /// Segments left free for checkpoints: user data fails with "out of space" rather than take them.
     pub(crate) reserve_segments: u64,
     /// Blocks written to the log since the last checkpoint.
@@ -59,7 +67,14 @@ pub(crate) struct Log {
 }
 
 impl Log {
-    pub(crate) fn new(pool_id: u64, segs: &Segments, cursor: LogCursor, reserve_segments: u64) -> Self {
+    pub(crate) fn new(
+        pool_id: u64,
+        segs: &Segments,
+        cursor: LogCursor,
+        reserve_segments: u64,
+        dev: Arc<dyn Device>,
+        writer_threads: usize,
+    ) -> Self {
         debug_assert!(cursor.pba >= segs.first_pba(cursor.segment) && cursor.pba <= segs.end_pba(cursor.segment));
         Self {
             pool_id,
@@ -69,6 +84,7 @@ impl Log {
             seq: cursor.seq,
             batch: None,
             buf: AlignedBuf::zeroed(BATCH_BUFFER_BYTES),
+            pipeline: Pipeline::new(dev, writer_threads, BATCH_BUFFER_BYTES),
             reserve_segments,
             blocks_since_checkpoint: 0,
             blocks_written: 0,
@@ -130,13 +146,7 @@ impl Log {
     }
 
     /// Append one op to the open batch (opening one if needed); returns the physical block given to `data`.
-    pub(crate) fn append_op(
-        &mut self,
-        dev: &dyn Device,
-        segs: &mut Segments,
-        op: &Op,
-        data: Option<&[u8]>,
-    ) -> Result<Option<u64>> {
+    pub(crate) fn append_op(&mut self, segs: &mut Segments, op: &Op, data: Option<&[u8]>) -> Result<Option<u64>> {
         let need_body = op.encoded_len();
         assert!(need_body <= BODY_CAPACITY_BYTES);
         if let Some(b) = &self.batch {
@@ -144,7 +154,7 @@ impl Log {
             let full_data = data.is_some()
                 && (b.n_data >= MAX_BATCH_DATA_BLOCKS || b.pba + 2 + u64::from(b.n_data) > segs.end_pba(self.seg));
             if full_body || full_data {
-                self.seal(dev)?;
+                self.seal()?;
             }
         }
         if self.batch.is_none() {
@@ -173,12 +183,17 @@ impl Log {
                 out.copy_from_slice(&self.buf.as_slice()[i..i + BLOCK]);
                 true
             }
-            _ => false,
+            _ => self.pipeline.read_buffered(pba, out),
         }
     }
 
-    /// Write the open batch, if any.
-    pub(crate) fn seal(&mut self, dev: &dyn Device) -> Result<()> {
+    /// Wait for every batch write in flight (before a sync).
+    pub(crate) fn drain(&mut self) -> Result<()> {
+        self.pipeline.drain()
+    }
+
+    /// Hand the open batch, if any, to the writers.
+    pub(crate) fn seal(&mut self) -> Result<()> {
         let Some(b) = self.batch.take() else { return Ok(()) };
         let header = RecordHeader {
             kind: RecordKind::Batch,
@@ -190,9 +205,15 @@ impl Log {
             body: b.body.buf,
         };
         let blocks = 1 + u64::from(b.n_data);
-        let buf = self.buf.as_mut_slice();
-        buf[..BLOCK].copy_from_slice(&header.encode());
-        dev.write_at(&buf[..blocks as usize * BLOCK], b.pba * BLOCK_SIZE)?;
+        self.buf.as_mut_slice()[..BLOCK].copy_from_slice(&header.encode());
+        let full = std::mem::replace(&mut self.buf, AlignedBuf::zeroed(0));
+        match self.pipeline.submit(b.pba, full, blocks as usize * BLOCK) {
+            Ok(next) => self.buf = next,
+            Err(e) => {
+                self.buf = AlignedBuf::zeroed(BATCH_BUFFER_BYTES);
+                return Err(e);
+            }
+        }
         self.seq += 1;
         self.pos = b.pba + blocks;
         self.blocks_since_checkpoint += blocks;
@@ -210,7 +231,7 @@ impl Log {
         payload: &[u8],
         payload_crc: u32,
     ) -> Result<u64> {
-        self.seal(dev)?;
+        self.seal()?;
         assert_eq!(payload.len() % BLOCK, 0);
         let n = (payload.len() / BLOCK) as u64;
         if n + 1 > segs.blocks_per_segment {
