@@ -53,8 +53,28 @@ fn io(args: &[String]) -> Result<()> {
     let seconds = num(args, "--seconds", 5)?;
     let flush_every = num(args, "--flush-every", 0)?;
     let kind = arg(args, "--device").unwrap_or_else(|| "file".into());
-    let dev = device(&path, size * POOL_OVER_VOLUME + (64 << 20), &kind)?;
-    let pool = Pool::create(dev, PoolOptions::default())?;
+    let pool_bytes = size * POOL_OVER_VOLUME + (64 << 20);
+    let dev = if args.iter().any(|a| a == "--preallocate") {
+        // allocate the file's blocks first (as a raw image that has been written once is), then open it
+        let _ = std::fs::remove_file(&path);
+        let st = std::process::Command::new("fallocate").arg("-l").arg(pool_bytes.to_string()).arg(&path).status()?;
+        if !st.success() {
+            bail!("fallocate failed");
+        }
+        match kind.as_str() {
+            "direct" => Arc::new(FileDevice::open_direct(&path)?) as Arc<dyn Device>,
+            "uring" => Arc::new(UringDevice::open(&path)?),
+            _ => Arc::new(FileDevice::open(&path)?),
+        }
+    } else {
+        device(&path, pool_bytes, &kind)?
+    };
+    let threads = num(args, "--writer-threads", blockmesh_engine::DEFAULT_LOG_WRITER_THREADS as u64)? as usize;
+    let mut opts = PoolOptions { log_writer_threads: threads, ..PoolOptions::default() };
+    if let Some(mib) = arg(args, "--checkpoint-mib") {
+        opts.checkpoint_interval_bytes = mib.parse::<u64>()? << 20;
+    }
+    let pool = Pool::create(dev, opts)?;
     let vol = pool.create_volume("bench", size)?;
     let mut rng = SmallRng::seed_from_u64(1);
     let mut buf: Vec<u8> = (0..bs).map(|i| (i % 251) as u8 | 1).collect();
