@@ -39,7 +39,8 @@ impl Pool {
         let mut st = self.inner.state.lock();
         st.check_open()?;
         let mut report = CheckReport { volumes: st.volumes.len() as u64, ..CheckReport::default() };
-        let roots: Vec<Root> = st.volumes.values().map(|v| v.root).collect();
+        let roots: Vec<Root> =
+            st.volumes.values().map(|v| v.root).chain(st.snapshots.values().map(|s| s.root)).collect();
         for v in st.volumes.values() {
             let need = v.size_bytes.div_ceil(BLOCK_SIZE);
             if v.root.capacity_blocks() < need {

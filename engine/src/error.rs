@@ -109,9 +109,17 @@ pub enum Error {
     #[error("no volume named {0:?}")]
     NoSuchVolume(String),
 
-    /// A volume with that name exists already.
-    #[error("a volume named {0:?} exists already")]
+    /// A volume or snapshot with that name exists already.
+    #[error("a volume or snapshot named {0:?} exists already")]
     VolumeExists(String),
+
+    /// No snapshot has that name.
+    #[error("no snapshot named {0:?}")]
+    NoSuchSnapshot(String),
+
+    /// A write to a read-only volume (a snapshot).
+    #[error("{0:?} is read-only (a snapshot); clone it to write")]
+    ReadOnly(String),
 
     /// Shrinking would drop written data.
     #[error(

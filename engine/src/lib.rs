@@ -38,9 +38,11 @@ mod volume;
 
 pub use check::CheckReport;
 pub use error::{Error, Result};
+pub use format::ops::MAX_SNAPSHOT_VOLUMES;
+pub use index::{Extent, ExtentKind};
 pub use journal::{DEFAULT_LOG_WRITER_THREADS, MAX_LOG_WRITER_THREADS};
 pub use pool::{
-    validate_volume_name, Pool, PoolOptions, PoolStats, VolumeInfo, DEFAULT_CHECKPOINT_INTERVAL_BYTES,
+    validate_volume_name, Pool, PoolOptions, PoolStats, SnapshotInfo, VolumeInfo, DEFAULT_CHECKPOINT_INTERVAL_BYTES,
     DEFAULT_SEGMENT_SIZE_BYTES, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES, MAX_VOLUME_SIZE_BYTES,
     MIN_SEGMENT_SIZE_BYTES,
 };

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::allocator::Segments;
-use crate::format::checkpoint::{Checkpoint, PageLoc, VolumeRecord};
+use crate::format::checkpoint::{Checkpoint, PageLoc, SnapshotRecord, VolumeRecord};
 use crate::format::node::{encode_page, Page, Slot};
-use crate::format::ops::{Op, MAX_VOLUME_NAME_BYTES};
+use crate::format::ops::{Op, MAX_SNAPSHOT_VOLUMES, MAX_VOLUME_NAME_BYTES};
 use crate::format::record::{RecordHeader, RecordKind, BODY_CAPACITY_BYTES};
 use crate::format::superblock::{LogCursor, SlotContents, Superblock};
 use crate::format::{crc32, BLOCK, BLOCK_SIZE, FORMAT_VERSION, SEGMENT_AREA_OFFSET, SUPERBLOCK_OFFSETS};
-use crate::index::{BlockTable, Index, Mapping, MappingKind, Root};
+use crate::index::{BlockTable, Extent, Index, Mapping, MappingKind, Root};
 use crate::io::{Device, FileDevice, SECTOR_SIZE};
 use crate::journal::{self, Log, DEFAULT_LOG_WRITER_THREADS, MAX_BATCH_DATA_BLOCKS};
-use crate::volume::Volume;
+use crate::volume::{Target, Volume};
 use crate::{Error, Result};
 
 /// Segment size when none is given.
@@ -90,6 +90,8 @@ pub struct PoolStats {
     pub blocks_written: u64,
     /// Volumes.
     pub volumes: u64,
+    /// Snapshots.
+    pub snapshots: u64,
     /// Bytes of memory the index uses (loaded nodes and block-table pages).
     pub index_memory_bytes: u64,
     /// Checkpoint generation of the superblock.
@@ -105,6 +107,26 @@ pub(crate) struct VolumeState {
     pub(crate) root: Root,
 }
 
+/// A read-only snapshot of a volume.
+#[derive(Debug, Clone)]
+pub(crate) struct SnapshotState {
+    pub(crate) name: String,
+    pub(crate) size_bytes: u64,
+    pub(crate) root: Root,
+    pub(crate) generation: u64,
+}
+
+/// A snapshot as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// Its name.
+    pub name: String,
+    /// Size of the volume when it was taken.
+    pub size_bytes: u64,
+    /// Birth generation when it was taken: blocks it maps were written at or before it.
+    pub generation: u64,
+}
+
 /// Everything behind the pool lock.
 #[derive(Debug)]
 pub(crate) struct State {
@@ -113,7 +135,9 @@ pub(crate) struct State {
     pub(crate) log: Log,
     pub(crate) index: Index,
     pub(crate) volumes: BTreeMap<u64, VolumeState>,
+    /// Volume and snapshot names (one namespace) to ids.
     pub(crate) names: HashMap<String, u64>,
+    pub(crate) snapshots: BTreeMap<u64, SnapshotState>,
     pub(crate) next_volume_id: u64,
     /// Birth generation of new writes.
     pub(crate) generation: u64,
@@ -282,6 +306,18 @@ impl Pool {
                 },
             );
         }
+        for sn in cp.snapshots {
+            state.names.insert(sn.name.clone(), sn.id);
+            state.snapshots.insert(
+                sn.id,
+                SnapshotState {
+                    name: sn.name,
+                    size_bytes: sn.size_bytes,
+                    root: Root { vbn: sn.root_vbn, height: sn.height },
+                    generation: sn.generation,
+                },
+            );
+        }
         // Roll forward over the log written since the checkpoint [I2].
         let end = {
             let st = &mut state;
@@ -347,15 +383,100 @@ impl Pool {
         st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
         st.log_apply(&*self.inner.dev, Op::CreateVolume { volume: id, size_bytes, name: name.to_string() }, None)?;
         drop(st);
-        Ok(Volume::new(self.inner.clone(), id, name.to_string()))
+        Ok(Volume::new(self.inner.clone(), Target::Volume(id), name.to_string()))
     }
 
     /// A handle on an existing volume.
     pub fn volume(&self, name: &str) -> Result<Volume> {
         let st = self.inner.state.lock();
         st.check_open()?;
-        let id = *st.names.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
-        Ok(Volume::new(self.inner.clone(), id, name.to_string()))
+        let id = st.volume_id(name)?;
+        Ok(Volume::new(self.inner.clone(), Target::Volume(id), name.to_string()))
+    }
+
+    /// Take read-only snapshots of volumes, all at one point of the log: after a crash either all of them exist or
+    /// none. O(1) each, whatever the volume's size. `pairs` are `(volume, new snapshot name)`.
+    pub fn snapshot(&self, pairs: &[(&str, &str)]) -> Result<()> {
+        if pairs.is_empty() || pairs.len() > MAX_SNAPSHOT_VOLUMES {
+            return Err(Error::InvalidArgument(format!(
+                "a snapshot covers 1 to {MAX_SNAPSHOT_VOLUMES} volumes, got {}",
+                pairs.len()
+            )));
+        }
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let mut entries = Vec::with_capacity(pairs.len());
+        for (i, (volume, name)) in pairs.iter().enumerate() {
+            validate_volume_name(name)?;
+            let id = st.volume_id(volume)?;
+            if st.names.contains_key(*name) || pairs[..i].iter().any(|(_, n)| n == name) {
+                return Err(Error::VolumeExists(name.to_string()));
+            }
+            entries.push((id, st.next_volume_id + i as u64, name.to_string()));
+        }
+        st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
+        st.log_apply(&*self.inner.dev, Op::Snapshot { entries }, None)
+    }
+
+    /// Every snapshot, by name.
+    pub fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<SnapshotInfo> = st
+            .snapshots
+            .values()
+            .map(|s| SnapshotInfo { name: s.name.clone(), size_bytes: s.size_bytes, generation: s.generation })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A read-only handle on a snapshot.
+    pub fn snapshot_volume(&self, name: &str) -> Result<Volume> {
+        let st = self.inner.state.lock();
+        st.check_open()?;
+        let id = st.snapshot_id(name)?;
+        Ok(Volume::new(self.inner.clone(), Target::Snapshot(id), name.to_string()))
+    }
+
+    /// A new writable volume with the contents of a snapshot, sharing its blocks: O(1).
+    pub fn clone_snapshot(&self, snapshot: &str, new_volume: &str) -> Result<Volume> {
+        validate_volume_name(new_volume)?;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let sid = st.snapshot_id(snapshot)?;
+        if st.names.contains_key(new_volume) {
+            return Err(Error::VolumeExists(new_volume.to_string()));
+        }
+        if st.volumes.len() >= MAX_VOLUMES {
+            return Err(Error::Limit(format!("a pool holds at most {MAX_VOLUMES} volumes")));
+        }
+        let id = st.next_volume_id;
+        st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
+        let op = Op::CloneSnapshot { snapshot: sid, volume: id, name: new_volume.to_string() };
+        st.log_apply(&*self.inner.dev, op, None)?;
+        drop(st);
+        Ok(Volume::new(self.inner.clone(), Target::Volume(id), new_volume.to_string()))
+    }
+
+    /// Delete a snapshot; blocks nothing else references are released.
+    pub fn delete_snapshot(&self, name: &str) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let id = st.snapshot_id(name)?;
+        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
+        st.log_apply(dev, Op::DeleteSnapshot { snapshot: id }, None)?;
+        st.maybe_checkpoint(dev, &self.inner.reuse_gate)
+    }
+
+    /// What changed from `from` to `to` (each a volume or a snapshot): the ranges whose mapping differs, with what
+    /// `to` holds there. Costs what changed, not the volume size, when the two share history.
+    pub fn diff(&self, from: &str, to: &str) -> Result<Vec<Extent>> {
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_open()?;
+        let (a, b) = (st.root_by_name(from)?, st.root_by_name(to)?);
+        st.index.diff(dev, a, b)
     }
 
     /// Every volume, by name.
@@ -373,7 +494,7 @@ impl Pool {
         let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
-        let id = *st.names.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let id = st.volume_id(name)?;
         let vol = st.volumes[&id].clone();
         if size_bytes < vol.size_bytes {
             let keep_blocks = blocks_for(size_bytes);
@@ -418,7 +539,7 @@ impl Pool {
         let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
-        let id = *st.names.get(name).ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let id = st.volume_id(name)?;
         st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
         st.log_apply(dev, Op::DeleteVolume { volume: id }, None)?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
@@ -458,6 +579,7 @@ impl Pool {
             live_blocks: st.segs.live().iter().map(|&n| u64::from(n)).sum(),
             blocks_written: st.log.blocks_written,
             volumes: st.volumes.len() as u64,
+            snapshots: st.snapshots.len() as u64,
             index_memory_bytes: st.index.memory_bytes() as u64,
             generation: st.sb.generation,
             replayed_records: st.replayed_records,
@@ -571,6 +693,7 @@ impl State {
             index,
             volumes: BTreeMap::new(),
             names: HashMap::new(),
+            snapshots: BTreeMap::new(),
             next_volume_id: 1,
             generation: 1,
             checkpoint_segment: 0,
@@ -607,6 +730,42 @@ impl State {
 
     pub(crate) fn volume(&self, id: u64, name: &str) -> Result<&VolumeState> {
         self.volumes.get(&id).ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+    }
+
+    pub(crate) fn volume_id(&self, name: &str) -> Result<u64> {
+        self.names
+            .get(name)
+            .copied()
+            .filter(|id| self.volumes.contains_key(id))
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+    }
+
+    pub(crate) fn snapshot_id(&self, name: &str) -> Result<u64> {
+        self.names
+            .get(name)
+            .copied()
+            .filter(|id| self.snapshots.contains_key(id))
+            .ok_or_else(|| Error::NoSuchSnapshot(name.to_string()))
+    }
+
+    /// Root and size of what a handle points at.
+    pub(crate) fn target(&self, t: Target, name: &str) -> Result<(Root, u64)> {
+        match t {
+            Target::Volume(id) => self.volume(id, name).map(|v| (v.root, v.size_bytes)),
+            Target::Snapshot(id) => self
+                .snapshots
+                .get(&id)
+                .map(|s| (s.root, s.size_bytes))
+                .ok_or_else(|| Error::NoSuchSnapshot(name.to_string())),
+        }
+    }
+
+    fn root_by_name(&self, name: &str) -> Result<Root> {
+        match self.names.get(name) {
+            Some(id) if self.volumes.contains_key(id) => Ok(self.volumes[id].root),
+            Some(id) if self.snapshots.contains_key(id) => Ok(self.snapshots[id].root),
+            _ => Err(Error::NoSuchVolume(name.to_string())),
+        }
     }
 
     fn settle_released(&mut self) {
@@ -657,7 +816,7 @@ impl State {
                 if *size_bytes < v.size_bytes {
                     self.index.truncate(dev, &mut root, new_blocks)?;
                 } else {
-                    self.index.grow(&mut root, new_blocks);
+                    self.index.grow(dev, &mut root, new_blocks)?;
                 }
                 let v = self.volumes.get_mut(volume).ok_or_else(|| Error::corrupt("log", 0, "a volume", volume))?;
                 v.size_bytes = *size_bytes;
@@ -667,6 +826,40 @@ impl State {
                 let v = self.volumes.remove(volume).ok_or_else(|| Error::corrupt("log", 0, "a volume", volume))?;
                 self.names.remove(&v.name);
                 self.index.free_tree(dev, v.root)?;
+            }
+            Op::Snapshot { entries } => {
+                for (volume, snapshot, name) in entries {
+                    let v = self.volumes.get(volume).ok_or_else(|| Error::corrupt("log", 0, "a volume", volume))?;
+                    if self.snapshots.contains_key(snapshot) || self.names.contains_key(name) {
+                        return Err(Error::corrupt("log", 0, "a new snapshot", format!("{snapshot} {name:?} exists")));
+                    }
+                    let (root, size_bytes) = (v.root, v.size_bytes);
+                    self.index.share(root);
+                    self.snapshots
+                        .insert(*snapshot, SnapshotState { name: name.clone(), size_bytes, root, generation: gen });
+                    self.names.insert(name.clone(), *snapshot);
+                    self.next_volume_id = self.next_volume_id.max(snapshot + 1);
+                }
+                // Writes from now on are born after every snapshot taken so far [I7].
+                self.generation += 1;
+            }
+            Op::CloneSnapshot { snapshot, volume, name } => {
+                let sn =
+                    self.snapshots.get(snapshot).ok_or_else(|| Error::corrupt("log", 0, "a snapshot", snapshot))?;
+                if self.volumes.contains_key(volume) || self.names.contains_key(name) {
+                    return Err(Error::corrupt("log", 0, "a new volume", format!("{volume} {name:?} exists")));
+                }
+                let (root, size_bytes) = (sn.root, sn.size_bytes);
+                self.index.share(root);
+                self.volumes.insert(*volume, VolumeState { name: name.clone(), size_bytes, root });
+                self.names.insert(name.clone(), *volume);
+                self.next_volume_id = self.next_volume_id.max(volume + 1);
+            }
+            Op::DeleteSnapshot { snapshot } => {
+                let sn =
+                    self.snapshots.remove(snapshot).ok_or_else(|| Error::corrupt("log", 0, "a snapshot", snapshot))?;
+                self.names.remove(&sn.name);
+                self.index.free_tree(dev, sn.root)?;
             }
         }
         self.settle_released();
@@ -713,7 +906,8 @@ impl State {
 
     /// Read one whole block of a volume (under the lock; used for read-modify-write).
     pub(crate) fn read_block(&mut self, dev: &dyn Device, volume: u64, block: u64, out: &mut [u8]) -> Result<()> {
-        let root = self.volumes.get(&volume).map(|v| v.root).ok_or_else(|| Error::NoSuchVolume(volume.to_string()))?;
+        let v = self.volumes.get(&volume).ok_or_else(|| Error::NoSuchVolume(volume.to_string()))?;
+        let root = v.root;
         let m = self.index.lookup(dev, root, block)?;
         if m.kind != MappingKind::Data {
             out.fill(0);
@@ -725,9 +919,8 @@ impl State {
         }
         let crc = crc32(out);
         if crc != e.crc {
-            let name = self.volumes.get(&volume).map(|v| v.name.clone()).unwrap_or_default();
             return Err(Error::Checksum {
-                volume: name,
+                volume: self.volumes.get(&volume).map(|v| v.name.clone()).unwrap_or_default(),
                 volume_offset_bytes: block * BLOCK_SIZE,
                 device_offset_bytes: e.pba * BLOCK_SIZE,
                 expected: e.crc,
@@ -857,6 +1050,18 @@ impl State {
                     size_bytes: v.size_bytes,
                     root_vbn: v.root.vbn,
                     height: v.root.height,
+                })
+                .collect(),
+            snapshots: self
+                .snapshots
+                .iter()
+                .map(|(id, sn)| SnapshotRecord {
+                    id: *id,
+                    name: sn.name.clone(),
+                    size_bytes: sn.size_bytes,
+                    root_vbn: sn.root.vbn,
+                    height: sn.root.height,
+                    generation: sn.generation,
                 })
                 .collect(),
             dir_pages: self.index.bt.dir_locs().to_vec(),

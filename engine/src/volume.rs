@@ -11,12 +11,21 @@ use crate::io::SECTOR_SIZE;
 use crate::pool::{flush, log_blocks_for, Inner, State, MAX_IO_BYTES};
 use crate::{Error, Result};
 
-/// A handle on one volume of a pool. Cheap to clone; handles outlive nothing: after the volume is deleted or the pool
-/// closed, calls fail.
+/// What a handle points at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// A writable volume.
+    Volume(u64),
+    /// A read-only snapshot.
+    Snapshot(u64),
+}
+
+/// A handle on one volume, or one read-only snapshot, of a pool. Cheap to clone; after the volume is deleted or the
+/// pool closed, calls fail.
 #[derive(Debug, Clone)]
 pub struct Volume {
     inner: Arc<Inner>,
-    id: u64,
+    target: Target,
     name: String,
 }
 
@@ -28,8 +37,8 @@ enum Kind {
 }
 
 impl State {
-    fn validate(&self, id: u64, name: &str, offset: u64, len: u64, kind: Kind) -> Result<u64> {
-        let size = self.volume(id, name)?.size_bytes;
+    fn validate(&self, t: Target, name: &str, offset: u64, len: u64, kind: Kind) -> Result<u64> {
+        let size = self.target(t, name)?.1;
         if len == 0 {
             return Err(Error::InvalidArgument("zero-length request".into()));
         }
@@ -57,8 +66,43 @@ impl State {
 }
 
 impl Volume {
-    pub(crate) fn new(inner: Arc<Inner>, id: u64, name: String) -> Self {
-        Self { inner, id, name }
+    pub(crate) fn new(inner: Arc<Inner>, target: Target, name: String) -> Self {
+        Self { inner, target, name }
+    }
+
+    /// True for a snapshot, which refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self.target, Target::Snapshot(_))
+    }
+
+    /// The id of a writable volume, or a read-only error.
+    fn writable_id(&self) -> Result<u64> {
+        match self.target {
+            Target::Volume(id) => Ok(id),
+            Target::Snapshot(_) => Err(Error::ReadOnly(self.name.clone())),
+        }
+    }
+
+    /// What `[offset, offset + len)` holds: data, zeroes, trimmed or never written, as merged runs clipped to the
+    /// range (for NBD block status).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<crate::Extent>> {
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_open()?;
+        st.validate(self.target, &self.name, offset, len, Kind::Range)?;
+        let (root, _) = st.target(self.target, &self.name)?;
+        let first = offset / BLOCK_SIZE;
+        let end = (offset + len).div_ceil(BLOCK_SIZE);
+        let mut runs = st.index.allocation(dev, root, first, end)?;
+        // clip to the byte range asked for
+        for r in &mut runs {
+            let lo = r.offset_bytes.max(offset);
+            let hi = (r.offset_bytes + r.len_bytes).min(offset + len);
+            r.offset_bytes = lo;
+            r.len_bytes = hi - lo;
+        }
+        runs.retain(|r| r.len_bytes > 0);
+        Ok(runs)
     }
 
     /// The volume's name.
@@ -70,7 +114,7 @@ impl Volume {
     pub fn size_bytes(&self) -> Result<u64> {
         let st = self.inner.state.lock();
         st.check_open()?;
-        Ok(st.volume(self.id, &self.name)?.size_bytes)
+        Ok(st.target(self.target, &self.name)?.1)
     }
 
     /// Read `buf.len()` bytes at `offset`.
@@ -79,8 +123,8 @@ impl Volume {
         let len = buf.len() as u64;
         let mut st = self.inner.state.lock();
         st.check_open()?;
-        st.validate(self.id, &self.name, offset, len, Kind::Buffer)?;
-        let root = st.volume(self.id, &self.name)?.root;
+        st.validate(self.target, &self.name, offset, len, Kind::Buffer)?;
+        let (root, _) = st.target(self.target, &self.name)?;
         let first = offset / BLOCK_SIZE;
         let last = (offset + len - 1) / BLOCK_SIZE;
         let n = (last - first + 1) as usize;
@@ -143,9 +187,10 @@ impl Volume {
         let dev = &*self.inner.dev;
         let gate = &self.inner.reuse_gate;
         let len = data.len() as u64;
+        let id = self.writable_id()?;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
-        st.validate(self.id, &self.name, offset, len, Kind::Buffer)?;
+        st.validate(self.target, &self.name, offset, len, Kind::Buffer)?;
         let first = offset / BLOCK_SIZE;
         let last = (offset + len - 1) / BLOCK_SIZE;
         st.ensure_room(dev, gate, log_blocks_for(last - first + 1))?;
@@ -156,11 +201,11 @@ impl Volume {
             let hi = (offset + len).min(base + BLOCK_SIZE);
             let src = &data[(lo - offset) as usize..(hi - offset) as usize];
             if hi - lo == BLOCK_SIZE {
-                st.write_block(dev, self.id, b, src)?;
+                st.write_block(dev, id, b, src)?;
             } else {
-                st.read_block(dev, self.id, b, &mut block_buf)?;
+                st.read_block(dev, id, b, &mut block_buf)?;
                 block_buf[(lo - base) as usize..(hi - base) as usize].copy_from_slice(src);
-                st.write_block(dev, self.id, b, &block_buf)?;
+                st.write_block(dev, id, b, &block_buf)?;
             }
         }
         st.maybe_checkpoint(dev, gate)
@@ -180,9 +225,10 @@ impl Volume {
     fn range_op(&self, offset: u64, len: u64, kind: MappingKind) -> Result<()> {
         let dev = &*self.inner.dev;
         let gate = &self.inner.reuse_gate;
+        let id = self.writable_id()?;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
-        st.validate(self.id, &self.name, offset, len, Kind::Range)?;
+        st.validate(self.target, &self.name, offset, len, Kind::Range)?;
         let end = offset + len;
         let whole_lo = offset.div_ceil(BLOCK_SIZE);
         let whole_hi = end / BLOCK_SIZE;
@@ -190,17 +236,17 @@ impl Volume {
         if kind == MappingKind::Zero {
             if whole_lo > whole_hi {
                 // inside one block
-                st.zero_partial(dev, self.id, offset, end)?;
+                st.zero_partial(dev, id, offset, end)?;
             } else {
-                st.zero_partial(dev, self.id, offset, (whole_lo * BLOCK_SIZE).min(end))?;
-                st.zero_partial(dev, self.id, (whole_hi * BLOCK_SIZE).max(offset), end)?;
+                st.zero_partial(dev, id, offset, (whole_lo * BLOCK_SIZE).min(end))?;
+                st.zero_partial(dev, id, (whole_hi * BLOCK_SIZE).max(offset), end)?;
             }
         }
         if whole_hi > whole_lo {
             let count = whole_hi - whole_lo;
             let op = match kind {
-                MappingKind::Zero => crate::format::ops::Op::Zero { volume: self.id, block: whole_lo, count },
-                _ => crate::format::ops::Op::Trim { volume: self.id, block: whole_lo, count },
+                MappingKind::Zero => crate::format::ops::Op::Zero { volume: id, block: whole_lo, count },
+                _ => crate::format::ops::Op::Trim { volume: id, block: whole_lo, count },
             };
             st.log_apply(dev, op, None)?;
         }

@@ -1,7 +1,8 @@
 //! Crash sweep: a seeded workload is cut by a power failure at every I/O index in turn; each time the device keeps a
 //! random subset of its unsynced writes (some torn), the pool must open, pass the integrity check, hold every write
 //! acknowledged before the last completed flush and a prefix of the rest. The recovered pool then takes more writes
-//! and crashes again, so records of a lost tail can never come back [I3].
+//! and crashes again, so records of a lost tail can never come back [I3]. Snapshots of both volumes are atomic: after
+//! a crash both exist or neither (the model only allows prefixes of whole steps).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -31,7 +32,7 @@ fn workload(pool: &Pool, model: &mut Model, seed: u64, ops: usize) -> Result<()>
         let len = rng.random_range(1..=48u64) * SECTOR;
         let off = rng.random_range(0..=(size - len) / SECTOR) * SECTOR;
         let vol = pool.volume(name)?;
-        match rng.random_range(0..20) {
+        match rng.random_range(0..22) {
             0..=11 => {
                 let data = pattern(seed ^ i as u64, len as usize);
                 model.write(name, off, &data);
@@ -58,6 +59,18 @@ fn workload(pool: &Pool, model: &mut Model, seed: u64, ops: usize) -> Result<()>
                 let new = (size as i64 + rng.random_range(-16i64..=16) * SECTOR as i64).max(64 * SECTOR as i64) as u64;
                 model.resize(name, new);
                 pool.resize_volume(name, new, true)?;
+            }
+            19 => {
+                // an atomic snapshot of both volumes
+                let (sa, sb) = (format!("a@{i}"), format!("b@{i}"));
+                model.snapshot(&[("a", &sa), ("b", &sb)]);
+                pool.snapshot(&[("a", &sa), ("b", &sb)])?;
+            }
+            20 => {
+                if let Some(oldest) = model.current.snaps.keys().next().cloned() {
+                    model.delete_snapshot(&oldest);
+                    pool.delete_snapshot(&oldest)?;
+                }
             }
             _ => {
                 let mut buf = vec![0u8; len as usize];

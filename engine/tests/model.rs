@@ -19,22 +19,78 @@ const SECTOR: u64 = 512;
 
 #[derive(Debug, Clone)]
 enum Action {
-    Create { vol: u8, size_sectors: u32 },
-    Write { vol: u8, off: u32, len: u16, seed: u64 },
-    Zero { vol: u8, off: u32, len: u16 },
-    Trim { vol: u8, off: u32, len: u16 },
-    Read { vol: u8, off: u32, len: u16 },
-    Resize { vol: u8, size_sectors: u32, force: bool },
-    Delete { vol: u8 },
+    Create {
+        vol: u8,
+        size_sectors: u32,
+    },
+    Write {
+        vol: u8,
+        off: u32,
+        len: u16,
+        seed: u64,
+    },
+    Zero {
+        vol: u8,
+        off: u32,
+        len: u16,
+    },
+    Trim {
+        vol: u8,
+        off: u32,
+        len: u16,
+    },
+    Read {
+        vol: u8,
+        off: u32,
+        len: u16,
+    },
+    Resize {
+        vol: u8,
+        size_sectors: u32,
+        force: bool,
+    },
+    Delete {
+        vol: u8,
+    },
     Flush,
     Checkpoint,
     Reopen,
-    Crash { seed: u64 },
-    PowerCutWrite { after_ios: u8, vol: u8, off: u32, len: u16, seed: u64 },
+    Crash {
+        seed: u64,
+    },
+    PowerCutWrite {
+        after_ios: u8,
+        vol: u8,
+        off: u32,
+        len: u16,
+        seed: u64,
+    },
+    /// Snapshot one or two volumes at once as `s{snap}` (and `s{snap+1}`).
+    Snapshot {
+        vol: u8,
+        other: Option<u8>,
+        snap: u8,
+    },
+    ReadSnapshot {
+        snap: u8,
+        off: u32,
+        len: u16,
+    },
+    Clone {
+        snap: u8,
+        vol: u8,
+    },
+    DeleteSnapshot {
+        snap: u8,
+    },
 }
 
+/// Volume names: three plain volumes and two that clones usually create.
+const VOLS: [&str; 5] = ["v0", "v1", "v2", "c0", "c1"];
+
 fn action() -> impl Strategy<Value = Action> {
-    let vol = 0u8..3;
+    let vol = 0u8..5;
+    let snap = 0u8..4;
     prop_oneof![
         2 => (vol.clone(), 1u32..1200).prop_map(|(vol, size_sectors)| Action::Create { vol, size_sectors }),
         12 => (vol.clone(), any::<u32>(), 1u16..40, any::<u64>())
@@ -51,8 +107,13 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Checkpoint),
         1 => Just(Action::Reopen),
         2 => any::<u64>().prop_map(|seed| Action::Crash { seed }),
-        1 => (0u8..12, vol, any::<u32>(), 1u16..40, any::<u64>())
+        1 => (0u8..12, vol.clone(), any::<u32>(), 1u16..40, any::<u64>())
             .prop_map(|(after_ios, vol, off, len, seed)| Action::PowerCutWrite { after_ios, vol, off, len, seed }),
+        2 => (vol.clone(), prop::option::of(vol.clone()), snap.clone())
+            .prop_map(|(vol, other, snap)| Action::Snapshot { vol, other, snap }),
+        2 => (snap.clone(), any::<u32>(), 1u16..64).prop_map(|(snap, off, len)| Action::ReadSnapshot { snap, off, len }),
+        1 => (snap.clone(), vol).prop_map(|(snap, vol)| Action::Clone { snap, vol }),
+        1 => snap.prop_map(|snap| Action::DeleteSnapshot { snap }),
     ]
 }
 
@@ -99,23 +160,23 @@ impl Harness {
     }
 
     fn run(&mut self, a: &Action) {
-        let exists = |h: &Harness, v: u8| h.model.current.vols.contains_key(&format!("v{v}"));
+        let exists = |h: &Harness, v: u8| h.model.current.vols.contains_key(VOLS[v as usize]);
         match a {
             Action::Create { vol, size_sectors } => {
-                let name = format!("v{vol}");
+                let name = VOLS[*vol as usize].to_string();
                 let size = u64::from(*size_sectors) * SECTOR;
                 match self.pool().create_volume(&name, size) {
                     Ok(_) => {
-                        assert!(!exists(self, *vol));
+                        assert!(!self.model.current.has_name(&name));
                         self.model.create(&name, size);
                     }
-                    Err(Error::VolumeExists(_)) => assert!(exists(self, *vol)),
+                    Err(Error::VolumeExists(_)) => assert!(self.model.current.has_name(&name)),
                     Err(Error::NoSpace(_)) => self.assert_unchanged(),
                     Err(e) => panic!("create: {e}"),
                 }
             }
             Action::Write { vol, off, len, seed } | Action::PowerCutWrite { vol, off, len, seed, .. } => {
-                let name = format!("v{vol}");
+                let name = VOLS[*vol as usize].to_string();
                 if !exists(self, *vol) {
                     assert!(matches!(self.pool().volume(&name), Err(Error::NoSuchVolume(_))));
                     return;
@@ -145,7 +206,7 @@ impl Harness {
                 }
             }
             Action::Zero { vol, off, len } | Action::Trim { vol, off, len } => {
-                let name = format!("v{vol}");
+                let name = VOLS[*vol as usize].to_string();
                 if !exists(self, *vol) {
                     return;
                 }
@@ -169,7 +230,7 @@ impl Harness {
                 }
             }
             Action::Read { vol, off, len } => {
-                let name = format!("v{vol}");
+                let name = VOLS[*vol as usize].to_string();
                 if !exists(self, *vol) {
                     return;
                 }
@@ -183,7 +244,7 @@ impl Harness {
                 }
             }
             Action::Resize { vol, size_sectors, force } => {
-                let name = format!("v{vol}");
+                let name = VOLS[*vol as usize].to_string();
                 if !exists(self, *vol) {
                     return;
                 }
@@ -201,7 +262,7 @@ impl Harness {
                 }
             }
             Action::Delete { vol } => {
-                let name = format!("v{vol}");
+                let name = VOLS[*vol as usize].to_string();
                 match self.pool().delete_volume(&name) {
                     Ok(()) => self.model.delete(&name),
                     Err(Error::NoSuchVolume(_)) => assert!(!exists(self, *vol)),
@@ -225,6 +286,66 @@ impl Harness {
                 common::assert_same(&State::of_pool(self.pool()), &self.model.current, "after a clean reopen");
             }
             Action::Crash { seed } => self.crash(*seed),
+            Action::Snapshot { vol, other, snap } => {
+                let mut pairs = vec![(VOLS[*vol as usize].to_string(), format!("s{snap}"))];
+                if let Some(o) = other {
+                    pairs.push((VOLS[*o as usize].to_string(), format!("s{}", snap + 1)));
+                }
+                let refs: Vec<(&str, &str)> = pairs.iter().map(|(v, s)| (v.as_str(), s.as_str())).collect();
+                let cur = &self.model.current;
+                let valid = refs.iter().all(|(v, _)| cur.vols.contains_key(*v))
+                    && refs.iter().all(|(_, s)| !cur.has_name(s))
+                    && (refs.len() == 1 || refs[0].1 != refs[1].1);
+                match self.pool().snapshot(&refs) {
+                    Ok(()) => {
+                        assert!(valid, "snapshot {refs:?} should have been refused");
+                        self.model.snapshot(&refs);
+                    }
+                    Err(Error::NoSuchVolume(_)) | Err(Error::VolumeExists(_)) => assert!(!valid),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("snapshot: {e}"),
+                }
+            }
+            Action::ReadSnapshot { snap, off, len } => {
+                let name = format!("s{snap}");
+                let Some(bytes) = self.model.current.snaps.get(&name) else {
+                    assert!(self.pool().snapshot_volume(&name).is_err());
+                    return;
+                };
+                let size = bytes.len() as u64;
+                let off = u64::from(*off) % (size / SECTOR) * SECTOR;
+                let len = (u64::from(*len) * SECTOR).min(size - off);
+                let mut buf = vec![0u8; len as usize];
+                let v = self.pool().snapshot_volume(&name).unwrap();
+                v.read(off, &mut buf).unwrap();
+                assert!(buf == bytes[off as usize..(off + len) as usize], "snapshot {name} changed");
+                assert!(matches!(v.write(off, &buf), Err(Error::ReadOnly(_))), "snapshots refuse writes");
+            }
+            Action::Clone { snap, vol } => {
+                let (sname, vname) = (format!("s{snap}"), VOLS[*vol as usize]);
+                let valid = self.model.current.snaps.contains_key(&sname) && !self.model.current.has_name(vname);
+                match self.pool().clone_snapshot(&sname, vname) {
+                    Ok(_) => {
+                        assert!(valid);
+                        self.model.clone_snapshot(&sname, vname);
+                    }
+                    Err(Error::NoSuchSnapshot(_)) | Err(Error::VolumeExists(_)) => assert!(!valid),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("clone: {e}"),
+                }
+            }
+            Action::DeleteSnapshot { snap } => {
+                let name = format!("s{snap}");
+                match self.pool().delete_snapshot(&name) {
+                    Ok(()) => {
+                        assert!(self.model.current.snaps.contains_key(&name));
+                        self.model.delete_snapshot(&name);
+                    }
+                    Err(Error::NoSuchSnapshot(_)) => assert!(!self.model.current.snaps.contains_key(&name)),
+                    Err(Error::NoSpace(_)) => self.assert_unchanged(),
+                    Err(e) => panic!("delete snapshot: {e}"),
+                }
+            }
         }
     }
 }

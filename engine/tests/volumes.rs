@@ -136,3 +136,18 @@ fn a_file_pool_round_trip() {
     assert!(back == data);
     assert!(pool.check().unwrap().is_ok());
 }
+
+/// Regression: growing a volume across a tree height right after a reopen read the root before loading it.
+#[test]
+fn grow_across_heights_after_reopen() {
+    let (dev, pool) = sim_pool(16 << 20, 6);
+    let v = pool.create_volume("v", 1 << 20).unwrap(); // height 1: the root is a leaf
+    v.write(0, &pattern(1, 4096)).unwrap();
+    pool.close().unwrap();
+    let pool = Pool::open(dev.clone(), small_opts(6)).unwrap(); // no check: nothing loaded yet
+    pool.resize_volume("v", 1 << 30, false).unwrap(); // height 3: the old root moves under a new one
+    let mut buf = vec![0u8; 4096];
+    pool.volume("v").unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(buf, pattern(1, 4096));
+    reopen_checked(dev, pool, small_opts(6));
+}

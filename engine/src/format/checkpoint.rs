@@ -19,6 +19,18 @@ pub(crate) struct VolumeRecord {
     pub(crate) height: u8,
 }
 
+/// A snapshot as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SnapshotRecord {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) size_bytes: u64,
+    pub(crate) root_vbn: u64,
+    pub(crate) height: u8,
+    /// Birth generation current when it was taken: every block it maps was born at or before it.
+    pub(crate) generation: u64,
+}
+
 /// Where a page lives: physical block and checksum. `pba == 0` means "never written" (all zero).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PageLoc {
@@ -34,6 +46,7 @@ pub(crate) struct Checkpoint {
     pub(crate) next_vbn: u64,
     pub(crate) next_volume_id: u64,
     pub(crate) volumes: Vec<VolumeRecord>,
+    pub(crate) snapshots: Vec<SnapshotRecord>,
     /// Block-table directory: where each directory page lives.
     pub(crate) dir_pages: Vec<PageLoc>,
     /// Live blocks per segment.
@@ -56,6 +69,16 @@ impl Checkpoint {
             e.u8(v.height);
             e.u8(v.name.len() as u8);
             e.bytes(v.name.as_bytes());
+        }
+        e.u64(self.snapshots.len() as u64);
+        for s in &self.snapshots {
+            e.u64(s.id);
+            e.u64(s.size_bytes);
+            e.u64(s.root_vbn);
+            e.u8(s.height);
+            e.u64(s.generation);
+            e.u8(s.name.len() as u8);
+            e.bytes(s.name.as_bytes());
         }
         e.u64(self.dir_pages.len() as u64);
         for p in &self.dir_pages {
@@ -95,6 +118,20 @@ impl Checkpoint {
             volumes.push(VolumeRecord { id, name, size_bytes, root_vbn, height });
         }
         let n = d.u64()?;
+        let mut snapshots = Vec::new();
+        for _ in 0..n {
+            let id = d.u64()?;
+            let size_bytes = d.u64()?;
+            let root_vbn = d.u64()?;
+            let height = d.u8()?;
+            let generation = d.u64()?;
+            let len = d.u8()? as usize;
+            let raw = d.bytes(len)?;
+            let name =
+                String::from_utf8(raw.to_vec()).map_err(|_| d.bad("a UTF-8 snapshot name", format!("{raw:?}")))?;
+            snapshots.push(SnapshotRecord { id, name, size_bytes, root_vbn, height, generation });
+        }
+        let n = d.u64()?;
         let mut dir_pages = Vec::new();
         for _ in 0..n {
             dir_pages.push(PageLoc { pba: d.u64()?, crc: d.u32()? });
@@ -104,7 +141,7 @@ impl Checkpoint {
         for _ in 0..n {
             segment_live_blocks.push(d.u32()?);
         }
-        Ok(Self { generation, next_vbn, next_volume_id, volumes, dir_pages, segment_live_blocks })
+        Ok(Self { generation, next_vbn, next_volume_id, volumes, snapshots, dir_pages, segment_live_blocks })
     }
 }
 
@@ -119,6 +156,14 @@ mod tests {
             next_vbn: 99,
             next_volume_id: 4,
             volumes: vec![VolumeRecord { id: 1, name: "a".into(), size_bytes: 4096, root_vbn: 5, height: 1 }],
+            snapshots: vec![SnapshotRecord {
+                id: 2,
+                name: "a@1".into(),
+                size_bytes: 4096,
+                root_vbn: 5,
+                height: 1,
+                generation: 3,
+            }],
             dir_pages: vec![PageLoc { pba: 17, crc: 0xabc }],
             segment_live_blocks: vec![0, 3, 5],
         };

@@ -21,7 +21,17 @@ pub(crate) enum Op {
     ResizeVolume { volume: u64, size_bytes: u64 },
     /// The volume and its mappings are gone.
     DeleteVolume { volume: u64 },
+    /// Read-only snapshots of several volumes at one point of the log (atomic across them): each `(volume,
+    /// snapshot id, snapshot name)`. The pool's birth generation moves on after it.
+    Snapshot { entries: Vec<(u64, u64, String)> },
+    /// A new writable volume sharing every block of a snapshot.
+    CloneSnapshot { snapshot: u64, volume: u64, name: String },
+    /// The snapshot and its references are gone.
+    DeleteSnapshot { snapshot: u64 },
 }
+
+/// Most volumes one snapshot op covers (so the op fits in one batch header).
+pub const MAX_SNAPSHOT_VOLUMES: usize = 16;
 
 const TAG_WRITE: u8 = 1;
 const TAG_ZERO: u8 = 2;
@@ -29,6 +39,9 @@ const TAG_TRIM: u8 = 3;
 const TAG_CREATE: u8 = 4;
 const TAG_RESIZE: u8 = 5;
 const TAG_DELETE: u8 = 6;
+const TAG_SNAPSHOT: u8 = 7;
+const TAG_CLONE: u8 = 8;
+const TAG_DELETE_SNAPSHOT: u8 = 9;
 
 impl Op {
     /// Encoded size in bytes.
@@ -39,6 +52,9 @@ impl Op {
             Op::CreateVolume { name, .. } => 1 + 8 + 8 + 1 + name.len(),
             Op::ResizeVolume { .. } => 1 + 8 + 8,
             Op::DeleteVolume { .. } => 1 + 8,
+            Op::Snapshot { entries } => 1 + 1 + entries.iter().map(|(_, _, n)| 8 + 8 + 1 + n.len()).sum::<usize>(),
+            Op::CloneSnapshot { name, .. } => 1 + 8 + 8 + 1 + name.len(),
+            Op::DeleteSnapshot { .. } => 1 + 8,
         }
     }
 
@@ -73,6 +89,27 @@ impl Op {
                 e.u8(TAG_DELETE);
                 e.u64(*volume);
             }
+            Op::Snapshot { entries } => {
+                e.u8(TAG_SNAPSHOT);
+                e.u8(entries.len() as u8);
+                for (volume, snapshot, name) in entries {
+                    e.u64(*volume);
+                    e.u64(*snapshot);
+                    e.u8(name.len() as u8);
+                    e.bytes(name.as_bytes());
+                }
+            }
+            Op::CloneSnapshot { snapshot, volume, name } => {
+                e.u8(TAG_CLONE);
+                e.u64(*snapshot);
+                e.u64(*volume);
+                e.u8(name.len() as u8);
+                e.bytes(name.as_bytes());
+            }
+            Op::DeleteSnapshot { snapshot } => {
+                e.u8(TAG_DELETE_SNAPSHOT);
+                e.u64(*snapshot);
+            }
         }
     }
 
@@ -89,20 +126,40 @@ impl Op {
                 TAG_CREATE => {
                     let volume = d.u64()?;
                     let size_bytes = d.u64()?;
-                    let n = d.u8()? as usize;
-                    let raw = d.bytes(n)?;
-                    let name = String::from_utf8(raw.to_vec())
-                        .map_err(|_| d.bad("a UTF-8 volume name", format!("{raw:?}")))?;
+                    let name = name(&mut d)?;
                     Op::CreateVolume { volume, size_bytes, name }
                 }
+                TAG_SNAPSHOT => {
+                    let n = d.u8()? as usize;
+                    let mut entries = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let volume = d.u64()?;
+                        let snapshot = d.u64()?;
+                        entries.push((volume, snapshot, name(&mut d)?));
+                    }
+                    Op::Snapshot { entries }
+                }
+                TAG_CLONE => {
+                    let snapshot = d.u64()?;
+                    let volume = d.u64()?;
+                    Op::CloneSnapshot { snapshot, volume, name: name(&mut d)? }
+                }
+                TAG_DELETE_SNAPSHOT => Op::DeleteSnapshot { snapshot: d.u64()? },
                 TAG_RESIZE => Op::ResizeVolume { volume: d.u64()?, size_bytes: d.u64()? },
                 TAG_DELETE => Op::DeleteVolume { volume: d.u64()? },
-                other => return Err(d.bad("an op tag 1..=6", other)),
+                other => return Err(d.bad("an op tag 1..=9", other)),
             };
             ops.push(op);
         }
         Ok(ops)
     }
+}
+
+/// A length-prefixed UTF-8 name.
+fn name(d: &mut Dec<'_>) -> Result<String> {
+    let n = d.u8()? as usize;
+    let raw = d.bytes(n)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| d.bad("a UTF-8 name", format!("{raw:?}")))
 }
 
 #[cfg(test)]
@@ -118,6 +175,9 @@ mod tests {
             Op::CreateVolume { volume: 9, size_bytes: 1 << 30, name: "vol-a".into() },
             Op::ResizeVolume { volume: 9, size_bytes: 1 << 31 },
             Op::DeleteVolume { volume: 9 },
+            Op::Snapshot { entries: vec![(1, 10, "a@1".into()), (2, 11, "b@1".into())] },
+            Op::CloneSnapshot { snapshot: 10, volume: 12, name: "c".into() },
+            Op::DeleteSnapshot { snapshot: 10 },
         ];
         let mut e = Enc::default();
         for op in &ops {

@@ -46,7 +46,7 @@ pub(crate) struct Mapping {
 impl Mapping {
     pub(crate) const HOLE: Mapping = Mapping { kind: MappingKind::Hole, vbn: 0, birth: 0 };
 
-    fn from_slot(s: Slot) -> Self {
+    pub(crate) fn from_slot(s: Slot) -> Self {
         let kind = match s.b >> KIND_SHIFT {
             0 => MappingKind::Hole,
             1 => MappingKind::Data,
@@ -89,7 +89,7 @@ pub(crate) fn height_for(blocks: u64) -> u8 {
     h
 }
 
-fn slot_index(block: u64, level: u8) -> usize {
+pub(crate) fn slot_index(block: u64, level: u8) -> usize {
     ((block >> (FANOUT_BITS * u32::from(level))) as usize) & (FANOUT - 1)
 }
 
@@ -154,7 +154,7 @@ impl Index {
     }
 
     /// Make sure node `vbn` is in memory, reading and verifying it if needed.
-    fn load(&mut self, dev: &dyn Device, vbn: u64) -> Result<()> {
+    pub(crate) fn load(&mut self, dev: &dyn Device, vbn: u64) -> Result<()> {
         if self.nodes.contains_key(&vbn) {
             return Ok(());
         }
@@ -183,7 +183,7 @@ impl Index {
         Ok(())
     }
 
-    fn node(&self, vbn: u64) -> &Page {
+    pub(crate) fn node(&self, vbn: u64) -> &Page {
         // A node is loaded before any access (every caller runs `load` first).
         self.nodes.get(&vbn).map(|b| &**b).unwrap_or_else(|| panic!("index node {vbn} accessed before load"))
     }
@@ -365,18 +365,28 @@ impl Index {
         Ok(())
     }
 
-    /// Add levels on top until the tree maps `blocks` blocks.
-    pub(crate) fn grow(&mut self, root: &mut Root, blocks: u64) {
+    /// Add levels on top until the tree maps `blocks` blocks. The volume's reference moves from the old root to
+    /// the new root's first slot, so no refcount changes [I8].
+    pub(crate) fn grow(&mut self, dev: &dyn Device, root: &mut Root, blocks: u64) -> Result<()> {
         let want = height_for(blocks);
         while root.height < want {
             if root.vbn != 0 {
                 let old = root.vbn;
+                self.load(dev, old)?;
                 let max_birth = self.node(old).iter().map(|s| s.b & BIRTH_MASK).max().unwrap_or(0);
                 let new = self.new_node();
                 self.node_mut(new)[0] = Slot { a: old, b: max_birth };
                 root.vbn = new;
             }
             root.height += 1;
+        }
+        Ok(())
+    }
+
+    /// One more reference to a tree (a snapshot or clone of `root`): O(1) [I8].
+    pub(crate) fn share(&mut self, root: Root) {
+        if root.vbn != 0 {
+            self.incref(root.vbn);
         }
     }
 

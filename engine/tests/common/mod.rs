@@ -47,17 +47,45 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// One atomic step of the engine's log, as the model sees it.
 #[derive(Debug, Clone)]
 pub enum Step {
-    SetBlock { vol: String, block: u64, data: Vec<u8> },
-    ZeroBlocks { vol: String, start: u64, count: u64 },
-    Create { vol: String, size: u64 },
-    Resize { vol: String, size: u64 },
-    Delete { vol: String },
+    SetBlock {
+        vol: String,
+        block: u64,
+        data: Vec<u8>,
+    },
+    ZeroBlocks {
+        vol: String,
+        start: u64,
+        count: u64,
+    },
+    Create {
+        vol: String,
+        size: u64,
+    },
+    Resize {
+        vol: String,
+        size: u64,
+    },
+    Delete {
+        vol: String,
+    },
+    /// Atomic snapshot of several volumes: (volume, snapshot name).
+    Snapshot {
+        pairs: Vec<(String, String)>,
+    },
+    Clone {
+        snap: String,
+        vol: String,
+    },
+    DeleteSnapshot {
+        snap: String,
+    },
 }
 
 /// Volumes and their bytes.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct State {
     pub vols: BTreeMap<String, Vec<u8>>,
+    pub snaps: BTreeMap<String, Vec<u8>>,
 }
 
 impl std::fmt::Debug for State {
@@ -66,6 +94,7 @@ impl std::fmt::Debug for State {
         let summary: Vec<String> = self
             .vols
             .iter()
+            .chain(self.snaps.iter())
             .map(|(k, v)| format!("{k}: {} bytes, {} non-zero", v.len(), v.iter().filter(|&&b| b != 0).count()))
             .collect();
         write!(f, "State {{ {} }}", summary.join(", "))
@@ -79,8 +108,13 @@ pub fn first_difference(actual: &State, expected: &State) -> Option<String> {
     if names_a != names_e {
         return Some(format!("volumes {names_a:?}, expected {names_e:?}"));
     }
-    for (name, a) in &actual.vols {
-        let e = &expected.vols[name];
+    let snaps_a: Vec<&String> = actual.snaps.keys().collect();
+    let snaps_e: Vec<&String> = expected.snaps.keys().collect();
+    if snaps_a != snaps_e {
+        return Some(format!("snapshots {snaps_a:?}, expected {snaps_e:?}"));
+    }
+    for (name, a) in actual.vols.iter().chain(actual.snaps.iter()) {
+        let e = expected.vols.get(name).or_else(|| expected.snaps.get(name)).unwrap();
         if a.len() != e.len() {
             return Some(format!("{name}: {} bytes, expected {}", a.len(), e.len()));
         }
@@ -126,7 +160,25 @@ impl State {
             Step::Delete { vol } => {
                 self.vols.remove(vol);
             }
+            Step::Snapshot { pairs } => {
+                for (vol, snap) in pairs {
+                    let bytes = self.vols[vol].clone();
+                    self.snaps.insert(snap.clone(), bytes);
+                }
+            }
+            Step::Clone { snap, vol } => {
+                let bytes = self.snaps[snap].clone();
+                self.vols.insert(vol.clone(), bytes);
+            }
+            Step::DeleteSnapshot { snap } => {
+                self.snaps.remove(snap);
+            }
         }
+    }
+
+    /// Does the name belong to a volume or a snapshot?
+    pub fn has_name(&self, name: &str) -> bool {
+        self.vols.contains_key(name) || self.snaps.contains_key(name)
     }
 
     /// Read the whole state of a pool.
@@ -141,7 +193,17 @@ impl State {
             }
             vols.insert(info.name, bytes);
         }
-        State { vols }
+        let mut snaps = BTreeMap::new();
+        for info in pool.snapshots() {
+            let vol = pool.snapshot_volume(&info.name).unwrap();
+            let mut bytes = vec![0u8; info.size_bytes as usize];
+            for chunk_start in (0..bytes.len()).step_by(1 << 20) {
+                let end = (chunk_start + (1 << 20)).min(bytes.len());
+                vol.read(chunk_start as u64, &mut bytes[chunk_start..end]).unwrap();
+            }
+            snaps.insert(info.name, bytes);
+        }
+        State { vols, snaps }
     }
 }
 
@@ -239,6 +301,18 @@ impl Model {
         self.push(Step::Delete { vol: vol.into() });
     }
 
+    pub fn snapshot(&mut self, pairs: &[(&str, &str)]) {
+        self.push(Step::Snapshot { pairs: pairs.iter().map(|(v, s)| (v.to_string(), s.to_string())).collect() });
+    }
+
+    pub fn clone_snapshot(&mut self, snap: &str, vol: &str) {
+        self.push(Step::Clone { snap: snap.into(), vol: vol.into() });
+    }
+
+    pub fn delete_snapshot(&mut self, snap: &str) {
+        self.push(Step::DeleteSnapshot { snap: snap.into() });
+    }
+
     /// After a crash: the recovered pool must hold the durable state plus a prefix of the later steps. Returns how
     /// many later steps it kept, and makes that state the model's (durable: open ends with a checkpoint).
     pub fn recovered(&mut self, pool: &Pool) -> usize {
@@ -255,10 +329,10 @@ impl Model {
             }
         }
         panic!(
-            "recovered state matches no allowed prefix: durable vols {:?}, {} later steps, recovered vols {:?}",
-            self.durable.vols.keys().collect::<Vec<_>>(),
+            "recovered state matches no allowed prefix: durable {:?}, {} later steps, recovered {:?}",
+            self.durable,
             self.steps.len(),
-            actual.vols.iter().map(|(k, v)| (k, v.len())).collect::<Vec<_>>()
+            actual
         );
     }
 }
