@@ -4,6 +4,7 @@
 #   the engine through one volume (file device through the page cache, and with O_DIRECT)
 #   recovery: open time with 1 GiB written since the last checkpoint
 #   memory per idle volume with 10,000 volumes
+#   versioning: snapshot latency, diff of 1 MiB in 10 GiB, writes after a snapshot, reads under 32 snapshots
 # Writes the figures, as ratios against the raw file measured in the same run, into benches/RESULTS.md.
 # Usage: benches/engine/compare.sh [seconds per run, default 5]
 set -euo pipefail
@@ -43,11 +44,13 @@ done
 rm -f "$raw"
 "$bench" recovery --path "$work/recovery-pool" --gib 1 > "$work/recovery.json"
 "$bench" idle-memory --path "$work/idle-pool" --volumes 10000 > "$work/idle.json"
+"$bench" versioning --path "$work/versioning-pool" --gib 10 --seconds "$secs" > "$work/versioning.json"
 
-python3 - "$out" "$work/recovery.json" "$work/idle.json" "$secs" <<'PY'
+python3 - "$out" "$work/recovery.json" "$work/idle.json" "$secs" "$work/versioning.json" <<'PY'
 import json, sys, datetime, re, subprocess
 rows = [json.loads(l) for l in open(sys.argv[1])]
 rec = json.load(open(sys.argv[2])); idle = json.load(open(sys.argv[3])); secs = sys.argv[4]
+ver = json.load(open(sys.argv[5]))
 targets = {"4k-randwrite": 1.0, "1m-seqwrite": 0.8}
 lines = ["## Engine vs the raw file (issue #2)", "",
          f"Command: `benches/engine/compare.sh {secs}` ({datetime.date.today()}, "
@@ -73,7 +76,17 @@ lines += ["",
           f"{rec['replayed_records']} log records replayed: **{rec['open_seconds']:.2f} s** (target < 2 s).",
           f"- Memory: {idle['volumes']} idle volumes (reopened pool, one 4 KiB write each) add "
           f"{idle['rss_delta_bytes']/1e6:.1f} MB resident: **{idle['bytes_per_idle_volume']:.0f} bytes per volume** "
-          "(target < 16 KiB).", ""]
+          "(target < 16 KiB).", "",
+          "### Versioning (issue #3)", "",
+          f"A {ver['gib']} GiB volume written whole (page cache, same run). Targets from the issue.", "",
+          "| what | figure | target |", "|---|---|---|",
+          f"| snapshot latency at 1 GiB written (median / max of 20) | {ver['snapshot_us_at_1gib_median']:.1f} / {ver['snapshot_us_at_1gib_max']:.1f} us | < 1 ms, flat |",
+          f"| snapshot latency at {ver['gib']} GiB written (median / max of 20) | {ver['snapshot_us_at_full_median']:.1f} / {ver['snapshot_us_at_full_max']:.1f} us | < 1 ms, flat |",
+          f"| diff of 1 MiB changed (contiguous) in {ver['gib']} GiB | {ver['diff_1mib_contiguous_ms']:.3f} ms | < 20 ms |",
+          f"| diff of 1 MiB changed (256 scattered 4K blocks) in {ver['gib']} GiB | {ver['diff_1mib_scattered_ms']:.3f} ms | < 20 ms |",
+          f"| 4K random writes right after a snapshot vs before (1 GiB volume) | {ver['randwrite_after_snapshot_iops']:.0f} vs {ver['randwrite_before_iops']:.0f} IOPS: **{ver['randwrite_after_snapshot_iops']/ver['randwrite_before_iops']:.2f}x** | >= 0.9x (qcow2: 0.12x) |",
+          f"| 4K random reads at the head of 32 snapshots vs none | {ver['randread_32_snapshots_iops']:.0f} vs {ver['randread_no_history_iops']:.0f} IOPS: **{ver['randread_32_snapshots_iops']/ver['randread_no_history_iops']:.2f}x** | >= 0.95x (qcow2: 0.75x) |",
+          ""]
 section = "\n".join(lines)
 path = "benches/RESULTS.md"
 try:

@@ -4,6 +4,8 @@
 //!   [--device file|uring]`: I/O through one volume of a fresh pool in file F; prints ops/s and MB/s.
 //! - `recovery --path F --gib N`: writes N GiB with no checkpoint, stops without closing, times the reopen.
 //! - `idle-memory --path F --volumes N`: resident memory per idle volume of a reopened pool of N volumes.
+//! - `versioning --path F --gib N`: snapshot latency at 1 and N GiB written, diff of 1 MiB changed in N GiB, 4K
+//!   random writes right after a snapshot against before, 4K random reads at the head of 32 snapshots against none.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -205,6 +207,122 @@ fn open_rss(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// 4K random ops on `vol` for `seconds`; returns ops per second.
+fn rand_ops(vol: &blockmesh_engine::Volume, size: u64, seconds: f64, write: bool, seed: u64) -> Result<f64> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut buf = vec![0x5au8; 4096];
+    let start = Instant::now();
+    let mut ops = 0u64;
+    while start.elapsed().as_secs_f64() < seconds {
+        for _ in 0..64 {
+            let off = rng.random_range(0..size / 4096) * 4096;
+            if write {
+                buf[0] = buf[0].wrapping_add(1) | 1;
+                vol.write(off, &buf)?;
+            } else {
+                vol.read(off, &mut buf)?;
+            }
+            ops += 1;
+        }
+    }
+    Ok(ops as f64 / start.elapsed().as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Snapshot and diff costs (issue #3's benchmarks).
+fn versioning(args: &[String]) -> Result<()> {
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let gib = num(args, "--gib", 10)?;
+    let secs = num(args, "--seconds", 3)? as f64;
+    let size = gib << 30;
+    let pool = Pool::create(device(&path, size * 2 + (2 << 30), "file")?, PoolOptions::default())?;
+    let vol = pool.create_volume("v", size)?;
+    let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
+    let mut snap_1g = Vec::new();
+    let mut snap_full = Vec::new();
+    let mut n = 0u32;
+    for off in (0..size).step_by(1 << 20) {
+        vol.write(off, &chunk)?;
+        let written = off + (1 << 20);
+        if written == (1 << 30) || written == size {
+            for _ in 0..20 {
+                vol.write(rand::random_range(0..size / 4096) * 4096, &chunk[..4096])?;
+                let t = Instant::now();
+                pool.snapshot(&[("v", &format!("s{n}"))])?;
+                let us = t.elapsed().as_secs_f64() * 1e6;
+                if written == (1 << 30) {
+                    snap_1g.push(us)
+                } else {
+                    snap_full.push(us)
+                }
+                pool.delete_snapshot(&format!("s{n}"))?;
+                n += 1;
+            }
+        }
+    }
+    vol.flush()?;
+    // diff of 1 MiB changed: contiguous, then scattered over the volume
+    pool.snapshot(&[("v", "base")])?;
+    vol.write(size / 2, &chunk)?;
+    pool.snapshot(&[("v", "contiguous")])?;
+    let mut rng = SmallRng::seed_from_u64(9);
+    for _ in 0..256 {
+        vol.write(rng.random_range(0..size / 4096) * 4096, &chunk[..4096])?;
+    }
+    pool.snapshot(&[("v", "scattered")])?;
+    let time_diff = |a: &str, b: &str| -> Result<(f64, u64)> {
+        let mut times = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let d = pool.diff(a, b)?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            bytes = d.iter().map(|e| e.len_bytes).sum();
+        }
+        Ok((median(times), bytes))
+    };
+    let (diff_contig_ms, contig_bytes) = time_diff("base", "contiguous")?;
+    let (diff_scatter_ms, scatter_bytes) = time_diff("contiguous", "scattered")?;
+    // 4K random writes before and right after a snapshot, on a fresh 1 GiB volume written whole
+    let w = pool.create_volume("w", 1 << 30)?;
+    for off in (0..(1u64 << 30)).step_by(1 << 20) {
+        w.write(off, &chunk)?;
+    }
+    pool.checkpoint()?;
+    let before = rand_ops(&w, 1 << 30, secs, true, 1)?;
+    pool.snapshot(&[("w", "w0")])?;
+    let after = rand_ops(&w, 1 << 30, secs, true, 2)?;
+    // 4K random reads at the head of 32 snapshots (each followed by writes) against no history
+    let r = pool.create_volume("r", 1 << 30)?;
+    for off in (0..(1u64 << 30)).step_by(1 << 20) {
+        r.write(off, &chunk)?;
+    }
+    pool.checkpoint()?;
+    let reads_plain = rand_ops(&r, 1 << 30, secs, false, 3)?;
+    for i in 0..32 {
+        pool.snapshot(&[("r", &format!("r{i}"))])?;
+        for _ in 0..2048 {
+            r.write(rng.random_range(0..(1u64 << 30) / 4096) * 4096, &chunk[..4096])?;
+        }
+    }
+    pool.checkpoint()?;
+    let reads_chain = rand_ops(&r, 1 << 30, secs, false, 3)?;
+    println!(
+        "{{\"gib\":{gib},\"snapshot_us_at_1gib_median\":{:.1},\"snapshot_us_at_1gib_max\":{:.1},\"snapshot_us_at_full_median\":{:.1},\"snapshot_us_at_full_max\":{:.1},\"diff_1mib_contiguous_ms\":{diff_contig_ms:.3},\"diff_contiguous_bytes\":{contig_bytes},\"diff_1mib_scattered_ms\":{diff_scatter_ms:.3},\"diff_scattered_bytes\":{scatter_bytes},\"randwrite_before_iops\":{before:.0},\"randwrite_after_snapshot_iops\":{after:.0},\"randread_no_history_iops\":{reads_plain:.0},\"randread_32_snapshots_iops\":{reads_chain:.0}}}",
+        median(snap_1g.clone()),
+        snap_1g.iter().cloned().fold(0.0, f64::max),
+        median(snap_full.clone()),
+        snap_full.iter().cloned().fold(0.0, f64::max),
+    );
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -212,6 +330,7 @@ fn main() -> Result<()> {
         Some("recovery") => recovery(&args),
         Some("idle-memory") => idle_memory(&args),
         Some("open-rss") => open_rss(&args),
+        Some("versioning") => versioning(&args),
         _ => bail!("usage: engine-bench io|recovery|idle-memory ... (see the source header)"),
     }
 }
