@@ -117,6 +117,26 @@ pub enum Error {
     #[error("no snapshot named {0:?}")]
     NoSuchSnapshot(String),
 
+    /// No dot has that name.
+    #[error("no dot named {0:?}")]
+    NoSuchDot(String),
+
+    /// A dot with that name exists already.
+    #[error("a dot named {0:?} exists already")]
+    DotExists(String),
+
+    /// No such branch.
+    #[error("no branch {0}")]
+    NoSuchBranch(String),
+
+    /// The branch exists already.
+    #[error("branch {0} exists already")]
+    BranchExists(String),
+
+    /// No such commit.
+    #[error("no commit {0}")]
+    NoSuchCommit(String),
+
     /// A write to a read-only volume (a snapshot).
     #[error("{0:?} is read-only (a snapshot); clone it to write")]
     ReadOnly(String),

@@ -28,6 +28,7 @@
 
 mod allocator;
 mod check;
+mod dots;
 pub mod error;
 pub mod format;
 mod index;
@@ -37,6 +38,10 @@ mod pool;
 mod volume;
 
 pub use check::CheckReport;
+pub use dots::{
+    validate_dot_name, CommitId, CommitInfo, CommitRequest, DotInfo, DEFAULT_SUBDOT, MASTER_BRANCH,
+    MAX_COMMIT_AUTHOR_BYTES, MAX_COMMIT_MESSAGE_BYTES, MAX_COMMIT_METADATA_BYTES, MAX_COMMIT_METADATA_PAIRS,
+};
 pub use error::{Error, Result};
 pub use format::ops::MAX_SNAPSHOT_VOLUMES;
 pub use index::{Extent, ExtentKind};

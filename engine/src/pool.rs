@@ -92,6 +92,8 @@ pub struct PoolStats {
     pub volumes: u64,
     /// Snapshots.
     pub snapshots: u64,
+    /// Dots.
+    pub dots: u64,
     /// Bytes of memory the index uses (loaded nodes and block-table pages).
     pub index_memory_bytes: u64,
     /// Checkpoint generation of the superblock.
@@ -138,6 +140,8 @@ pub(crate) struct State {
     /// Volume and snapshot names (one namespace) to ids.
     pub(crate) names: HashMap<String, u64>,
     pub(crate) snapshots: BTreeMap<u64, SnapshotState>,
+    pub(crate) dots: BTreeMap<u64, crate::dots::DotState>,
+    pub(crate) dot_names: HashMap<String, u64>,
     pub(crate) next_volume_id: u64,
     /// Birth generation of new writes.
     pub(crate) generation: u64,
@@ -169,6 +173,9 @@ pub struct Pool {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Names of volumes and snapshots the dot layer owns start with this (user names cannot).
+pub(crate) const INTERNAL_NAME_PREFIX: char = '#';
+
 /// Check a volume name: 1 to 200 bytes of letters, digits and `-_.:/@+=`.
 pub fn validate_volume_name(name: &str) -> Result<()> {
     if name.is_empty() || name.len() > MAX_VOLUME_NAME_BYTES {
@@ -185,7 +192,7 @@ pub fn validate_volume_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn validate_volume_size(size_bytes: u64) -> Result<()> {
+pub(crate) fn validate_volume_size(size_bytes: u64) -> Result<()> {
     if size_bytes == 0 || size_bytes % SECTOR_SIZE != 0 || size_bytes > MAX_VOLUME_SIZE_BYTES {
         return Err(Error::InvalidArgument(format!(
             "volume size {size_bytes} must be a non-zero multiple of {SECTOR_SIZE} bytes, at most {MAX_VOLUME_SIZE_BYTES}"
@@ -318,6 +325,10 @@ impl Pool {
                 },
             );
         }
+        for d in cp.dots {
+            state.dot_names.insert(d.name.clone(), d.id);
+            state.dots.insert(d.id, crate::dots::DotState::from_record(d));
+        }
         // Roll forward over the log written since the checkpoint [I2].
         let end = {
             let st = &mut state;
@@ -424,6 +435,7 @@ impl Pool {
         let mut v: Vec<SnapshotInfo> = st
             .snapshots
             .values()
+            .filter(|s| !s.name.starts_with(INTERNAL_NAME_PREFIX))
             .map(|s| SnapshotInfo { name: s.name.clone(), size_bytes: s.size_bytes, generation: s.generation })
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -482,8 +494,12 @@ impl Pool {
     /// Every volume, by name.
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
-        let mut v: Vec<VolumeInfo> =
-            st.volumes.values().map(|v| VolumeInfo { name: v.name.clone(), size_bytes: v.size_bytes }).collect();
+        let mut v: Vec<VolumeInfo> = st
+            .volumes
+            .values()
+            .filter(|v| !v.name.starts_with(INTERNAL_NAME_PREFIX))
+            .map(|v| VolumeInfo { name: v.name.clone(), size_bytes: v.size_bytes })
+            .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -580,6 +596,7 @@ impl Pool {
             blocks_written: st.log.blocks_written,
             volumes: st.volumes.len() as u64,
             snapshots: st.snapshots.len() as u64,
+            dots: st.dots.len() as u64,
             index_memory_bytes: st.index.memory_bytes() as u64,
             generation: st.sb.generation,
             replayed_records: st.replayed_records,
@@ -694,6 +711,8 @@ impl State {
             volumes: BTreeMap::new(),
             names: HashMap::new(),
             snapshots: BTreeMap::new(),
+            dots: BTreeMap::new(),
+            dot_names: HashMap::new(),
             next_volume_id: 1,
             generation: 1,
             checkpoint_segment: 0,
@@ -732,19 +751,21 @@ impl State {
         self.volumes.get(&id).ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
+    /// A user-visible volume by name (dot heads are reached through the dot API).
     pub(crate) fn volume_id(&self, name: &str) -> Result<u64> {
         self.names
             .get(name)
             .copied()
-            .filter(|id| self.volumes.contains_key(id))
+            .filter(|id| self.volumes.contains_key(id) && !name.starts_with(INTERNAL_NAME_PREFIX))
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
+    /// A user-visible snapshot by name (commits are reached through the dot API).
     pub(crate) fn snapshot_id(&self, name: &str) -> Result<u64> {
         self.names
             .get(name)
             .copied()
-            .filter(|id| self.snapshots.contains_key(id))
+            .filter(|id| self.snapshots.contains_key(id) && !name.starts_with(INTERNAL_NAME_PREFIX))
             .ok_or_else(|| Error::NoSuchSnapshot(name.to_string()))
     }
 
@@ -761,7 +782,7 @@ impl State {
     }
 
     fn root_by_name(&self, name: &str) -> Result<Root> {
-        match self.names.get(name) {
+        match self.names.get(name).filter(|_| !name.starts_with(INTERNAL_NAME_PREFIX)) {
             Some(id) if self.volumes.contains_key(id) => Ok(self.volumes[id].root),
             Some(id) if self.snapshots.contains_key(id) => Ok(self.snapshots[id].root),
             _ => Err(Error::NoSuchVolume(name.to_string())),
@@ -861,6 +882,7 @@ impl State {
                 self.names.remove(&sn.name);
                 self.index.free_tree(dev, sn.root)?;
             }
+            Op::Dot { dot, change } => self.apply_dot(dev, *dot, change)?,
         }
         self.settle_released();
         Ok(())
@@ -1064,6 +1086,7 @@ impl State {
                     generation: sn.generation,
                 })
                 .collect(),
+            dots: self.dots.iter().map(|(id, d)| d.to_record(*id)).collect(),
             dir_pages: self.index.bt.dir_locs().to_vec(),
             segment_live_blocks: self.segs.live().to_vec(),
         };

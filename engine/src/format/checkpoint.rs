@@ -1,6 +1,7 @@
 //! The checkpoint payload: everything needed to rebuild the in-memory state, apart from the tree nodes and block-table
 //! pages it points to.
 
+use super::ops::{CommitMeta, RawCommitId};
 use super::{Dec, Enc};
 use crate::Result;
 
@@ -31,6 +32,146 @@ pub(crate) struct SnapshotRecord {
     pub(crate) generation: u64,
 }
 
+/// `(subdot or branch name, volume or snapshot id)` pairs.
+pub(crate) type NamedIds = Vec<(String, u64)>;
+/// A branch: `(name, head commit, heads)`.
+pub(crate) type BranchRecord = (String, Option<RawCommitId>, NamedIds);
+/// A commit: `(id, sequence number within the dot, branch, metadata, snapshots)`.
+pub(crate) type CommitRecord = (RawCommitId, u64, String, CommitMeta, NamedIds);
+
+/// A dot as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DotRecord {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) current: String,
+    pub(crate) branches: Vec<BranchRecord>,
+    /// In commit order.
+    pub(crate) commits: Vec<CommitRecord>,
+}
+
+fn put_name(e: &mut Enc, s: &str) {
+    e.u8(s.len() as u8);
+    e.bytes(s.as_bytes());
+}
+
+fn put_text(e: &mut Enc, s: &str) {
+    e.u32(s.len() as u32);
+    e.bytes(s.as_bytes());
+}
+
+fn get_name(d: &mut Dec<'_>) -> Result<String> {
+    let n = d.u8()? as usize;
+    let raw = d.bytes(n)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| d.bad("a UTF-8 name", format!("{raw:?}")))
+}
+
+fn get_text(d: &mut Dec<'_>) -> Result<String> {
+    let n = d.u32()? as usize;
+    let raw = d.bytes(n)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| d.bad("UTF-8 text", format!("{} bytes", raw.len())))
+}
+
+fn get_id(d: &mut Dec<'_>) -> Result<RawCommitId> {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(d.bytes(16)?);
+    Ok(id)
+}
+
+fn put_pairs(e: &mut Enc, v: &[(String, u64)]) {
+    e.u32(v.len() as u32);
+    for (n, id) in v {
+        put_name(e, n);
+        e.u64(*id);
+    }
+}
+
+fn get_pairs(d: &mut Dec<'_>) -> Result<Vec<(String, u64)>> {
+    let n = d.u32()? as usize;
+    let mut v = Vec::new();
+    for _ in 0..n {
+        let name = get_name(d)?;
+        v.push((name, d.u64()?));
+    }
+    Ok(v)
+}
+
+impl DotRecord {
+    fn encode(&self, e: &mut Enc) {
+        e.u64(self.id);
+        put_name(e, &self.name);
+        put_name(e, &self.current);
+        e.u32(self.branches.len() as u32);
+        for (name, head, heads) in &self.branches {
+            put_name(e, name);
+            match head {
+                Some(id) => {
+                    e.u8(1);
+                    e.bytes(id);
+                }
+                None => e.u8(0),
+            }
+            put_pairs(e, heads);
+        }
+        e.u32(self.commits.len() as u32);
+        for (id, seq, branch, meta, snaps) in &self.commits {
+            e.bytes(id);
+            e.u64(*seq);
+            put_name(e, branch);
+            e.u32(meta.parents.len() as u32);
+            for p in &meta.parents {
+                e.bytes(p);
+            }
+            e.u64(meta.time_unix_secs);
+            put_text(e, &meta.author);
+            put_text(e, &meta.message);
+            e.u32(meta.metadata.len() as u32);
+            for (k, v) in &meta.metadata {
+                put_name(e, k);
+                put_text(e, v);
+            }
+            put_pairs(e, snaps);
+        }
+    }
+
+    fn decode(d: &mut Dec<'_>) -> Result<Self> {
+        let id = d.u64()?;
+        let name = get_name(d)?;
+        let current = get_name(d)?;
+        let n = d.u32()?;
+        let mut branches = Vec::new();
+        for _ in 0..n {
+            let b = get_name(d)?;
+            let head = if d.u8()? == 1 { Some(get_id(d)?) } else { None };
+            branches.push((b, head, get_pairs(d)?));
+        }
+        let n = d.u32()?;
+        let mut commits = Vec::new();
+        for _ in 0..n {
+            let cid = get_id(d)?;
+            let seq = d.u64()?;
+            let branch = get_name(d)?;
+            let np = d.u32()?;
+            let mut parents = Vec::new();
+            for _ in 0..np {
+                parents.push(get_id(d)?);
+            }
+            let time_unix_secs = d.u64()?;
+            let author = get_text(d)?;
+            let message = get_text(d)?;
+            let nm = d.u32()?;
+            let mut metadata = Vec::new();
+            for _ in 0..nm {
+                let k = get_name(d)?;
+                metadata.push((k, get_text(d)?));
+            }
+            let snaps = get_pairs(d)?;
+            commits.push((cid, seq, branch, CommitMeta { parents, time_unix_secs, author, message, metadata }, snaps));
+        }
+        Ok(Self { id, name, current, branches, commits })
+    }
+}
+
 /// Where a page lives: physical block and checksum. `pba == 0` means "never written" (all zero).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct PageLoc {
@@ -47,6 +188,7 @@ pub(crate) struct Checkpoint {
     pub(crate) next_volume_id: u64,
     pub(crate) volumes: Vec<VolumeRecord>,
     pub(crate) snapshots: Vec<SnapshotRecord>,
+    pub(crate) dots: Vec<DotRecord>,
     /// Block-table directory: where each directory page lives.
     pub(crate) dir_pages: Vec<PageLoc>,
     /// Live blocks per segment.
@@ -79,6 +221,10 @@ impl Checkpoint {
             e.u64(s.generation);
             e.u8(s.name.len() as u8);
             e.bytes(s.name.as_bytes());
+        }
+        e.u64(self.dots.len() as u64);
+        for dot in &self.dots {
+            dot.encode(&mut e);
         }
         e.u64(self.dir_pages.len() as u64);
         for p in &self.dir_pages {
@@ -132,6 +278,11 @@ impl Checkpoint {
             snapshots.push(SnapshotRecord { id, name, size_bytes, root_vbn, height, generation });
         }
         let n = d.u64()?;
+        let mut dots = Vec::new();
+        for _ in 0..n {
+            dots.push(DotRecord::decode(&mut d)?);
+        }
+        let n = d.u64()?;
         let mut dir_pages = Vec::new();
         for _ in 0..n {
             dir_pages.push(PageLoc { pba: d.u64()?, crc: d.u32()? });
@@ -141,7 +292,7 @@ impl Checkpoint {
         for _ in 0..n {
             segment_live_blocks.push(d.u32()?);
         }
-        Ok(Self { generation, next_vbn, next_volume_id, volumes, snapshots, dir_pages, segment_live_blocks })
+        Ok(Self { generation, next_vbn, next_volume_id, volumes, snapshots, dots, dir_pages, segment_live_blocks })
     }
 }
 
@@ -163,6 +314,25 @@ mod tests {
                 root_vbn: 5,
                 height: 1,
                 generation: 3,
+            }],
+            dots: vec![DotRecord {
+                id: 9,
+                name: "admin/db".into(),
+                current: "master".into(),
+                branches: vec![("master".into(), Some([1; 16]), vec![("__default__".into(), 1)])],
+                commits: vec![(
+                    [1; 16],
+                    0,
+                    "master".into(),
+                    CommitMeta {
+                        parents: vec![],
+                        time_unix_secs: 5,
+                        author: "a".into(),
+                        message: "m".into(),
+                        metadata: vec![("k".into(), "v".into())],
+                    },
+                    vec![("__default__".into(), 2)],
+                )],
             }],
             dir_pages: vec![PageLoc { pba: 17, crc: 0xabc }],
             segment_live_blocks: vec![0, 3, 5],

@@ -28,6 +28,51 @@ pub(crate) enum Op {
     CloneSnapshot { snapshot: u64, volume: u64, name: String },
     /// The snapshot and its references are gone.
     DeleteSnapshot { snapshot: u64 },
+    /// A change to a dot (see [`DotOp`]); one op, so it is atomic under crashes, whatever volumes it touches.
+    Dot { dot: u64, change: DotOp },
+}
+
+/// A 128-bit commit id, globally unique (random, or given by a received stream).
+pub type RawCommitId = [u8; 16];
+
+/// Commit metadata as logged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitMeta {
+    /// Parent commits, first parent first.
+    pub parents: Vec<RawCommitId>,
+    /// Seconds since the Unix epoch.
+    pub time_unix_secs: u64,
+    /// Who committed.
+    pub author: String,
+    /// The commit message.
+    pub message: String,
+    /// Key/value metadata.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Changes to a dot. Ids of new volumes and snapshots are chosen by the live call and applied as given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DotOp {
+    /// A new dot on branch `master` with empty subdots `(name, volume id, size)`.
+    Create { name: String, subdots: Vec<(String, u64, u64)> },
+    /// A new dot whose `master` heads are clones of commit `commit` of dot `from_dot`: `(subdot, new volume id)`.
+    Clone { name: String, from_dot: u64, commit: RawCommitId, volumes: Vec<(String, u64)> },
+    /// A new empty subdot on the current branch.
+    AddSubdot { subdot: String, volume: u64, size_bytes: u64 },
+    /// Snapshot every head of `branch` as the new commit `commit`: `(subdot, snapshot id)`.
+    Commit { commit: RawCommitId, branch: String, meta: CommitMeta, snapshots: Vec<(String, u64)> },
+    /// A new branch whose heads are clones of `from`'s snapshots: `(subdot, new volume id)`.
+    Branch { branch: String, from: RawCommitId, volumes: Vec<(String, u64)> },
+    /// The dot's current branch changes.
+    Checkout { branch: String },
+    /// `branch`'s heads are replaced by clones of `commit`'s snapshots (uncommitted writes are dropped).
+    Reset { branch: String, commit: RawCommitId, volumes: Vec<(String, u64)> },
+    /// The branch and its head volumes are gone.
+    DeleteBranch { branch: String },
+    /// The commit and its snapshots are gone.
+    DeleteCommit { commit: RawCommitId },
+    /// The dot, its branches, heads, commits and snapshots are gone.
+    Delete,
 }
 
 /// Most volumes one snapshot op covers (so the op fits in one batch header).
@@ -42,10 +87,27 @@ const TAG_DELETE: u8 = 6;
 const TAG_SNAPSHOT: u8 = 7;
 const TAG_CLONE: u8 = 8;
 const TAG_DELETE_SNAPSHOT: u8 = 9;
+const TAG_DOT: u8 = 10;
+
+const DOT_CREATE: u8 = 1;
+const DOT_ADD_SUBDOT: u8 = 2;
+const DOT_COMMIT: u8 = 3;
+const DOT_BRANCH: u8 = 4;
+const DOT_CHECKOUT: u8 = 5;
+const DOT_RESET: u8 = 6;
+const DOT_DELETE_BRANCH: u8 = 7;
+const DOT_DELETE_COMMIT: u8 = 8;
+const DOT_DELETE: u8 = 9;
+const DOT_CLONE: u8 = 10;
 
 impl Op {
     /// Encoded size in bytes.
     pub(crate) fn encoded_len(&self) -> usize {
+        if let Op::Dot { .. } = self {
+            let mut e = Enc::default();
+            self.encode(&mut e);
+            return e.len();
+        }
         match self {
             Op::Write { .. } => 1 + 8 + 8 + 8 + 4,
             Op::Zero { .. } | Op::Trim { .. } => 1 + 8 + 8 + 8,
@@ -55,6 +117,7 @@ impl Op {
             Op::Snapshot { entries } => 1 + 1 + entries.iter().map(|(_, _, n)| 8 + 8 + 1 + n.len()).sum::<usize>(),
             Op::CloneSnapshot { name, .. } => 1 + 8 + 8 + 1 + name.len(),
             Op::DeleteSnapshot { .. } => 1 + 8,
+            Op::Dot { .. } => unreachable!("measured above"),
         }
     }
 
@@ -110,6 +173,11 @@ impl Op {
                 e.u8(TAG_DELETE_SNAPSHOT);
                 e.u64(*snapshot);
             }
+            Op::Dot { dot, change } => {
+                e.u8(TAG_DOT);
+                e.u64(*dot);
+                change.encode(e);
+            }
         }
     }
 
@@ -145,13 +213,183 @@ impl Op {
                     Op::CloneSnapshot { snapshot, volume, name: name(&mut d)? }
                 }
                 TAG_DELETE_SNAPSHOT => Op::DeleteSnapshot { snapshot: d.u64()? },
+                TAG_DOT => Op::Dot { dot: d.u64()?, change: DotOp::decode(&mut d)? },
                 TAG_RESIZE => Op::ResizeVolume { volume: d.u64()?, size_bytes: d.u64()? },
                 TAG_DELETE => Op::DeleteVolume { volume: d.u64()? },
-                other => return Err(d.bad("an op tag 1..=9", other)),
+                other => return Err(d.bad("an op tag 1..=10", other)),
             };
             ops.push(op);
         }
         Ok(ops)
+    }
+}
+
+fn put_name(e: &mut Enc, s: &str) {
+    e.u8(s.len() as u8);
+    e.bytes(s.as_bytes());
+}
+
+fn put_text(e: &mut Enc, s: &str) {
+    e.u16(s.len() as u16);
+    e.bytes(s.as_bytes());
+}
+
+fn text(d: &mut Dec<'_>) -> Result<String> {
+    let n = d.u16()? as usize;
+    let raw = d.bytes(n)?;
+    String::from_utf8(raw.to_vec()).map_err(|_| d.bad("UTF-8 text", format!("{} bytes", raw.len())))
+}
+
+fn commit_id(d: &mut Dec<'_>) -> Result<RawCommitId> {
+    let mut id = [0u8; 16];
+    id.copy_from_slice(d.bytes(16)?);
+    Ok(id)
+}
+
+fn put_pairs(e: &mut Enc, pairs: &[(String, u64)]) {
+    e.u8(pairs.len() as u8);
+    for (n, id) in pairs {
+        put_name(e, n);
+        e.u64(*id);
+    }
+}
+
+fn pairs(d: &mut Dec<'_>) -> Result<Vec<(String, u64)>> {
+    let n = d.u8()? as usize;
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let name = name(d)?;
+        v.push((name, d.u64()?));
+    }
+    Ok(v)
+}
+
+impl DotOp {
+    fn encode(&self, e: &mut Enc) {
+        match self {
+            DotOp::Create { name, subdots } => {
+                e.u8(DOT_CREATE);
+                put_name(e, name);
+                e.u8(subdots.len() as u8);
+                for (n, vol, size) in subdots {
+                    put_name(e, n);
+                    e.u64(*vol);
+                    e.u64(*size);
+                }
+            }
+            DotOp::AddSubdot { subdot, volume, size_bytes } => {
+                e.u8(DOT_ADD_SUBDOT);
+                put_name(e, subdot);
+                e.u64(*volume);
+                e.u64(*size_bytes);
+            }
+            DotOp::Commit { commit, branch, meta, snapshots } => {
+                e.u8(DOT_COMMIT);
+                e.bytes(commit);
+                put_name(e, branch);
+                e.u8(meta.parents.len() as u8);
+                for p in &meta.parents {
+                    e.bytes(p);
+                }
+                e.u64(meta.time_unix_secs);
+                put_text(e, &meta.author);
+                put_text(e, &meta.message);
+                e.u8(meta.metadata.len() as u8);
+                for (k, v) in &meta.metadata {
+                    put_name(e, k);
+                    put_text(e, v);
+                }
+                put_pairs(e, snapshots);
+            }
+            DotOp::Branch { branch, from, volumes } | DotOp::Reset { branch, commit: from, volumes } => {
+                e.u8(if matches!(self, DotOp::Branch { .. }) { DOT_BRANCH } else { DOT_RESET });
+                put_name(e, branch);
+                e.bytes(from);
+                put_pairs(e, volumes);
+            }
+            DotOp::Checkout { branch } => {
+                e.u8(DOT_CHECKOUT);
+                put_name(e, branch);
+            }
+            DotOp::DeleteBranch { branch } => {
+                e.u8(DOT_DELETE_BRANCH);
+                put_name(e, branch);
+            }
+            DotOp::DeleteCommit { commit } => {
+                e.u8(DOT_DELETE_COMMIT);
+                e.bytes(commit);
+            }
+            DotOp::Delete => e.u8(DOT_DELETE),
+            DotOp::Clone { name, from_dot, commit, volumes } => {
+                e.u8(DOT_CLONE);
+                put_name(e, name);
+                e.u64(*from_dot);
+                e.bytes(commit);
+                put_pairs(e, volumes);
+            }
+        }
+    }
+
+    fn decode(d: &mut Dec<'_>) -> Result<Self> {
+        Ok(match d.u8()? {
+            DOT_CREATE => {
+                let name = name(d)?;
+                let n = d.u8()? as usize;
+                let mut subdots = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let s = self::name(d)?;
+                    subdots.push((s, d.u64()?, d.u64()?));
+                }
+                DotOp::Create { name, subdots }
+            }
+            DOT_ADD_SUBDOT => DotOp::AddSubdot { subdot: name(d)?, volume: d.u64()?, size_bytes: d.u64()? },
+            DOT_COMMIT => {
+                let commit = commit_id(d)?;
+                let branch = name(d)?;
+                let n = d.u8()? as usize;
+                let mut parents = Vec::with_capacity(n);
+                for _ in 0..n {
+                    parents.push(commit_id(d)?);
+                }
+                let time_unix_secs = d.u64()?;
+                let author = text(d)?;
+                let message = text(d)?;
+                let n = d.u8()? as usize;
+                let mut metadata = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let k = name(d)?;
+                    metadata.push((k, text(d)?));
+                }
+                let snapshots = pairs(d)?;
+                DotOp::Commit {
+                    commit,
+                    branch,
+                    meta: CommitMeta { parents, time_unix_secs, author, message, metadata },
+                    snapshots,
+                }
+            }
+            tag @ (DOT_BRANCH | DOT_RESET) => {
+                let branch = name(d)?;
+                let from = commit_id(d)?;
+                let volumes = pairs(d)?;
+                if tag == DOT_BRANCH {
+                    DotOp::Branch { branch, from, volumes }
+                } else {
+                    DotOp::Reset { branch, commit: from, volumes }
+                }
+            }
+            DOT_CHECKOUT => DotOp::Checkout { branch: name(d)? },
+            DOT_DELETE_BRANCH => DotOp::DeleteBranch { branch: name(d)? },
+            DOT_DELETE_COMMIT => DotOp::DeleteCommit { commit: commit_id(d)? },
+            DOT_DELETE => DotOp::Delete,
+            DOT_CLONE => {
+                let name = name(d)?;
+                let from_dot = d.u64()?;
+                let commit = commit_id(d)?;
+                DotOp::Clone { name, from_dot, commit, volumes: pairs(d)? }
+            }
+            other => return Err(d.bad("a dot op tag 1..=10", other)),
+        })
     }
 }
 
@@ -178,6 +416,44 @@ mod tests {
             Op::Snapshot { entries: vec![(1, 10, "a@1".into()), (2, 11, "b@1".into())] },
             Op::CloneSnapshot { snapshot: 10, volume: 12, name: "c".into() },
             Op::DeleteSnapshot { snapshot: 10 },
+            Op::Dot {
+                dot: 3,
+                change: DotOp::Create { name: "admin/db".into(), subdots: vec![("__default__".into(), 4, 1 << 20)] },
+            },
+            Op::Dot { dot: 3, change: DotOp::AddSubdot { subdot: "logs".into(), volume: 5, size_bytes: 4096 } },
+            Op::Dot {
+                dot: 3,
+                change: DotOp::Commit {
+                    commit: [7; 16],
+                    branch: "master".into(),
+                    meta: CommitMeta {
+                        parents: vec![[6; 16]],
+                        time_unix_secs: 1_700_000_000,
+                        author: "ann".into(),
+                        message: "first".into(),
+                        metadata: vec![("k".into(), "v".into())],
+                    },
+                    snapshots: vec![("__default__".into(), 9)],
+                },
+            },
+            Op::Dot {
+                dot: 3,
+                change: DotOp::Branch { branch: "b".into(), from: [7; 16], volumes: vec![("x".into(), 11)] },
+            },
+            Op::Dot { dot: 3, change: DotOp::Reset { branch: "b".into(), commit: [7; 16], volumes: vec![] } },
+            Op::Dot { dot: 3, change: DotOp::Checkout { branch: "b".into() } },
+            Op::Dot { dot: 3, change: DotOp::DeleteBranch { branch: "b".into() } },
+            Op::Dot { dot: 3, change: DotOp::DeleteCommit { commit: [7; 16] } },
+            Op::Dot { dot: 3, change: DotOp::Delete },
+            Op::Dot {
+                dot: 4,
+                change: DotOp::Clone {
+                    name: "a/b".into(),
+                    from_dot: 3,
+                    commit: [7; 16],
+                    volumes: vec![("s".into(), 12)],
+                },
+            },
         ];
         let mut e = Enc::default();
         for op in &ops {
