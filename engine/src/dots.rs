@@ -228,7 +228,7 @@ fn validate_part(part: &str) -> Result<()> {
     }
 }
 
-fn head_name(dot: u64, subdot: &str, branch: &str) -> String {
+pub(crate) fn head_name(dot: u64, subdot: &str, branch: &str) -> String {
     format!("#{dot}/{subdot}/{branch}")
 }
 
@@ -241,7 +241,7 @@ impl State {
         self.dot_names.get(name).copied().ok_or_else(|| Error::NoSuchDot(name.to_string()))
     }
 
-    fn dot(&self, id: u64) -> Result<&DotState> {
+    pub(crate) fn dot(&self, id: u64) -> Result<&DotState> {
         self.dots.get(&id).ok_or_else(|| Error::corrupt("log", 0, "an existing dot", id))
     }
 
@@ -355,6 +355,57 @@ impl State {
                 self.dot_names.insert(name.clone(), dot);
                 self.next_volume_id = self.next_volume_id.max(dot + 1);
                 self.heads_from(dot, MASTER_BRANCH, None, &snaps, volumes)?;
+            }
+            DotOp::Receive { name, branch, commit, meta, staged, heads } => {
+                if !self.dots.contains_key(&dot) {
+                    if self.dot_names.contains_key(name) {
+                        return Err(Error::corrupt("log", 0, "a new dot", name));
+                    }
+                    let d = DotState {
+                        name: name.clone(),
+                        current: branch.clone(),
+                        branches: BTreeMap::new(),
+                        commits: HashMap::new(),
+                        next_seq: 0,
+                    };
+                    self.dots.insert(dot, d);
+                    self.dot_names.insert(name.clone(), dot);
+                    self.next_volume_id = self.next_volume_id.max(dot + 1);
+                }
+                if self.dot(dot)?.commits.contains_key(commit) {
+                    return Err(Error::corrupt("log", 0, "a new commit id", CommitId(*commit)));
+                }
+                let gen = self.generation;
+                let mut snaps = BTreeMap::new();
+                for (subdot, vol, sid) in staged {
+                    // the staging volume's reference on its tree passes to the snapshot: no refcount changes
+                    let v =
+                        self.volumes.remove(vol).ok_or_else(|| Error::corrupt("log", 0, "a staging volume", vol))?;
+                    self.names.remove(&v.name);
+                    let name = snapshot_name(dot, subdot, commit);
+                    if self.snapshots.contains_key(sid) || self.names.contains_key(&name) {
+                        return Err(Error::corrupt("log", 0, "a new snapshot", name));
+                    }
+                    self.names.insert(name.clone(), *sid);
+                    let sn = SnapshotState { name, size_bytes: v.size_bytes, root: v.root, generation: gen };
+                    self.snapshots.insert(*sid, sn);
+                    self.next_volume_id = self.next_volume_id.max(sid + 1);
+                    snaps.insert(subdot.clone(), *sid);
+                }
+                self.generation += 1;
+                let d = self.dot_mut(dot)?;
+                let seq = d.next_seq;
+                d.next_seq += 1;
+                let c = CommitState { seq, branch: branch.clone(), meta: meta.clone(), snapshots: snaps.clone() };
+                d.commits.insert(*commit, c);
+                if !heads.is_empty() {
+                    if let Some(old) = self.dot_mut(dot)?.branches.remove(branch) {
+                        for vid in old.volumes.values() {
+                            self.drop_volume(dev, *vid)?;
+                        }
+                    }
+                    self.heads_from(dot, branch, Some(*commit), &snaps, heads)?;
+                }
             }
             DotOp::AddSubdot { subdot, volume, size_bytes } => {
                 let branch = self.dot(dot)?.current.clone();
@@ -502,7 +553,7 @@ impl State {
     }
 
     /// Log and apply a dot op, refusing one too large for a log record.
-    fn log_dot(&mut self, dev: &dyn Device, dot: u64, change: DotOp) -> Result<()> {
+    pub(crate) fn log_dot(&mut self, dev: &dyn Device, dot: u64, change: DotOp) -> Result<()> {
         let op = Op::Dot { dot, change };
         if op.encoded_len() > BODY_CAPACITY_BYTES {
             return Err(Error::Limit(format!(
@@ -514,7 +565,7 @@ impl State {
         self.log_apply(dev, op, None)
     }
 
-    fn commit_of(&self, dot: u64, id: CommitId) -> Result<&CommitState> {
+    pub(crate) fn commit_of(&self, dot: u64, id: CommitId) -> Result<&CommitState> {
         self.dot(dot)?.commits.get(&id.0).ok_or_else(|| Error::NoSuchCommit(id.to_string()))
     }
 }

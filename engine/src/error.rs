@@ -137,6 +137,10 @@ pub enum Error {
     #[error("no commit {0}")]
     NoSuchCommit(String),
 
+    /// A send/receive stream was refused (truncated, corrupt, base missing, ...); the pool is unchanged.
+    #[error("stream refused: {0}")]
+    BadStream(String),
+
     /// A write to a read-only volume (a snapshot).
     #[error("{0:?} is read-only (a snapshot); clone it to write")]
     ReadOnly(String),

@@ -35,6 +35,7 @@ mod index;
 pub mod io;
 mod journal;
 mod pool;
+mod stream;
 mod volume;
 
 pub use check::CheckReport;
@@ -51,4 +52,5 @@ pub use pool::{
     DEFAULT_SEGMENT_SIZE_BYTES, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES, MAX_VOLUME_SIZE_BYTES,
     MIN_SEGMENT_SIZE_BYTES,
 };
+pub use stream::{ReceiveOutcome, SendStats, MAX_STREAM_DATA_BYTES, STREAM_MAGIC, STREAM_VERSION};
 pub use volume::Volume;

@@ -57,6 +57,18 @@ pub(crate) enum DotOp {
     Create { name: String, subdots: Vec<(String, u64, u64)> },
     /// A new dot whose `master` heads are clones of commit `commit` of dot `from_dot`: `(subdot, new volume id)`.
     Clone { name: String, from_dot: u64, commit: RawCommitId, volumes: Vec<(String, u64)> },
+    /// A received commit: staging volumes `(subdot, volume id, new snapshot id)` become the commit's snapshots
+    /// (creating the dot `name` if it does not exist); branch `branch` is created, or fast-forwarded when its head is
+    /// the commit's first parent, with heads `(subdot, new volume id)` cloned from it (empty: the branch is left
+    /// alone).
+    Receive {
+        name: String,
+        branch: String,
+        commit: RawCommitId,
+        meta: CommitMeta,
+        staged: Vec<(String, u64, u64)>,
+        heads: Vec<(String, u64)>,
+    },
     /// A new empty subdot on the current branch.
     AddSubdot { subdot: String, volume: u64, size_bytes: u64 },
     /// Snapshot every head of `branch` as the new commit `commit`: `(subdot, snapshot id)`.
@@ -99,6 +111,7 @@ const DOT_DELETE_BRANCH: u8 = 7;
 const DOT_DELETE_COMMIT: u8 = 8;
 const DOT_DELETE: u8 = 9;
 const DOT_CLONE: u8 = 10;
+const DOT_RECEIVE: u8 = 11;
 
 impl Op {
     /// Encoded size in bytes.
@@ -264,6 +277,39 @@ fn pairs(d: &mut Dec<'_>) -> Result<Vec<(String, u64)>> {
     Ok(v)
 }
 
+pub(crate) fn put_meta(e: &mut Enc, meta: &CommitMeta) {
+    e.u8(meta.parents.len() as u8);
+    for p in &meta.parents {
+        e.bytes(p);
+    }
+    e.u64(meta.time_unix_secs);
+    put_text(e, &meta.author);
+    put_text(e, &meta.message);
+    e.u8(meta.metadata.len() as u8);
+    for (k, v) in &meta.metadata {
+        put_name(e, k);
+        put_text(e, v);
+    }
+}
+
+pub(crate) fn meta(d: &mut Dec<'_>) -> Result<CommitMeta> {
+    let n = d.u8()? as usize;
+    let mut parents = Vec::with_capacity(n);
+    for _ in 0..n {
+        parents.push(commit_id(d)?);
+    }
+    let time_unix_secs = d.u64()?;
+    let author = text(d)?;
+    let message = text(d)?;
+    let n = d.u8()? as usize;
+    let mut metadata = Vec::with_capacity(n);
+    for _ in 0..n {
+        let k = name(d)?;
+        metadata.push((k, text(d)?));
+    }
+    Ok(CommitMeta { parents, time_unix_secs, author, message, metadata })
+}
+
 impl DotOp {
     fn encode(&self, e: &mut Enc) {
         match self {
@@ -287,18 +333,7 @@ impl DotOp {
                 e.u8(DOT_COMMIT);
                 e.bytes(commit);
                 put_name(e, branch);
-                e.u8(meta.parents.len() as u8);
-                for p in &meta.parents {
-                    e.bytes(p);
-                }
-                e.u64(meta.time_unix_secs);
-                put_text(e, &meta.author);
-                put_text(e, &meta.message);
-                e.u8(meta.metadata.len() as u8);
-                for (k, v) in &meta.metadata {
-                    put_name(e, k);
-                    put_text(e, v);
-                }
+                put_meta(e, meta);
                 put_pairs(e, snapshots);
             }
             DotOp::Branch { branch, from, volumes } | DotOp::Reset { branch, commit: from, volumes } => {
@@ -320,6 +355,20 @@ impl DotOp {
                 e.bytes(commit);
             }
             DotOp::Delete => e.u8(DOT_DELETE),
+            DotOp::Receive { name, branch, commit, meta, staged, heads } => {
+                e.u8(DOT_RECEIVE);
+                put_name(e, name);
+                put_name(e, branch);
+                e.bytes(commit);
+                put_meta(e, meta);
+                e.u8(staged.len() as u8);
+                for (s, v, sid) in staged {
+                    put_name(e, s);
+                    e.u64(*v);
+                    e.u64(*sid);
+                }
+                put_pairs(e, heads);
+            }
             DotOp::Clone { name, from_dot, commit, volumes } => {
                 e.u8(DOT_CLONE);
                 put_name(e, name);
@@ -346,27 +395,21 @@ impl DotOp {
             DOT_COMMIT => {
                 let commit = commit_id(d)?;
                 let branch = name(d)?;
+                let meta = meta(d)?;
+                DotOp::Commit { commit, branch, meta, snapshots: pairs(d)? }
+            }
+            DOT_RECEIVE => {
+                let name = name(d)?;
+                let branch = self::name(d)?;
+                let commit = commit_id(d)?;
+                let meta = meta(d)?;
                 let n = d.u8()? as usize;
-                let mut parents = Vec::with_capacity(n);
+                let mut staged = Vec::with_capacity(n);
                 for _ in 0..n {
-                    parents.push(commit_id(d)?);
+                    let s = self::name(d)?;
+                    staged.push((s, d.u64()?, d.u64()?));
                 }
-                let time_unix_secs = d.u64()?;
-                let author = text(d)?;
-                let message = text(d)?;
-                let n = d.u8()? as usize;
-                let mut metadata = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let k = name(d)?;
-                    metadata.push((k, text(d)?));
-                }
-                let snapshots = pairs(d)?;
-                DotOp::Commit {
-                    commit,
-                    branch,
-                    meta: CommitMeta { parents, time_unix_secs, author, message, metadata },
-                    snapshots,
-                }
+                DotOp::Receive { name, branch, commit, meta, staged, heads: pairs(d)? }
             }
             tag @ (DOT_BRANCH | DOT_RESET) => {
                 let branch = name(d)?;
@@ -388,7 +431,7 @@ impl DotOp {
                 let commit = commit_id(d)?;
                 DotOp::Clone { name, from_dot, commit, volumes: pairs(d)? }
             }
-            other => return Err(d.bad("a dot op tag 1..=10", other)),
+            other => return Err(d.bad("a dot op tag 1..=11", other)),
         })
     }
 }
@@ -445,6 +488,23 @@ mod tests {
             Op::Dot { dot: 3, change: DotOp::DeleteBranch { branch: "b".into() } },
             Op::Dot { dot: 3, change: DotOp::DeleteCommit { commit: [7; 16] } },
             Op::Dot { dot: 3, change: DotOp::Delete },
+            Op::Dot {
+                dot: 5,
+                change: DotOp::Receive {
+                    name: "a/c".into(),
+                    branch: "master".into(),
+                    commit: [8; 16],
+                    meta: CommitMeta {
+                        parents: vec![],
+                        time_unix_secs: 1,
+                        author: String::new(),
+                        message: "m".into(),
+                        metadata: vec![],
+                    },
+                    staged: vec![("s".into(), 20, 21)],
+                    heads: vec![("s".into(), 22)],
+                },
+            },
             Op::Dot {
                 dot: 4,
                 change: DotOp::Clone {

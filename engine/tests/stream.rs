@@ -1,0 +1,148 @@
+//! Send and receive: full and incremental streams move commits between pools byte for byte with the same ids; bad
+//! streams (random bytes, every truncation, flipped bits, missing base, newer version, replays) are refused and leave
+//! the target as it was.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use blockmesh_engine::{CommitId, CommitRequest, Error, Pool, DEFAULT_SUBDOT};
+use common::{pattern, sim_pool, small_opts};
+
+fn msg(m: &str) -> CommitRequest {
+    CommitRequest { message: m.into(), author: "a".into(), time_unix_secs: Some(7), ..Default::default() }
+}
+
+fn read_commit(pool: &Pool, dot: &str, c: CommitId, subdot: &str, size: usize) -> Vec<u8> {
+    let mut b = vec![0u8; size];
+    pool.commit_volume(dot, c, Some(subdot)).unwrap().read(0, &mut b).unwrap();
+    b
+}
+
+/// A source pool with two commits of a two-subdot dot.
+fn source() -> (Pool, CommitId, CommitId) {
+    let (_dev, pool) = sim_pool(32 << 20, 1);
+    pool.create_dot("admin/db", &[(DEFAULT_SUBDOT, 2 << 20), ("logs", (256 << 10) + 1536)]).unwrap();
+    let d = pool.dot_volume("admin/db", None).unwrap();
+    let l = pool.dot_volume("admin/db", Some("logs")).unwrap();
+    d.write(0, &pattern(1, 1 << 20)).unwrap();
+    d.write_zeroes(1 << 20, 64 << 10).unwrap();
+    l.write(512, &pattern(2, 4096)).unwrap();
+    l.write((256 << 10) + 512, &pattern(3, 1024)).unwrap(); // the partial last block
+    let c1 = pool.commit("admin/db", msg("one")).unwrap();
+    d.write(4096 * 7, &pattern(4, 8192)).unwrap();
+    d.trim(0, 8192).unwrap();
+    l.write(0, &pattern(5, 512)).unwrap();
+    let c2 = pool.commit("admin/db", msg("two")).unwrap();
+    (pool, c1, c2)
+}
+
+fn same_commit(a: &Pool, b: &Pool, c: CommitId) {
+    for (s, size) in [(DEFAULT_SUBDOT, 2 << 20), ("logs", (256 << 10) + 1536)] {
+        assert!(read_commit(a, "admin/db", c, s, size) == read_commit(b, "admin/db", c, s, size), "subdot {s}");
+    }
+}
+
+#[test]
+fn full_then_incremental_between_pools() {
+    let (src, c1, c2) = source();
+    let (dev, dst) = sim_pool(32 << 20, 2);
+    let mut full = Vec::new();
+    let stats = src.send("admin/db", c1, None, &mut full).unwrap();
+    assert_eq!(stats.stream_bytes, full.len() as u64);
+    let out = dst.receive(&mut &full[..]).unwrap();
+    assert_eq!((out.dot.as_str(), out.commit), ("admin/db", c1));
+    same_commit(&src, &dst, c1);
+    assert_eq!(dst.dot("admin/db").unwrap().current_branch, "master");
+
+    let mut inc = Vec::new();
+    let istats = src.send("admin/db", c2, Some(c1), &mut inc).unwrap();
+    assert!(istats.data_bytes < 64 << 10, "incremental carries only what changed: {istats:?}");
+    assert!(inc.len() < full.len() / 10);
+    dst.receive(&mut &inc[..]).unwrap();
+    same_commit(&src, &dst, c2);
+    let log = dst.log("admin/db", None).unwrap();
+    assert_eq!(log.iter().map(|c| c.id).collect::<Vec<_>>(), vec![c2, c1], "master moved forward");
+    assert_eq!(log[0].message, "two");
+    // the head follows the received commit
+    let mut head = vec![0u8; 8192];
+    dst.dot_volume("admin/db", None).unwrap().read(0, &mut head).unwrap();
+    assert!(head.iter().all(|&b| b == 0), "trimmed on the sender, zero on the receiver");
+    // a replayed stream is refused
+    assert!(matches!(dst.receive(&mut &inc[..]), Err(Error::BadStream(_))));
+    dst.close().unwrap();
+    let dst = Pool::open(dev, small_opts(2)).unwrap();
+    assert!(dst.check().unwrap().is_ok());
+    same_commit(&src, &dst, c2);
+}
+
+/// What a refused stream must not change.
+fn fingerprint(pool: &Pool) -> (Vec<blockmesh_engine::DotInfo>, u64, u64) {
+    pool.checkpoint().unwrap();
+    let s = pool.stats();
+    (pool.dots(), s.live_blocks, s.volumes)
+}
+
+#[test]
+fn bad_streams_are_refused_and_change_nothing() {
+    let (src, c1, c2) = source();
+    let mut full = Vec::new();
+    src.send("admin/db", c1, None, &mut full).unwrap();
+    let mut inc = Vec::new();
+    src.send("admin/db", c2, Some(c1), &mut inc).unwrap();
+
+    let (_dev, dst) = sim_pool(32 << 20, 3);
+    let empty = fingerprint(&dst);
+    // an incremental stream without its base
+    assert!(matches!(dst.receive(&mut &inc[..]), Err(Error::BadStream(m)) if m.contains("base")));
+    assert_eq!(fingerprint(&dst), empty);
+    // random bytes
+    assert!(matches!(dst.receive(&mut &pattern(9, 4096)[..]), Err(Error::BadStream(_))));
+    // a newer stream version
+    let mut newer = full.clone();
+    newer[8..12].copy_from_slice(&2u32.to_le_bytes());
+    assert!(matches!(dst.receive(&mut &newer[..]), Err(Error::UnsupportedVersion { found: 2, .. })));
+    assert_eq!(fingerprint(&dst), empty);
+
+    // every truncation of the full stream: on record boundaries and inside records
+    let step = (full.len() / 97).max(1);
+    let mut cuts: Vec<usize> = (0..full.len()).step_by(step).collect();
+    cuts.extend([full.len() - 1, full.len() - 45, 20, 16, 8]);
+    for cut in cuts {
+        let r = dst.receive(&mut &full[..cut]);
+        assert!(matches!(r, Err(Error::BadStream(_))), "cut at {cut}: {r:?}");
+    }
+    assert_eq!(fingerprint(&dst), empty, "truncated streams leave nothing behind");
+
+    // flipped bits anywhere
+    for (i, pos) in (0..full.len()).step_by((full.len() / 61).max(1)).enumerate() {
+        let mut bad = full.clone();
+        bad[pos] ^= 1 << (i % 8);
+        let r = dst.receive(&mut &bad[..]);
+        assert!(r.is_err(), "flip at byte {pos} accepted");
+    }
+    assert_eq!(fingerprint(&dst), empty, "corrupt streams leave nothing behind");
+
+    // and the good stream still goes in afterwards
+    dst.receive(&mut &full[..]).unwrap();
+    same_commit(&src, &dst, c1);
+    assert!(dst.check().unwrap().is_ok());
+}
+
+#[test]
+fn receiving_keeps_local_work_on_a_diverged_branch() {
+    let (src, c1, c2) = source();
+    let (_dev, dst) = sim_pool(32 << 20, 4);
+    let mut full = Vec::new();
+    src.send("admin/db", c1, None, &mut full).unwrap();
+    dst.receive(&mut &full[..]).unwrap();
+    // local, uncommitted work on master
+    dst.dot_volume("admin/db", None).unwrap().write(0, &pattern(42, 4096)).unwrap();
+    let mut inc = Vec::new();
+    src.send("admin/db", c2, Some(c1), &mut inc).unwrap();
+    dst.receive(&mut &inc[..]).unwrap();
+    let mut b = vec![0u8; 4096];
+    dst.dot_volume("admin/db", None).unwrap().read(0, &mut b).unwrap();
+    assert_eq!(b, pattern(42, 4096), "uncommitted local writes are never overwritten by a receive");
+    assert_eq!(dst.commits("admin/db").unwrap().len(), 2, "the commit joins the history");
+    same_commit(&src, &dst, c2);
+}
