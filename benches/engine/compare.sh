@@ -45,12 +45,13 @@ rm -f "$raw"
 "$bench" recovery --path "$work/recovery-pool" --gib 1 > "$work/recovery.json"
 "$bench" idle-memory --path "$work/idle-pool" --volumes 10000 > "$work/idle.json"
 "$bench" versioning --path "$work/versioning-pool" --gib 10 --seconds "$secs" > "$work/versioning.json"
+"$bench" streams --path "$work/streams-pool" --gib 10 --full-gib 2 > "$work/streams.json"
 
-python3 - "$out" "$work/recovery.json" "$work/idle.json" "$secs" "$work/versioning.json" <<'PY'
+python3 - "$out" "$work/recovery.json" "$work/idle.json" "$secs" "$work/versioning.json" "$work/streams.json" <<'PY'
 import json, sys, datetime, re, subprocess
 rows = [json.loads(l) for l in open(sys.argv[1])]
 rec = json.load(open(sys.argv[2])); idle = json.load(open(sys.argv[3])); secs = sys.argv[4]
-ver = json.load(open(sys.argv[5]))
+ver = json.load(open(sys.argv[5])); stm = json.load(open(sys.argv[6]))
 targets = {"4k-randwrite": 1.0, "1m-seqwrite": 0.8}
 lines = ["## Engine vs the raw file (issue #2)", "",
          f"Command: `benches/engine/compare.sh {secs}` ({datetime.date.today()}, "
@@ -86,6 +87,9 @@ lines += ["",
           f"| diff of 1 MiB changed (256 scattered 4K blocks) in {ver['gib']} GiB | {ver['diff_1mib_scattered_ms']:.3f} ms | < 20 ms |",
           f"| 4K random writes right after a snapshot vs before (1 GiB volume) | {ver['randwrite_after_snapshot_iops']:.0f} vs {ver['randwrite_before_iops']:.0f} IOPS: **{ver['randwrite_after_snapshot_iops']/ver['randwrite_before_iops']:.2f}x** | >= 0.9x (qcow2: 0.12x) |",
           f"| 4K random reads at the head of 32 snapshots vs none | {ver['randread_32_snapshots_iops']:.0f} vs {ver['randread_no_history_iops']:.0f} IOPS: **{ver['randread_32_snapshots_iops']/ver['randread_no_history_iops']:.2f}x** | >= 0.95x (qcow2: 0.75x) |",
+          f"| incremental send of 1 MiB changed (256 scattered 4K blocks) in a {stm['incremental_dot_gib']} GiB dot | {stm['incremental_send_1mib_ms']:.2f} ms, {stm['incremental_stream_bytes']/1e6:.2f} MB on the wire | < 20 ms |",
+          f"| full send of a {stm['full_gib']} GiB dot to a file | {stm['send_mbps']:.0f} MB/s: **{stm['send_mbps']/stm['cp_sparse_mbps']:.2f}x** `cp --sparse=always` ({stm['cp_sparse_mbps']:.0f} MB/s) | |",
+          f"| receive of that stream into another pool (flushed) | {stm['receive_mbps']:.0f} MB/s: **{stm['receive_mbps']/stm['cp_sparse_mbps']:.2f}x** `cp --sparse=always` | |",
           ""]
 section = "\n".join(lines)
 path = "benches/RESULTS.md"

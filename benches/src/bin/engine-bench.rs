@@ -6,7 +6,10 @@
 //! - `idle-memory --path F --volumes N`: resident memory per idle volume of a reopened pool of N volumes.
 //! - `versioning --path F --gib N`: snapshot latency at 1 and N GiB written, diff of 1 MiB changed in N GiB, 4K
 //!   random writes right after a snapshot against before, 4K random reads at the head of 32 snapshots against none.
+//! - `streams --path F --gib N --full-gib M`: incremental send of 1 MiB changed in an N GiB dot; full send and
+//!   receive of an M GiB dot against `cp --sparse=always` of a raw file of M GiB.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -323,6 +326,98 @@ fn versioning(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Send/receive figures (issue #3): incremental send of 1 MiB changed in a large dot, and full send + receive
+/// throughput against `cp --sparse=always` of a raw file of the same size, in the same run.
+fn streams(args: &[String]) -> Result<()> {
+    use blockmesh_engine::{CommitRequest, DEFAULT_SUBDOT};
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let big_gib = num(args, "--gib", 10)?;
+    let full_gib = num(args, "--full-gib", 2)?;
+    let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
+    let req = |m: &str| CommitRequest { message: m.into(), ..Default::default() };
+
+    // incremental: 1 MiB changed (256 scattered 4K blocks) in a big dot
+    let size = big_gib << 30;
+    let pool = Pool::create(device(&path, size + (2 << 30), "file")?, PoolOptions::default())?;
+    pool.create_dot("bench/big", &[(DEFAULT_SUBDOT, size)])?;
+    let v = pool.dot_volume("bench/big", None)?;
+    for off in (0..size).step_by(1 << 20) {
+        v.write(off, &chunk)?;
+    }
+    let c1 = pool.commit("bench/big", req("base"))?;
+    let mut rng = SmallRng::seed_from_u64(5);
+    for _ in 0..256 {
+        v.write(rng.random_range(0..size / 4096) * 4096, &chunk[..4096])?;
+    }
+    let c2 = pool.commit("bench/big", req("1 MiB later"))?;
+    let mut times = Vec::new();
+    let mut inc_bytes = 0;
+    for _ in 0..5 {
+        let mut sink = Vec::with_capacity(2 << 20);
+        let t = Instant::now();
+        let st = pool.send("bench/big", c2, Some(c1), &mut sink)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        inc_bytes = st.stream_bytes;
+    }
+    let inc_ms = median(times);
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+
+    // full: send a dot of full_gib to a file, receive it into a second pool; cp --sparse of a raw file as anchor
+    let size = full_gib << 30;
+    let pool = Pool::create(device(&path, size + (1 << 30), "file")?, PoolOptions::default())?;
+    pool.create_dot("bench/full", &[(DEFAULT_SUBDOT, size)])?;
+    let v = pool.dot_volume("bench/full", None)?;
+    for off in (0..size).step_by(1 << 20) {
+        v.write(off, &chunk)?;
+    }
+    let c = pool.commit("bench/full", req("full"))?;
+    pool.flush()?;
+    let stream_path = path.with_extension("stream");
+    let t = Instant::now();
+    let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(&stream_path)?);
+    let sent = pool.send("bench/full", c, None, &mut f)?;
+    drop(f);
+    let send_s = t.elapsed().as_secs_f64();
+    let recv_path = path.with_extension("recv");
+    let dst = Pool::create(device(&recv_path, size + (1 << 30), "file")?, PoolOptions::default())?;
+    let t = Instant::now();
+    let mut r = std::io::BufReader::with_capacity(4 << 20, std::fs::File::open(&stream_path)?);
+    dst.receive(&mut r)?;
+    dst.flush()?;
+    let recv_s = t.elapsed().as_secs_f64();
+    drop(dst);
+    drop(pool);
+    // the anchor: a raw file of the same size, written whole, copied with cp --sparse=always (and synced)
+    let raw = path.with_extension("raw");
+    {
+        let mut w = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(&raw)?);
+        for _ in 0..(size >> 20) {
+            w.write_all(&chunk)?;
+        }
+    }
+    let copy = path.with_extension("raw-copy");
+    let t = Instant::now();
+    let st = std::process::Command::new("cp").arg("--sparse=always").arg(&raw).arg(&copy).status()?;
+    let st2 = std::process::Command::new("sync").arg(&copy).status()?;
+    if !st.success() || !st2.success() {
+        bail!("cp failed");
+    }
+    let cp_s = t.elapsed().as_secs_f64();
+    for p in [&path, &stream_path, &recv_path, &raw, &copy] {
+        let _ = std::fs::remove_file(p);
+    }
+    let mbps = |s: f64| size as f64 / s / 1e6;
+    println!(
+        "{{\"incremental_dot_gib\":{big_gib},\"incremental_send_1mib_ms\":{inc_ms:.2},\"incremental_stream_bytes\":{inc_bytes},\"full_gib\":{full_gib},\"full_stream_bytes\":{},\"send_mbps\":{:.0},\"receive_mbps\":{:.0},\"cp_sparse_mbps\":{:.0}}}",
+        sent.stream_bytes,
+        mbps(send_s),
+        mbps(recv_s),
+        mbps(cp_s)
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -331,6 +426,7 @@ fn main() -> Result<()> {
         Some("idle-memory") => idle_memory(&args),
         Some("open-rss") => open_rss(&args),
         Some("versioning") => versioning(&args),
+        Some("streams") => streams(&args),
         _ => bail!("usage: engine-bench io|recovery|idle-memory ... (see the source header)"),
     }
 }
