@@ -29,19 +29,30 @@ import json,sys
 j=json.load(sys.stdin)['jobs'][0]; k='write' if 'write' in '$2' else 'read'
 print(json.dumps({'who':'fio raw file (io_uring, O_DIRECT, qd $4)','workload':'$1','iops':j[k]['iops'],'mbps':j[k]['bw_bytes']/1e6}))"
 }
-engine_run() { # name workload bs device
-  "$bench" io "$2" --path "$work/pool" --bs "$3" --size-mib 1024 --seconds "$secs" --device "$4" |
+engine_run() { # name workload bs device [label extra-args...]
+  local name=$1 workload=$2 bs=$3 dev=$4 label=${5:-"engine ($4, new sparse pool file)"}
+  shift 5 2>/dev/null || shift 4
+  "$bench" io "$workload" --path "$work/pool" --bs "$bs" --size-mib 1024 --seconds "$secs" --device "$dev" "$@" |
     python3 -c "
 import json,sys
-j=json.loads(sys.stdin.read()); j['who']='engine ($4)'; j['workload']='$1'; print(json.dumps(j))"
+j=json.loads(sys.stdin.read()); j['who']='$label'; j['workload']='$name'; print(json.dumps(j))"
 }
+# A pool file written whole beforehand, like fio's raw file: no file-system allocation during the runs. Large
+# enough that random overwrites never need the (not yet written) segment cleaner within a run.
+prewritten="$work/prewritten.img"
+dd if=/dev/zero of="$prewritten" bs=8M count=1024 status=none conv=fsync
 for spec in "4k-randwrite randwrite 4096 16" "4k-randread randread 4096 16" "1m-seqwrite write 1048576 4" "1m-seqread read 1048576 4"; do
   set -- $spec
   fio_run "$1" "$2" "$3" "$4" >> "$out"
   ew=${2/read/read}; ew=${ew/#write/seqwrite}; ew=${ew/#read/seqread}
   for dev in file direct; do engine_run "$1" "$ew" "$3" "$dev" >> "$out"; done
+  case "$1" in *write)
+    for dev in file direct; do
+      engine_run "$1" "$ew" "$3" "$dev" "engine ($dev, pre-written pool file)" --existing "$prewritten" >> "$out"
+    done;;
+  esac
 done
-rm -f "$raw"
+rm -f "$raw" "$prewritten"
 "$bench" recovery --path "$work/recovery-pool" --gib 1 > "$work/recovery.json"
 "$bench" idle-memory --path "$work/idle-pool" --volumes 10000 > "$work/idle.json"
 "$bench" versioning --path "$work/versioning-pool" --gib 10 --seconds "$secs" > "$work/versioning.json"
@@ -64,15 +75,17 @@ for w in ["4k-randwrite", "4k-randread", "1m-seqwrite", "1m-seqread"]:
     for r in [x for x in rows if x["workload"] == w]:
         ratio = r["iops"] / anchor["iops"]
         t = targets.get(w)
-        tgt = "" if r is anchor or t is None or "direct" in r["who"] else (f">= {t}x: {'met' if ratio >= t else 'NOT met'}")
+        tgt = "" if r is anchor or t is None else (f">= {t}x: {'met' if ratio >= t else 'NOT met'}")
         lines.append(f"| {w} | {r['who']} | {r['iops']:.0f} | {r['mbps']:.0f} | {ratio:.2f}x | {tgt} |")
 lines += ["",
           "Reads through the engine's buffered file device hit the page cache (the pool was just written), so those",
           "rows are not a disk comparison; the O_DIRECT rows are. Write runs end with a flush, so every figure",
-          "includes getting the data to the disk. Buffered sequential writes are bounded by page-cache writeback;",
-          "the O_DIRECT log writer issues synchronous pwrites from two threads, which ext4 serialises for writes into",
-          "the holes of a sparse file (fio itself loses ~20% on a sparse file). An io_uring log writer with several",
-          "writes in flight is the next step for the sequential target.", "",
+          "includes getting the data to the disk. fio's raw file is written whole beforehand; the comparable engine",
+          "rows are the pre-written pool file ones. On a new sparse pool file, ext4 allocates blocks as the log",
+          "reaches them, and each checkpoint's fdatasync commits that allocation: that costs the sparse rows up to",
+          "40% on sequential writes (fio loses ~20% on a sparse file too). The O_DIRECT log writer issues",
+          "synchronous 512 KiB pwrites from two threads; an io_uring writer with several writes in flight is the",
+          "next step for it.", "",
           f"- Recovery: open after {rec['gib_since_checkpoint']} GiB written since the last checkpoint, "
           f"{rec['replayed_records']} log records replayed: **{rec['open_seconds']:.2f} s** (target < 2 s).",
           f"- Memory: {idle['volumes']} idle volumes (reopened pool, one 4 KiB write each) add "

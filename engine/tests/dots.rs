@@ -177,3 +177,48 @@ fn commits_are_atomic_across_subdots_under_crashes() {
     }
     assert!(outcomes[0] > 0 && outcomes[1] > 0, "crashes land on both sides of the commit: {outcomes:?}");
 }
+
+/// Creating a branch cut by a power failure at every I/O: afterwards the branch exists with heads equal to its
+/// commit, or it does not exist; nothing else changed.
+#[test]
+fn branch_creation_is_atomic_under_crashes() {
+    let setup = || {
+        let (dev, pool) = sim_pool(16 << 20, 4);
+        pool.create_dot("admin/app", &[("a", 64 << 10), ("b", 64 << 10)]).unwrap();
+        for (i, s) in ["a", "b"].iter().enumerate() {
+            pool.dot_volume("admin/app", Some(s)).unwrap().write(0, &pattern(i as u64, 8192)).unwrap();
+        }
+        let c = pool.commit("admin/app", msg("base")).unwrap();
+        pool.flush().unwrap();
+        (dev, pool, c)
+    };
+    let (dev, pool, c) = setup();
+    let before = dev.io_count();
+    pool.create_branch("admin/app", "feature", Some(c)).unwrap();
+    pool.flush().unwrap();
+    let ios = dev.io_count() - before;
+    let mut outcomes = [0usize; 2];
+    for k in 0..=ios {
+        let (dev, pool, c) = setup();
+        dev.set_fault(SimFault::PowerCutAfter(k));
+        let _ = pool.create_branch("admin/app", "feature", Some(c)).and_then(|_| pool.flush());
+        let image = dev.crash(k ^ 0x77);
+        drop(pool);
+        let pool = Pool::open(image, small_opts(4)).unwrap();
+        assert!(pool.check().unwrap().is_ok());
+        let info = pool.dot("admin/app").unwrap();
+        let has = info.branches.iter().any(|(b, head)| b == "feature" && *head == Some(c));
+        if has {
+            pool.checkout("admin/app", "feature").unwrap();
+            for (i, s) in ["a", "b"].iter().enumerate() {
+                let mut b = vec![0u8; 8192];
+                pool.dot_volume("admin/app", Some(s)).unwrap().read(0, &mut b).unwrap();
+                assert_eq!(b, pattern(i as u64, 8192));
+            }
+        } else {
+            assert_eq!(info.branches.len(), 1, "no half-made branch");
+        }
+        outcomes[usize::from(has)] += 1;
+    }
+    assert!(outcomes[0] > 0 && outcomes[1] > 0, "crashes land on both sides: {outcomes:?}");
+}

@@ -103,10 +103,19 @@ fn bad_streams_are_refused_and_change_nothing() {
     assert!(matches!(dst.receive(&mut &newer[..]), Err(Error::UnsupportedVersion { found: 2, .. })));
     assert_eq!(fingerprint(&dst), empty);
 
-    // every truncation of the full stream: on record boundaries and inside records
-    let step = (full.len() / 97).max(1);
-    let mut cuts: Vec<usize> = (0..full.len()).step_by(step).collect();
-    cuts.extend([full.len() - 1, full.len() - 45, 20, 16, 8]);
+    // truncations at every record boundary and in the middle of every record (and of the header)
+    let mut cuts = vec![0, 4, 8, 12, 16, 20];
+    let hlen = u32::from_le_bytes(full[12..16].try_into().unwrap()) as usize;
+    let mut at = 16 + hlen + 4;
+    cuts.push(16 + hlen / 2);
+    while at < full.len() {
+        cuts.push(at);
+        let len = u32::from_le_bytes(full[at + 1..at + 5].try_into().unwrap()) as usize;
+        cuts.push(at + 5 + len / 2);
+        at += 1 + 4 + len + 4;
+    }
+    assert_eq!(at, full.len(), "records tile the stream");
+    cuts.push(full.len() - 1);
     for cut in cuts {
         let r = dst.receive(&mut &full[..cut]);
         assert!(matches!(r, Err(Error::BadStream(_))), "cut at {cut}: {r:?}");

@@ -1,7 +1,8 @@
 //! Engine workloads for the comparison script (`benches/engine/compare.sh`): each prints one JSON line.
 //!
 //! - `io <randwrite|randread|seqwrite|seqread> --path F --bs B --size-mib N --seconds S [--flush-every K]
-//!   [--device file|uring]`: I/O through one volume of a fresh pool in file F; prints ops/s and MB/s.
+//!   [--device file|direct|uring] [--existing FILE]`: I/O through one volume of a fresh pool in a new sparse file F
+//!   (or over the existing, written file FILE); prints ops/s and MB/s.
 //! - `recovery --path F --gib N`: writes N GiB with no checkpoint, stops without closing, times the reopen.
 //! - `idle-memory --path F --volumes N`: resident memory per idle volume of a reopened pool of N volumes.
 //! - `versioning --path F --gib N`: snapshot latency at 1 and N GiB written, diff of 1 MiB changed in N GiB, 4K
@@ -59,7 +60,16 @@ fn io(args: &[String]) -> Result<()> {
     let flush_every = num(args, "--flush-every", 0)?;
     let kind = arg(args, "--device").unwrap_or_else(|| "file".into());
     let pool_bytes = size * POOL_OVER_VOLUME + (64 << 20);
-    let dev = if args.iter().any(|a| a == "--preallocate") {
+    let dev = if let Some(existing) = arg(args, "--existing") {
+        // an existing, fully written file (as a block device, or a pool file in use, is): the file system allocates
+        // nothing during the run, as for fio's pre-written raw file; the pool is created over whatever it held
+        let path = PathBuf::from(existing);
+        match kind.as_str() {
+            "direct" => Arc::new(FileDevice::open_direct(&path)?) as Arc<dyn Device>,
+            "uring" => Arc::new(UringDevice::open(&path)?),
+            _ => Arc::new(FileDevice::open(&path)?),
+        }
+    } else if args.iter().any(|a| a == "--preallocate") {
         // allocate the file's blocks first (as a raw image that has been written once is), then open it
         let _ = std::fs::remove_file(&path);
         let st = std::process::Command::new("fallocate").arg("-l").arg(pool_bytes.to_string()).arg(&path).status()?;
@@ -128,7 +138,9 @@ fn io(args: &[String]) -> Result<()> {
         stats.blocks_written
     );
     drop(pool);
-    let _ = std::fs::remove_file(&path);
+    if arg(args, "--existing").is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
     Ok(())
 }
 
