@@ -34,8 +34,9 @@ pub const MAX_VOLUME_SIZE_BYTES: u64 = 1 << 50;
 pub const MAX_VOLUMES: usize = 100_000;
 /// Largest read or write request.
 pub const MAX_IO_BYTES: u64 = 32 << 20;
-/// Log written between two automatic checkpoints when none is given: bounds recovery time.
-pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 256 << 20;
+/// Log written between two automatic checkpoints when none is given: bounds recovery time (replaying 1 GiB takes
+/// 0.25-0.4 s here; see benches/RESULTS.md).
+pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 1 << 30;
 /// Most dirty metadata blocks (tree nodes and table pages) before an automatic checkpoint.
 pub const MAX_DIRTY_METADATA_BLOCKS: u64 = 4096;
 

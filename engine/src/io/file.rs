@@ -148,6 +148,11 @@ impl Device for FileDevice {
     fn sync(&self) -> Result<()> {
         self.file.sync_data().map_err(|e| Error::io("sync", 0, 0, e))
     }
+
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        Some(self.file.as_raw_fd())
+    }
 }
 
 #[cfg(test)]

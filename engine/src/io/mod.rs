@@ -30,6 +30,12 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Return once every write completed before the call is on stable storage.
     fn sync(&self) -> Result<()>;
+    /// The open file behind the device, for the log's io_uring writer, which submits several writes at once. Only
+    /// devices whose `write_at` is a plain positioned write of the same bytes may return one (the writer's buffers
+    /// are aligned for O_DIRECT). `None`: writes go through `write_at`.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// A zero-filled byte buffer whose start is aligned to [`DIRECT_IO_ALIGN`], as O_DIRECT I/O requires. Built without

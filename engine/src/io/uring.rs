@@ -148,6 +148,10 @@ impl Device for UringDevice {
         }
     }
 
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+
     fn sync(&self) -> Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
         let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();

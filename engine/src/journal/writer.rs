@@ -1,6 +1,9 @@
 //! Background log writers: sealed batches are written by a few threads while the engine builds the next batch, so
 //! log appends overlap with index work and several writes reach the device at once. Every bound is a named constant.
 //!
+//! On a file (a device with a raw fd) one thread keeps up to [`MAX_INFLIGHT_BATCHES`] writes in flight through
+//! io_uring, as fio does; on other devices (the simulated one) writer threads call `write_at`.
+//!
 //! Until a write completes, its buffer stays readable through [`Pipeline::read_buffered`]. A flush or checkpoint
 //! waits for every write in flight ([`Pipeline::drain`]) before it syncs. A failed write is reported by the next call
 //! that waits for it, and the pool then fails.
@@ -76,7 +79,17 @@ impl Pipeline {
         } else {
             let (tx, rx) = mpsc::sync_channel::<Job>(MAX_INFLIGHT_BATCHES);
             let rx = Arc::new(Mutex::new(rx));
-            for i in 0..threads {
+            let uring = dev.raw_fd().and_then(|fd| io_uring::IoUring::new(URING_ENTRIES).ok().map(|r| (fd, r)));
+            if let Some((fd, ring)) = uring {
+                let (rx, done_tx, dev) = (rx.clone(), done_tx.clone(), dev.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("blockmesh-log-uring".into())
+                    .spawn(move || uring_jobs(&*dev, fd, ring, &rx, &done_tx));
+                if let Ok(h) = spawned {
+                    handles.push(h);
+                }
+            }
+            for i in 0..if handles.is_empty() { threads } else { 0 } {
                 let rx = rx.clone();
                 let done_tx: Sender<Done> = done_tx.clone();
                 let dev = dev.clone();
@@ -176,6 +189,100 @@ impl Drop for Pipeline {
         self.jobs = None; // the writers see the channel close and stop
         for h in self.threads.drain(..) {
             let _ = h.join();
+        }
+    }
+}
+
+/// Ring size of the io_uring writer.
+const URING_ENTRIES: u32 = 2 * MAX_INFLIGHT_BATCHES as u32;
+
+fn submit_write(ring: &mut io_uring::IoUring, fd: std::os::fd::RawFd, job: &Job, done_bytes: usize) -> bool {
+    use io_uring::{opcode, types};
+    let rest = &job.buf.as_slice()[done_bytes..job.len];
+    let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
+        .offset(job.pba * BLOCK_SIZE + done_bytes as u64)
+        .build()
+        .user_data(job.id);
+    // SAFETY: the buffer belongs to `job`, which the caller keeps in its in-flight table (holding an Arc on the
+    // buffer) until this entry's completion has been reaped; the writer never leaves while entries are in flight,
+    // so the kernel only ever reads memory that is alive and unchanged (a sealed batch buffer is never written).
+    unsafe { ring.submission().push(&entry).is_ok() }
+}
+
+/// The io_uring writer: up to [`MAX_INFLIGHT_BATCHES`] writes in flight from one thread; short writes continue.
+fn uring_jobs(
+    dev: &dyn Device,
+    fd: std::os::fd::RawFd,
+    mut ring: io_uring::IoUring,
+    rx: &Mutex<Receiver<Job>>,
+    done: &Sender<Done>,
+) {
+    use std::collections::HashMap;
+    use std::sync::mpsc::TryRecvError;
+    let mut inflight: HashMap<u64, (Job, usize)> = HashMap::new();
+    let mut closed = false;
+    let fail = |job: &Job, e: std::io::Error| Error::io("write", job.pba * BLOCK_SIZE, job.len as u64, e);
+    loop {
+        while inflight.len() < MAX_INFLIGHT_BATCHES && !closed {
+            let next = if inflight.is_empty() {
+                rx.lock().recv().map_err(|_| TryRecvError::Disconnected)
+            } else {
+                rx.lock().try_recv()
+            };
+            match next {
+                Ok(job) => {
+                    if submit_write(&mut ring, fd, &job, 0) {
+                        inflight.insert(job.id, (job, 0));
+                    } else {
+                        // no room in the ring (cannot happen with its size): write it here instead
+                        let result = dev.write_at(&job.buf.as_slice()[..job.len], job.pba * BLOCK_SIZE);
+                        let _ = done.send(Done { id: job.id, result });
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => closed = true,
+            }
+        }
+        if inflight.is_empty() {
+            if closed {
+                return;
+            }
+            continue;
+        }
+        if let Err(e) = ring.submit_and_wait(1) {
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            // the ring is unusable: finish what is in flight synchronously and report it
+            for (_, (job, n)) in inflight.drain() {
+                let result = dev.write_at(&job.buf.as_slice()[n..job.len], job.pba * BLOCK_SIZE + n as u64);
+                let _ = done.send(Done { id: job.id, result });
+            }
+            continue;
+        }
+        let completions: Vec<(u64, i32)> = ring.completion().map(|c| (c.user_data(), c.result())).collect();
+        for (id, res) in completions {
+            let Some((job, n)) = inflight.get_mut(&id) else { continue };
+            let outcome = if res < 0 {
+                Some(Err(fail(job, std::io::Error::from_raw_os_error(-res))))
+            } else if res == 0 {
+                Some(Err(fail(job, std::io::Error::other("device wrote nothing"))))
+            } else {
+                *n += res as usize;
+                if *n >= job.len {
+                    Some(Ok(()))
+                } else if submit_write(&mut ring, fd, job, *n) {
+                    None // a short write: the rest is in flight now
+                } else {
+                    Some(Err(fail(job, std::io::Error::other("io_uring submission queue full"))))
+                }
+            };
+            if let Some(result) = outcome {
+                if let Some((job, _)) = inflight.remove(&id) {
+                    drop(job.buf);
+                    let _ = done.send(Done { id, result });
+                }
+            }
         }
     }
 }
