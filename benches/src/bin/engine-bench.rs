@@ -254,7 +254,11 @@ fn versioning(args: &[String]) -> Result<()> {
     let gib = num(args, "--gib", 10)?;
     let secs = num(args, "--seconds", 3)? as f64;
     let size = gib << 30;
-    let pool = Pool::create(device(&path, size * 2 + (2 << 30), "file")?, PoolOptions::default())?;
+    let mut opts = PoolOptions::default();
+    if let Some(mib) = arg(args, "--checkpoint-mib") {
+        opts.checkpoint_interval_bytes = mib.parse::<u64>()? << 20;
+    }
+    let pool = Pool::create(device(&path, size * 2 + (2 << 30), "file")?, opts)?;
     let vol = pool.create_volume("v", size)?;
     let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
     let mut snap_1g = Vec::new();
@@ -309,6 +313,8 @@ fn versioning(args: &[String]) -> Result<()> {
     }
     pool.checkpoint()?;
     let before = rand_ops(&w, 1 << 30, secs, true, 1)?;
+    // each phase starts from a clean checkpoint, so neither pays for the other's dirty metadata
+    pool.checkpoint()?;
     pool.snapshot(&[("w", "w0")])?;
     let after = rand_ops(&w, 1 << 30, secs, true, 2)?;
     // 4K random reads at the head of 32 snapshots (each followed by writes) against no history
