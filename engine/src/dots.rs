@@ -271,6 +271,19 @@ impl State {
         self.index.free_tree(dev, s.root)
     }
 
+    /// Remove a branch and free its head volumes.
+    fn remove_branch(&mut self, dev: &dyn Device, dot: u64, branch: &str) -> Result<()> {
+        let old = self
+            .dot_mut(dot)?
+            .branches
+            .remove(branch)
+            .ok_or_else(|| Error::corrupt("log", 0, "a branch of the dot", branch))?;
+        for vid in old.volumes.values() {
+            self.drop_volume(dev, *vid)?;
+        }
+        Ok(())
+    }
+
     /// New head volumes for `branch`, cloned from the snapshots of `commit` of this dot.
     fn clone_heads(&mut self, dot: u64, branch: &str, commit: &RawCommitId, vols: &[(String, u64)]) -> Result<()> {
         let snaps = self
@@ -399,10 +412,8 @@ impl State {
                 let c = CommitState { seq, branch: branch.clone(), meta: meta.clone(), snapshots: snaps.clone() };
                 d.commits.insert(*commit, c);
                 if !heads.is_empty() {
-                    if let Some(old) = self.dot_mut(dot)?.branches.remove(branch) {
-                        for vid in old.volumes.values() {
-                            self.drop_volume(dev, *vid)?;
-                        }
+                    if self.dot(dot)?.branches.contains_key(branch) {
+                        self.remove_branch(dev, dot, branch)?;
                     }
                     self.heads_from(dot, branch, Some(*commit), &snaps, heads)?;
                 }
@@ -469,26 +480,10 @@ impl State {
                 d.current = branch.clone();
             }
             DotOp::Reset { branch, commit, volumes } => {
-                let old = self
-                    .dot_mut(dot)?
-                    .branches
-                    .remove(branch)
-                    .ok_or_else(|| Error::corrupt("log", 0, "a branch of the dot", branch))?;
-                for vid in old.volumes.values() {
-                    self.drop_volume(dev, *vid)?;
-                }
+                self.remove_branch(dev, dot, branch)?;
                 self.clone_heads(dot, branch, commit, volumes)?;
             }
-            DotOp::DeleteBranch { branch } => {
-                let old = self
-                    .dot_mut(dot)?
-                    .branches
-                    .remove(branch)
-                    .ok_or_else(|| Error::corrupt("log", 0, "a branch of the dot", branch))?;
-                for vid in old.volumes.values() {
-                    self.drop_volume(dev, *vid)?;
-                }
-            }
+            DotOp::DeleteBranch { branch } => self.remove_branch(dev, dot, branch)?,
             DotOp::DeleteCommit { commit } => {
                 let c = self
                     .dot_mut(dot)?

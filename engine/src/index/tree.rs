@@ -392,32 +392,30 @@ impl Index {
 
     /// First block at or after `from` that maps data, if any.
     pub(crate) fn first_data_at_or_after(&mut self, dev: &dyn Device, root: Root, from: u64) -> Result<Option<u64>> {
+        self.first_matching(dev, root, from, |m| m.kind == MappingKind::Data)
+    }
+
+    /// First block at or after `from` whose mapping satisfies `want`.
+    fn first_matching(
+        &mut self,
+        dev: &dyn Device,
+        root: Root,
+        from: u64,
+        want: impl Fn(Mapping) -> bool,
+    ) -> Result<Option<u64>> {
         if root.vbn == 0 {
             return Ok(None);
         }
-        self.first_data_below(dev, root.vbn, root.height - 1, 0, from)
-    }
-
-    fn first_data_below(&mut self, dev: &dyn Device, vbn: u64, level: u8, base: u64, from: u64) -> Result<Option<u64>> {
-        self.load(dev, vbn)?;
-        let span = 1u64 << (FANOUT_BITS * u32::from(level));
-        for i in 0..FANOUT {
-            let lo = base + i as u64 * span;
-            if lo + span <= from {
-                continue;
+        let mut found = None;
+        self.scan(dev, root.vbn, root.height - 1, 0, from, &mut |b, m| {
+            if want(m) {
+                found = Some(b);
+                false
+            } else {
+                true
             }
-            let s = self.node(vbn)[i];
-            if level == 0 {
-                if Mapping::from_slot(s).kind == MappingKind::Data {
-                    return Ok(Some(lo));
-                }
-            } else if s.a != 0 {
-                if let Some(b) = self.first_data_below(dev, s.a, level - 1, lo, from)? {
-                    return Ok(Some(b));
-                }
-            }
-        }
-        Ok(None)
+        })?;
+        Ok(found)
     }
 
     /// Drop every mapping at or after block `from` (to holes), freeing what they referenced.
@@ -432,19 +430,7 @@ impl Index {
 
     /// First block at or after `from` that is not a hole.
     fn first_mapped_at_or_after(&mut self, dev: &dyn Device, root: Root, from: u64) -> Result<Option<u64>> {
-        if root.vbn == 0 {
-            return Ok(None);
-        }
-        let mut found = None;
-        self.scan(dev, root.vbn, root.height - 1, 0, from, &mut |b, m| {
-            if m.kind != MappingKind::Hole {
-                found = Some(b);
-                false
-            } else {
-                true
-            }
-        })?;
-        Ok(found)
+        self.first_matching(dev, root, from, |m| m.kind != MappingKind::Hole)
     }
 
     /// Visit leaf mappings at or after `from` in block order until `f` returns false.

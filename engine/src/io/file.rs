@@ -80,16 +80,7 @@ impl FileDevice {
     }
 
     fn check_range(&self, op: &'static str, offset: u64, len: usize) -> Result<()> {
-        let end = offset.checked_add(len as u64);
-        match end {
-            Some(end) if end <= self.size_bytes => Ok(()),
-            _ => Err(Error::io(
-                op,
-                offset,
-                len as u64,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "beyond the end of the device"),
-            )),
-        }
+        super::check_range(self.size_bytes, op, offset, len)
     }
 }
 

@@ -38,6 +38,19 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// An I/O error unless `[offset, offset + len)` lies inside a device of `size_bytes`.
+pub(crate) fn check_range(size_bytes: u64, op: &'static str, offset: u64, len: usize) -> Result<()> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size_bytes => Ok(()),
+        _ => Err(crate::Error::io(
+            op,
+            offset,
+            len as u64,
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "beyond the end of the device"),
+        )),
+    }
+}
+
 /// A zero-filled byte buffer whose start is aligned to [`DIRECT_IO_ALIGN`], as O_DIRECT I/O requires. Built without
 /// `unsafe`: it over-allocates and starts at the first aligned byte.
 pub struct AlignedBuf {

@@ -55,15 +55,7 @@ impl UringDevice {
     }
 
     fn check_range(&self, op: &'static str, offset: u64, len: usize) -> Result<()> {
-        match offset.checked_add(len as u64) {
-            Some(end) if end <= self.size_bytes => Ok(()),
-            _ => Err(Error::io(
-                op,
-                offset,
-                len as u64,
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "beyond the end of the device"),
-            )),
-        }
+        super::check_range(self.size_bytes, op, offset, len)
     }
 
     /// Submit one entry and wait for its completion; returns the result (bytes, or 0 for fsync).
