@@ -437,6 +437,43 @@ fn streams(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// 4K random writes on a 1 GiB volume before and after a snapshot, `--seconds` each (for profiling one phase,
+/// `--phase before|after` writes only there after the setup).
+fn snapwrite(args: &[String]) -> Result<()> {
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let secs = num(args, "--seconds", 5)? as f64;
+    let phase = arg(args, "--phase").unwrap_or_default();
+    let dev: Arc<dyn Device> = match arg(args, "--existing") {
+        Some(f) => Arc::new(FileDevice::open(&PathBuf::from(f))?),
+        None => device(&path, 16 << 30, "file")?,
+    };
+    let pool = Pool::create(dev, PoolOptions::default())?;
+    let w = pool.create_volume("w", 1 << 30)?;
+    let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
+    for off in (0..(1u64 << 30)).step_by(1 << 20) {
+        w.write(off, &chunk)?;
+    }
+    pool.checkpoint()?;
+    let g0 = pool.stats();
+    let before = if phase == "after" { 0.0 } else { rand_ops(&w, 1 << 30, secs, true, 1)? };
+    let g1 = pool.stats();
+    pool.checkpoint()?;
+    pool.snapshot(&[("w", "w0")])?;
+    let g2 = pool.stats();
+    let after = if phase == "before" { 0.0 } else { rand_ops(&w, 1 << 30, secs, true, 2)? };
+    let g3 = pool.stats();
+    println!(
+        "{{\"before\":{before:.0},\"after\":{after:.0},\"checkpoints_before\":{},\"checkpoints_after\":{},\"blocks_written_before\":{},\"blocks_written_after\":{}}}",
+        g1.generation - g0.generation,
+        g3.generation - g2.generation,
+        g1.blocks_written - g0.blocks_written,
+        g3.blocks_written - g2.blocks_written
+    );
+    drop(pool);
+    let _ = std::fs::remove_file(&path);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -446,6 +483,7 @@ fn main() -> Result<()> {
         Some("open-rss") => open_rss(&args),
         Some("versioning") => versioning(&args),
         Some("streams") => streams(&args),
+        Some("snapwrite") => snapwrite(&args),
         _ => bail!("usage: engine-bench io|recovery|idle-memory ... (see the source header)"),
     }
 }
