@@ -37,10 +37,12 @@ engine_run() { # name workload bs device [label extra-args...]
 import json,sys
 j=json.loads(sys.stdin.read()); j['who']='$label'; j['workload']='$name'; print(json.dumps(j))"
 }
-# A pool file written whole beforehand, like fio's raw file: no file-system allocation during the runs. Large
-# enough that random overwrites never need the (not yet written) segment cleaner within a run.
-prewritten="$work/prewritten.img"
-dd if=/dev/zero of="$prewritten" bs=8M count=1024 status=none conv=fsync
+# Pool files written whole beforehand, like fio's raw file: no file-system allocation during the runs. Large
+# enough that random overwrites never need the (not yet written) segment cleaner within a run. One per I/O mode:
+# O_DIRECT writes to a file whose pages a buffered run left in the page cache fail (the kernel reports EIO).
+for mode in file direct; do
+  dd if=/dev/zero of="$work/prewritten-$mode.img" bs=8M count=1024 status=none conv=fsync
+done
 for spec in "4k-randwrite randwrite 4096 16" "4k-randread randread 4096 16" "1m-seqwrite write 1048576 4" "1m-seqread read 1048576 4"; do
   set -- $spec
   fio_run "$1" "$2" "$3" "$4" >> "$out"
@@ -48,11 +50,11 @@ for spec in "4k-randwrite randwrite 4096 16" "4k-randread randread 4096 16" "1m-
   for dev in file direct; do engine_run "$1" "$ew" "$3" "$dev" >> "$out"; done
   case "$1" in *write)
     for dev in file direct; do
-      engine_run "$1" "$ew" "$3" "$dev" "engine ($dev, pre-written pool file)" --existing "$prewritten" >> "$out"
+      engine_run "$1" "$ew" "$3" "$dev" "engine ($dev, pre-written pool file)" --existing "$work/prewritten-$dev.img" >> "$out"
     done;;
   esac
 done
-rm -f "$raw" "$prewritten"
+rm -f "$raw" "$work"/prewritten-*.img
 "$bench" recovery --path "$work/recovery-pool" --gib 1 > "$work/recovery.json"
 "$bench" idle-memory --path "$work/idle-pool" --volumes 10000 > "$work/idle.json"
 "$bench" versioning --path "$work/versioning-pool" --gib 10 --seconds "$secs" > "$work/versioning.json"
