@@ -13,6 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
+use parking_lot::RwLock;
+
 use crate::format::checkpoint::DotRecord;
 use crate::format::ops::{CommitMeta, DotOp, Op, RawCommitId, MAX_SNAPSHOT_VOLUMES};
 use crate::format::record::BODY_CAPACITY_BYTES;
@@ -547,8 +549,8 @@ impl State {
         }
     }
 
-    /// Log and apply a dot op, refusing one too large for a log record.
-    pub(crate) fn log_dot(&mut self, dev: &dyn Device, dot: u64, change: DotOp) -> Result<()> {
+    /// Log and apply a dot op (after making room for it), refusing one too large for a log record.
+    pub(crate) fn log_dot(&mut self, dev: &dyn Device, gate: &RwLock<()>, dot: u64, change: DotOp) -> Result<()> {
         let op = Op::Dot { dot, change };
         if op.encoded_len() > BODY_CAPACITY_BYTES {
             return Err(Error::Limit(format!(
@@ -557,7 +559,7 @@ impl State {
                 op.encoded_len()
             )));
         }
-        self.log_apply(dev, op, None)
+        self.log_meta(dev, gate, op)
     }
 
     pub(crate) fn commit_of(&self, dot: u64, id: CommitId) -> Result<&CommitState> {
@@ -610,8 +612,7 @@ impl Pool {
         let dot = st.next_volume_id;
         let subdots =
             subdots.iter().enumerate().map(|(i, (s, size))| (s.to_string(), dot + 1 + i as u64, *size)).collect();
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, dot, DotOp::Create { name: name.to_string(), subdots })
+        st.log_dot(dev, &self.inner.reuse_gate, dot, DotOp::Create { name: name.to_string(), subdots })
     }
 
     /// Add an empty subdot to the dot's current branch.
@@ -631,8 +632,7 @@ impl Pool {
             return Err(Error::Limit(format!("a dot has at most {MAX_SNAPSHOT_VOLUMES} subdots")));
         }
         let volume = st.next_volume_id;
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::AddSubdot { subdot: subdot.to_string(), volume, size_bytes })
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::AddSubdot { subdot: subdot.to_string(), volume, size_bytes })
     }
 
     /// Every dot, by name.
@@ -700,8 +700,7 @@ impl Pool {
         });
         let meta =
             CommitMeta { parents, time_unix_secs, author: req.author, message: req.message, metadata: req.metadata };
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::Commit { commit: commit.0, branch, meta, snapshots })?;
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::Commit { commit: commit.0, branch, meta, snapshots })?;
         Ok(commit)
     }
 
@@ -755,8 +754,7 @@ impl Pool {
         let first = st.next_volume_id;
         let volumes =
             st.commit_of(id, from)?.snapshots.keys().enumerate().map(|(i, s)| (s.clone(), first + i as u64)).collect();
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::Branch { branch: branch.to_string(), from: from.0, volumes })
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::Branch { branch: branch.to_string(), from: from.0, volumes })
     }
 
     /// Make `branch` the dot's current branch.
@@ -768,8 +766,7 @@ impl Pool {
         if !st.dot(id)?.branches.contains_key(branch) {
             return Err(Error::NoSuchBranch(format!("{dot} {branch}")));
         }
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::Checkout { branch: branch.to_string() })
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::Checkout { branch: branch.to_string() })
     }
 
     /// Reset a branch's heads to `commit` (`git reset --hard`): writes since are dropped; commits stay.
@@ -789,8 +786,12 @@ impl Pool {
             .enumerate()
             .map(|(i, s)| (s.clone(), first + i as u64))
             .collect();
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::Reset { branch: branch.to_string(), commit: commit.0, volumes })?;
+        st.log_dot(
+            dev,
+            &self.inner.reuse_gate,
+            id,
+            DotOp::Reset { branch: branch.to_string(), commit: commit.0, volumes },
+        )?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -807,8 +808,7 @@ impl Pool {
         if d.current == branch {
             return Err(Error::InvalidArgument(format!("{branch} is the current branch of {dot}; check out another")));
         }
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::DeleteBranch { branch: branch.to_string() })?;
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::DeleteBranch { branch: branch.to_string() })?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -826,8 +826,7 @@ impl Pool {
         if d.commits.values().any(|c| c.meta.parents.contains(&commit.0)) {
             return Err(Error::InvalidArgument(format!("commit {commit} is the parent of another commit")));
         }
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::DeleteCommit { commit: commit.0 })?;
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::DeleteCommit { commit: commit.0 })?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -837,8 +836,7 @@ impl Pool {
         let mut st = self.inner.state.lock();
         st.check_writable()?;
         let id = st.dot_id(dot)?;
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_dot(dev, id, DotOp::Delete)?;
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::Delete)?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -860,9 +858,8 @@ impl Pool {
             .enumerate()
             .map(|(i, s)| (s.clone(), id + 1 + i as u64))
             .collect();
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
         let change = DotOp::Clone { name: new_dot.to_string(), from_dot: src, commit: commit.0, volumes };
-        st.log_dot(dev, id, change)
+        st.log_dot(dev, &self.inner.reuse_gate, id, change)
     }
 
     /// What changed in a subdot (`None`: `__default__`) from commit `from` to commit `to` (the live head of the

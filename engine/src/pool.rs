@@ -394,8 +394,8 @@ impl Pool {
             return Err(Error::Limit(format!("a pool holds at most {MAX_VOLUMES} volumes")));
         }
         let id = st.next_volume_id;
-        st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
-        st.log_apply(&*self.inner.dev, Op::CreateVolume { volume: id, size_bytes, name: name.to_string() }, None)?;
+        let op = Op::CreateVolume { volume: id, size_bytes, name: name.to_string() };
+        st.log_meta(&*self.inner.dev, &self.inner.reuse_gate, op)?;
         drop(st);
         Ok(Volume::new(self.inner.clone(), Target::Volume(id), name.to_string()))
     }
@@ -428,8 +428,7 @@ impl Pool {
             }
             entries.push((id, st.next_volume_id + i as u64, name.to_string()));
         }
-        st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
-        st.log_apply(&*self.inner.dev, Op::Snapshot { entries }, None)
+        st.log_meta(&*self.inner.dev, &self.inner.reuse_gate, Op::Snapshot { entries })
     }
 
     /// Every snapshot, by name.
@@ -466,9 +465,8 @@ impl Pool {
             return Err(Error::Limit(format!("a pool holds at most {MAX_VOLUMES} volumes")));
         }
         let id = st.next_volume_id;
-        st.ensure_room(&*self.inner.dev, &self.inner.reuse_gate, 2)?;
         let op = Op::CloneSnapshot { snapshot: sid, volume: id, name: new_volume.to_string() };
-        st.log_apply(&*self.inner.dev, op, None)?;
+        st.log_meta(&*self.inner.dev, &self.inner.reuse_gate, op)?;
         drop(st);
         Ok(Volume::new(self.inner.clone(), Target::Volume(id), new_volume.to_string()))
     }
@@ -479,8 +477,7 @@ impl Pool {
         let mut st = self.inner.state.lock();
         st.check_writable()?;
         let id = st.snapshot_id(name)?;
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_apply(dev, Op::DeleteSnapshot { snapshot: id }, None)?;
+        st.log_meta(dev, &self.inner.reuse_gate, Op::DeleteSnapshot { snapshot: id })?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -548,8 +545,7 @@ impl Pool {
                 st.zero_partial(dev, id, size_bytes, end)?;
             }
         }
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_apply(dev, Op::ResizeVolume { volume: id, size_bytes }, None)?;
+        st.log_meta(dev, &self.inner.reuse_gate, Op::ResizeVolume { volume: id, size_bytes })?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -559,8 +555,7 @@ impl Pool {
         let mut st = self.inner.state.lock();
         st.check_writable()?;
         let id = st.volume_id(name)?;
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
-        st.log_apply(dev, Op::DeleteVolume { volume: id }, None)?;
+        st.log_meta(dev, &self.inner.reuse_gate, Op::DeleteVolume { volume: id })?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
@@ -793,7 +788,8 @@ impl State {
     }
 
     fn settle_released(&mut self) {
-        for pba in std::mem::take(&mut self.index.released) {
+        // drained in place: the buffer is kept for the next op (this runs after every logged op)
+        for pba in self.index.released.drain(..) {
             self.segs.release(pba);
         }
     }
@@ -918,6 +914,12 @@ impl State {
             Err(e) => return Err(self.fail(e)),
         };
         self.apply(dev, &op, pba)
+    }
+
+    /// Log and apply a metadata op (no data block), after making room for it.
+    pub(crate) fn log_meta(&mut self, dev: &dyn Device, gate: &RwLock<()>, op: Op) -> Result<()> {
+        self.ensure_room(dev, gate, 2)?;
+        self.log_apply(dev, op, None)
     }
 
     /// Log and apply a write of one whole block.

@@ -522,7 +522,6 @@ impl Pool {
         } else {
             Vec::new()
         };
-        st.ensure_room(dev, &self.inner.reuse_gate, 2)?;
         let change = DotOp::Receive {
             name: h.dot.clone(),
             branch: h.branch.clone(),
@@ -531,7 +530,7 @@ impl Pool {
             staged: staged_ops,
             heads,
         };
-        st.log_dot(dev, dot, change)?;
+        st.log_dot(dev, &self.inner.reuse_gate, dot, change)?;
         drop(st);
         self.flush()
     }
