@@ -1,2 +1,32 @@
 //! `blockmesh-nbd`: an NBD protocol server for any export behind a trait.
+//!
+//! - [`proto`]: wire constants and layouts of the protocol (fixed newstyle, structured replies, block status).
+//! - [`export`]: the [`Export`] trait the server serves, the [`Exports`] registry, and [`MemoryExport`].
+//! - `handshake`: option haggling, STARTTLS, export choice.
+//! - `transmission`: concurrent request processing with bounded in-flight requests and buffer memory.
+//! - [`server`]: TCP and Unix-domain listeners, and [`Server::serve_stream`] for any byte stream.
+//! - [`tls`]: x509 certificates for STARTTLS.
+//!
+//! The crate knows nothing of the storage engine: the daemon implements [`Export`] over engine volumes.
 #![forbid(unsafe_code)]
+
+pub mod buffers;
+mod error;
+pub mod export;
+mod handshake;
+pub mod proto;
+pub mod server;
+pub mod tls;
+mod transmission;
+
+pub use error::{Error, Result};
+pub use export::{
+    BlockSizes, ErrorKind, Export, ExportError, ExportListing, ExportMap, ExportResult, Exports, Extent, ExtentKind,
+    MemoryExport, ZeroFlags, MAX_PAYLOAD_BYTES,
+};
+pub use handshake::{BASE_ALLOCATION_ID, MAX_META_QUERIES, MAX_OPTIONS_PER_HANDSHAKE, MAX_OPTION_BYTES};
+pub use server::{Server, ServerConfig, Stream, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
+pub use tls::TlsMode;
+pub use transmission::{
+    HOLE_CHUNK_MIN_BYTES, MAX_BLOCK_STATUS_DESCRIPTORS, MAX_INFLIGHT_BUFFER_BYTES, MAX_INFLIGHT_REQUESTS,
+};

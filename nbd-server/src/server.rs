@@ -1,0 +1,137 @@
+//! The server: configuration, listeners (TCP and Unix-domain), and one task per connection.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsAcceptor;
+
+use crate::buffers::BufPool;
+use crate::export::Exports;
+use crate::tls::TlsMode;
+use crate::{handshake, transmission, Error, Result};
+
+/// How long a client may take from connecting to choosing an export.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most connections a listener serves at once; further clients wait in the kernel's accept queue.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// A byte stream the server can speak NBD over: a socket, a TLS session, or an in-process pipe.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Stream for T {}
+
+pub(crate) type BoxStream = Box<dyn Stream>;
+
+/// Server settings.
+#[derive(Clone, Default)]
+pub struct ServerConfig {
+    /// Certificate and key for `NBD_OPT_STARTTLS` (see [`crate::tls::server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Whether TLS is off, offered, or required. `Optional` and `Required` need `tls`.
+    pub tls_mode: TlsMode,
+    /// Handshake time limit; `None` means [`DEFAULT_HANDSHAKE_TIMEOUT`].
+    pub handshake_timeout: Option<Duration>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("tls", &self.tls.is_some())
+            .field("tls_mode", &self.tls_mode)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub exports: Arc<dyn Exports>,
+    pub config: ServerConfig,
+    pub tls: Option<TlsAcceptor>,
+    pub pool: Arc<BufPool>,
+}
+
+/// An NBD server over a set of exports. Cheap to clone; clones share buffers and configuration.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("config", &self.shared.config).finish()
+    }
+}
+
+impl Server {
+    /// A server for `exports`. Fails when TLS is asked for without a certificate.
+    pub fn new(exports: Arc<dyn Exports>, config: ServerConfig) -> Result<Self> {
+        if config.tls_mode != TlsMode::Off && config.tls.is_none() {
+            return Err(Error::Config(format!("TLS mode {:?} needs a certificate and key", config.tls_mode)));
+        }
+        let tls = config.tls.clone().map(TlsAcceptor::from);
+        Ok(Self { shared: Arc::new(Shared { exports, config, tls, pool: Arc::new(BufPool::new()) }) })
+    }
+
+    /// Serves one client on any byte stream, from the greeting to the end of transmission.
+    pub async fn serve_stream<S: Stream>(&self, stream: S) -> Result<()> {
+        let timeout = self.shared.config.handshake_timeout.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+        let negotiated = tokio::time::timeout(timeout, handshake::negotiate(Box::new(stream), &self.shared))
+            .await
+            .map_err(|_| Error::HandshakeTimeout(timeout))??;
+        match negotiated {
+            Some(n) => transmission::serve(n, self.shared.pool.clone()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Accepts TCP clients forever (until the task is dropped), each on its own task.
+    pub async fn serve_tcp(&self, listener: TcpListener) -> Result<()> {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let slot = slots.clone().acquire_owned().await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            let (stream, peer) = listener.accept().await?;
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve_stream(stream).await {
+                    tracing::info!(%peer, error = %e, "connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    /// Accepts Unix-domain clients forever (until the task is dropped), each on its own task.
+    pub async fn serve_unix(&self, listener: UnixListener) -> Result<()> {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let slot = slots.clone().acquire_owned().await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
+            let (stream, _) = listener.accept().await?;
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.serve_stream(stream).await {
+                    tracing::info!(error = %e, "connection ended with an error");
+                }
+                drop(slot);
+            });
+        }
+    }
+
+    /// Binds a Unix-domain socket, replacing a stale socket file left by an earlier run.
+    pub fn bind_unix(path: &Path) -> Result<UnixListener> {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if meta.file_type().is_socket() {
+                std::fs::remove_file(path)?;
+            } else {
+                return Err(Error::Config(format!("{} exists and is not a socket", path.display())));
+            }
+        }
+        Ok(UnixListener::bind(path)?)
+    }
+}
