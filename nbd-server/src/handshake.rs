@@ -45,6 +45,17 @@ struct Haggle {
     tls: bool,
 }
 
+impl Haggle {
+    /// The `base:allocation` context id for `export`, if it was selected for that export (contexts set for another
+    /// export do not carry over).
+    fn context_for(&self, export: &str) -> Option<u32> {
+        match &self.meta {
+            Some((name, true)) if name == export && self.structured => Some(BASE_ALLOCATION_ID),
+            _ => None,
+        }
+    }
+}
+
 /// Reads a big-endian u32 out of `data` at `at`, or `None` when too short.
 fn get_u32(data: &[u8], at: usize) -> Option<u32> {
     let b = data.get(at..at.checked_add(4)?)?;
@@ -226,10 +237,7 @@ pub(crate) async fn negotiate(mut s: BoxStream, shared: &Shared) -> Result<Optio
                     continue;
                 };
                 let structured = h.structured;
-                let base_allocation = match &h.meta {
-                    Some((meta_name, true)) if *meta_name == name && structured => Some(BASE_ALLOCATION_ID),
-                    _ => None,
-                };
+                let base_allocation = h.context_for(&name);
                 let size_bytes = export.size_bytes();
                 let flags = transmission_flags(export.as_ref(), structured);
                 let sizes = advertised_sizes(export.as_ref());
@@ -291,10 +299,7 @@ pub(crate) async fn negotiate(mut s: BoxStream, shared: &Shared) -> Result<Optio
                 }
                 s.write_all(&d).await?;
                 s.flush().await?;
-                let base_allocation = match &h.meta {
-                    Some((meta_name, true)) if *meta_name == name && h.structured => Some(BASE_ALLOCATION_ID),
-                    _ => None,
-                };
+                let base_allocation = h.context_for(&name);
                 let sizes = advertised_sizes(export.as_ref());
                 return Ok(Some(Negotiated {
                     stream: s,

@@ -113,6 +113,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         m.extend_from_slice(&(data.len() as u32).to_be_bytes());
         m.extend_from_slice(data);
         self.s.write_all(&m).await.unwrap();
+        self.s.flush().await.unwrap();
     }
 
     /// One option reply: (option, reply type, data).
@@ -189,6 +190,7 @@ impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> Client<S> {
         let h = RequestHeader { magic: REQUEST_MAGIC, flags, kind, cookie, offset, length };
         self.s.write_all(&h.encode()).await.unwrap();
         self.s.write_all(payload).await.unwrap();
+        self.s.flush().await.unwrap();
     }
 
     /// Reads one reply; a simple reply's data (for reads) is read by [`Client::read_data`].
