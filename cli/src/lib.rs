@@ -1,0 +1,8 @@
+//! `blockmesh`: the node daemon and its client. The library part holds what the daemon plugs together, so tests and
+//! benchmarks can use it without starting a process.
+//!
+//! - [`nbd_export`]: engine volumes, dot heads and commits as NBD exports.
+//! - [`size`]: human sizes on the command line (`10G`, `512M`).
+
+pub mod nbd_export;
+pub mod size;

@@ -1,0 +1,161 @@
+//! The `blockmesh` binary: `blockmesh serve` runs the node daemon (engine + NBD). The client subcommands and the
+//! control API arrive with issue #5.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use blockmesh::nbd_export::PoolExports;
+use blockmesh::size::parse_size;
+use blockmesh_engine::{Pool, PoolOptions};
+use blockmesh_nbd::{Server, ServerConfig, TlsMode};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Pool file name inside the data directory.
+const POOL_FILE: &str = "pool.bm";
+/// Unix socket name inside the data directory.
+const NBD_SOCKET: &str = "nbd.sock";
+
+#[derive(Parser, Debug)]
+#[command(name = "blockmesh", version, about = "git for block volumes: commits, branches and clones, served over NBD")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the node daemon: open (or create) the pool and serve its volumes over NBD.
+    Serve(ServeArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Tls {
+    /// Offer STARTTLS; clients may stay in the clear.
+    Optional,
+    /// Serve nothing in the clear.
+    Required,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Where the pool, socket and keys live [default: ./blockmesh-data, or /var/lib/blockmesh as root].
+    #[arg(long, env = "BLOCKMESH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The pool: a block device or an existing pool file [default: DATA_DIR/pool.bm, created sparse when missing].
+    #[arg(long)]
+    pool: Option<PathBuf>,
+    /// Size of a newly created pool file.
+    #[arg(long, default_value = "10G", value_parser = parse_size)]
+    pool_size: u64,
+    /// TCP address for NBD clients.
+    #[arg(long, default_value = "127.0.0.1:10809")]
+    nbd_listen: SocketAddr,
+    /// Unix socket for NBD clients [default: DATA_DIR/nbd.sock].
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    /// PEM certificate chain for NBD over TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for NBD over TLS.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that client certificates must chain to (clients without one are refused).
+    #[arg(long, requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Whether TLS is offered or required (with --tls-cert).
+    #[arg(long, value_enum, default_value = "required")]
+    tls: Tls,
+}
+
+fn default_data_dir() -> PathBuf {
+    // /proc/self belongs to the process's effective user: root when it is owned by uid 0.
+    let is_root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    if is_root {
+        PathBuf::from("/var/lib/blockmesh")
+    } else {
+        PathBuf::from("./blockmesh-data")
+    }
+}
+
+fn open_or_create_pool(path: &Path, size: u64, created_by_default: bool) -> Result<Pool> {
+    if path.exists() {
+        return Pool::open_file(path, PoolOptions::default())
+            .with_context(|| format!("opening pool {}", path.display()));
+    }
+    if !created_by_default {
+        bail!(
+            "pool {} does not exist; leave out --pool to create the default pool in the data directory",
+            path.display()
+        );
+    }
+    tracing::info!(path = %path.display(), size_bytes = size, "creating a new pool");
+    Pool::create_file(path, size, PoolOptions::default()).with_context(|| format!("creating pool {}", path.display()))
+}
+
+async fn shutdown_signal() -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let (pool_path, default_pool) = match args.pool {
+        Some(p) => (p, false),
+        None => (data_dir.join(POOL_FILE), true),
+    };
+    let pool = Arc::new(open_or_create_pool(&pool_path, args.pool_size, default_pool)?);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(blockmesh_nbd::tls::server_config(cert, key, args.tls_client_ca.as_deref())?),
+        _ => None,
+    };
+    let tls_mode = match (&tls, args.tls) {
+        (None, _) => TlsMode::Off,
+        (Some(_), Tls::Optional) => TlsMode::Optional,
+        (Some(_), Tls::Required) => TlsMode::Required,
+    };
+    let server =
+        Server::new(Arc::new(PoolExports::new(pool.clone())), ServerConfig { tls, tls_mode, handshake_timeout: None })?;
+    let socket = args.nbd_socket.unwrap_or_else(|| data_dir.join(NBD_SOCKET));
+    let unix = Server::bind_unix(&socket).with_context(|| format!("binding {}", socket.display()))?;
+    let tcp = tokio::net::TcpListener::bind(args.nbd_listen)
+        .await
+        .with_context(|| format!("binding {} (is another daemon running? use --nbd-listen)", args.nbd_listen))?;
+    println!(
+        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={} (Ctrl-C to stop)",
+        pool_path.display(),
+        args.nbd_listen,
+        socket.display()
+    );
+    let (s1, s2) = (server.clone(), server);
+    tokio::select! {
+        r = async move { s1.serve_tcp(tcp).await } => r?,
+        r = async move { s2.serve_unix(unix).await } => r?,
+        r = shutdown_signal() => r?,
+    }
+    tracing::info!("shutting down: flushing the pool");
+    let _ = std::fs::remove_file(&socket);
+    pool.flush().context("flushing the pool on shutdown")?;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "blockmesh=info,warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => rt.block_on(serve(args)),
+    }
+}

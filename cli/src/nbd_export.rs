@@ -1,0 +1,228 @@
+//! Engine volumes as NBD exports.
+//!
+//! Export names: `ns/dot` is the head of the dot's current branch (default subdot), `ns/dot.subdot` another subdot's
+//! head, `ns/dot@COMMIT` and `ns/dot.subdot@COMMIT` a commit, read-only. Plain volumes (not part of a dot) are
+//! exported under their own name. A checkout changes what new connections get; open connections keep the volume they
+//! negotiated.
+
+use std::sync::Arc;
+
+use blockmesh_engine::{CommitId, Pool, Volume, DEFAULT_SUBDOT, MAX_IO_BYTES};
+use blockmesh_nbd::{
+    BlockSizes, ErrorKind, Export, ExportError, ExportListing, ExportResult, Exports, Extent, ExtentKind, ZeroFlags,
+};
+
+/// Most bytes one `NBD_CMD_CACHE` prefetches; it is a hint, and a client asking for more gets this much warmed.
+pub const MAX_CACHE_PREFETCH_BYTES: u64 = 64 << 20;
+/// Read size used to prefetch.
+const CACHE_READ_BYTES: u64 = 1 << 20;
+
+/// Maps an engine error to the NBD error kind and a message.
+fn to_export_error(e: blockmesh_engine::Error) -> ExportError {
+    use blockmesh_engine::Error as E;
+    let kind = match &e {
+        E::ReadOnly(..) => ErrorKind::ReadOnly,
+        E::NoSpace(..) | E::Limit(..) => ErrorKind::NoSpace,
+        E::OutOfRange { .. } | E::Unaligned { .. } | E::InvalidArgument(..) => ErrorKind::Invalid,
+        _ => ErrorKind::Io,
+    };
+    if kind == ErrorKind::Io {
+        tracing::error!(error = %e, "volume I/O failed");
+    }
+    ExportError::new(kind, e.to_string())
+}
+
+/// One engine volume (a head, a commit or a plain volume) behind the NBD export trait.
+#[derive(Debug)]
+pub struct VolumeExport {
+    volume: Volume,
+    size_bytes: u64,
+    description: Option<String>,
+}
+
+impl VolumeExport {
+    /// Wraps a volume; its size is read now (the protocol fixes the size at negotiation).
+    pub fn new(volume: Volume, description: Option<String>) -> blockmesh_engine::Result<Self> {
+        let size_bytes = volume.size_bytes()?;
+        Ok(Self { volume, size_bytes, description })
+    }
+}
+
+impl Export for VolumeExport {
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn description(&self) -> Option<String> {
+        self.description.clone()
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.volume.is_read_only()
+    }
+
+    /// The engine's flush makes every acknowledged write of the whole pool durable, whichever connection wrote it.
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        BlockSizes { minimum_bytes: 512, preferred_bytes: 4096, maximum_bytes: MAX_IO_BYTES as u32 }
+    }
+
+    /// Zeroing is a metadata operation in the engine: always fast.
+    fn can_fast_zero(&self) -> bool {
+        true
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
+        self.volume.read(offset, buf).map_err(to_export_error)
+    }
+
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
+        self.volume.write(offset, data).map_err(to_export_error)?;
+        if fua {
+            self.volume.flush().map_err(to_export_error)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> ExportResult<()> {
+        self.volume.flush().map_err(to_export_error)
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
+        self.volume.trim(offset, len).map_err(to_export_error)?;
+        if fua {
+            self.volume.flush().map_err(to_export_error)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
+        // Whole blocks become zero mappings (no data written) either way; trimming instead would not guarantee
+        // zeroes in partial blocks, so may_trim changes nothing here.
+        self.volume.write_zeroes(offset, len).map_err(to_export_error)?;
+        if flags.fua {
+            self.volume.flush().map_err(to_export_error)?;
+        }
+        Ok(())
+    }
+
+    fn cache(&self, offset: u64, len: u64) -> ExportResult<()> {
+        // Prefetch: read the range (up to a bound) so its metadata and blocks are in memory.
+        let end = offset + len.min(MAX_CACHE_PREFETCH_BYTES);
+        let mut buf = vec![0u8; CACHE_READ_BYTES.min(end - offset) as usize];
+        let mut at = offset;
+        while at < end {
+            let n = (end - at).min(CACHE_READ_BYTES) as usize;
+            self.volume.read(at, &mut buf[..n]).map_err(to_export_error)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
+        let runs = self.volume.allocation(offset, len).map_err(to_export_error)?;
+        let mut out: Vec<Extent> = Vec::with_capacity(runs.len());
+        let mut at = offset;
+        let push = |kind: ExtentKind, n: u64, out: &mut Vec<Extent>| match out.last_mut() {
+            Some(last) if last.kind == kind => last.length_bytes += n,
+            _ => out.push(Extent { length_bytes: n, kind }),
+        };
+        for r in runs {
+            if r.offset_bytes > at {
+                // A gap in the engine's runs is unmapped.
+                push(ExtentKind::Hole, r.offset_bytes - at, &mut out);
+            }
+            let kind = match r.kind {
+                blockmesh_engine::ExtentKind::Data => ExtentKind::Data,
+                blockmesh_engine::ExtentKind::Zero => ExtentKind::Zero,
+                blockmesh_engine::ExtentKind::Trimmed | blockmesh_engine::ExtentKind::Hole => ExtentKind::Hole,
+            };
+            let start = r.offset_bytes.max(at);
+            let stop = r.offset_bytes + r.len_bytes;
+            if stop > start {
+                push(kind, stop - start, &mut out);
+                at = stop;
+            }
+        }
+        if at < offset + len {
+            push(ExtentKind::Hole, offset + len - at, &mut out);
+        }
+        Ok(out)
+    }
+}
+
+/// The exports of one pool, looked up by name on every connection.
+#[derive(Debug, Clone)]
+pub struct PoolExports {
+    pool: Arc<Pool>,
+}
+
+impl PoolExports {
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self { pool }
+    }
+
+    /// Resolves an export name to a volume (see the module documentation for the forms).
+    pub fn resolve(&self, name: &str) -> blockmesh_engine::Result<Volume> {
+        let (target, commit) = match name.rsplit_once('@') {
+            Some((t, c)) => (t, Some(c.parse::<CommitId>()?)),
+            None => (name, None),
+        };
+        // A dot name may itself contain '.', so the whole name is tried as a dot first.
+        let (dot, subdot) = if self.pool.dot(target).is_ok() {
+            (target, None)
+        } else if let Some((d, s)) = target.rsplit_once('.').filter(|(d, _)| self.pool.dot(d).is_ok()) {
+            (d, Some(s))
+        } else if commit.is_none() && target.contains('/') {
+            return Err(blockmesh_engine::Error::NoSuchDot(target.to_string()));
+        } else if commit.is_none() && !target.starts_with('#') {
+            return self.pool.volume(target);
+        } else {
+            return Err(blockmesh_engine::Error::NoSuchDot(target.to_string()));
+        };
+        match commit {
+            Some(c) => self.pool.commit_volume(dot, c, subdot),
+            None => self.pool.dot_volume(dot, subdot),
+        }
+    }
+}
+
+impl Exports for PoolExports {
+    fn list(&self) -> Vec<ExportListing> {
+        let mut out = Vec::new();
+        for d in self.pool.dots() {
+            for (subdot, _) in &d.subdots {
+                let name = if subdot == DEFAULT_SUBDOT { d.name.clone() } else { format!("{}.{subdot}", d.name) };
+                let description = Some(format!("dot {}, branch {}", d.name, d.current_branch));
+                out.push(ExportListing { name, description });
+            }
+        }
+        for v in self.pool.volumes() {
+            if !v.name.starts_with('#') {
+                out.push(ExportListing { name: v.name, description: Some("volume".into()) });
+            }
+        }
+        out
+    }
+
+    fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
+        let volume = match self.resolve(name) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::info!(name, error = %e, "no such export");
+                return None;
+            }
+        };
+        let description = Some(if volume.is_read_only() { format!("{name} (read-only)") } else { name.to_string() });
+        match VolumeExport::new(volume, description) {
+            Ok(x) => Some(Arc::new(x)),
+            Err(e) => {
+                tracing::warn!(name, error = %e, "cannot open export");
+                None
+            }
+        }
+    }
+}
