@@ -107,17 +107,7 @@ lines += ["",
           f"| receive of that stream into another pool (flushed) | {stm['receive_mbps']:.0f} MB/s: **{stm['receive_mbps']/stm['cp_sparse_mbps']:.2f}x** `cp --sparse=always` | |",
           ""]
 section = "\n".join(lines)
-path = "benches/RESULTS.md"
-try:
-    text = open(path).read()
-except FileNotFoundError:
-    text = "# Benchmark results\n\nEvery figure names the command that produced it; ratios are against the anchor measured in the same run.\n\n"
-begin, end = "<!-- engine:begin -->", "<!-- engine:end -->"
-block = f"{begin}\n{section}\n{end}"
-if begin in text:
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda m: block, text, flags=re.S)
-else:
-    text = text.rstrip("\n") + "\n\n" + block + "\n"
-open(path, "w").write(text)
-print(section)
+sys.path.insert(0, "benches")
+from results import write_section
+write_section("engine", section)
 PY

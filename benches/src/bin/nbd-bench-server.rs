@@ -1,0 +1,45 @@
+//! Serves one engine volume over NBD for `benches/nbd/compare.sh`, through the same code the daemon uses
+//! (`PoolExports` + `blockmesh_nbd::Server`).
+//!
+//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N]`: creates the pool (sparse) and a
+//! volume named `bench` when the pool file does not exist, then serves until killed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use blockmesh::nbd_export::PoolExports;
+use blockmesh_engine::{Pool, PoolOptions};
+use blockmesh_nbd::{Server, ServerConfig};
+
+fn arg(args: &[String], name: &str) -> Option<u64> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (Some(pool_path), Some(socket)) = (args.first(), args.get(1)) else {
+        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N]");
+    };
+    let pool_path = PathBuf::from(pool_path);
+    let pool = if pool_path.exists() {
+        Pool::open_file(&pool_path, PoolOptions::default())?
+    } else {
+        let pool = Pool::create_file(&pool_path, arg(&args, "--pool-gib").unwrap_or(16) << 30, PoolOptions::default())?;
+        pool.create_volume("bench", arg(&args, "--volume-mib").unwrap_or(1024) << 20)?;
+        pool
+    };
+    let pool = Arc::new(pool);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async {
+        let server = Server::new(Arc::new(PoolExports::new(pool.clone())), ServerConfig::default())?;
+        let listener = Server::bind_unix(socket.as_ref()).context("binding the socket")?;
+        tokio::select! {
+            r = server.serve_unix(listener) => r?,
+            r = tokio::signal::ctrl_c() => r?,
+        }
+        anyhow::Ok(())
+    })?;
+    pool.flush()?;
+    Ok(())
+}
