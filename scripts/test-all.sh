@@ -25,3 +25,6 @@ fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The fuzz targets live outside the workspace (cargo-fuzz); make sure they still build against the libraries.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+cargo check --manifest-path fuzz/Cargo.toml
