@@ -79,6 +79,10 @@ impl Export for VolumeExport {
         self.volume.read(offset, buf).map_err(to_export_error)
     }
 
+    fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
+        self.volume.try_read_now(offset, buf).map_err(to_export_error)
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
         self.volume.write(offset, data).map_err(to_export_error)?;
         if fua {

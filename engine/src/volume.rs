@@ -119,9 +119,31 @@ impl Volume {
 
     /// Read `buf.len()` bytes at `offset`.
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let done = self.read_with(offset, buf, false)?;
+        assert!(done, "a blocking read always completes");
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at `offset` only if that needs no waiting: the pool is not busy and every block is in
+    /// memory or the page cache ([`crate::io::Device::read_at_nowait`]). `Ok(true)`: done, as [`Volume::read`];
+    /// `Ok(false)`: it would have waited and `buf` holds unspecified bytes (call [`Volume::read`]). Errors are those
+    /// of `read`. For servers that answer cached reads on their event loop; a tree node not yet loaded since the
+    /// pool was opened is still read from the device.
+    pub fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> Result<bool> {
+        self.read_with(offset, buf, true)
+    }
+
+    fn read_with(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool> {
         let dev = &*self.inner.dev;
         let len = buf.len() as u64;
-        let mut st = self.inner.state.lock();
+        let mut st = if nowait {
+            match self.inner.state.try_lock() {
+                Some(st) => st,
+                None => return Ok(false),
+            }
+        } else {
+            self.inner.state.lock()
+        };
         st.check_open()?;
         st.validate(self.target, &self.name, offset, len, Kind::Buffer)?;
         let (root, _) = st.target(self.target, &self.name)?;
@@ -147,7 +169,14 @@ impl Volume {
             from_device.push((i, e.pba, e.crc));
         }
         // Read from the device without the pool lock, but with the reuse gate: no segment is reused meanwhile [I4].
-        let _gate = self.inner.reuse_gate.read();
+        let _gate = if nowait {
+            match self.inner.reuse_gate.try_read() {
+                Some(g) => g,
+                None => return Ok(false),
+            }
+        } else {
+            self.inner.reuse_gate.read()
+        };
         drop(st);
         let mut k = 0;
         while k < from_device.len() {
@@ -160,7 +189,13 @@ impl Volume {
                 run += 1;
             }
             let dst = &mut target[i0 * BLOCK..(i0 + run) * BLOCK];
-            dev.read_at(dst, p0 * BLOCK_SIZE)?;
+            if nowait {
+                if !dev.read_at_nowait(dst, p0 * BLOCK_SIZE)? {
+                    return Ok(false);
+                }
+            } else {
+                dev.read_at(dst, p0 * BLOCK_SIZE)?;
+            }
             for (j, &(i, pba, crc)) in from_device[k..k + run].iter().enumerate() {
                 let found = crc32(&dst[j * BLOCK..(j + 1) * BLOCK]);
                 if found != crc {
@@ -179,7 +214,7 @@ impl Volume {
             let skip = (offset - first * BLOCK_SIZE) as usize;
             buf.copy_from_slice(&scratch[skip..skip + buf.len()]);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Write `data` at `offset`. Acknowledged writes are durable after the next [`Volume::flush`].

@@ -2,7 +2,7 @@
 //! export for tests and fuzzing.
 //!
 //! Export methods are blocking: the server runs them on tokio's blocking pool, so an export may do ordinary file I/O
-//! and take locks. The server validates every request against [`Export::size_bytes`] and [`Export::block_sizes`]
+//! and take locks. The one exception is [`Export::try_read_now`], called on the event loop, which must not block. The server validates every request against [`Export::size_bytes`] and [`Export::block_sizes`]
 //! before calling the export, so implementations see only in-range, aligned, non-empty requests.
 
 use std::collections::BTreeMap;
@@ -163,6 +163,15 @@ pub trait Export: Send + Sync + 'static {
     /// Fills `buf` with the bytes at `offset`. Must fill all of `buf` or fail.
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()>;
 
+    /// Like [`Export::read`], but only if the bytes are at hand (in memory, in the page cache) and no lock or disk
+    /// has to be waited for: `Ok(true)` when `buf` is filled, `Ok(false)` when the read would block (`buf` then holds
+    /// unspecified bytes). The server calls this on its event loop for small reads and falls back to `read` on a
+    /// blocking thread, so short cached reads skip two thread hand-offs. Must not block; the default declines.
+    fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
+        let _ = (offset, buf);
+        Ok(false)
+    }
+
     /// Writes `data` at `offset`; with `fua`, the data is durable before this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()>;
 
@@ -317,6 +326,14 @@ impl MemoryExport {
         }
     }
 
+    /// Copies `[offset, offset + buf.len())` out of `blocks`; blocks never written read as zeroes.
+    fn copy_out(blocks: &BTreeMap<u64, Box<[u8]>>, offset: u64, buf: &mut [u8]) {
+        Self::pieces(offset, buf.len() as u64, |block, within, range| match blocks.get(&block) {
+            Some(b) => buf[range.clone()].copy_from_slice(&b[within..within + range.len()]),
+            None => buf[range].fill(0),
+        });
+    }
+
     fn zero_range(&self, offset: u64, len: u64, deallocate: bool) {
         let mut blocks = self.blocks.write();
         Self::pieces(offset, len, |block, within, range| {
@@ -359,12 +376,16 @@ impl Export for MemoryExport {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
         self.check(offset, buf.len() as u64)?;
-        let blocks = self.blocks.read();
-        Self::pieces(offset, buf.len() as u64, |block, within, range| match blocks.get(&block) {
-            Some(b) => buf[range.clone()].copy_from_slice(&b[within..within + range.len()]),
-            None => buf[range].fill(0),
-        });
+        Self::copy_out(&self.blocks.read(), offset, buf);
         Ok(())
+    }
+
+    fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
+        // In memory, so never waits for a disk; a writer holding the lock means waiting, though.
+        self.check(offset, buf.len() as u64)?;
+        let Some(blocks) = self.blocks.try_read() else { return Ok(false) };
+        Self::copy_out(&blocks, offset, buf);
+        Ok(true)
     }
 
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> ExportResult<()> {

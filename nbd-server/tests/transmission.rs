@@ -197,6 +197,14 @@ impl Export for Gate {
         }
         self.inner.read(offset, buf)
     }
+    /// Offset 0 is never at hand (its read waits for the gate); offset 12288 fails; the rest is in memory.
+    fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
+        match offset {
+            0 => Ok(false),
+            12288 => Err(ExportError::new(ErrorKind::Io, "injected")),
+            _ => self.inner.try_read_now(offset, buf),
+        }
+    }
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
         self.inner.write(offset, data, fua)
     }
@@ -237,6 +245,54 @@ async fn requests_on_one_connection_run_concurrently_and_reply_out_of_order() {
         order.push(r.cookie());
     }
     assert_eq!(order.last(), Some(&1), "the blocked read is answered last: {order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_are_answered_at_once_while_a_slow_read_waits() {
+    for structured in [false, true] {
+        let inner = MemoryExport::new(1 << 20);
+        inner.write(8192, &pattern(7, 4096), false).unwrap();
+        let map = Arc::new(ExportMap::new());
+        map.insert("gate", Arc::new(Gate { inner, open: AtomicBool::new(false) }));
+        let server = Server::new(map, ServerConfig::default()).unwrap();
+        let (mut c, _task) = pipe(&server);
+        c.open("gate", structured).await;
+        c.request(0, CMD_READ, 1, 0, 4096, &[]).await; // not at hand: waits for the gate on a blocking thread
+        c.request(0, CMD_READ, 2, 8192, 4096, &[]).await; // at hand: answered on the event loop
+        c.request(0, CMD_READ, 3, 12288, 4096, &[]).await; // the no-wait read fails: its error is the reply
+                                                           // 2 and 3 are answered while 1 still waits (the gate opens only with the flush below).
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            match c.reply().await {
+                Reply::Simple { cookie, errno: 0 } => got.push((cookie, 0, c.read_data(4096).await)),
+                Reply::Simple { cookie, errno } => got.push((cookie, errno, Vec::new())),
+                Reply::Chunk { cookie, flags, kind: REPLY_TYPE_OFFSET_DATA, payload } => {
+                    assert_ne!(flags & REPLY_FLAG_DONE, 0, "one chunk");
+                    assert_eq!(payload[..8], 8192u64.to_be_bytes());
+                    got.push((cookie, 0, payload[8..].to_vec()));
+                }
+                Reply::Chunk { cookie, kind: REPLY_TYPE_ERROR, payload, .. } => {
+                    got.push((cookie, u32::from_be_bytes(payload[0..4].try_into().unwrap()), Vec::new()))
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        got.sort();
+        assert_eq!(got, vec![(2, 0, pattern(7, 4096)), (3, EIO, Vec::new())], "structured: {structured}");
+        c.request(0, CMD_FLUSH, 4, 0, 0, &[]).await;
+        let mut rest = Vec::new();
+        for _ in 0..2 {
+            let r = c.reply().await;
+            if r.cookie() == 1 {
+                if let Reply::Simple { .. } = r {
+                    assert_eq!(c.read_data(4096).await, vec![0; 4096]);
+                }
+            }
+            rest.push(r.cookie());
+        }
+        rest.sort();
+        assert_eq!(rest, vec![1, 4]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

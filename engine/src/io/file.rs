@@ -119,6 +119,28 @@ impl Device for FileDevice {
         Ok(())
     }
 
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        // O_DIRECT reads always wait for the disk.
+        if self.direct {
+            return Ok(false);
+        }
+        self.check_range("read", offset, buf.len())?;
+        let len_bytes = buf.len() as u64;
+        let flags = rustix::io::ReadWriteFlags::NOWAIT;
+        match rustix::io::preadv2(&self.file, &mut [std::io::IoSliceMut::new(buf)], offset, flags) {
+            // A short read means part of the range is not cached: the blocking path reads it all.
+            Ok(n) => Ok(n as u64 == len_bytes),
+            // EAGAIN: not in the page cache; EOPNOTSUPP: no RWF_NOWAIT for buffered reads on this kernel or file
+            // system; EINTR: a signal. None of them is an error of the device.
+            Err(e)
+                if [rustix::io::Errno::AGAIN, rustix::io::Errno::OPNOTSUPP, rustix::io::Errno::INTR].contains(&e) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(Error::io("read", offset, len_bytes, e.into())),
+        }
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         self.check_range("write", offset, buf.len())?;
         let io = |e| Error::io("write", offset, buf.len() as u64, e);

@@ -26,6 +26,14 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn size_bytes(&self) -> u64;
     /// Read exactly `buf.len()` bytes at `offset`. Never-written ranges read as zeroes.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// Read exactly `buf.len()` bytes at `offset` only if that needs no waiting for the disk (the bytes are in the
+    /// page cache): `Ok(true)` when done, `Ok(false)` when it would block (`buf` then holds unspecified bytes and the
+    /// caller falls back to [`Device::read_at`]). Lets a server answer cached reads on its event loop. The default
+    /// never reads.
+    fn read_at_nowait(&self, buf: &mut [u8], offset: u64) -> Result<bool> {
+        let _ = (buf, offset);
+        Ok(false)
+    }
     /// Write all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Return once every write completed before the call is on stable storage.
