@@ -1,8 +1,10 @@
 //! `blockmesh`: the node daemon and its client. The library part holds what the daemon plugs together, so tests and
 //! benchmarks can use it without starting a process.
 //!
+//! - [`api`]: the HTTP+JSON control API (routes, key handling) and the JSON types its client shares.
 //! - [`nbd_export`]: engine volumes, dot heads and commits as NBD exports.
 //! - [`size`]: human sizes on the command line (`10G`, `512M`).
 
+pub mod api;
 pub mod nbd_export;
 pub mod size;

@@ -1,11 +1,14 @@
-//! The `blockmesh` binary: `blockmesh serve` runs the node daemon (engine + NBD). The client subcommands and the
-//! control API arrive with issue #5.
+//! The `blockmesh` binary: `blockmesh serve` runs the node daemon (engine + NBD + control API); the other
+//! subcommands are its client (see `client.rs`).
+
+mod client;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use blockmesh::api::{self, ApiState, ServerInfo};
 use blockmesh::nbd_export::PoolExports;
 use blockmesh::size::parse_size;
 use blockmesh_engine::{Pool, PoolOptions};
@@ -26,8 +29,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the node daemon: open (or create) the pool and serve its volumes over NBD.
+    /// Run the node daemon: open (or create) the pool, serve its volumes over NBD and the control API over HTTP.
     Serve(ServeArgs),
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -67,9 +72,12 @@ struct ServeArgs {
     /// Whether TLS is offered or required (with --tls-cert).
     #[arg(long, value_enum, default_value = "required")]
     tls: Tls,
+    /// TCP address of the HTTP+JSON control API.
+    #[arg(long, default_value = api::DEFAULT_API_LISTEN)]
+    api_listen: SocketAddr,
 }
 
-fn default_data_dir() -> PathBuf {
+pub(crate) fn default_data_dir() -> PathBuf {
     // /proc/self belongs to the process's effective user: root when it is owned by uid 0.
     let is_root =
         std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
@@ -123,21 +131,39 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let server =
         Server::new(Arc::new(PoolExports::new(pool.clone())), ServerConfig { tls, tls_mode, handshake_timeout: None })?;
+    let key_path = api::key_path(&data_dir);
+    let (key, created) =
+        api::load_or_create_key(&key_path).with_context(|| format!("reading the API key {}", key_path.display()))?;
+    if created {
+        println!("generated an admin API key in {} (mode 0600); clients read it from there", key_path.display());
+    }
     let socket = args.nbd_socket.unwrap_or_else(|| data_dir.join(NBD_SOCKET));
     let unix = Server::bind_unix(&socket).with_context(|| format!("binding {}", socket.display()))?;
     let tcp = tokio::net::TcpListener::bind(args.nbd_listen)
         .await
         .with_context(|| format!("binding {} (is another daemon running? use --nbd-listen)", args.nbd_listen))?;
+    let api_tcp = tokio::net::TcpListener::bind(args.api_listen)
+        .await
+        .with_context(|| format!("binding {} (is another daemon running? use --api-listen)", args.api_listen))?;
+    let info = ServerInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        nbd_listen: tcp.local_addr()?.to_string(),
+        nbd_socket: socket.display().to_string(),
+    };
+    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info }));
     println!(
-        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={} (Ctrl-C to stop)",
+        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at http://{} \
+         (Ctrl-C to stop)",
         pool_path.display(),
-        args.nbd_listen,
-        socket.display()
+        tcp.local_addr()?,
+        socket.display(),
+        api_tcp.local_addr()?,
     );
     let (s1, s2) = (server.clone(), server);
     tokio::select! {
         r = async move { s1.serve_tcp(tcp).await } => r?,
         r = async move { s2.serve_unix(unix).await } => r?,
+        r = async move { axum::serve(api_tcp, api_router).await } => r.context("control API")?,
         r = shutdown_signal() => r?,
     }
     tracing::info!("shutting down: flushing the pool");
@@ -154,8 +180,15 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
-        Command::Serve(args) => rt.block_on(serve(args)),
+        Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args)),
+        Command::Client(c) => {
+            if let Err(e) = client::run(c) {
+                // The cause chain on one line, without a backtrace: this is for people.
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

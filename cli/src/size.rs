@@ -17,8 +17,34 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     n.checked_mul(1u64 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Bytes for people: `10 GiB`, `1.5 MiB`, `512 B` (powers of 1024, one decimal when not whole).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1u64 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    if unit == 0 {
+        return format!("{bytes} B");
+    }
+    let scale = 1u64 << (10 * unit);
+    if bytes % scale == 0 {
+        format!("{} {}", bytes / scale, UNITS[unit])
+    } else {
+        format!("{:.1} {}", bytes as f64 / scale as f64, UNITS[unit])
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(super::format_size(0), "0 B");
+        assert_eq!(super::format_size(512), "512 B");
+        assert_eq!(super::format_size(10 << 30), "10 GiB");
+        assert_eq!(super::format_size(3 << 19), "1.5 MiB");
+    }
+
     use super::parse_size;
 
     #[test]

@@ -124,7 +124,7 @@ fn the_daemon_serves_the_default_pool_and_stops_cleanly_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    // A pool with one dot, made with the library (the control API arrives with the CLI subcommands).
+    // A pool with one dot, made with the library.
     let pool = Pool::create_file(&data.join("pool.bm"), 1 << 30, PoolOptions::default()).unwrap();
     pool.create_dot("admin/web", &[(DEFAULT_SUBDOT, 32 << 20)]).unwrap();
     pool.close().unwrap();
@@ -134,6 +134,7 @@ fn the_daemon_serves_the_default_pool_and_stops_cleanly_on_sigterm() {
         .arg(&data)
         .arg("--nbd-listen")
         .arg(format!("127.0.0.1:{port}"))
+        .args(["--api-listen", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -168,7 +169,7 @@ fn a_missing_pool_path_is_a_clear_error() {
         .arg(dir.path())
         .arg("--pool")
         .arg(dir.path().join("nope"))
-        .args(["--nbd-listen", "127.0.0.1:0"])
+        .args(["--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert!(!out.status.success());

@@ -45,6 +45,7 @@ pub use dots::{
 };
 pub use error::{Error, Result};
 pub use format::ops::MAX_SNAPSHOT_VOLUMES;
+pub use format::BLOCK_SIZE;
 pub use index::{Extent, ExtentKind};
 pub use journal::{DEFAULT_LOG_WRITER_THREADS, MAX_LOG_WRITER_THREADS};
 pub use pool::{

@@ -1,0 +1,628 @@
+//! The daemon's HTTP+JSON control API, and the types its client shares.
+//!
+//! Every route needs `Authorization: Bearer <key>` (the key the daemon generated into `DATA_DIR/api-key`); a missing
+//! or wrong key gets 401 and changes nothing. Errors are JSON `{"error": "..."}` with a 4xx status for bad requests
+//! (400 bad input, 404 unknown dot / branch / commit, 409 already exists) and 5xx for failures of the node.
+//!
+//! | method and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/info` | | [`ServerInfo`] |
+//! | `GET /v1/pool` | | [`PoolStatus`] |
+//! | `GET /v1/dots` | | `[`[`Dot`]`]` |
+//! | `POST /v1/dots` | [`InitRequest`] | [`Dot`] |
+//! | `GET /v1/dots/{ns}/{name}` | | [`Dot`] |
+//! | `DELETE /v1/dots/{ns}/{name}` | | `{}` |
+//! | `GET /v1/dots/{ns}/{name}/commits?branch=B` | | `[`[`Commit`]`]`, newest first |
+//! | `POST /v1/dots/{ns}/{name}/commits` | [`CommitBody`] | [`Commit`] |
+//! | `POST /v1/dots/{ns}/{name}/branches` | [`BranchRequest`] | [`Dot`] |
+//! | `POST /v1/dots/{ns}/{name}/checkout` | [`CheckoutRequest`] | [`Dot`] |
+//! | `POST /v1/dots/{ns}/{name}/reset` | [`ResetRequest`] | [`Dot`] |
+//! | `POST /v1/dots/{ns}/{name}/clone` | [`CloneRequest`] | [`Dot`] (the new dot) |
+//! | `GET /v1/dots/{ns}/{name}/diff?from=C&to=C&subdot=S` | | `[`[`DiffExtent`]`]` |
+//!
+//! Commits are named by their 32-digit id, a unique prefix of at least [`MIN_COMMIT_PREFIX`] digits, or a branch
+//! name (its head commit).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use blockmesh_engine::{CommitId, CommitRequest, Error as EngineError, Pool, DEFAULT_SUBDOT};
+use serde::{Deserialize, Serialize};
+
+/// Name of the admin key file in the data directory.
+pub const API_KEY_FILE: &str = "api-key";
+/// Where the API listens unless told otherwise.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:32607";
+/// Namespace of a dot named without one.
+pub const DEFAULT_NAMESPACE: &str = "admin";
+/// Largest request body the API reads.
+pub const MAX_API_BODY_BYTES: usize = 1 << 20;
+/// Shortest commit id prefix the API resolves.
+pub const MIN_COMMIT_PREFIX: usize = 4;
+/// Most close names listed when a dot is unknown.
+const MAX_SUGGESTIONS: usize = 5;
+
+/// `mydb` means `admin/mydb`; `ns/name` stays as it is.
+pub fn qualify(dot: &str) -> String {
+    if dot.contains('/') {
+        dot.to_string()
+    } else {
+        format!("{DEFAULT_NAMESPACE}/{dot}")
+    }
+}
+
+/// An error answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// What the daemon serves and where.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub version: String,
+    /// `host:port` of the NBD TCP listener.
+    pub nbd_listen: String,
+    /// Path of the NBD Unix socket.
+    pub nbd_socket: String,
+}
+
+/// Space and counts of the pool.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub pool_size_bytes: u64,
+    pub segment_size_bytes: u64,
+    pub segments: u64,
+    pub free_segments: u64,
+    /// Bytes of blocks the pool's volumes, commits and metadata hold.
+    pub used_bytes: u64,
+    pub dots: u64,
+    pub volumes: u64,
+    pub snapshots: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Subdot {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Branch {
+    pub name: String,
+    /// Its head commit; `None` before the first commit.
+    pub head: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Dot {
+    /// `ns/name`.
+    pub name: String,
+    pub current_branch: String,
+    pub branches: Vec<Branch>,
+    /// Subdots of the current branch.
+    pub subdots: Vec<Subdot>,
+    pub commits: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Commit {
+    pub id: String,
+    pub parents: Vec<String>,
+    pub branch: String,
+    pub time_unix_secs: u64,
+    pub author: String,
+    pub message: String,
+    pub metadata: BTreeMap<String, String>,
+    pub subdots: Vec<Subdot>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitRequest {
+    /// `ns/name` or `name` (namespace `admin`).
+    pub name: String,
+    /// Size of each subdot.
+    pub size_bytes: u64,
+    /// Subdot names; empty means one `__default__` subdot.
+    #[serde(default)]
+    pub subdots: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CommitBody {
+    pub message: String,
+    #[serde(default)]
+    pub author: Option<String>,
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BranchRequest {
+    pub name: String,
+    /// Commit to branch from; the current branch's head when absent.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckoutRequest {
+    pub branch: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResetRequest {
+    /// The branch to move; the current one when absent.
+    #[serde(default)]
+    pub branch: Option<String>,
+    pub commit: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloneRequest {
+    /// The commit to clone; the current branch's head when absent.
+    #[serde(default)]
+    pub commit: Option<String>,
+    pub new_dot: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiffExtent {
+    pub subdot: String,
+    pub offset_bytes: u64,
+    pub len_bytes: u64,
+    /// `data`, `zero`, `trimmed` or `hole`.
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct LogQuery {
+    branch: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct DiffQuery {
+    from: String,
+    to: Option<String>,
+    subdot: Option<String>,
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct ApiState {
+    pub pool: Arc<Pool>,
+    pub key: String,
+    pub info: ServerInfo,
+}
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        use EngineError as E;
+        let status = match &e {
+            E::NoSuchDot(_) | E::NoSuchBranch(_) | E::NoSuchCommit(_) | E::NoSuchVolume(_) | E::NoSuchSnapshot(_) => {
+                StatusCode::NOT_FOUND
+            }
+            E::DotExists(_) | E::BranchExists(_) | E::VolumeExists(_) => StatusCode::CONFLICT,
+            E::InvalidArgument(_)
+            | E::Unaligned { .. }
+            | E::OutOfRange { .. }
+            | E::ShrinkDropsData { .. }
+            | E::Limit(_)
+            | E::ReadOnly(_) => StatusCode::BAD_REQUEST,
+            E::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "API request failed");
+        }
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The API's routes over `state`.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/info", get(info))
+        .route("/v1/pool", get(pool_status))
+        .route("/v1/dots", get(list_dots).post(init_dot))
+        .route("/v1/dots/{ns}/{name}", get(show_dot).delete(delete_dot))
+        .route("/v1/dots/{ns}/{name}/commits", get(log).post(commit))
+        .route("/v1/dots/{ns}/{name}/branches", post(branch))
+        .route("/v1/dots/{ns}/{name}/checkout", post(checkout))
+        .route("/v1/dots/{ns}/{name}/reset", post(reset))
+        .route("/v1/dots/{ns}/{name}/clone", post(clone_dot))
+        .route("/v1/dots/{ns}/{name}/diff", get(diff))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API route; see GET /v1/info") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(MAX_API_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Same bytes, in time that does not depend on where they differ.
+fn same_key(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn authenticate(State(state): State<Arc<ApiState>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(k) if same_key(k.as_bytes(), state.key.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::new(StatusCode::UNAUTHORIZED, "wrong API key").into_response(),
+        None => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing API key: send 'Authorization: Bearer <key>' (the key is in the daemon's DATA_DIR/api-key)",
+        )
+        .into_response(),
+    }
+}
+
+/// Runs engine work off the event loop.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("request task failed: {e}")))?
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn commit_json(c: blockmesh_engine::CommitInfo) -> Commit {
+    Commit {
+        id: c.id.to_string(),
+        parents: c.parents.iter().map(ToString::to_string).collect(),
+        branch: c.branch,
+        time_unix_secs: c.time_unix_secs,
+        author: c.author,
+        message: c.message,
+        metadata: c.metadata.into_iter().collect(),
+        subdots: subdots_json(c.subdots),
+    }
+}
+
+fn subdots_json(v: Vec<(String, u64)>) -> Vec<Subdot> {
+    v.into_iter().map(|(name, size_bytes)| Subdot { name, size_bytes }).collect()
+}
+
+fn dot_json(d: blockmesh_engine::DotInfo) -> Dot {
+    Dot {
+        name: d.name,
+        current_branch: d.current_branch,
+        branches: d
+            .branches
+            .into_iter()
+            .map(|(name, head)| Branch { name, head: head.map(|c| c.to_string()) })
+            .collect(),
+        subdots: subdots_json(d.subdots),
+        commits: d.commits,
+    }
+}
+
+/// Edit distance, for suggesting close names.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The dot, or a 404 that lists the names closest to the one asked for.
+fn dot_info(pool: &Pool, name: &str) -> Result<blockmesh_engine::DotInfo, ApiError> {
+    pool.dot(name).map_err(|e| match e {
+        EngineError::NoSuchDot(_) => {
+            let mut close: Vec<(usize, String)> = pool
+                .dots()
+                .into_iter()
+                .map(|d| (distance(name, &d.name), d.name))
+                .filter(|(dist, n)| *dist <= 3 || n.contains(name.rsplit('/').next().unwrap_or(name)))
+                .collect();
+            close.sort();
+            let close: Vec<String> = close.into_iter().take(MAX_SUGGESTIONS).map(|(_, n)| n).collect();
+            let hint = if close.is_empty() {
+                "; `blockmesh list` shows the dots".to_string()
+            } else {
+                format!("; did you mean {}?", close.join(", "))
+            };
+            ApiError::new(StatusCode::NOT_FOUND, format!("no dot named {name}{hint}"))
+        }
+        other => other.into(),
+    })
+}
+
+/// A commit named by id, unique id prefix, or branch name (its head).
+fn resolve_commit(pool: &Pool, dot: &str, name: &str) -> Result<CommitId, ApiError> {
+    let info = dot_info(pool, dot)?;
+    if let Some((_, head)) = info.branches.iter().find(|(b, _)| b == name) {
+        return head.ok_or_else(|| ApiError::bad_request(format!("branch {name} of {dot} has no commit yet")));
+    }
+    if let Ok(id) = name.parse::<CommitId>() {
+        return Ok(id);
+    }
+    let lower = name.to_ascii_lowercase();
+    if lower.len() < MIN_COMMIT_PREFIX || !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "{name:?} is neither a branch of {dot} nor a commit id (or a prefix of at least {MIN_COMMIT_PREFIX} \
+                 hex digits); `blockmesh log {dot}` lists the commits"
+            ),
+        ));
+    }
+    let matches: Vec<CommitId> =
+        pool.commits(dot)?.into_iter().map(|c| c.id).filter(|id| id.to_string().starts_with(&lower)).collect();
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no commit {name} in {dot}"))),
+        _ => Err(ApiError::bad_request(format!("commit prefix {name} is ambiguous in {dot}: give more digits"))),
+    }
+}
+
+async fn info(State(s): State<Arc<ApiState>>) -> ApiResult<ServerInfo> {
+    Ok(Json(s.info.clone()))
+}
+
+async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
+    let st = s.pool.stats();
+    Ok(Json(PoolStatus {
+        pool_size_bytes: st.pool_size_bytes,
+        segment_size_bytes: st.segment_size_bytes,
+        segments: st.segments,
+        free_segments: st.free_segments,
+        used_bytes: st.live_blocks * blockmesh_engine::BLOCK_SIZE,
+        dots: st.dots,
+        volumes: st.volumes,
+        snapshots: st.snapshots,
+    }))
+}
+
+async fn list_dots(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<Dot>> {
+    Ok(Json(s.pool.dots().into_iter().map(dot_json).collect()))
+}
+
+async fn init_dot(State(s): State<Arc<ApiState>>, body: Bytes) -> ApiResult<Dot> {
+    let req: InitRequest = parse(&body)?;
+    let name = qualify(&req.name);
+    blocking(move || {
+        let subdots: Vec<String> =
+            if req.subdots.is_empty() { vec![DEFAULT_SUBDOT.to_string()] } else { req.subdots.clone() };
+        let pairs: Vec<(&str, u64)> = subdots.iter().map(|n| (n.as_str(), req.size_bytes)).collect();
+        s.pool.create_dot(&name, &pairs)?;
+        Ok(Json(dot_json(s.pool.dot(&name)?)))
+    })
+    .await
+}
+
+async fn show_dot(State(s): State<Arc<ApiState>>, Path((ns, name)): Path<(String, String)>) -> ApiResult<Dot> {
+    Ok(Json(dot_json(dot_info(&s.pool, &format!("{ns}/{name}"))?)))
+}
+
+async fn delete_dot(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<serde_json::Value> {
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        dot_info(&s.pool, &dot)?;
+        s.pool.delete_dot(&dot)?;
+        Ok(Json(serde_json::json!({})))
+    })
+    .await
+}
+
+async fn log(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult<Vec<Commit>> {
+    let dot = format!("{ns}/{name}");
+    dot_info(&s.pool, &dot)?;
+    Ok(Json(s.pool.log(&dot, q.branch.as_deref())?.into_iter().map(commit_json).collect()))
+}
+
+async fn commit(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Commit> {
+    let req: CommitBody = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        dot_info(&s.pool, &dot)?;
+        let id = s.pool.commit(
+            &dot,
+            CommitRequest {
+                message: req.message,
+                author: req.author.unwrap_or_else(|| "admin".to_string()),
+                metadata: req.metadata.into_iter().collect(),
+                ..CommitRequest::default()
+            },
+        )?;
+        let c = s.pool.commits(&dot)?.into_iter().find(|c| c.id == id);
+        let c = c.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("commit {id} vanished")))?;
+        Ok(Json(commit_json(c)))
+    })
+    .await
+}
+
+async fn branch(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Dot> {
+    let req: BranchRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        let from = match &req.from {
+            Some(c) => Some(resolve_commit(&s.pool, &dot, c)?),
+            None => None,
+        };
+        s.pool.create_branch(&dot, &req.name, from)?;
+        Ok(Json(dot_json(s.pool.dot(&dot)?)))
+    })
+    .await
+}
+
+async fn checkout(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Dot> {
+    let req: CheckoutRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        dot_info(&s.pool, &dot)?;
+        s.pool.checkout(&dot, &req.branch)?;
+        Ok(Json(dot_json(s.pool.dot(&dot)?)))
+    })
+    .await
+}
+
+async fn reset(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Dot> {
+    let req: ResetRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        let info = dot_info(&s.pool, &dot)?;
+        let commit = resolve_commit(&s.pool, &dot, &req.commit)?;
+        let branch = req.branch.unwrap_or(info.current_branch);
+        s.pool.reset_branch(&dot, &branch, commit)?;
+        Ok(Json(dot_json(s.pool.dot(&dot)?)))
+    })
+    .await
+}
+
+async fn clone_dot(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Dot> {
+    let req: CloneRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        let info = dot_info(&s.pool, &dot)?;
+        let commit = match &req.commit {
+            Some(c) => resolve_commit(&s.pool, &dot, c)?,
+            None => resolve_commit(&s.pool, &dot, &info.current_branch)?,
+        };
+        let new_dot = qualify(&req.new_dot);
+        s.pool.clone_dot(&dot, commit, &new_dot)?;
+        Ok(Json(dot_json(s.pool.dot(&new_dot)?)))
+    })
+    .await
+}
+
+async fn diff(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<DiffQuery>,
+) -> ApiResult<Vec<DiffExtent>> {
+    let dot = format!("{ns}/{name}");
+    blocking(move || {
+        let info = dot_info(&s.pool, &dot)?;
+        let from = resolve_commit(&s.pool, &dot, &q.from)?;
+        let to = match &q.to {
+            Some(c) => Some(resolve_commit(&s.pool, &dot, c)?),
+            None => None,
+        };
+        let subdots: Vec<String> = match q.subdot {
+            Some(sd) => vec![sd],
+            None => info.subdots.into_iter().map(|(n, _)| n).collect(),
+        };
+        let mut out = Vec::new();
+        for sd in subdots {
+            for x in s.pool.diff_commits(&dot, from, to, Some(&sd))? {
+                let kind = match x.kind {
+                    blockmesh_engine::ExtentKind::Data => "data",
+                    blockmesh_engine::ExtentKind::Zero => "zero",
+                    blockmesh_engine::ExtentKind::Trimmed => "trimmed",
+                    blockmesh_engine::ExtentKind::Hole => "hole",
+                };
+                out.push(DiffExtent {
+                    subdot: sd.clone(),
+                    offset_bytes: x.offset_bytes,
+                    len_bytes: x.len_bytes,
+                    kind: kind.to_string(),
+                });
+            }
+        }
+        Ok(Json(out))
+    })
+    .await
+}
+
+/// The admin key in `path`, generated (32 random bytes, hex, mode 0600) when the file does not exist. Returns the
+/// key and whether it was created now.
+pub fn load_or_create_key(path: &std::path::Path) -> std::io::Result<(String, bool)> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(k) if !k.trim().is_empty() => return Ok((k.trim().to_string(), false)),
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{} is empty; delete it to have a new key generated", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let bytes: [u8; 32] = rand::random();
+    let key: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    f.write_all(format!("{key}\n").as_bytes())?;
+    f.sync_all()?;
+    Ok((key, true))
+}
+
+/// Where the API key of a daemon with data directory `data_dir` lives.
+pub fn key_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join(API_KEY_FILE)
+}

@@ -1,0 +1,514 @@
+//! The client subcommands: a dotmesh-style workflow over the daemon's control API (see `blockmesh::api`).
+//!
+//! The daemon is `--server` (or `BLOCKMESH_SERVER`, default `http://127.0.0.1:32607`); the key is
+//! `BLOCKMESH_API_KEY`, or the `api-key` file of `--data-dir` (the daemon's data directory, default as for `serve`).
+//! `-o json` prints the API's JSON; otherwise output is for people. Exit codes: 0 done, 1 error, 2 bad usage.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use blockmesh::api::{
+    self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, InitRequest,
+    PoolStatus, ResetRequest, ServerInfo,
+};
+use blockmesh::size::{format_size, parse_size};
+use clap::{Subcommand, ValueEnum};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// How long the client waits for the daemon to answer one call.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long it waits to connect.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// For people.
+    Human,
+    /// The API's JSON.
+    Json,
+}
+
+/// Where the daemon is and how to talk to it; every client subcommand takes these.
+#[derive(clap::Args, Debug)]
+pub struct Conn {
+    /// The daemon's control API.
+    #[arg(long, env = "BLOCKMESH_SERVER", default_value = "http://127.0.0.1:32607", global = true)]
+    server: String,
+    /// The daemon's data directory, to read its api-key file (when BLOCKMESH_API_KEY is not set).
+    #[arg(long, env = "BLOCKMESH_DATA_DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value = "human", global = true)]
+    output: Output,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Create a dot (a versioned set of volumes); `mydb` means `admin/mydb`.
+    Init {
+        dot: String,
+        /// Size of each subdot.
+        #[arg(long, default_value = "10G", value_parser = parse_size)]
+        size: u64,
+        /// A named subdot (repeat for several); one unnamed subdot when none is given.
+        #[arg(long = "subdot")]
+        subdots: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the dots.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Commit every subdot of a dot at once.
+    Commit {
+        dot: String,
+        /// The commit message.
+        #[arg(short, long)]
+        message: String,
+        /// Who commits [default: $USER].
+        #[arg(long)]
+        author: Option<String>,
+        /// Metadata as KEY=VALUE (repeat for several).
+        #[arg(long = "meta", value_parser = parse_pair)]
+        metadata: Vec<(String, String)>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The commits of a branch, newest first.
+    Log {
+        dot: String,
+        /// The branch [default: the current one].
+        #[arg(long)]
+        branch: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List the branches, or create one.
+    Branch {
+        dot: String,
+        /// The branch to create.
+        new: Option<String>,
+        /// Commit (id, prefix or branch) to start it from [default: the current branch's head].
+        #[arg(long, requires = "new")]
+        from: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Switch the dot's current branch (what its NBD export serves to new connections).
+    Checkout {
+        dot: String,
+        branch: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move a branch head back to a commit, discarding later uncommitted writes.
+    Reset {
+        dot: String,
+        /// The commit (id, prefix or branch) to reset to.
+        #[arg(long)]
+        hard: String,
+        /// The branch to reset [default: the current one].
+        #[arg(long)]
+        branch: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Clone a commit (`dot@commit`, or the current head of `dot`) into a new dot.
+    Clone {
+        source: String,
+        new_dot: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// What changed between two commits, or between a commit and the live head.
+    Diff {
+        dot: String,
+        from: String,
+        to: Option<String>,
+        /// Only this subdot.
+        #[arg(long)]
+        subdot: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Delete a dot with all its branches and commits.
+    Delete {
+        dot: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short)]
+        yes: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Print the NBD URI of `dot[.subdot][@commit]` (commits are served read-only).
+    ExportUri {
+        target: String,
+        /// The daemon's Unix socket instead of TCP.
+        #[arg(long)]
+        unix: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The pool.
+    Pool {
+        #[command(subcommand)]
+        what: PoolCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PoolCommand {
+    /// Space and counts.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+/// A connection to the daemon's API.
+struct Api {
+    base: String,
+    key: String,
+    agent: ureq::Agent,
+    output: Output,
+}
+
+impl Api {
+    fn new(conn: &Conn) -> Result<Self> {
+        let key = match std::env::var("BLOCKMESH_API_KEY") {
+            Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
+            _ => {
+                let dir = conn.data_dir.clone().unwrap_or_else(crate::default_data_dir);
+                let path = api::key_path(&dir);
+                std::fs::read_to_string(&path).map(|k| k.trim().to_string()).with_context(|| {
+                    format!(
+                        "no API key: set BLOCKMESH_API_KEY, or point --data-dir at the daemon's data directory \
+                             (could not read {})",
+                        path.display()
+                    )
+                })?
+            }
+        };
+        let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT).build();
+        Ok(Self { base: conn.server.trim_end_matches('/').to_string(), key, agent, output: conn.output })
+    }
+
+    fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<T> {
+        let url = format!("{}{path}", self.base);
+        let req = self.agent.request(method, &url).set("Authorization", &format!("Bearer {}", self.key));
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match res {
+            Ok(r) => r.into_json::<T>().with_context(|| format!("reading the answer to {method} {path}")),
+            Err(ureq::Error::Status(code, r)) => {
+                let msg = r.into_json::<ErrorBody>().map(|b| b.error).unwrap_or_else(|_| "no message".to_string());
+                bail!("{msg} (HTTP {code})")
+            }
+            Err(ureq::Error::Transport(t)) => Err(anyhow!(
+                "cannot reach the blockmesh daemon at {}: {t}; is `blockmesh serve` running? (--server or \
+                 BLOCKMESH_SERVER)",
+                self.base
+            )),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call("GET", path, None)
+    }
+
+    fn post<T: DeserializeOwned>(&self, path: &str, body: impl Serialize) -> Result<T> {
+        self.call("POST", path, Some(serde_json::to_value(body)?))
+    }
+
+    /// Prints `value` as JSON under `-o json`; returns true if it did.
+    fn json(&self, value: &impl Serialize) -> Result<bool> {
+        if self.output == Output::Json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// `/v1/dots/ns/name` for a dot name (namespace `admin` when none).
+fn dot_path(dot: &str) -> String {
+    format!("/v1/dots/{}", api::qualify(dot))
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC` (civil-from-days, proleptic Gregorian).
+fn format_time(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn total_size(d: &Dot) -> u64 {
+    d.subdots.iter().map(|s| s.size_bytes).sum()
+}
+
+pub fn run(cmd: ClientCommand) -> Result<()> {
+    match cmd {
+        ClientCommand::Init { dot, size, subdots, conn } => {
+            let api = Api::new(&conn)?;
+            let d: Dot = api.post("/v1/dots", InitRequest { name: dot, size_bytes: size, subdots })?;
+            if !api.json(&d)? {
+                let info: ServerInfo = api.get("/v1/info")?;
+                println!(
+                    "created dot {} ({} subdot{}, {} each) on branch {}",
+                    d.name,
+                    d.subdots.len(),
+                    if d.subdots.len() == 1 { "" } else { "s" },
+                    format_size(size),
+                    d.current_branch
+                );
+                println!("write to it over NBD: nbd://{}/{}", info.nbd_listen, d.name);
+            }
+        }
+        ClientCommand::List { conn } => {
+            let api = Api::new(&conn)?;
+            let dots: Vec<Dot> = api.get("/v1/dots")?;
+            if !api.json(&dots)? {
+                if dots.is_empty() {
+                    println!("no dots yet: `blockmesh init mydb` creates one");
+                }
+                let w = dots.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
+                if !dots.is_empty() {
+                    println!("{:<w$}  {:<16} {:>7} {:>9}", "DOT", "BRANCH", "COMMITS", "SIZE");
+                }
+                for d in &dots {
+                    println!(
+                        "{:<w$}  {:<16} {:>7} {:>9}",
+                        d.name,
+                        d.current_branch,
+                        d.commits,
+                        format_size(total_size(d))
+                    );
+                }
+            }
+        }
+        ClientCommand::Commit { dot, message, author, metadata, conn } => {
+            let api = Api::new(&conn)?;
+            let author = author.or_else(|| std::env::var("USER").ok());
+            let c: Commit = api.post(
+                &format!("{}/commits", dot_path(&dot)),
+                CommitBody { message, author, metadata: metadata.into_iter().collect() },
+            )?;
+            if !api.json(&c)? {
+                println!("committed {} on {} of {}: {}", c.id, c.branch, api::qualify(&dot), c.message);
+            }
+        }
+        ClientCommand::Log { dot, branch, conn } => {
+            let api = Api::new(&conn)?;
+            let q = branch.map(|b| format!("?branch={b}")).unwrap_or_default();
+            let commits: Vec<Commit> = api.get(&format!("{}/commits{q}", dot_path(&dot)))?;
+            if !api.json(&commits)? {
+                if commits.is_empty() {
+                    println!("no commits yet: `blockmesh commit {dot} -m MESSAGE` makes one");
+                }
+                for c in &commits {
+                    println!("commit {} ({})", c.id, c.branch);
+                    println!("Author: {}", c.author);
+                    println!("Date:   {}", format_time(c.time_unix_secs));
+                    for (k, v) in &c.metadata {
+                        println!("{k}: {v}");
+                    }
+                    println!();
+                    for line in c.message.lines() {
+                        println!("    {line}");
+                    }
+                    println!();
+                }
+            }
+        }
+        ClientCommand::Branch { dot, new, from, conn } => {
+            let api = Api::new(&conn)?;
+            let d: Dot = match new {
+                Some(name) => api.post(&format!("{}/branches", dot_path(&dot)), BranchRequest { name, from })?,
+                None => api.get(&dot_path(&dot))?,
+            };
+            if !api.json(&d)? {
+                for b in &d.branches {
+                    let mark = if b.name == d.current_branch { "*" } else { " " };
+                    let head = b.head.as_deref().map(short).unwrap_or("(no commits)");
+                    println!("{mark} {:<20} {head}", b.name);
+                }
+            }
+        }
+        ClientCommand::Checkout { dot, branch, conn } => {
+            let api = Api::new(&conn)?;
+            let d: Dot = api.post(&format!("{}/checkout", dot_path(&dot)), CheckoutRequest { branch })?;
+            if !api.json(&d)? {
+                println!("{} is now on branch {}", d.name, d.current_branch);
+            }
+        }
+        ClientCommand::Reset { dot, hard, branch, conn } => {
+            let api = Api::new(&conn)?;
+            let d: Dot =
+                api.post(&format!("{}/reset", dot_path(&dot)), ResetRequest { branch, commit: hard.clone() })?;
+            if !api.json(&d)? {
+                println!("reset {} to {hard}", d.name);
+            }
+        }
+        ClientCommand::Clone { source, new_dot, conn } => {
+            let api = Api::new(&conn)?;
+            let (dot, commit) = match source.split_once('@') {
+                Some((d, c)) => (d.to_string(), Some(c.to_string())),
+                None => (source.clone(), None),
+            };
+            let d: Dot = api.post(&format!("{}/clone", dot_path(&dot)), CloneRequest { commit, new_dot })?;
+            if !api.json(&d)? {
+                println!("cloned {source} into {}", d.name);
+            }
+        }
+        ClientCommand::Diff { dot, from, to, subdot, conn } => {
+            let api = Api::new(&conn)?;
+            let mut q = format!("?from={from}");
+            if let Some(t) = &to {
+                q.push_str(&format!("&to={t}"));
+            }
+            if let Some(s) = &subdot {
+                q.push_str(&format!("&subdot={s}"));
+            }
+            let extents: Vec<DiffExtent> = api.get(&format!("{}/diff{q}", dot_path(&dot)))?;
+            if !api.json(&extents)? {
+                let to = to.as_deref().unwrap_or("the live head");
+                if extents.is_empty() {
+                    println!("no changes from {from} to {to}");
+                }
+                for x in &extents {
+                    println!("{:<12} {:>14} +{:<10} {}", x.subdot, x.offset_bytes, format_size(x.len_bytes), x.kind);
+                }
+                if !extents.is_empty() {
+                    let total: u64 = extents.iter().map(|x| x.len_bytes).sum();
+                    println!("{} changed in {} ranges from {from} to {to}", format_size(total), extents.len());
+                }
+            }
+        }
+        ClientCommand::Delete { dot, yes, conn } => {
+            let api = Api::new(&conn)?;
+            let name = api::qualify(&dot);
+            if !yes {
+                if !std::io::stdin().is_terminal() {
+                    bail!("deleting {name} needs confirmation: pass --yes");
+                }
+                eprint!("delete {name} with all its branches and commits? type its name to confirm: ");
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if answer.trim() != name && answer.trim() != dot {
+                    bail!("not confirmed; nothing deleted");
+                }
+            }
+            let v: serde_json::Value = api.call("DELETE", &dot_path(&dot), None)?;
+            if !api.json(&v)? {
+                println!("deleted {name}");
+            }
+        }
+        ClientCommand::ExportUri { target, unix, conn } => {
+            let api = Api::new(&conn)?;
+            let (head, commit) = match target.split_once('@') {
+                Some((h, c)) => (h.to_string(), Some(c.to_string())),
+                None => (target.clone(), None),
+            };
+            // The dot, and an optional subdot after its last '.'.
+            let (dot, subdot) = match api.get::<Dot>(&dot_path(&head)) {
+                Ok(d) => (d, None),
+                Err(e) => match head.rsplit_once('.') {
+                    Some((d, s)) => (api.get::<Dot>(&dot_path(d)).map_err(|_| e)?, Some(s.to_string())),
+                    None => return Err(e),
+                },
+            };
+            if let Some(s) = &subdot {
+                if !dot.subdots.iter().any(|x| &x.name == s) {
+                    bail!("{} has no subdot {s}", dot.name);
+                }
+            }
+            let commit = match commit {
+                Some(c) => {
+                    let commits: Vec<Commit> = api.get(&format!("{}/commits", dot_path(&dot.name)))?;
+                    let head_of = dot.branches.iter().find(|b| b.name == c).and_then(|b| b.head.clone());
+                    let found: Vec<&Commit> = commits.iter().filter(|x| x.id.starts_with(&c)).collect();
+                    Some(match (head_of, found.as_slice()) {
+                        (Some(id), _) => id,
+                        (None, [one]) => one.id.clone(),
+                        (None, []) => bail!("no commit {c} in {}", dot.name),
+                        _ => bail!("commit prefix {c} is ambiguous in {}", dot.name),
+                    })
+                }
+                None => None,
+            };
+            let mut name = dot.name.clone();
+            if let Some(s) = subdot {
+                name = format!("{name}.{s}");
+            }
+            if let Some(c) = commit {
+                name = format!("{name}@{c}");
+            }
+            let info: ServerInfo = api.get("/v1/info")?;
+            let uri = if unix {
+                format!("nbd+unix:///{name}?socket={}", info.nbd_socket)
+            } else {
+                format!("nbd://{}/{name}", info.nbd_listen)
+            };
+            if !api.json(&serde_json::json!({ "uri": uri }))? {
+                println!("{uri}");
+            }
+        }
+        ClientCommand::Pool { what: PoolCommand::Status { conn } } => {
+            let api = Api::new(&conn)?;
+            let p: PoolStatus = api.get("/v1/pool")?;
+            if !api.json(&p)? {
+                println!("pool size: {}", format_size(p.pool_size_bytes));
+                println!(
+                    "used:      {} ({:.1}%)",
+                    format_size(p.used_bytes),
+                    100.0 * p.used_bytes as f64 / p.pool_size_bytes.max(1) as f64
+                );
+                println!(
+                    "segments:  {} of {} free ({} each)",
+                    p.free_segments,
+                    p.segments,
+                    format_size(p.segment_size_bytes)
+                );
+                println!("dots:      {}", p.dots);
+                println!("volumes:   {} (and {} commit snapshots)", p.volumes, p.snapshots);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time;
+
+    #[test]
+    fn times_are_utc_dates() {
+        assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(format_time(1_795_000_000), "2026-11-18 10:26:40 UTC");
+    }
+}

@@ -1,0 +1,303 @@
+//! The dotmesh workflow end to end: the real daemon on a temp dir and free ports, driven only through the `blockmesh`
+//! client subcommands, the HTTP API and real NBD clients (qemu-io). Under CI=true a missing client is a failure.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blockmesh::api::{Commit, DiffExtent, Dot};
+
+fn have(tool: &str) -> bool {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).status().is_ok_and(|s| s.success());
+    if !found && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{tool} is missing under CI=true: install it (scripts/test-all.sh does)");
+    }
+    found
+}
+
+/// A running daemon, killed when dropped.
+struct Daemon {
+    child: Child,
+    data: PathBuf,
+    api: String,
+    nbd: String,
+}
+
+impl Daemon {
+    fn start(data: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blockmesh"))
+            .args(["serve", "--pool-size", "1G", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let start = Instant::now();
+        let line = loop {
+            assert!(start.elapsed() < Duration::from_secs(60), "daemon did not start");
+            let l = lines.next().expect("daemon exited").unwrap();
+            if l.starts_with("blockmesh serving") {
+                break l;
+            }
+        };
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let after = |marker: &str| line.split(marker).nth(1).unwrap().split([' ', ',']).next().unwrap().to_string();
+        Daemon { child, data: data.to_path_buf(), api: format!("http://{}", after("http://")), nbd: after("nbd://") }
+    }
+
+    /// Runs a client subcommand; returns (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_blockmesh"))
+            .args(args)
+            .env("BLOCKMESH_SERVER", &self.api)
+            .env("BLOCKMESH_DATA_DIR", &self.data)
+            .env_remove("BLOCKMESH_API_KEY")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// Runs a client subcommand that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "blockmesh {args:?} failed: {err}{out}");
+        out
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    fn key(&self) -> String {
+        std::fs::read_to_string(self.data.join("api-key")).unwrap().trim().to_string()
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    // Commit exports are read-only: qemu opens them read-only only when asked to (and writes must still fail).
+    if uri.contains('@') && cmds.iter().all(|c| c.starts_with("read")) {
+        c.arg("-r");
+    }
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(uri).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // qemu-io exits 0 even when a command fails; its messages say so.
+    let failed = !out.status.success() || text.contains("failed") || text.contains("Pattern verification failed");
+    (!failed, text)
+}
+
+fn qemu_ok(uri: &str, cmds: &[&str]) {
+    let (ok, text) = qemu_io(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {uri}: {text}");
+}
+
+#[test]
+fn the_readme_tour() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let key = std::fs::metadata(dir.path().join("api-key")).unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key.permissions()) & 0o777, 0o600, "api-key mode");
+
+    // init a dot and write to it over NBD
+    let out = d.ok(&["init", "mydb", "--size", "64M"]);
+    assert!(out.contains("admin/mydb"), "{out}");
+    let head = d.ok(&["export-uri", "mydb"]).trim().to_string();
+    assert_eq!(head, format!("nbd://{}/admin/mydb", d.nbd));
+    qemu_ok(&head, &["write -P 0x11 0 1M", "flush"]);
+    let c1: Commit = d.json(&["commit", "mydb", "-m", "first data"]);
+    assert_eq!(c1.id.len(), 32);
+
+    // branch, write on the branch, commit
+    d.ok(&["branch", "mydb", "feature"]);
+    d.ok(&["checkout", "mydb", "feature"]);
+    qemu_ok(&head, &["write -P 0x22 0 64k", "flush"]);
+    let c2: Commit = d.json(&["commit", "mydb", "-m", "on feature", "--meta", "ticket=42"]);
+    assert_eq!(c2.parents, vec![c1.id.clone()]);
+    assert_eq!(c2.metadata.get("ticket").map(String::as_str), Some("42"));
+
+    // diff: exactly the 64 KiB written on the branch
+    let diff: Vec<DiffExtent> = d.json(&["diff", "mydb", &c1.id[..8], &c2.id]);
+    assert_eq!(diff.len(), 1, "{diff:?}");
+    assert_eq!((diff[0].offset_bytes, diff[0].len_bytes, diff[0].kind.as_str()), (0, 65536, "data"));
+    let human = d.ok(&["diff", "mydb", &c1.id[..8]]);
+    assert!(human.contains("64 KiB changed in 1 ranges"), "{human}");
+
+    // the old commit, read-only, byte for byte
+    let old = d.ok(&["export-uri", &format!("mydb@{}", &c1.id[..6])]).trim().to_string();
+    assert_eq!(old, format!("nbd://{}/admin/mydb@{}", d.nbd, c1.id));
+    qemu_ok(&old, &["read -P 0x11 0 1M"]);
+    let (ok, text) = qemu_io(&old, &["write -P 0x33 0 4k"]);
+    assert!(!ok, "a commit export took a write: {text}");
+
+    // the head follows checkouts; log lists newest first
+    qemu_ok(&head, &["read -P 0x22 0 64k", "read -P 0x11 64k 960k"]);
+    d.ok(&["checkout", "mydb", "master"]);
+    qemu_ok(&head, &["read -P 0x11 0 1M"]);
+    let log: Vec<Commit> = d.json(&["log", "mydb", "--branch", "feature"]);
+    assert_eq!(log.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![c2.id.as_str(), c1.id.as_str()]);
+    let human = d.ok(&["log", "mydb"]);
+    assert!(human.contains(&c1.id) && human.contains("first data") && !human.contains(&c2.id), "{human}");
+
+    // clone a commit into a new dot; reset a branch
+    d.ok(&["clone", &format!("mydb@{}", c2.id), "copy"]);
+    qemu_ok(&format!("nbd://{}/admin/copy", d.nbd), &["read -P 0x22 0 64k"]);
+    d.ok(&["checkout", "mydb", "feature"]);
+    qemu_ok(&head, &["write -P 0x44 0 4k"]);
+    d.ok(&["reset", "mydb", "--hard", "master"]);
+    qemu_ok(&head, &["read -P 0x11 0 1M"]);
+
+    let dots: Vec<Dot> = d.json(&["list"]);
+    assert_eq!(dots.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), vec!["admin/copy", "admin/mydb"]);
+    let status = d.ok(&["pool", "status"]);
+    assert!(status.contains("dots:      2"), "{status}");
+
+    // mistakes: clear errors, exit codes 1 (error) and 2 (usage), nothing changed
+    let (code, _, err) = d.cli(&["log", "mydv"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no dot named admin/mydv") && err.contains("admin/mydb"), "{err}");
+    let (code, _, err) = d.cli(&["delete", "copy"]);
+    assert_eq!(code, 1, "delete without --yes and without a terminal");
+    assert!(err.contains("--yes"), "{err}");
+    let (code, _, _) = d.cli(&["commit", "mydb"]);
+    assert_eq!(code, 2, "missing -m is a usage error");
+    let (code, _, err) = d.cli(&["init", "Bad Name!"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("HTTP 400"), "{err}");
+    d.ok(&["delete", "copy", "--yes"]);
+    let dots: Vec<Dot> = d.json(&["list"]);
+    assert_eq!(dots.len(), 1);
+}
+
+#[test]
+fn the_api_refuses_bad_keys_and_bad_input_and_serializes_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let key = d.key();
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(60)).build();
+    let url = |p: &str| format!("{}{p}", d.api);
+    let status = |r: Result<ureq::Response, ureq::Error>| match r {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("{e}"),
+    };
+    let body = serde_json::json!({"name": "db", "size_bytes": 1 << 20});
+    // No key, a wrong key: 401, and nothing created.
+    let (code, text) = status(agent.post(&url("/v1/dots")).send_json(body.clone()));
+    assert_eq!(code, 401, "{text}");
+    assert!(text.contains("api-key"), "{text}");
+    let (code, _) = status(agent.post(&url("/v1/dots")).set("Authorization", "Bearer nope").send_json(body.clone()));
+    assert_eq!(code, 401);
+    let (code, _) =
+        status(agent.post(&url("/v1/dots")).set("Authorization", &format!("Bearer {key}x")).send_json(body.clone()));
+    assert_eq!(code, 401);
+    let auth = format!("Bearer {key}");
+    let (code, text) = status(agent.get(&url("/v1/dots")).set("Authorization", &auth).call());
+    assert_eq!((code, text.as_str()), (200, "[]"));
+
+    // Malformed JSON, missing fields, unknown dots, bad names, unknown routes: 4xx with a message.
+    let (code, text) = status(agent.post(&url("/v1/dots")).set("Authorization", &auth).send_string("{not json"));
+    assert_eq!(code, 400);
+    assert!(text.contains("malformed JSON"), "{text}");
+    let (code, _) = status(agent.post(&url("/v1/dots")).set("Authorization", &auth).send_json(serde_json::json!({})));
+    assert_eq!(code, 400);
+    let (code, text) = status(agent.get(&url("/v1/dots/admin/nope")).set("Authorization", &auth).call());
+    assert_eq!(code, 404);
+    assert!(text.contains("no dot named admin/nope"), "{text}");
+    let (code, _) = status(
+        agent
+            .post(&url("/v1/dots"))
+            .set("Authorization", &auth)
+            .send_json(serde_json::json!({"name": "../etc", "size_bytes": 4096})),
+    );
+    assert_eq!(code, 400);
+    let (code, _) = status(agent.get(&url("/v2/whatever")).set("Authorization", &auth).call());
+    assert_eq!(code, 404);
+    let (code, _) = status(agent.post(&url("/v1/dots")).set("Authorization", &auth).send_json(body.clone()));
+    assert_eq!(code, 200);
+    let (code, _) = status(agent.post(&url("/v1/dots")).set("Authorization", &auth).send_json(body));
+    assert_eq!(code, 409, "the same dot twice");
+    let (code, text) = status(agent.get(&url("/v1/dots/admin/db/diff?from=zzzz")).set("Authorization", &auth).call());
+    assert_eq!(code, 404, "{text}");
+
+    // Concurrent commits on one dot: all succeed, one after another (a linear history).
+    const COMMITTERS: usize = 8;
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..COMMITTERS)
+            .map(|i| {
+                let (agent, url, auth) = (agent.clone(), url("/v1/dots/admin/db/commits"), auth.clone());
+                s.spawn(move || {
+                    let r = agent
+                        .post(&url)
+                        .set("Authorization", &auth)
+                        .send_json(serde_json::json!({"message": format!("c{i}")}))
+                        .unwrap();
+                    r.into_json::<Commit>().unwrap().id
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let log: Vec<Commit> = d.json(&["log", "db"]);
+    assert_eq!(log.len(), COMMITTERS);
+    for pair in log.windows(2) {
+        assert_eq!(pair[0].parents, vec![pair[1].id.clone()], "history is a line");
+    }
+    let mut logged: Vec<String> = log.into_iter().map(|c| c.id).collect();
+    let mut ids = ids;
+    logged.sort();
+    ids.sort();
+    assert_eq!(logged, ids);
+}
+
+#[test]
+fn a_killed_daemon_keeps_flushed_writes_and_commits() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    d.ok(&["init", "keep", "--size", "16M"]);
+    let uri = format!("nbd://{}/admin/keep", d.nbd);
+    qemu_ok(&uri, &["write -P 0x5a 0 2M", "flush"]);
+    let c: Commit = d.json(&["commit", "keep", "-m", "before the crash"]);
+    qemu_ok(&uri, &["write -P 0x6b 1M 64k", "flush"]);
+    let key = d.key();
+    d.kill9();
+
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.key(), key, "the key survives restarts");
+    let log: Vec<Commit> = d.json(&["log", "keep"]);
+    assert_eq!(log.iter().map(|x| x.id.clone()).collect::<Vec<_>>(), vec![c.id.clone()]);
+    let uri = format!("nbd://{}/admin/keep", d.nbd);
+    qemu_ok(&uri, &["read -P 0x5a 0 1M", "read -P 0x6b 1M 64k", "read -P 0x5a 1088k 960k"]);
+    let old = format!("nbd://{}/admin/keep@{}", d.nbd, c.id);
+    qemu_ok(&old, &["read -P 0x5a 0 2M"]);
+}
