@@ -14,6 +14,7 @@
 //! | `DELETE /v1/dots/{ns}/{name}` | | `{}` |
 //! | `GET /v1/dots/{ns}/{name}/commits?branch=B` | | `[`[`Commit`]`]`, newest first |
 //! | `POST /v1/dots/{ns}/{name}/commits` | [`CommitBody`] | [`Commit`] |
+//! | `GET /v1/dots/{ns}/{name}/commits/{commit}` | | [`Commit`] (resolves prefixes and branch names) |
 //! | `POST /v1/dots/{ns}/{name}/branches` | [`BranchRequest`] | [`Dot`] |
 //! | `POST /v1/dots/{ns}/{name}/checkout` | [`CheckoutRequest`] | [`Dot`] |
 //! | `POST /v1/dots/{ns}/{name}/reset` | [`ResetRequest`] | [`Dot`] |
@@ -34,7 +35,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use blockmesh_engine::{CommitId, CommitRequest, Error as EngineError, Pool, DEFAULT_SUBDOT};
+use blockmesh_engine::{CommitId, CommitRequest, DotInfo, Error as EngineError, Pool, DEFAULT_SUBDOT};
 use serde::{Deserialize, Serialize};
 
 /// Name of the admin key file in the data directory.
@@ -208,14 +209,36 @@ pub struct ApiState {
 pub struct ApiError {
     status: StatusCode,
     message: String,
+    /// The dot an engine call did not find; [`with_pool`] turns it into a message with close names.
+    missing_dot: Option<String>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), missing_dot: None }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    /// For an unknown dot, a message that lists the names closest to the one asked for.
+    fn with_suggestions(mut self, pool: &Pool) -> Self {
+        let Some(name) = self.missing_dot.take() else { return self };
+        let mut close: Vec<(usize, String)> = pool
+            .dots()
+            .into_iter()
+            .map(|d| (distance(&name, &d.name), d.name))
+            .filter(|(dist, n)| *dist <= 3 || n.contains(name.rsplit('/').next().unwrap_or(&name)))
+            .collect();
+        close.sort();
+        let close: Vec<String> = close.into_iter().take(MAX_SUGGESTIONS).map(|(_, n)| n).collect();
+        let hint = if close.is_empty() {
+            "; `blockmesh list` shows the dots".to_string()
+        } else {
+            format!("; did you mean {}?", close.join(", "))
+        };
+        self.message = format!("no dot named {name}{hint}");
+        self
     }
 }
 
@@ -239,7 +262,11 @@ impl From<EngineError> for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %e, "API request failed");
         }
-        Self::new(status, e.to_string())
+        let missing_dot = match &e {
+            E::NoSuchDot(name) => Some(name.clone()),
+            _ => None,
+        };
+        Self { missing_dot, ..Self::new(status, e.to_string()) }
     }
 }
 
@@ -259,6 +286,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/dots", get(list_dots).post(init_dot))
         .route("/v1/dots/{ns}/{name}", get(show_dot).delete(delete_dot))
         .route("/v1/dots/{ns}/{name}/commits", get(log).post(commit))
+        .route("/v1/dots/{ns}/{name}/commits/{commit}", get(show_commit))
         .route("/v1/dots/{ns}/{name}/branches", post(branch))
         .route("/v1/dots/{ns}/{name}/checkout", post(checkout))
         .route("/v1/dots/{ns}/{name}/reset", post(reset))
@@ -293,9 +321,12 @@ async fn authenticate(State(state): State<Arc<ApiState>>, req: Request, next: Ne
     }
 }
 
-/// Runs engine work off the event loop.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
+/// Runs engine work off the event loop; an unknown dot's 404 lists the names closest to it.
+async fn with_pool<T: Send + 'static>(
+    s: Arc<ApiState>,
+    f: impl FnOnce(&Pool) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(move || f(&s.pool).map_err(|e| e.with_suggestions(&s.pool)))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("request task failed: {e}")))?
 }
@@ -351,32 +382,9 @@ fn distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
-/// The dot, or a 404 that lists the names closest to the one asked for.
-fn dot_info(pool: &Pool, name: &str) -> Result<blockmesh_engine::DotInfo, ApiError> {
-    pool.dot(name).map_err(|e| match e {
-        EngineError::NoSuchDot(_) => {
-            let mut close: Vec<(usize, String)> = pool
-                .dots()
-                .into_iter()
-                .map(|d| (distance(name, &d.name), d.name))
-                .filter(|(dist, n)| *dist <= 3 || n.contains(name.rsplit('/').next().unwrap_or(name)))
-                .collect();
-            close.sort();
-            let close: Vec<String> = close.into_iter().take(MAX_SUGGESTIONS).map(|(_, n)| n).collect();
-            let hint = if close.is_empty() {
-                "; `blockmesh list` shows the dots".to_string()
-            } else {
-                format!("; did you mean {}?", close.join(", "))
-            };
-            ApiError::new(StatusCode::NOT_FOUND, format!("no dot named {name}{hint}"))
-        }
-        other => other.into(),
-    })
-}
-
-/// A commit named by id, unique id prefix, or branch name (its head).
-fn resolve_commit(pool: &Pool, dot: &str, name: &str) -> Result<CommitId, ApiError> {
-    let info = dot_info(pool, dot)?;
+/// A commit of `info`'s dot named by id, unique id prefix, or branch name (its head).
+fn resolve_commit(pool: &Pool, info: &DotInfo, name: &str) -> Result<CommitId, ApiError> {
+    let dot = &info.name;
     if let Some((_, head)) = info.branches.iter().find(|(b, _)| b == name) {
         return head.ok_or_else(|| ApiError::bad_request(format!("branch {name} of {dot} has no commit yet")));
     }
@@ -400,6 +408,13 @@ fn resolve_commit(pool: &Pool, dot: &str, name: &str) -> Result<CommitId, ApiErr
         [] => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no commit {name} in {dot}"))),
         _ => Err(ApiError::bad_request(format!("commit prefix {name} is ambiguous in {dot}: give more digits"))),
     }
+}
+
+/// The listing of one commit of `dot`.
+fn commit_by_id(pool: &Pool, dot: &str, id: CommitId) -> Result<Commit, ApiError> {
+    let c = pool.commits(dot)?.into_iter().find(|c| c.id == id);
+    let c = c.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no commit {id} in {dot}")))?;
+    Ok(commit_json(c))
 }
 
 async fn info(State(s): State<Arc<ApiState>>) -> ApiResult<ServerInfo> {
@@ -427,18 +442,19 @@ async fn list_dots(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<Dot>> {
 async fn init_dot(State(s): State<Arc<ApiState>>, body: Bytes) -> ApiResult<Dot> {
     let req: InitRequest = parse(&body)?;
     let name = qualify(&req.name);
-    blocking(move || {
+    with_pool(s, move |pool| {
         let subdots: Vec<String> =
             if req.subdots.is_empty() { vec![DEFAULT_SUBDOT.to_string()] } else { req.subdots.clone() };
         let pairs: Vec<(&str, u64)> = subdots.iter().map(|n| (n.as_str(), req.size_bytes)).collect();
-        s.pool.create_dot(&name, &pairs)?;
-        Ok(Json(dot_json(s.pool.dot(&name)?)))
+        pool.create_dot(&name, &pairs)?;
+        Ok(Json(dot_json(pool.dot(&name)?)))
     })
     .await
 }
 
 async fn show_dot(State(s): State<Arc<ApiState>>, Path((ns, name)): Path<(String, String)>) -> ApiResult<Dot> {
-    Ok(Json(dot_json(dot_info(&s.pool, &format!("{ns}/{name}"))?)))
+    let dot = format!("{ns}/{name}");
+    with_pool(s, move |pool| Ok(Json(dot_json(pool.dot(&dot)?)))).await
 }
 
 async fn delete_dot(
@@ -446,9 +462,8 @@ async fn delete_dot(
     Path((ns, name)): Path<(String, String)>,
 ) -> ApiResult<serde_json::Value> {
     let dot = format!("{ns}/{name}");
-    blocking(move || {
-        dot_info(&s.pool, &dot)?;
-        s.pool.delete_dot(&dot)?;
+    with_pool(s, move |pool| {
+        pool.delete_dot(&dot)?;
         Ok(Json(serde_json::json!({})))
     })
     .await
@@ -460,8 +475,20 @@ async fn log(
     Query(q): Query<LogQuery>,
 ) -> ApiResult<Vec<Commit>> {
     let dot = format!("{ns}/{name}");
-    dot_info(&s.pool, &dot)?;
-    Ok(Json(s.pool.log(&dot, q.branch.as_deref())?.into_iter().map(commit_json).collect()))
+    with_pool(s, move |pool| Ok(Json(pool.log(&dot, q.branch.as_deref())?.into_iter().map(commit_json).collect())))
+        .await
+}
+
+async fn show_commit(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name, commit)): Path<(String, String, String)>,
+) -> ApiResult<Commit> {
+    let dot = format!("{ns}/{name}");
+    with_pool(s, move |pool| {
+        let id = resolve_commit(pool, &pool.dot(&dot)?, &commit)?;
+        Ok(Json(commit_by_id(pool, &dot, id)?))
+    })
+    .await
 }
 
 async fn commit(
@@ -471,9 +498,8 @@ async fn commit(
 ) -> ApiResult<Commit> {
     let req: CommitBody = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    blocking(move || {
-        dot_info(&s.pool, &dot)?;
-        let id = s.pool.commit(
+    with_pool(s, move |pool| {
+        let id = pool.commit(
             &dot,
             CommitRequest {
                 message: req.message,
@@ -482,9 +508,7 @@ async fn commit(
                 ..CommitRequest::default()
             },
         )?;
-        let c = s.pool.commits(&dot)?.into_iter().find(|c| c.id == id);
-        let c = c.ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("commit {id} vanished")))?;
-        Ok(Json(commit_json(c)))
+        Ok(Json(commit_by_id(pool, &dot, id)?))
     })
     .await
 }
@@ -496,13 +520,13 @@ async fn branch(
 ) -> ApiResult<Dot> {
     let req: BranchRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    blocking(move || {
+    with_pool(s, move |pool| {
         let from = match &req.from {
-            Some(c) => Some(resolve_commit(&s.pool, &dot, c)?),
+            Some(c) => Some(resolve_commit(pool, &pool.dot(&dot)?, c)?),
             None => None,
         };
-        s.pool.create_branch(&dot, &req.name, from)?;
-        Ok(Json(dot_json(s.pool.dot(&dot)?)))
+        pool.create_branch(&dot, &req.name, from)?;
+        Ok(Json(dot_json(pool.dot(&dot)?)))
     })
     .await
 }
@@ -514,10 +538,9 @@ async fn checkout(
 ) -> ApiResult<Dot> {
     let req: CheckoutRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    blocking(move || {
-        dot_info(&s.pool, &dot)?;
-        s.pool.checkout(&dot, &req.branch)?;
-        Ok(Json(dot_json(s.pool.dot(&dot)?)))
+    with_pool(s, move |pool| {
+        pool.checkout(&dot, &req.branch)?;
+        Ok(Json(dot_json(pool.dot(&dot)?)))
     })
     .await
 }
@@ -529,12 +552,12 @@ async fn reset(
 ) -> ApiResult<Dot> {
     let req: ResetRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    blocking(move || {
-        let info = dot_info(&s.pool, &dot)?;
-        let commit = resolve_commit(&s.pool, &dot, &req.commit)?;
+    with_pool(s, move |pool| {
+        let info = pool.dot(&dot)?;
+        let commit = resolve_commit(pool, &info, &req.commit)?;
         let branch = req.branch.unwrap_or(info.current_branch);
-        s.pool.reset_branch(&dot, &branch, commit)?;
-        Ok(Json(dot_json(s.pool.dot(&dot)?)))
+        pool.reset_branch(&dot, &branch, commit)?;
+        Ok(Json(dot_json(pool.dot(&dot)?)))
     })
     .await
 }
@@ -546,15 +569,12 @@ async fn clone_dot(
 ) -> ApiResult<Dot> {
     let req: CloneRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    blocking(move || {
-        let info = dot_info(&s.pool, &dot)?;
-        let commit = match &req.commit {
-            Some(c) => resolve_commit(&s.pool, &dot, c)?,
-            None => resolve_commit(&s.pool, &dot, &info.current_branch)?,
-        };
+    with_pool(s, move |pool| {
+        let info = pool.dot(&dot)?;
+        let commit = resolve_commit(pool, &info, req.commit.as_deref().unwrap_or(&info.current_branch))?;
         let new_dot = qualify(&req.new_dot);
-        s.pool.clone_dot(&dot, commit, &new_dot)?;
-        Ok(Json(dot_json(s.pool.dot(&new_dot)?)))
+        pool.clone_dot(&dot, commit, &new_dot)?;
+        Ok(Json(dot_json(pool.dot(&new_dot)?)))
     })
     .await
 }
@@ -565,11 +585,11 @@ async fn diff(
     Query(q): Query<DiffQuery>,
 ) -> ApiResult<Vec<DiffExtent>> {
     let dot = format!("{ns}/{name}");
-    blocking(move || {
-        let info = dot_info(&s.pool, &dot)?;
-        let from = resolve_commit(&s.pool, &dot, &q.from)?;
+    with_pool(s, move |pool| {
+        let info = pool.dot(&dot)?;
+        let from = resolve_commit(pool, &info, &q.from)?;
         let to = match &q.to {
-            Some(c) => Some(resolve_commit(&s.pool, &dot, c)?),
+            Some(c) => Some(resolve_commit(pool, &info, c)?),
             None => None,
         };
         let subdots: Vec<String> = match q.subdot {
@@ -578,7 +598,7 @@ async fn diff(
         };
         let mut out = Vec::new();
         for sd in subdots {
-            for x in s.pool.diff_commits(&dot, from, to, Some(&sd))? {
+            for x in pool.diff_commits(&dot, from, to, Some(&sd))? {
                 let kind = match x.kind {
                     blockmesh_engine::ExtentKind::Data => "data",
                     blockmesh_engine::ExtentKind::Zero => "zero",

@@ -446,18 +446,9 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                     bail!("{} has no subdot {s}", dot.name);
                 }
             }
+            // The daemon resolves prefixes and branch names; the export name needs the full id.
             let commit = match commit {
-                Some(c) => {
-                    let commits: Vec<Commit> = api.get(&format!("{}/commits", dot_path(&dot.name)))?;
-                    let head_of = dot.branches.iter().find(|b| b.name == c).and_then(|b| b.head.clone());
-                    let found: Vec<&Commit> = commits.iter().filter(|x| x.id.starts_with(&c)).collect();
-                    Some(match (head_of, found.as_slice()) {
-                        (Some(id), _) => id,
-                        (None, [one]) => one.id.clone(),
-                        (None, []) => bail!("no commit {c} in {}", dot.name),
-                        _ => bail!("commit prefix {c} is ambiguous in {}", dot.name),
-                    })
-                }
+                Some(c) => Some(api.get::<Commit>(&format!("{}/commits/{c}", dot_path(&dot.name)))?.id),
                 None => None,
             };
             let mut name = dot.name.clone();

@@ -2,6 +2,8 @@
 //! Under `CI=true` a missing client fails the test.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -9,15 +11,7 @@ use std::sync::Arc;
 use blockmesh::nbd_export::PoolExports;
 use blockmesh_engine::{CommitRequest, Pool, PoolOptions, DEFAULT_SUBDOT};
 use blockmesh_nbd::{Exports, Server, ServerConfig};
-
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).status().is_ok_and(|s| s.success());
-    if !found {
-        assert!(std::env::var("CI").as_deref() != Ok("true"), "{tool} is required under CI=true but not installed");
-        eprintln!("skipping: {tool} not installed");
-    }
-    found
-}
+use common::have;
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

@@ -2,20 +2,15 @@
 //! client subcommands, the HTTP API and real NBD clients (qemu-io). Under CI=true a missing client is a failure.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blockmesh::api::{Commit, DiffExtent, Dot};
-
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).status().is_ok_and(|s| s.success());
-    if !found && std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{tool} is missing under CI=true: install it (scripts/test-all.sh does)");
-    }
-    found
-}
+use common::have;
 
 /// A running daemon, killed when dropped.
 struct Daemon {

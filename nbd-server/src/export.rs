@@ -2,8 +2,9 @@
 //! export for tests and fuzzing.
 //!
 //! Export methods are blocking: the server runs them on tokio's blocking pool, so an export may do ordinary file I/O
-//! and take locks. The one exception is [`Export::try_read_now`], called on the event loop, which must not block. The server validates every request against [`Export::size_bytes`] and [`Export::block_sizes`]
-//! before calling the export, so implementations see only in-range, aligned, non-empty requests.
+//! and take locks. The one exception is [`Export::try_read_now`], called on the event loop, which must not block.
+//! The server validates every request against [`Export::size_bytes`] and [`Export::block_sizes`] before calling the
+//! export, so implementations see only in-range, aligned, non-empty requests.
 
 use std::collections::BTreeMap;
 use std::fmt;

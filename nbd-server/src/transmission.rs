@@ -178,12 +178,16 @@ impl Conn {
         Outgoing { head, data: Some(data), _permits: permits }
     }
 
+    /// Whether a read of `len` bytes asks the export for holes, to send them as hole chunks.
+    fn wants_holes(&self, len: u32, df: bool) -> bool {
+        self.structured && !df && len >= HOLE_CHUNK_MIN_BYTES
+    }
+
     /// Answers a small read on the event loop if the export has its bytes at hand; gives `permits` back otherwise,
     /// for the blocking path.
     fn read_now(&self, r: &RequestHeader, df: bool, permits: Permits) -> std::result::Result<Outgoing, Permits> {
         let len = r.length;
-        let wants_holes = self.structured && !df && len >= HOLE_CHUNK_MIN_BYTES;
-        if len == 0 || len > INLINE_READ_MAX_BYTES || wants_holes {
+        if len == 0 || len > INLINE_READ_MAX_BYTES || self.wants_holes(len, df) {
             return Err(permits);
         }
         let mut buf = self.pool.take(len as usize);
@@ -264,7 +268,7 @@ impl Conn {
             return self.send(Outgoing { head, data: None, _permits: Some(permits) });
         }
         // Which parts are holes: asked only for long reads that may be fragmented.
-        let extents = if !df && len >= HOLE_CHUNK_MIN_BYTES {
+        let extents = if self.wants_holes(len, df) {
             match self.export.extents(r.offset, u64::from(len)) {
                 Ok(x) => clip_extents(x, u64::from(len)),
                 Err(_) => Vec::new(),
