@@ -141,6 +141,24 @@ pub enum Error {
     #[error("stream refused: {0}")]
     BadStream(String),
 
+    /// A stream ended (or its reader failed) before its trailer. What arrived is kept in the pool, not visible: send
+    /// the rest from `resume_at_bytes` to [`crate::Pool::resume_receive`], or drop it with
+    /// [`crate::Pool::abort_receive`].
+    #[error(
+        "stream of commit {commit} ended at byte {ended_at_bytes} before its trailer ({cause}); what arrived is kept: \
+         resume from byte {resume_at_bytes}"
+    )]
+    StreamInterrupted {
+        /// The commit the stream carries.
+        commit: String,
+        /// Where the input stopped.
+        ended_at_bytes: u64,
+        /// The end of the last record applied: where a resumed stream continues.
+        resume_at_bytes: u64,
+        /// What stopped it (end of input, or the reader's error).
+        cause: String,
+    },
+
     /// A write to a read-only volume (a snapshot).
     #[error("{0:?} is read-only (a snapshot); clone it to write")]
     ReadOnly(String),

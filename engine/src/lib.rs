@@ -53,5 +53,8 @@ pub use pool::{
     DEFAULT_SEGMENT_SIZE_BYTES, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES, MAX_VOLUME_SIZE_BYTES,
     MIN_SEGMENT_SIZE_BYTES,
 };
-pub use stream::{ReceiveOutcome, SendStats, MAX_STREAM_DATA_BYTES, STREAM_MAGIC, STREAM_VERSION};
+pub use stream::{
+    PendingReceive, ReceiveOutcome, SendStats, MAX_STREAM_DATA_BYTES, RECEIVE_PROGRESS_INTERVAL_BYTES, STREAM_MAGIC,
+    STREAM_VERSION,
+};
 pub use volume::Volume;

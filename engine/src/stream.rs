@@ -20,7 +20,7 @@ use crate::{Error, Result};
 /// Identifies a blockmesh stream.
 pub const STREAM_MAGIC: [u8; 8] = *b"BMSTREAM";
 /// The stream version this build writes and reads.
-pub const STREAM_VERSION: u32 = 1;
+pub const STREAM_VERSION: u32 = 2;
 /// Most data bytes in one record.
 pub const MAX_STREAM_DATA_BYTES: u64 = 1 << 20;
 /// Largest header.
@@ -41,6 +41,9 @@ pub struct SendStats {
     pub data_bytes: u64,
     /// Bytes of the whole stream.
     pub stream_bytes: u64,
+    /// Bytes written to the output: the whole stream, or for [`Pool::send_from`] the head and what follows the
+    /// offset.
+    pub written_bytes: u64,
 }
 
 /// What a receive applied.
@@ -56,31 +59,52 @@ pub struct ReceiveOutcome {
     pub data_bytes: u64,
 }
 
-/// Hashes and counts what passes through.
-struct Hashing<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-    bytes: u64,
+/// Writes a stream: the head whole, then records, each folded into the hash chain; bytes before `skip_until` (a
+/// resumed send) are counted and hashed but not written.
+struct StreamWriter<'a> {
+    inner: &'a mut dyn Write,
+    chain: [u8; 32],
+    pos: u64,
+    skip_until: u64,
+    written: u64,
 }
 
-impl<W: Write> Hashing<W> {
-    fn put(&mut self, buf: &[u8]) -> Result<()> {
-        self.hasher.update(buf);
-        self.bytes += buf.len() as u64;
-        self.inner.write_all(buf).map_err(|e| Error::io("stream write", self.bytes, buf.len() as u64, e))
+impl StreamWriter<'_> {
+    fn emit(&mut self, buf: &[u8]) -> Result<()> {
+        let end = self.pos + buf.len() as u64;
+        if end > self.skip_until {
+            let from = self.skip_until.saturating_sub(self.pos) as usize;
+            self.inner.write_all(&buf[from..]).map_err(|e| Error::io("stream write", self.pos, buf.len() as u64, e))?;
+            self.written += (buf.len() - from) as u64;
+        }
+        self.pos = end;
+        Ok(())
     }
 
     fn record(&mut self, kind: u8, payload: &[u8]) -> Result<()> {
-        let mut head = Vec::with_capacity(5);
-        head.push(kind);
-        head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut head = [0u8; 5];
+        head[0] = kind;
+        head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
         let mut h = crc32fast::Hasher::new();
         h.update(&head);
         h.update(payload);
-        self.put(&head)?;
-        self.put(payload)?;
-        self.put(&h.finalize().to_le_bytes())
+        let crc = h.finalize().to_le_bytes();
+        if kind != REC_END {
+            self.chain = chain_next(&self.chain, &head, payload, &crc);
+        }
+        self.emit(&head)?;
+        self.emit(payload)?;
+        self.emit(&crc)
     }
+}
+
+/// One link of the stream's hash chain: blake3 keyed with the previous link, over one whole record.
+fn chain_next(prev: &[u8; 32], head: &[u8], payload: &[u8], crc: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_keyed(prev);
+    h.update(head);
+    h.update(payload);
+    h.update(crc);
+    *h.finalize().as_bytes()
 }
 
 /// The stream header.
@@ -152,63 +176,223 @@ fn bad(why: impl Into<String>) -> Error {
     Error::BadStream(why.into())
 }
 
-/// Reads records, verifying each checksum and feeding the trailer's hash.
+/// Reads records, verifying each checksum and extending the hash chain. A failed read of the input (its end, or
+/// an error) sets `interrupted`: the stream stopped, nothing in it was wrong.
 struct RecordReader<R> {
     inner: R,
-    hasher: blake3::Hasher,
+    chain: [u8; 32],
     offset: u64,
+    interrupted: Option<String>,
 }
 
 impl<R: Read> RecordReader<R> {
-    fn exact(&mut self, buf: &mut [u8], hash: bool) -> Result<()> {
-        self.inner.read_exact(buf).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+    fn exact(&mut self, buf: &mut [u8]) -> Result<()> {
+        if let Err(e) = self.inner.read_exact(buf) {
+            let eof = e.kind() == std::io::ErrorKind::UnexpectedEof;
+            self.interrupted = Some(if eof { "end of input".to_string() } else { e.to_string() });
+            return Err(if eof {
                 bad(format!("stream truncated at byte {}", self.offset))
             } else {
                 Error::io("stream read", self.offset, buf.len() as u64, e)
-            }
-        })?;
-        if hash {
-            self.hasher.update(buf);
+            });
         }
         self.offset += buf.len() as u64;
         Ok(())
     }
 
-    /// The next record: kind and payload, checksum verified.
+    /// The next record: kind and payload, checksum verified; the chain takes in every record but the trailer.
     fn next(&mut self) -> Result<(u8, Vec<u8>)> {
         let at = self.offset;
         let mut head = [0u8; 5];
-        // The trailer is not part of the hash; peek its kind first.
-        self.inner.read_exact(&mut head[..1]).map_err(|_| bad(format!("stream truncated at byte {at}")))?;
-        self.offset += 1;
+        self.exact(&mut head)?;
         let kind = head[0];
-        if kind != REC_END {
-            self.hasher.update(&head[..1]);
-        }
-        let hash = kind != REC_END;
-        self.exact(&mut head[1..], hash)?;
         let len = u32::from_le_bytes([head[1], head[2], head[3], head[4]]);
         if u64::from(len) > MAX_STREAM_DATA_BYTES + 64 {
             return Err(bad(format!("record at byte {at} claims {len} bytes, more than any record holds")));
         }
         let mut payload = vec![0u8; len as usize];
-        self.exact(&mut payload, hash)?;
+        self.exact(&mut payload)?;
         let mut crc = [0u8; 4];
-        self.exact(&mut crc, hash)?;
+        self.exact(&mut crc)?;
         let mut h = crc32fast::Hasher::new();
         h.update(&head);
         h.update(&payload);
         if h.finalize() != u32::from_le_bytes(crc) {
             return Err(bad(format!("record at byte {at} fails its checksum")));
         }
+        if kind != REC_END {
+            self.chain = chain_next(&self.chain, &head, &payload, &crc);
+        }
         Ok((kind, payload))
     }
+}
+
+/// Where a receive stands: the end of the last record applied, and what is needed to go on from there. Kept in the
+/// pool (in a hidden one-block volume next to the staging volumes) so an interrupted receive can resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Progress {
+    dot: String,
+    head_digest: [u8; 32],
+    offset: u64,
+    records: u64,
+    data_bytes: u64,
+    chain: [u8; 32],
+    subdot: Option<String>,
+}
+
+/// Identifies a receive progress block.
+const PROGRESS_MAGIC: [u8; 8] = *b"BMRECVPG";
+/// Version of the progress block.
+const PROGRESS_VERSION: u32 = 1;
+/// Size of the hidden volume holding a progress block.
+const PROGRESS_VOLUME_BYTES: u64 = BLOCK_SIZE;
+/// A receive makes its progress durable (a pool flush, then the progress block) every this many stream bytes, so a
+/// crash costs at most this much of a resumed stream.
+pub const RECEIVE_PROGRESS_INTERVAL_BYTES: u64 = 128 << 20;
+
+impl Progress {
+    fn encode(&self) -> Vec<u8> {
+        let mut e = Enc::default();
+        e.bytes(&PROGRESS_MAGIC);
+        e.u32(PROGRESS_VERSION);
+        e.bytes(&self.head_digest);
+        e.u64(self.offset);
+        e.u64(self.records);
+        e.u64(self.data_bytes);
+        e.bytes(&self.chain);
+        let subdot = self.subdot.as_deref().unwrap_or("");
+        e.u8(subdot.len() as u8);
+        e.bytes(subdot.as_bytes());
+        e.u8(self.dot.len() as u8);
+        e.bytes(self.dot.as_bytes());
+        let crc = crc32(&e.buf);
+        e.u32(crc);
+        e.buf.resize(PROGRESS_VOLUME_BYTES as usize, 0);
+        e.buf
+    }
+
+    fn decode(buf: &[u8]) -> Result<Self> {
+        let mut d = Dec::new(buf, "receive progress", 0);
+        if d.bytes(8)? != PROGRESS_MAGIC {
+            return Err(d.bad("receive progress magic", "other bytes"));
+        }
+        let version = d.u32()?;
+        if version != PROGRESS_VERSION {
+            return Err(d.bad(format!("progress version {PROGRESS_VERSION}"), version));
+        }
+        let mut head_digest = [0u8; 32];
+        head_digest.copy_from_slice(d.bytes(32)?);
+        let (offset, records, data_bytes) = (d.u64()?, d.u64()?, d.u64()?);
+        let mut chain = [0u8; 32];
+        chain.copy_from_slice(d.bytes(32)?);
+        let text = |d: &mut Dec<'_>| -> Result<String> {
+            let n = d.u8()? as usize;
+            String::from_utf8(d.bytes(n)?.to_vec()).map_err(|_| d.bad("UTF-8", "other bytes"))
+        };
+        let subdot = Some(text(&mut d)?).filter(|s| !s.is_empty());
+        let dot = text(&mut d)?;
+        let end = buf.len() - d.remaining();
+        let crc = d.u32()?;
+        if crc != crc32(&buf[..end]) {
+            return Err(d.bad(format!("crc32 {:08x}", crc32(&buf[..end])), format!("{crc:08x}")));
+        }
+        Ok(Progress { dot, head_digest, offset, records, data_bytes, chain, subdot })
+    }
+}
+
+/// An interrupted receive, kept for [`Pool::resume_receive`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReceive {
+    /// The dot the stream is for.
+    pub dot: String,
+    /// The commit it carries.
+    pub commit: CommitId,
+    /// Where a resumed stream continues (the end of the last record kept).
+    pub resume_at_bytes: u64,
+    /// Records applied so far.
+    pub records: u64,
+    /// Volume data bytes applied so far.
+    pub data_bytes: u64,
+}
+
+/// Names of the hidden volumes of a receive.
+fn progress_name(tag: CommitId) -> String {
+    format!("#recv/{tag}")
+}
+
+fn staging_name(tag: CommitId, subdot: &str) -> String {
+    format!("#recv/{tag}/{subdot}")
+}
+
+/// Every hidden volume a receive of `tag` made (progress and staging), in id order.
+fn receive_volumes(st: &crate::pool::State, tag: CommitId) -> Vec<u64> {
+    let prefix = progress_name(tag);
+    let mut ids: Vec<u64> = st
+        .names
+        .iter()
+        .filter(|(n, _)| **n == prefix || n.strip_prefix(&prefix).is_some_and(|r| r.starts_with('/')))
+        .map(|(_, id)| *id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// The stream's head (magic, version, header, its checksum) as read, and the header.
+struct Head {
+    bytes: Vec<u8>,
+    header: Header,
+}
+
+fn read_head(input: &mut dyn Read) -> Result<Head> {
+    let mut fixed = [0u8; 16];
+    input.read_exact(&mut fixed).map_err(|_| bad("stream truncated in its head"))?;
+    if fixed[..8] != STREAM_MAGIC {
+        return Err(bad("not a blockmesh stream (no stream magic)"));
+    }
+    let version = u32::from_le_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
+    if version > STREAM_VERSION {
+        return Err(Error::UnsupportedVersion { found: version, supported: STREAM_VERSION });
+    }
+    if version < STREAM_VERSION {
+        return Err(bad(format!(
+            "stream version {version} predates resumable streams (version {STREAM_VERSION}); send it again with this \
+             build"
+        )));
+    }
+    let hlen = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
+    if hlen > MAX_STREAM_HEADER_BYTES {
+        return Err(bad(format!("header of {hlen} bytes is larger than any header")));
+    }
+    let mut bytes = fixed.to_vec();
+    bytes.resize(16 + hlen as usize + 4, 0);
+    input.read_exact(&mut bytes[16..]).map_err(|_| bad("stream truncated in its head"))?;
+    let hbytes = &bytes[16..16 + hlen as usize];
+    if crc32(hbytes).to_le_bytes() != bytes[16 + hlen as usize..] {
+        return Err(bad("stream header fails its checksum"));
+    }
+    let header = Header::decode(hbytes).map_err(|e| bad(format!("stream header: {e}")))?;
+    crate::dots::validate_dot_name(&header.dot).map_err(|e| bad(format!("stream header: {e}")))?;
+    Ok(Head { bytes, header })
 }
 
 impl Pool {
     /// Write `commit` of `dot` to `out`: whole, or (with `base`) only what changed since `base`.
     pub fn send(&self, dot: &str, commit: CommitId, base: Option<CommitId>, out: &mut dyn Write) -> Result<SendStats> {
+        self.send_from(dot, commit, base, 0, out)
+    }
+
+    /// Write the stream of [`Pool::send`] for a resumed receive: its head (magic, version, header) whole, then only
+    /// the stream bytes from `offset` on, where the receiver stopped ([`PendingReceive::resume_at_bytes`]). An
+    /// `offset` inside the head writes the whole stream. The skipped part is still read and hashed: the trailer's hash
+    /// covers the whole stream.
+    pub fn send_from(
+        &self,
+        dot: &str,
+        commit: CommitId,
+        base: Option<CommitId>,
+        offset: u64,
+        out: &mut dyn Write,
+    ) -> Result<SendStats> {
         let dev = &*self.inner.dev;
         // Under the lock: the header and, per subdot, the extents to send.
         let (header, plan) = {
@@ -243,13 +427,18 @@ impl Pool {
             };
             (header, plan)
         };
-        let mut w = Hashing { inner: out, hasher: blake3::Hasher::new(), bytes: 0 };
         let hbytes = header.encode();
-        w.put(&STREAM_MAGIC)?;
-        w.put(&STREAM_VERSION.to_le_bytes())?;
-        w.put(&(hbytes.len() as u32).to_le_bytes())?;
-        w.put(&hbytes)?;
-        w.put(&crc32(&hbytes).to_le_bytes())?;
+        let mut head = Vec::with_capacity(16 + hbytes.len() + 4);
+        head.extend_from_slice(&STREAM_MAGIC);
+        head.extend_from_slice(&STREAM_VERSION.to_le_bytes());
+        head.extend_from_slice(&(hbytes.len() as u32).to_le_bytes());
+        head.extend_from_slice(&hbytes);
+        head.extend_from_slice(&crc32(&hbytes).to_le_bytes());
+        let skip_until = if offset > head.len() as u64 { offset } else { 0 };
+        let mut w =
+            StreamWriter { inner: out, chain: *blake3::hash(&head).as_bytes(), pos: 0, skip_until: 0, written: 0 };
+        w.emit(&head)?;
+        w.skip_until = skip_until; // the head always goes out
         let mut stats = SendStats::default();
         let incremental = base.is_some();
         for (subdot, sid, size, extents) in plan {
@@ -298,68 +487,176 @@ impl Pool {
                 }
             }
         }
-        let digest = w.hasher.finalize();
         let mut p = Enc::default();
         p.u64(stats.records);
         p.u64(stats.data_bytes);
-        p.bytes(digest.as_bytes());
-        // the trailer is written outside the hash it carries
-        let mut head = vec![REC_END];
-        head.extend_from_slice(&(p.buf.len() as u32).to_le_bytes());
-        let mut h = crc32fast::Hasher::new();
-        h.update(&head);
-        h.update(&p.buf);
-        for part in [&head[..], &p.buf[..], &h.finalize().to_le_bytes()[..]] {
-            w.inner.write_all(part).map_err(|e| Error::io("stream write", w.bytes, part.len() as u64, e))?;
-            w.bytes += part.len() as u64;
-        }
-        w.inner.flush().map_err(|e| Error::io("stream flush", w.bytes, 0, e))?;
-        stats.stream_bytes = w.bytes;
+        p.bytes(&w.chain);
+        w.record(REC_END, &p.buf)?;
+        w.inner.flush().map_err(|e| Error::io("stream flush", w.pos, 0, e))?;
+        stats.stream_bytes = w.pos;
+        stats.written_bytes = w.written;
         Ok(stats)
     }
 
     /// Apply a stream made by [`Pool::send`]: the commit appears with the sender's id, or, if anything about the
-    /// stream is wrong, nothing changes and the error says what.
+    /// stream is wrong, nothing changes and the error says what. A stream that stops early (its input ends or fails)
+    /// is [`Error::StreamInterrupted`]: what arrived is kept, hidden, for [`Pool::resume_receive`]. A fresh receive of
+    /// a commit drops what an earlier, interrupted one kept.
     pub fn receive(&self, input: &mut dyn Read) -> Result<ReceiveOutcome> {
-        let mut r = RecordReader { inner: input, hasher: blake3::Hasher::new(), offset: 0 };
-        let mut fixed = [0u8; 16];
-        r.exact(&mut fixed, true)?;
-        if fixed[..8] != STREAM_MAGIC {
-            return Err(bad("not a blockmesh stream (no stream magic)"));
-        }
-        let version = u32::from_le_bytes([fixed[8], fixed[9], fixed[10], fixed[11]]);
-        if version > STREAM_VERSION {
-            return Err(Error::UnsupportedVersion { found: version, supported: STREAM_VERSION });
-        }
-        let hlen = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
-        if hlen > MAX_STREAM_HEADER_BYTES {
-            return Err(bad(format!("header of {hlen} bytes is larger than any header")));
-        }
-        let mut hbytes = vec![0u8; hlen as usize];
-        r.exact(&mut hbytes, true)?;
-        let mut crc = [0u8; 4];
-        r.exact(&mut crc, true)?;
-        if crc32(&hbytes) != u32::from_le_bytes(crc) {
-            return Err(bad("stream header fails its checksum"));
-        }
-        let h = Header::decode(&hbytes).map_err(|e| bad(format!("stream header: {e}")))?;
-        crate::dots::validate_dot_name(&h.dot).map_err(|e| bad(format!("stream header: {e}")))?;
-        let commit = CommitId(h.commit);
-        let staged = self.stage(&h)?;
-        match self.receive_records(&mut r, &h, &staged) {
-            Ok((records, data_bytes)) => {
-                self.finish_receive(&h, &staged)?;
-                Ok(ReceiveOutcome { dot: h.dot.clone(), commit, records, data_bytes })
+        let head = read_head(input)?;
+        let digest = *blake3::hash(&head.bytes).as_bytes();
+        let staged = self.stage(&head.header)?;
+        let progress = Progress {
+            dot: head.header.dot.clone(),
+            head_digest: digest,
+            offset: head.bytes.len() as u64,
+            records: 0,
+            data_bytes: 0,
+            chain: digest,
+            subdot: None,
+        };
+        self.apply_stream(input, &head.header, staged, progress)
+    }
+
+    /// Go on with an interrupted receive: `input` holds the stream's head and then the stream from byte `offset` on
+    /// (what [`Pool::send_from`] writes), `offset` being where the receive stopped
+    /// ([`PendingReceive::resume_at_bytes`]). The result is the same as one uninterrupted receive.
+    pub fn resume_receive(&self, input: &mut dyn Read, offset: u64) -> Result<ReceiveOutcome> {
+        let head = read_head(input)?;
+        let h = &head.header;
+        let tag = CommitId(h.commit);
+        let staged = {
+            let st = self.inner.state.lock();
+            st.check_writable()?;
+            let none = || bad(format!("no interrupted receive of commit {tag} of {} to resume; send it whole", h.dot));
+            if let Some(id) = st.dot_names.get(&h.dot) {
+                if st.dot(*id)?.commits.contains_key(&h.commit) {
+                    return Err(bad(format!(
+                        "{} already has commit {tag}; drop the leftover of its receive (abort)",
+                        h.dot
+                    )));
+                }
             }
-            Err(e) => {
-                self.drop_staging(&staged);
-                Err(e)
+            let pid = st.names.get(&progress_name(tag)).copied().ok_or_else(none)?;
+            let mut staged = BTreeMap::new();
+            for (subdot, _) in &h.subdots {
+                let vid = st.names.get(&staging_name(tag, subdot)).copied().ok_or_else(none)?;
+                staged.insert(subdot.clone(), vid);
             }
+            Staged { volumes: staged, progress: pid }
+        };
+        let p = self.read_progress(staged.progress, tag)?;
+        if p.head_digest != *blake3::hash(&head.bytes).as_bytes() || p.dot != h.dot {
+            return Err(bad(format!("this stream's header differs from the one of the interrupted receive of {tag}")));
+        }
+        if p.offset != offset {
+            return Err(bad(format!(
+                "the interrupted receive of {tag} goes on from byte {}, not {offset}; send the stream from there",
+                p.offset
+            )));
+        }
+        self.apply_stream(input, h, staged, p)
+    }
+
+    /// Receives that were interrupted and can be resumed, oldest commit id first.
+    pub fn pending_receives(&self) -> Result<Vec<PendingReceive>> {
+        let found: Vec<(CommitId, u64)> = {
+            let st = self.inner.state.lock();
+            st.check_open()?;
+            let mut v: Vec<(CommitId, u64)> = st
+                .names
+                .iter()
+                .filter_map(|(name, id)| {
+                    let tag = name.strip_prefix("#recv/").filter(|t| !t.contains('/'))?;
+                    Some((tag.parse::<CommitId>().ok()?, *id))
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let mut out = Vec::new();
+        for (commit, vid) in found {
+            let p = self.read_progress(vid, commit)?;
+            out.push(PendingReceive {
+                dot: p.dot,
+                commit,
+                resume_at_bytes: p.offset,
+                records: p.records,
+                data_bytes: p.data_bytes,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Drop what an interrupted receive of `commit` kept.
+    pub fn abort_receive(&self, commit: CommitId) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let gate = &self.inner.reuse_gate;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let ids = receive_volumes(&st, commit);
+        if ids.is_empty() {
+            return Err(bad(format!("no interrupted receive of commit {commit}")));
+        }
+        st.ensure_room(dev, gate, 2 + ids.len() as u64)?;
+        for id in ids {
+            st.log_apply(dev, Op::DeleteVolume { volume: id }, None)?;
+        }
+        drop(st);
+        self.flush()
+    }
+
+    fn read_progress(&self, vid: u64, tag: CommitId) -> Result<Progress> {
+        let vol = Volume::new(self.inner.clone(), Target::Volume(vid), progress_name(tag));
+        let mut buf = vec![0u8; PROGRESS_VOLUME_BYTES as usize];
+        vol.read(0, &mut buf)?;
+        Progress::decode(&buf)
+    }
+
+    /// Read the records after the head, keeping `progress`, then commit; see [`Pool::receive`] for what a failure
+    /// leaves.
+    fn apply_stream(
+        &self,
+        input: &mut dyn Read,
+        h: &Header,
+        staged: Staged,
+        mut progress: Progress,
+    ) -> Result<ReceiveOutcome> {
+        let tag = CommitId(h.commit);
+        let pvol = Volume::new(self.inner.clone(), Target::Volume(staged.progress), progress_name(tag));
+        let mut r = RecordReader { inner: input, chain: progress.chain, offset: progress.offset, interrupted: None };
+        match self.receive_records(&mut r, h, &staged.volumes, &pvol, &mut progress) {
+            Ok(()) => {
+                self.finish_receive(h, &staged)?;
+                Ok(ReceiveOutcome {
+                    dot: h.dot.clone(),
+                    commit: tag,
+                    records: progress.records,
+                    data_bytes: progress.data_bytes,
+                })
+            }
+            Err(e) => match r.interrupted.take() {
+                Some(cause) => {
+                    // keep what arrived: every record up to `progress` is applied; make that durable, then say so
+                    pvol.write(0, &progress.encode())?;
+                    self.flush()?;
+                    Err(Error::StreamInterrupted {
+                        commit: tag.to_string(),
+                        ended_at_bytes: r.offset,
+                        resume_at_bytes: progress.offset,
+                        cause,
+                    })
+                }
+                None => {
+                    self.drop_staging(&staged);
+                    Err(e)
+                }
+            },
         }
     }
 
     /// Staging volumes for a stream: clones of the base commit's subdots (or empty ones), named after the commit.
-    fn stage(&self, h: &Header) -> Result<BTreeMap<String, u64>> {
+    fn stage(&self, h: &Header) -> Result<Staged> {
         let dev = &*self.inner.dev;
         let gate = &self.inner.reuse_gate;
         let mut st = self.inner.state.lock();
@@ -387,18 +684,25 @@ impl Pool {
         }
         let tag = CommitId(h.commit);
         let mut staged = BTreeMap::new();
-        st.ensure_room(dev, gate, 4 + 2 * h.subdots.len() as u64)?;
+        // leftovers of an interrupted receive of the same commit go first
+        let old = receive_volumes(&st, tag);
+        st.ensure_room(dev, gate, 6 + 2 * h.subdots.len() as u64 + old.len() as u64)?;
+        for id in old {
+            st.log_apply(dev, Op::DeleteVolume { volume: id }, None)?;
+        }
+        let progress = st.next_volume_id;
+        st.log_apply(
+            dev,
+            Op::CreateVolume { volume: progress, size_bytes: PROGRESS_VOLUME_BYTES, name: progress_name(tag) },
+            None,
+        )?;
         for (subdot, size) in &h.subdots {
             if subdot != DEFAULT_SUBDOT {
                 crate::dots::validate_dot_name(&format!("x/{subdot}"))
                     .map_err(|_| bad(format!("subdot {subdot:?}")))?;
             }
             crate::pool::validate_volume_size(*size).map_err(|e| bad(format!("subdot {subdot}: {e}")))?;
-            let name = format!("#recv/{tag}/{subdot}");
-            // leftovers of an interrupted receive of the same commit go first
-            if let Some(old) = st.names.get(&name).copied() {
-                st.log_apply(dev, Op::DeleteVolume { volume: old }, None)?;
-            }
+            let name = staging_name(tag, subdot);
             let vol = st.next_volume_id;
             match base_snaps.as_ref().and_then(|b| b.get(subdot)) {
                 Some(sid) => {
@@ -411,7 +715,7 @@ impl Pool {
             }
             staged.insert(subdot.clone(), vol);
         }
-        Ok(staged)
+        Ok(Staged { volumes: staged, progress })
     }
 
     fn receive_records<R: Read>(
@@ -419,10 +723,19 @@ impl Pool {
         r: &mut RecordReader<R>,
         h: &Header,
         staged: &BTreeMap<String, u64>,
-    ) -> Result<(u64, u64)> {
-        let mut current: Option<(Volume, u64)> = None;
-        let mut records = 0u64;
-        let mut data_bytes = 0u64;
+        pvol: &Volume,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        let subdot_volume = |name: &str| -> Result<(Volume, u64)> {
+            let vol = *staged.get(name).ok_or_else(|| bad(format!("record for unknown subdot {name:?}")))?;
+            let size = h.subdots.iter().find(|(s, _)| s == name).map(|(_, sz)| *sz).unwrap_or(0);
+            Ok((Volume::new(self.inner.clone(), Target::Volume(vol), name.to_string()), size))
+        };
+        let mut current: Option<(Volume, u64)> = match &progress.subdot {
+            Some(name) => Some(subdot_volume(name)?),
+            None => None,
+        };
+        let mut saved_at = progress.offset;
         loop {
             let (kind, p) = r.next()?;
             let at = r.offset;
@@ -434,11 +747,11 @@ impl Pool {
                     let name = String::from_utf8(d.bytes(n).map_err(|e| bad(e.to_string()))?.to_vec())
                         .map_err(|_| bad("subdot name is not UTF-8"))?;
                     let size = d.u64().map_err(|e| bad(e.to_string()))?;
-                    let vol = *staged.get(&name).ok_or_else(|| bad(format!("record for unknown subdot {name:?}")))?;
                     if h.subdots.iter().all(|(s, sz)| s != &name || *sz != size) {
                         return Err(bad(format!("subdot {name:?} of {size} bytes does not match the header")));
                     }
-                    current = Some((Volume::new(self.inner.clone(), Target::Volume(vol), name), size));
+                    current = Some(subdot_volume(&name)?);
+                    progress.subdot = Some(name);
                 }
                 REC_DATA | REC_ZERO | REC_TRIM => {
                     let (vol, size) = current.as_ref().ok_or_else(|| bad("data before any subdot record"))?;
@@ -449,7 +762,7 @@ impl Pool {
                             return Err(bad(format!("data record at byte {at} is out of range")));
                         }
                         vol.write(off, bytes).map_err(|e| bad_or(e, at))?;
-                        data_bytes += bytes.len() as u64;
+                        progress.data_bytes += bytes.len() as u64;
                     } else {
                         let len = d.u64().map_err(|e| bad(e.to_string()))?;
                         if len == 0 || !in_range(off, len, *size) {
@@ -468,26 +781,33 @@ impl Pool {
                     let count = d.u64().map_err(|e| bad(e.to_string()))?;
                     let bytes = d.u64().map_err(|e| bad(e.to_string()))?;
                     let digest = d.bytes(32).map_err(|e| bad(e.to_string()))?;
-                    let ours = r.hasher.finalize();
-                    if count != records || bytes != data_bytes {
+                    if count != progress.records || bytes != progress.data_bytes {
                         return Err(bad(format!(
-                            "trailer says {count} records and {bytes} data bytes, the stream had {records} and \
-                             {data_bytes}"
+                            "trailer says {count} records and {bytes} data bytes, the stream had {} and {}",
+                            progress.records, progress.data_bytes
                         )));
                     }
-                    if digest != ours.as_bytes() {
-                        return Err(bad("stream hash (blake3) does not match its trailer"));
+                    if digest != progress.chain {
+                        return Err(bad("stream hash (blake3 chain) does not match its trailer"));
                     }
-                    return Ok((records, data_bytes));
+                    return Ok(());
                 }
                 other => return Err(bad(format!("unknown record kind {other} at byte {at}"))),
             }
-            records += 1;
+            progress.records += 1;
+            progress.offset = r.offset;
+            progress.chain = r.chain;
+            if progress.offset - saved_at >= RECEIVE_PROGRESS_INTERVAL_BYTES {
+                // the records so far become durable first, then the block that says so
+                self.flush()?;
+                pvol.write(0, &progress.encode())?;
+                saved_at = progress.offset;
+            }
         }
     }
 
     /// Turn verified staging volumes into the commit, with one op [I10].
-    fn finish_receive(&self, h: &Header, staged: &BTreeMap<String, u64>) -> Result<()> {
+    fn finish_receive(&self, h: &Header, staged: &Staged) -> Result<()> {
         let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
@@ -498,8 +818,8 @@ impl Pool {
         };
         let first = st.next_volume_id + 1;
         let staged_ops: Vec<(String, u64, u64)> =
-            staged.iter().enumerate().map(|(i, (s, v))| (s.clone(), *v, first + i as u64)).collect();
-        let next = first + staged.len() as u64;
+            staged.volumes.iter().enumerate().map(|(i, (s, v))| (s.clone(), *v, first + i as u64)).collect();
+        let next = first + staged.volumes.len() as u64;
         // The branch is created, or moved forward when its head is this commit's parent and it has no
         // uncommitted changes; otherwise it is left alone and the commit joins the history only.
         let move_branch = match st.dots.get(&dot).and_then(|d| d.branches.get(&h.branch).map(|b| (d, b))) {
@@ -518,7 +838,7 @@ impl Pool {
             }
         };
         let heads = if move_branch {
-            staged.keys().enumerate().map(|(i, s)| (s.clone(), next + i as u64)).collect()
+            staged.volumes.keys().enumerate().map(|(i, s)| (s.clone(), next + i as u64)).collect()
         } else {
             Vec::new()
         };
@@ -531,20 +851,29 @@ impl Pool {
             heads,
         };
         st.log_dot(dev, &self.inner.reuse_gate, dot, change)?;
+        // the progress block has served; a crash before this leaves it behind, and the next receive or abort of
+        // the commit's stream removes it
+        st.log_meta(dev, &self.inner.reuse_gate, Op::DeleteVolume { volume: staged.progress })?;
         drop(st);
         self.flush()
     }
 
-    /// Best effort: remove the staging volumes of a refused stream.
-    fn drop_staging(&self, staged: &BTreeMap<String, u64>) {
+    /// Best effort: remove the hidden volumes of a refused stream.
+    fn drop_staging(&self, staged: &Staged) {
         let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();
-        for vol in staged.values() {
+        for vol in staged.volumes.values().chain([&staged.progress]) {
             if st.volumes.contains_key(vol) {
                 let _ = st.log_apply(dev, Op::DeleteVolume { volume: *vol }, None);
             }
         }
     }
+}
+
+/// The hidden volumes of one receive: a staging volume per subdot, and the progress block's.
+struct Staged {
+    volumes: BTreeMap<String, u64>,
+    progress: u64,
 }
 
 /// Errors of the volume below are the receiver's own (I/O, space); anything else means the stream was bad.
