@@ -239,6 +239,17 @@ fn snapshot_name(dot: u64, subdot: &str, commit: &RawCommitId) -> String {
 }
 
 impl State {
+    /// The volume id and display name (`dot.subdot`) of a subdot's head on the dot's current branch.
+    pub(crate) fn head_volume(&self, dot: &str, subdot: Option<&str>) -> Result<(u64, String)> {
+        let d = self.dot(self.dot_id(dot)?)?;
+        let subdot = subdot.unwrap_or(DEFAULT_SUBDOT);
+        let vid = *d.branches[&d.current]
+            .volumes
+            .get(subdot)
+            .ok_or_else(|| Error::NoSuchVolume(format!("{dot}.{subdot} (branch {})", d.current)))?;
+        Ok((vid, format!("{dot}.{subdot}")))
+    }
+
     pub(crate) fn dot_id(&self, name: &str) -> Result<u64> {
         self.dot_names.get(name).copied().ok_or_else(|| Error::NoSuchDot(name.to_string()))
     }
@@ -635,6 +646,17 @@ impl Pool {
         st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::AddSubdot { subdot: subdot.to_string(), volume, size_bytes })
     }
 
+    /// Grow (or shrink) the head of a subdot (`None`: `__default__`) on the dot's current branch. Shrinking is
+    /// refused when it would drop written data, unless `force`. Commits keep the size they had; the next commit
+    /// records the new one.
+    pub fn resize_subdot(&self, dot: &str, subdot: Option<&str>, size_bytes: u64, force: bool) -> Result<()> {
+        crate::pool::validate_volume_size(size_bytes)?;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let (vid, name) = st.head_volume(dot, subdot)?;
+        self.resize_locked(&mut st, vid, &name, size_bytes, force)
+    }
+
     /// Every dot, by name.
     pub fn dots(&self) -> Vec<DotInfo> {
         let st = self.inner.state.lock();
@@ -654,14 +676,8 @@ impl Pool {
     pub fn dot_volume(&self, dot: &str, subdot: Option<&str>) -> Result<Volume> {
         let st = self.inner.state.lock();
         st.check_open()?;
-        let id = st.dot_id(dot)?;
-        let d = st.dot(id)?;
-        let subdot = subdot.unwrap_or(DEFAULT_SUBDOT);
-        let vid = *d.branches[&d.current]
-            .volumes
-            .get(subdot)
-            .ok_or_else(|| Error::NoSuchVolume(format!("{dot}.{subdot} (branch {})", d.current)))?;
-        Ok(Volume::new(self.inner.clone(), Target::Volume(vid), format!("{dot}.{subdot}")))
+        let (vid, name) = st.head_volume(dot, subdot)?;
+        Ok(Volume::new(self.inner.clone(), Target::Volume(vid), name))
     }
 
     /// The read-only view of a subdot (`None`: `__default__`) at a commit.

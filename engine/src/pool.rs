@@ -507,10 +507,22 @@ impl Pool {
     /// Change a volume's size. Shrinking is refused when it would drop written data, unless `force`.
     pub fn resize_volume(&self, name: &str, size_bytes: u64, force: bool) -> Result<()> {
         validate_volume_size(size_bytes)?;
-        let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
         let id = st.volume_id(name)?;
+        self.resize_locked(&mut st, id, name, size_bytes, force)
+    }
+
+    /// [`Pool::resize_volume`] of volume `id` (`name` for errors), the state locked and writable.
+    pub(crate) fn resize_locked(
+        &self,
+        st: &mut State,
+        id: u64,
+        name: &str,
+        size_bytes: u64,
+        force: bool,
+    ) -> Result<()> {
+        let dev = &*self.inner.dev;
         let vol = st.volumes[&id].clone();
         if size_bytes < vol.size_bytes {
             let keep_blocks = blocks_for(size_bytes);

@@ -222,3 +222,42 @@ fn branch_creation_is_atomic_under_crashes() {
     }
     assert!(outcomes[0] > 0 && outcomes[1] > 0, "crashes land on both sides: {outcomes:?}");
 }
+
+/// A subdot head grows and shrinks like a volume; commits keep the size they were taken at; branches are
+/// independent.
+#[test]
+fn subdot_heads_resize() {
+    let (dev, pool) = sim_pool(32 << 20, 40);
+    pool.create_dot("admin/db", &[(DEFAULT_SUBDOT, 1 << 20), ("logs", 64 << 10)]).unwrap();
+    let head = pool.dot_volume("admin/db", None).unwrap();
+    head.write((1 << 20) - 4096, &pattern(1, 4096)).unwrap();
+    let small = pool.commit("admin/db", msg("1 MiB")).unwrap();
+    pool.resize_subdot("admin/db", None, 3 << 20, false).unwrap();
+    assert_eq!(head.size_bytes().unwrap(), 3 << 20, "open handles see the new size");
+    head.write((3 << 20) - 8192, &pattern(2, 8192)).unwrap();
+    let info = pool.dot("admin/db").unwrap();
+    assert!(info.subdots.contains(&(DEFAULT_SUBDOT.to_string(), 3 << 20)), "{info:?}");
+    let big = pool.commit("admin/db", msg("3 MiB")).unwrap();
+    assert_eq!(pool.commit_volume("admin/db", small, None).unwrap().size_bytes().unwrap(), 1 << 20);
+    assert_eq!(pool.commit_volume("admin/db", big, None).unwrap().size_bytes().unwrap(), 3 << 20);
+    // shrinking over written data needs force; over zeroes it does not
+    let r = pool.resize_subdot("admin/db", None, 2 << 20, false);
+    assert!(matches!(r, Err(Error::ShrinkDropsData { .. })), "{r:?}");
+    pool.resize_subdot("admin/db", Some("logs"), 32 << 10, false).unwrap();
+    pool.resize_subdot("admin/db", None, 2 << 20, true).unwrap();
+    // a branch from the small commit keeps its own size
+    pool.create_branch("admin/db", "old", Some(small)).unwrap();
+    pool.checkout("admin/db", "old").unwrap();
+    assert_eq!(pool.dot_volume("admin/db", None).unwrap().size_bytes().unwrap(), 1 << 20);
+    assert!(matches!(pool.resize_subdot("admin/db", Some("nope"), 1 << 20, false), Err(Error::NoSuchVolume(_))));
+    assert!(matches!(pool.resize_subdot("admin/db", None, 1000, false), Err(Error::InvalidArgument(_))));
+    pool.checkout("admin/db", "master").unwrap();
+    pool.close().unwrap();
+    let pool = Pool::open(dev, small_opts(40)).unwrap();
+    let head = pool.dot_volume("admin/db", None).unwrap();
+    assert_eq!(head.size_bytes().unwrap(), 2 << 20);
+    assert_eq!(read(&pool, "admin/db", None, (1 << 20) - 4096, 4096), pattern(1, 4096));
+    assert_eq!(read_commit(&pool, "admin/db", big, None, 3 << 20)[(3 << 20) - 8192..], pattern(2, 8192)[..]);
+    assert_eq!(pool.dot_volume("admin/db", Some("logs")).unwrap().size_bytes().unwrap(), 32 << 10);
+    assert!(pool.check().unwrap().is_ok());
+}
