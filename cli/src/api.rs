@@ -20,6 +20,11 @@
 //! | `POST /v1/dots/{ns}/{name}/reset` | [`ResetRequest`] | [`Dot`] |
 //! | `POST /v1/dots/{ns}/{name}/clone` | [`CloneRequest`] | [`Dot`] (the new dot) |
 //! | `GET /v1/dots/{ns}/{name}/diff?from=C&to=C&subdot=S` | | `[`[`DiffExtent`]`]` |
+//! | `POST /v1/dots/{ns}/{name}/resize` | [`ResizeRequest`] | [`Dot`] |
+//! | `GET /v1/dots/{ns}/{name}/send?commit=C&from=B&offset=N` | | the stream (`application/octet-stream`, with its `Content-Length`): commit `C` whole or since `B`; from byte `N` on (after the head) to resume |
+//! | `POST /v1/receive?offset=N` | a stream | [`Received`]; with `offset`, resumes the interrupted receive of the stream's commit |
+//! | `GET /v1/receives` | | `[`[`PendingReceive`]`]`: interrupted receives that can resume |
+//! | `DELETE /v1/receives/{commit}` | | `{}`: drops what an interrupted receive kept |
 //!
 //! Commits are named by their 32-digit id, a unique prefix of at least [`MIN_COMMIT_PREFIX`] digits, or a branch
 //! name (its head commit).
@@ -88,6 +93,9 @@ pub struct PoolStatus {
     pub dots: u64,
     pub volumes: u64,
     pub snapshots: u64,
+    /// Interrupted receives that can resume (as `GET /v1/receives`).
+    #[serde(default)]
+    pub pending_receives: Vec<PendingReceive>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -184,6 +192,49 @@ pub struct DiffExtent {
     pub kind: String,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResizeRequest {
+    /// The subdot; the unnamed one when absent.
+    #[serde(default)]
+    pub subdot: Option<String>,
+    pub size_bytes: u64,
+    /// Shrink even over written data.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A receive that went through.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Received {
+    pub dot: String,
+    pub commit: String,
+    pub records: u64,
+    pub data_bytes: u64,
+}
+
+/// A receive that stopped early and can resume.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingReceive {
+    pub dot: String,
+    pub commit: String,
+    /// Where the stream goes on (send it from here with `offset`).
+    pub resume_at_bytes: u64,
+    pub records: u64,
+    pub data_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct SendQuery {
+    commit: String,
+    from: Option<String>,
+    offset: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ReceiveQuery {
+    offset: Option<u64>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct LogQuery {
     branch: Option<String>,
@@ -255,7 +306,10 @@ impl From<EngineError> for ApiError {
             | E::OutOfRange { .. }
             | E::ShrinkDropsData { .. }
             | E::Limit(_)
-            | E::ReadOnly(_) => StatusCode::BAD_REQUEST,
+            | E::ReadOnly(_)
+            | E::BadStream(_)
+            | E::StreamInterrupted { .. }
+            | E::UnsupportedVersion { .. } => StatusCode::BAD_REQUEST,
             E::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -292,6 +346,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/dots/{ns}/{name}/reset", post(reset))
         .route("/v1/dots/{ns}/{name}/clone", post(clone_dot))
         .route("/v1/dots/{ns}/{name}/diff", get(diff))
+        .route("/v1/dots/{ns}/{name}/resize", post(resize))
+        .route("/v1/dots/{ns}/{name}/send", get(send))
+        .route("/v1/receive", post(receive))
+        .route("/v1/receives", get(pending_receives))
+        .route("/v1/receives/{commit}", axum::routing::delete(abort_receive))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API route; see GET /v1/info") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(DefaultBodyLimit::max(MAX_API_BODY_BYTES))
@@ -422,17 +481,35 @@ async fn info(State(s): State<Arc<ApiState>>) -> ApiResult<ServerInfo> {
 }
 
 async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
-    let st = s.pool.stats();
-    Ok(Json(PoolStatus {
-        pool_size_bytes: st.pool_size_bytes,
-        segment_size_bytes: st.segment_size_bytes,
-        segments: st.segments,
-        free_segments: st.free_segments,
-        used_bytes: st.live_blocks * blockmesh_engine::BLOCK_SIZE,
-        dots: st.dots,
-        volumes: st.volumes,
-        snapshots: st.snapshots,
-    }))
+    with_pool(s, |pool| {
+        let st = pool.stats();
+        Ok(Json(PoolStatus {
+            pool_size_bytes: st.pool_size_bytes,
+            segment_size_bytes: st.segment_size_bytes,
+            segments: st.segments,
+            free_segments: st.free_segments,
+            used_bytes: st.live_blocks * blockmesh_engine::BLOCK_SIZE,
+            dots: st.dots,
+            volumes: st.volumes,
+            snapshots: st.snapshots,
+            pending_receives: pending_json(pool)?,
+        }))
+    })
+    .await
+}
+
+fn pending_json(pool: &Pool) -> Result<Vec<PendingReceive>, ApiError> {
+    Ok(pool
+        .pending_receives()?
+        .into_iter()
+        .map(|p| PendingReceive {
+            dot: p.dot,
+            commit: p.commit.to_string(),
+            resume_at_bytes: p.resume_at_bytes,
+            records: p.records,
+            data_bytes: p.data_bytes,
+        })
+        .collect())
 }
 
 async fn list_dots(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<Dot>> {
@@ -614,6 +691,165 @@ async fn diff(
             }
         }
         Ok(Json(out))
+    })
+    .await
+}
+
+async fn resize(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Dot> {
+    let req: ResizeRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    with_pool(s, move |pool| {
+        pool.resize_subdot(&dot, req.subdot.as_deref(), req.size_bytes, req.force)?;
+        Ok(Json(dot_json(pool.dot(&dot)?)))
+    })
+    .await
+}
+
+/// Chunks of a stream in flight between the engine and the connection, at most (each up to
+/// [`STREAM_CHUNK_BYTES`]): bounds a send's or receive's buffer memory.
+pub const STREAM_CHANNEL_CHUNKS: usize = 8;
+/// Size of the chunks a send hands to the connection.
+pub const STREAM_CHUNK_BYTES: usize = 256 << 10;
+
+type Chunk = std::io::Result<Bytes>;
+
+/// The engine's (blocking) stream writer, feeding a response body.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    buf: Vec<u8>,
+}
+
+impl ChannelWriter {
+    fn push(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_CHUNK_BYTES)));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))
+    }
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(STREAM_CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= STREAM_CHUNK_BYTES {
+            self.push()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.push()
+    }
+}
+
+/// A request body, read by the engine's (blocking) stream reader.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    cur: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(chunk) => self.cur = chunk?,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur = self.cur.slice(n..);
+        Ok(n)
+    }
+}
+
+async fn send(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<SendQuery>,
+) -> Result<Response, ApiError> {
+    let dot = format!("{ns}/{name}");
+    let offset = q.offset.unwrap_or(0);
+    let d = dot.clone();
+    let (commit, base, size) = with_pool(s.clone(), move |pool| {
+        let info = pool.dot(&d)?;
+        let commit = resolve_commit(pool, &info, &q.commit)?;
+        let base = match &q.from {
+            Some(b) => Some(resolve_commit(pool, &info, b)?),
+            None => None,
+        };
+        Ok((commit, base, pool.send_size(&d, commit, base, offset)?))
+    })
+    .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_CHANNEL_CHUNKS);
+    let pool = s.pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_CHUNK_BYTES) };
+        if let Err(e) = pool.send_from(&dot, commit, base, offset, &mut w) {
+            tracing::error!(dot, %commit, error = %e, "send failed part way");
+            // an error chunk aborts the response: the client sees a stream without its trailer
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let chunks = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, size)
+        .header("x-blockmesh-commit", commit.to_string())
+        .body(axum::body::Body::from_stream(chunks))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn receive(
+    State(s): State<Arc<ApiState>>,
+    Query(q): Query<ReceiveQuery>,
+    body: axum::body::Body,
+) -> ApiResult<Received> {
+    use futures_util::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_CHANNEL_CHUNKS);
+    let apply = with_pool(s, move |pool| {
+        let mut input = ChannelReader { rx, cur: Bytes::new() };
+        let out = match q.offset {
+            Some(offset) => pool.resume_receive(&mut input, offset)?,
+            None => pool.receive(&mut input)?,
+        };
+        Ok(Json(Received {
+            dot: out.dot,
+            commit: out.commit.to_string(),
+            records: out.records,
+            data_bytes: out.data_bytes,
+        }))
+    });
+    let feed = async move {
+        let mut chunks = body.into_data_stream();
+        while let Some(chunk) = chunks.next().await {
+            let failed = chunk.is_err();
+            // the engine stops reading at the first problem; then nobody listens
+            if tx.send(chunk.map_err(std::io::Error::other)).await.is_err() || failed {
+                break;
+            }
+        }
+    };
+    tokio::join!(apply, feed).0
+}
+
+async fn pending_receives(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<PendingReceive>> {
+    with_pool(s, |pool| Ok(Json(pending_json(pool)?))).await
+}
+
+async fn abort_receive(State(s): State<Arc<ApiState>>, Path(commit): Path<String>) -> ApiResult<serde_json::Value> {
+    let id: CommitId = commit.parse().map_err(|_| ApiError::bad_request(format!("{commit:?} is not a commit id")))?;
+    with_pool(s, move |pool| {
+        pool.abort_receive(id)?;
+        Ok(Json(serde_json::json!({})))
     })
     .await
 }

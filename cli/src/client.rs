@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use blockmesh::api::{
     self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, InitRequest,
-    PoolStatus, ResetRequest, ServerInfo,
+    PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ServerInfo,
 };
 use blockmesh::size::{format_size, parse_size};
 use clap::{Subcommand, ValueEnum};
@@ -22,6 +22,8 @@ use serde::Serialize;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long it waits to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a stream (send, receive) may stall before the client gives up.
+const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -154,6 +156,45 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Grow (or shrink) a subdot's head on the current branch: `dot` or `dot.subdot`.
+    Resize {
+        target: String,
+        /// The new size (e.g. 20G).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Shrink even when that drops written data.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Write a commit as a stream (whole, or since --from) to standard output or --file, for `blockmesh receive`.
+    Send {
+        dot: String,
+        /// The commit (id, prefix or branch).
+        commit: String,
+        /// Send only what changed since this commit (the receiver must have it).
+        #[arg(long)]
+        from: Option<String>,
+        /// Write the stream here instead of standard output.
+        #[arg(long, short)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Apply a stream made by `blockmesh send` (from FILE or standard input). An interrupted receive resumes where
+    /// it stopped when run again with the same stream.
+    Receive {
+        file: Option<PathBuf>,
+        /// Start over instead of resuming an interrupted receive of the same commit.
+        #[arg(long)]
+        restart: bool,
+        /// Drop what an interrupted receive of this commit kept, instead of receiving.
+        #[arg(long, value_name = "COMMIT", conflicts_with_all = ["file", "restart"])]
+        abort: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The pool.
     Pool {
         #[command(subcommand)]
@@ -179,6 +220,8 @@ struct Api {
     base: String,
     key: String,
     agent: ureq::Agent,
+    /// For streams: no limit on the whole call, only on each read and write.
+    streaming: ureq::Agent,
     output: Output,
 }
 
@@ -199,18 +242,22 @@ impl Api {
             }
         };
         let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT).build();
-        Ok(Self { base: conn.server.trim_end_matches('/').to_string(), key, agent, output: conn.output })
+        let streaming = ureq::AgentBuilder::new()
+            .timeout_connect(CONNECT_TIMEOUT)
+            .timeout_read(STREAM_IDLE_TIMEOUT)
+            .timeout_write(STREAM_IDLE_TIMEOUT)
+            .build();
+        Ok(Self { base: conn.server.trim_end_matches('/').to_string(), key, agent, streaming, output: conn.output })
     }
 
-    fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<T> {
-        let url = format!("{}{path}", self.base);
-        let req = self.agent.request(method, &url).set("Authorization", &format!("Bearer {}", self.key));
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
+    fn request(&self, agent: &ureq::Agent, method: &str, path: &str) -> ureq::Request {
+        agent.request(method, &format!("{}{path}", self.base)).set("Authorization", &format!("Bearer {}", self.key))
+    }
+
+    /// The answer, or an error that says what went wrong.
+    fn answer(&self, res: Result<ureq::Response, ureq::Error>) -> Result<ureq::Response> {
         match res {
-            Ok(r) => r.into_json::<T>().with_context(|| format!("reading the answer to {method} {path}")),
+            Ok(r) => Ok(r),
             Err(ureq::Error::Status(code, r)) => {
                 let msg = r.into_json::<ErrorBody>().map(|b| b.error).unwrap_or_else(|_| "no message".to_string());
                 bail!("{msg} (HTTP {code})")
@@ -221,6 +268,15 @@ impl Api {
                 self.base
             )),
         }
+    }
+
+    fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<T> {
+        let req = self.request(&self.agent, method, path);
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        self.answer(res)?.into_json::<T>().with_context(|| format!("reading the answer to {method} {path}"))
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
@@ -264,6 +320,149 @@ fn format_time(secs: u64) -> String {
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// `dot` or `dot.subdot`: the dot, and the subdot after its last '.' (checked to exist).
+fn dot_and_subdot(api: &Api, target: &str) -> Result<(Dot, Option<String>)> {
+    let (dot, subdot) = match api.get::<Dot>(&dot_path(target)) {
+        Ok(d) => (d, None),
+        Err(e) => match target.rsplit_once('.') {
+            Some((d, s)) => (api.get::<Dot>(&dot_path(d)).map_err(|_| e)?, Some(s.to_string())),
+            None => return Err(e),
+        },
+    };
+    if let Some(s) = &subdot {
+        if !dot.subdots.iter().any(|x| &x.name == s) {
+            bail!("{} has no subdot {s}", dot.name);
+        }
+    }
+    Ok((dot, subdot))
+}
+
+/// A progress bar on standard error when it is a terminal (hidden otherwise), counting bytes up to `total`.
+fn progress_bar(total: Option<u64>, what: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = match total {
+        Some(t) => indicatif::ProgressBar::new(t),
+        None => indicatif::ProgressBar::new_spinner(),
+    };
+    let template = if total.is_some() {
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}"
+    } else {
+        "{msg} {spinner} {bytes} {binary_bytes_per_sec}"
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}
+
+fn send(api: &Api, dot: &str, commit: &str, from: Option<&str>, file: Option<&std::path::Path>) -> Result<()> {
+    use std::io::Write;
+    if file.is_none() && std::io::stdout().is_terminal() {
+        bail!("a stream is binary: redirect it (blockmesh send {dot} {commit} > FILE) or pass --file FILE");
+    }
+    let mut path = format!("{}/send?commit={commit}", dot_path(dot));
+    if let Some(b) = from {
+        path.push_str(&format!("&from={b}"));
+    }
+    let res = api.answer(api.request(&api.streaming, "GET", &path).call())?;
+    let total: Option<u64> = res.header("Content-Length").and_then(|v| v.parse().ok());
+    let id = res.header("x-blockmesh-commit").unwrap_or(commit).to_string();
+    let mut out: Box<dyn Write> = match file {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let bar = progress_bar(total, &format!("send {}", short(&id)));
+    let copied = std::io::copy(&mut bar.wrap_read(res.into_reader()), &mut out);
+    bar.finish_and_clear();
+    let copied = copied.context("copying the stream")?;
+    out.flush().context("writing the stream")?;
+    if let Some(t) = total.filter(|t| *t != copied) {
+        bail!("the stream ended after {copied} of {t} bytes: the daemon failed while sending (see its log)");
+    }
+    if api.output == Output::Json {
+        eprintln!("{}", serde_json::json!({ "commit": id, "stream_bytes": copied }));
+    } else {
+        eprintln!("sent commit {id} of {}: {}", api::qualify(dot), format_size(copied));
+    }
+    Ok(())
+}
+
+fn receive(api: &Api, file: Option<&std::path::Path>, restart: bool) -> Result<()> {
+    use std::io::{Read, Seek};
+    let (mut input, total): (Box<dyn Read>, Option<u64>) = match file {
+        Some(p) => {
+            let mut f = std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            f.rewind()?;
+            (Box::new(f), len)
+        }
+        None if std::io::stdin().is_terminal() => {
+            bail!("no stream: name a file (blockmesh receive FILE) or pipe one in (blockmesh receive < FILE)")
+        }
+        None => (Box::new(std::io::stdin().lock()), None),
+    };
+    let head = blockmesh_engine::read_stream_head(&mut input).map_err(|e| anyhow!("{e}"))?;
+    let commit = head.commit.to_string();
+    let pending: Vec<PendingReceive> = api.get("/v1/receives")?;
+    let resume = pending.iter().find(|p| p.commit == commit).map(|p| p.resume_at_bytes);
+    let mut path = "/v1/receive".to_string();
+    let mut start = 0;
+    match resume {
+        Some(at) if !restart => {
+            // the daemon has the stream up to `at`: skip to there (the head goes again)
+            let skip = at.saturating_sub(head.bytes.len() as u64);
+            let skipped = std::io::copy(&mut (&mut input).take(skip), &mut std::io::sink())?;
+            if skipped != skip {
+                bail!("this stream is shorter ({} bytes) than what the daemon already has of it ({at})", skipped);
+            }
+            path.push_str(&format!("?offset={at}"));
+            start = at;
+            if api.output == Output::Human {
+                eprintln!("resuming the receive of commit {commit} at byte {at}");
+            }
+        }
+        _ => {}
+    }
+    let bar = progress_bar(total, &format!("receive {}", short(&commit)));
+    bar.set_position(start);
+    let body = std::io::Cursor::new(head.bytes.clone()).chain(input);
+    let res = api
+        .request(&api.streaming, "POST", &path)
+        .set("Content-Type", "application/octet-stream")
+        .send(bar.wrap_read(body));
+    bar.finish_and_clear();
+    let got: Received = match api.answer(res) {
+        Ok(r) => r.into_json().context("reading the answer to the receive")?,
+        Err(e) => {
+            // say where a retry would start, if the daemon kept anything
+            let kept: Vec<PendingReceive> = api.get("/v1/receives").unwrap_or_default();
+            if let Some(p) = kept.iter().find(|p| p.commit == commit) {
+                return Err(e.context(format!(
+                    "the daemon kept the stream up to byte {}: run the same command again to resume, or \
+                     `blockmesh receive --abort {commit}` to drop it",
+                    p.resume_at_bytes
+                )));
+            }
+            return Err(e);
+        }
+    };
+    if !api.json(&got)? {
+        println!(
+            "received commit {} of {} ({} of data in {} records)",
+            got.commit,
+            got.dot,
+            format_size(got.data_bytes),
+            got.records
+        );
+    }
+    Ok(())
 }
 
 fn total_size(d: &Dot) -> u64 {
@@ -433,19 +632,7 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 Some((h, c)) => (h.to_string(), Some(c.to_string())),
                 None => (target.clone(), None),
             };
-            // The dot, and an optional subdot after its last '.'.
-            let (dot, subdot) = match api.get::<Dot>(&dot_path(&head)) {
-                Ok(d) => (d, None),
-                Err(e) => match head.rsplit_once('.') {
-                    Some((d, s)) => (api.get::<Dot>(&dot_path(d)).map_err(|_| e)?, Some(s.to_string())),
-                    None => return Err(e),
-                },
-            };
-            if let Some(s) = &subdot {
-                if !dot.subdots.iter().any(|x| &x.name == s) {
-                    bail!("{} has no subdot {s}", dot.name);
-                }
-            }
+            let (dot, subdot) = dot_and_subdot(&api, &head)?;
             // The daemon resolves prefixes and branch names; the export name needs the full id.
             let commit = match commit {
                 Some(c) => Some(api.get::<Commit>(&format!("{}/commits/{c}", dot_path(&dot.name)))?.id),
@@ -468,6 +655,30 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 println!("{uri}");
             }
         }
+        ClientCommand::Resize { target, size, force, conn } => {
+            let api = Api::new(&conn)?;
+            let (dot, subdot) = dot_and_subdot(&api, &target)?;
+            let d: Dot = api
+                .post(&format!("{}/resize", dot_path(&dot.name)), ResizeRequest { subdot, size_bytes: size, force })?;
+            if !api.json(&d)? {
+                println!("resized {target} to {}", format_size(size));
+            }
+        }
+        ClientCommand::Send { dot, commit, from, file, conn } => {
+            send(&Api::new(&conn)?, &dot, &commit, from.as_deref(), file.as_deref())?;
+        }
+        ClientCommand::Receive { file, restart, abort, conn } => {
+            let api = Api::new(&conn)?;
+            match abort {
+                Some(c) => {
+                    let v: serde_json::Value = api.call("DELETE", &format!("/v1/receives/{c}"), None)?;
+                    if !api.json(&v)? {
+                        println!("dropped the interrupted receive of commit {c}");
+                    }
+                }
+                None => receive(&api, file.as_deref(), restart)?,
+            }
+        }
         ClientCommand::Pool { what: PoolCommand::Status { conn } } => {
             let api = Api::new(&conn)?;
             let p: PoolStatus = api.get("/v1/pool")?;
@@ -486,6 +697,16 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 );
                 println!("dots:      {}", p.dots);
                 println!("volumes:   {} (and {} commit snapshots)", p.volumes, p.snapshots);
+                for r in &p.pending_receives {
+                    println!(
+                        "interrupted receive: commit {} of {}, {} kept (resume: blockmesh receive the same stream; \
+                         drop: blockmesh receive --abort {})",
+                        r.commit,
+                        r.dot,
+                        format_size(r.resume_at_bytes),
+                        r.commit
+                    );
+                }
             }
         }
     }

@@ -1,7 +1,10 @@
 //! Shared by the CLI's integration tests.
 #![allow(dead_code)]
 
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// True when `tool` is on the PATH. Under `CI=true` a missing tool fails the test instead of skipping it.
 pub fn have(tool: &str) -> bool {
@@ -16,4 +19,112 @@ pub fn have(tool: &str) -> bool {
         eprintln!("skipping: {tool} not installed");
     }
     found
+}
+
+/// A running daemon, killed when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub data: PathBuf,
+    pub api: String,
+    pub nbd: String,
+}
+
+impl Daemon {
+    pub fn start(data: &Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blockmesh"))
+            .args(["serve", "--pool-size", "1G", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let start = Instant::now();
+        let line = loop {
+            assert!(start.elapsed() < Duration::from_secs(60), "daemon did not start");
+            let l = lines.next().expect("daemon exited").unwrap();
+            if l.starts_with("blockmesh serving") {
+                break l;
+            }
+        };
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        let after = |marker: &str| line.split(marker).nth(1).unwrap().split([' ', ',']).next().unwrap().to_string();
+        Daemon { child, data: data.to_path_buf(), api: format!("http://{}", after("http://")), nbd: after("nbd://") }
+    }
+
+    /// A client subcommand aimed at this daemon, not started yet (standard input: nothing).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_blockmesh"));
+        c.args(args)
+            .env("BLOCKMESH_SERVER", &self.api)
+            .env("BLOCKMESH_DATA_DIR", &self.data)
+            .env_remove("BLOCKMESH_API_KEY")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a client subcommand; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        self.run(self.command(args))
+    }
+
+    /// Runs a command made by [`Daemon::command`]; returns (exit code, stdout, stderr).
+    pub fn run(&self, mut c: Command) -> (i32, String, String) {
+        let out = c.output().unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// Runs a client subcommand that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "blockmesh {args:?} failed: {err}{out}");
+        out
+    }
+
+    pub fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+
+    pub fn key(&self) -> String {
+        std::fs::read_to_string(self.data.join("api-key")).unwrap().trim().to_string()
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    // Commit exports are read-only: qemu opens them read-only only when asked to (and writes must still fail).
+    if uri.contains('@') && cmds.iter().all(|c| c.starts_with("read")) {
+        c.arg("-r");
+    }
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(uri).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    // qemu-io exits 0 even when a command fails; its messages say so.
+    let failed = !out.status.success() || text.contains("failed") || text.contains("Pattern verification failed");
+    (!failed, text)
+}
+
+pub fn qemu_ok(uri: &str, cmds: &[&str]) {
+    let (ok, text) = qemu_io(uri, cmds);
+    assert!(ok, "qemu-io {cmds:?} on {uri}: {text}");
 }
