@@ -11,7 +11,7 @@
 //! | `GET /v1/dots` | | `[`[`Dot`]`]` |
 //! | `POST /v1/dots` | [`InitRequest`] | [`Dot`] |
 //! | `GET /v1/dots/{ns}/{name}` | | [`Dot`] |
-//! | `DELETE /v1/dots/{ns}/{name}` | | `{}` |
+//! | `DELETE /v1/dots/{ns}/{name}?force=true` | | `{}` |
 //! | `GET /v1/dots/{ns}/{name}/commits?branch=B` | | `[`[`Commit`]`]`, newest first |
 //! | `POST /v1/dots/{ns}/{name}/commits` | [`CommitBody`] | [`Commit`] |
 //! | `GET /v1/dots/{ns}/{name}/commits/{commit}` | | [`Commit`] (resolves prefixes and branch names) |
@@ -25,6 +25,10 @@
 //! | `POST /v1/receive?offset=N` | a stream | [`Received`]; with `offset`, resumes the interrupted receive of the stream's commit |
 //! | `GET /v1/receives` | | `[`[`PendingReceive`]`]`: interrupted receives that can resume |
 //! | `DELETE /v1/receives/{commit}` | | `{}`: drops what an interrupted receive kept |
+//!
+//! Checkout, reset and delete are refused (409) while NBD clients are connected to the dot (to its heads; for delete,
+//! to any of its exports), unless forced (`"force": true`, `?force=true`), which closes those connections first: each
+//! connection answers the requests it has read, then closes.
 //!
 //! Commits are named by their 32-digit id, a unique prefix of at least [`MIN_COMMIT_PREFIX`] digits, or a branch
 //! name (its head commit).
@@ -41,6 +45,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use blockmesh_engine::{CommitId, CommitRequest, DotInfo, Error as EngineError, Pool, DEFAULT_SUBDOT};
+
+use crate::nbd_export::{Sessions, Which};
 use serde::{Deserialize, Serialize};
 
 /// Name of the admin key file in the data directory.
@@ -165,6 +171,9 @@ pub struct BranchRequest {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckoutRequest {
     pub branch: String,
+    /// Close the NBD connections to the dot's heads instead of refusing (409) while there are any.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -173,6 +182,9 @@ pub struct ResetRequest {
     #[serde(default)]
     pub branch: Option<String>,
     pub commit: String,
+    /// Close the NBD connections to the dot's heads instead of refusing (409) while there are any.
+    #[serde(default)]
+    pub force: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +248,12 @@ struct ReceiveQuery {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 struct LogQuery {
     branch: Option<String>,
 }
@@ -253,6 +271,8 @@ pub struct ApiState {
     pub pool: Arc<Pool>,
     pub key: String,
     pub info: ServerInfo,
+    /// The NBD connections open on each dot.
+    pub sessions: Arc<Sessions>,
 }
 
 /// An error on its way to the client.
@@ -469,6 +489,31 @@ fn resolve_commit(pool: &Pool, info: &DotInfo, name: &str) -> Result<CommitId, A
     }
 }
 
+/// Refuses (409) to `what` while NBD clients are connected to `dot`'s exports (`which` of them), unless `force`,
+/// which closes their connections.
+fn clear_sessions(s: &ApiState, dot: &str, which: Which, force: bool, what: &str) -> Result<(), ApiError> {
+    if force {
+        let n = s.sessions.disconnect(dot, which);
+        if n > 0 {
+            tracing::info!(dot, connections = n, "closed NBD connections to {what}");
+        }
+        return Ok(());
+    }
+    match s.sessions.count(dot, which) {
+        0 => Ok(()),
+        n => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "cannot {what}: {dot} is in use by {n} connected NBD client{}; disconnect {} first, or force it \
+                 (--force) to close {}",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "it" } else { "them" },
+                if n == 1 { "its connection" } else { "their connections" },
+            ),
+        )),
+    }
+}
+
 /// The listing of one commit of `dot`.
 fn commit_by_id(pool: &Pool, dot: &str, id: CommitId) -> Result<Commit, ApiError> {
     let c = pool.commits(dot)?.into_iter().find(|c| c.id == id);
@@ -537,8 +582,10 @@ async fn show_dot(State(s): State<Arc<ApiState>>, Path((ns, name)): Path<(String
 async fn delete_dot(
     State(s): State<Arc<ApiState>>,
     Path((ns, name)): Path<(String, String)>,
+    Query(q): Query<DeleteQuery>,
 ) -> ApiResult<serde_json::Value> {
     let dot = format!("{ns}/{name}");
+    clear_sessions(&s, &dot, Which::All, q.force, "delete it")?;
     with_pool(s, move |pool| {
         pool.delete_dot(&dot)?;
         Ok(Json(serde_json::json!({})))
@@ -615,6 +662,7 @@ async fn checkout(
 ) -> ApiResult<Dot> {
     let req: CheckoutRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
+    clear_sessions(&s, &dot, Which::Heads, req.force, "check out another branch")?;
     with_pool(s, move |pool| {
         pool.checkout(&dot, &req.branch)?;
         Ok(Json(dot_json(pool.dot(&dot)?)))
@@ -629,6 +677,7 @@ async fn reset(
 ) -> ApiResult<Dot> {
     let req: ResetRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
+    clear_sessions(&s, &dot, Which::Heads, req.force, "reset it")?;
     with_pool(s, move |pool| {
         let info = pool.dot(&dot)?;
         let commit = resolve_commit(pool, &info, &req.commit)?;

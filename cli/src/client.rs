@@ -101,10 +101,14 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Switch the dot's current branch (what its NBD export serves to new connections).
+    /// Switch the dot's current branch (what its NBD export serves to new connections). Refused while NBD clients
+    /// are connected to the dot's head, unless --force.
     Checkout {
         dot: String,
         branch: String,
+        /// Close the connections of NBD clients using the dot's head.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -117,6 +121,9 @@ pub enum ClientCommand {
         /// The branch to reset [default: the current one].
         #[arg(long)]
         branch: Option<String>,
+        /// Close the connections of NBD clients using the dot's head.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -144,6 +151,9 @@ pub enum ClientCommand {
         /// Do not ask for confirmation.
         #[arg(long, short)]
         yes: bool,
+        /// Close the connections of NBD clients using the dot.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -557,17 +567,17 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 }
             }
         }
-        ClientCommand::Checkout { dot, branch, conn } => {
+        ClientCommand::Checkout { dot, branch, force, conn } => {
             let api = Api::new(&conn)?;
-            let d: Dot = api.post(&format!("{}/checkout", dot_path(&dot)), CheckoutRequest { branch })?;
+            let d: Dot = api.post(&format!("{}/checkout", dot_path(&dot)), CheckoutRequest { branch, force })?;
             if !api.json(&d)? {
                 println!("{} is now on branch {}", d.name, d.current_branch);
             }
         }
-        ClientCommand::Reset { dot, hard, branch, conn } => {
+        ClientCommand::Reset { dot, hard, branch, force, conn } => {
             let api = Api::new(&conn)?;
             let d: Dot =
-                api.post(&format!("{}/reset", dot_path(&dot)), ResetRequest { branch, commit: hard.clone() })?;
+                api.post(&format!("{}/reset", dot_path(&dot)), ResetRequest { branch, commit: hard.clone(), force })?;
             if !api.json(&d)? {
                 println!("reset {} to {hard}", d.name);
             }
@@ -607,7 +617,7 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 }
             }
         }
-        ClientCommand::Delete { dot, yes, conn } => {
+        ClientCommand::Delete { dot, yes, force, conn } => {
             let api = Api::new(&conn)?;
             let name = api::qualify(&dot);
             if !yes {
@@ -621,7 +631,8 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                     bail!("not confirmed; nothing deleted");
                 }
             }
-            let v: serde_json::Value = api.call("DELETE", &dot_path(&dot), None)?;
+            let q = if force { "?force=true" } else { "" };
+            let v: serde_json::Value = api.call("DELETE", &format!("{}{q}", dot_path(&dot)), None)?;
             if !api.json(&v)? {
                 println!("deleted {name}");
             }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use blockmesh::api::{self, ApiState, ServerInfo};
-use blockmesh::nbd_export::PoolExports;
+use blockmesh::nbd_export::{PoolExports, Sessions};
 use blockmesh::size::parse_size;
 use blockmesh_engine::{Pool, PoolOptions};
 use blockmesh_nbd::{Server, ServerConfig, TlsMode};
@@ -129,8 +129,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         (Some(_), Tls::Optional) => TlsMode::Optional,
         (Some(_), Tls::Required) => TlsMode::Required,
     };
-    let server =
-        Server::new(Arc::new(PoolExports::new(pool.clone())), ServerConfig { tls, tls_mode, handshake_timeout: None })?;
+    let sessions = Sessions::new();
+    let exports = PoolExports::new(pool.clone(), sessions.clone());
+    let server = Server::new(Arc::new(exports), ServerConfig { tls, tls_mode, handshake_timeout: None })?;
     let key_path = api::key_path(&data_dir);
     let (key, created) =
         api::load_or_create_key(&key_path).with_context(|| format!("reading the API key {}", key_path.display()))?;
@@ -150,7 +151,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         nbd_listen: tcp.local_addr()?.to_string(),
         nbd_socket: socket.display().to_string(),
     };
-    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info }));
+    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions }));
     println!(
         "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at http://{} \
          (Ctrl-C to stop)",

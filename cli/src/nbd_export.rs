@@ -5,12 +5,16 @@
 //! exported under their own name. A checkout changes what new connections get; open connections keep the volume they
 //! negotiated.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockmesh_engine::{CommitId, Pool, Volume, DEFAULT_SUBDOT, MAX_IO_BYTES};
 use blockmesh_nbd::{
-    BlockSizes, ErrorKind, Export, ExportError, ExportListing, ExportResult, Exports, Extent, ExtentKind, ZeroFlags,
+    BlockSizes, Disconnect, ErrorKind, Export, ExportError, ExportListing, ExportResult, Exports, Extent, ExtentKind,
+    ZeroFlags,
 };
+use parking_lot::Mutex;
 
 /// Most bytes one `NBD_CMD_CACHE` prefetches; it is a hint, and a client asking for more gets this much warmed.
 pub const MAX_CACHE_PREFETCH_BYTES: u64 = 64 << 20;
@@ -32,19 +36,100 @@ fn to_export_error(e: blockmesh_engine::Error) -> ExportError {
     ExportError::new(kind, e.to_string())
 }
 
+/// Which of a dot's NBD connections count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Which {
+    /// Connections to branch heads (read-write): what a checkout or reset moves from under them.
+    Heads,
+    /// Every connection, commits included: what deleting the dot ends.
+    All,
+}
+
+#[derive(Debug)]
+struct Session {
+    id: u64,
+    head: bool,
+    disconnect: Disconnect,
+}
+
+/// The NBD connections open on each dot's exports, so the API can refuse to move a head from under a connected
+/// client, or close those connections when forced.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<String, Vec<Session>>>,
+}
+
+impl Sessions {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Records one connection to `dot` until the guard is dropped (when the connection ends).
+    fn register(self: &Arc<Self>, dot: &str, head: bool) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let disconnect = Disconnect::new();
+        self.open.lock().entry(dot.to_string()).or_default().push(Session { id, head, disconnect: disconnect.clone() });
+        SessionGuard { sessions: self.clone(), dot: dot.to_string(), id, disconnect }
+    }
+
+    /// Open connections to `dot` (not counting those already told to close).
+    pub fn count(&self, dot: &str, which: Which) -> usize {
+        let open = self.open.lock();
+        open.get(dot).map_or(0, |v| v.iter().filter(|s| counts(s, which)).count())
+    }
+
+    /// Close the connections to `dot` (each after answering the requests it has read); returns how many.
+    pub fn disconnect(&self, dot: &str, which: Which) -> usize {
+        let open = self.open.lock();
+        let mut n = 0;
+        for s in open.get(dot).into_iter().flatten().filter(|s| counts(s, which)) {
+            s.disconnect.trigger();
+            n += 1;
+        }
+        n
+    }
+}
+
+fn counts(s: &Session, which: Which) -> bool {
+    !s.disconnect.is_triggered() && (s.head || which == Which::All)
+}
+
+/// One connection's entry in [`Sessions`]; removes it when dropped.
+#[derive(Debug)]
+struct SessionGuard {
+    sessions: Arc<Sessions>,
+    dot: String,
+    id: u64,
+    disconnect: Disconnect,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut open = self.sessions.open.lock();
+        if let Some(v) = open.get_mut(&self.dot) {
+            v.retain(|s| s.id != self.id);
+            if v.is_empty() {
+                open.remove(&self.dot);
+            }
+        }
+    }
+}
+
 /// One engine volume (a head, a commit or a plain volume) behind the NBD export trait.
 #[derive(Debug)]
 pub struct VolumeExport {
     volume: Volume,
     size_bytes: u64,
     description: Option<String>,
+    session: Option<SessionGuard>,
 }
 
 impl VolumeExport {
     /// Wraps a volume; its size is read now (the protocol fixes the size at negotiation).
     pub fn new(volume: Volume, description: Option<String>) -> blockmesh_engine::Result<Self> {
         let size_bytes = volume.size_bytes()?;
-        Ok(Self { volume, size_bytes, description })
+        Ok(Self { volume, size_bytes, description, session: None })
     }
 }
 
@@ -126,6 +211,10 @@ impl Export for VolumeExport {
         Ok(())
     }
 
+    fn disconnect_signal(&self) -> Option<Disconnect> {
+        self.session.as_ref().map(|s| s.disconnect.clone())
+    }
+
     fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
         let runs = self.volume.allocation(offset, len).map_err(to_export_error)?;
         let mut out: Vec<Extent> = Vec::with_capacity(runs.len());
@@ -162,15 +251,16 @@ impl Export for VolumeExport {
 #[derive(Debug, Clone)]
 pub struct PoolExports {
     pool: Arc<Pool>,
+    sessions: Arc<Sessions>,
 }
 
 impl PoolExports {
-    pub fn new(pool: Arc<Pool>) -> Self {
-        Self { pool }
+    pub fn new(pool: Arc<Pool>, sessions: Arc<Sessions>) -> Self {
+        Self { pool, sessions }
     }
 
-    /// Resolves an export name to a volume (see the module documentation for the forms).
-    pub fn resolve(&self, name: &str) -> blockmesh_engine::Result<Volume> {
+    /// Resolves an export name to a volume (see the module documentation for the forms), and the dot it belongs to.
+    pub fn resolve(&self, name: &str) -> blockmesh_engine::Result<(Volume, Option<String>)> {
         let (target, commit) = match name.rsplit_once('@') {
             Some((t, c)) => (t, Some(c.parse::<CommitId>()?)),
             None => (name, None),
@@ -183,14 +273,15 @@ impl PoolExports {
         } else if commit.is_none() && target.contains('/') {
             return Err(blockmesh_engine::Error::NoSuchDot(target.to_string()));
         } else if commit.is_none() && !target.starts_with('#') {
-            return self.pool.volume(target);
+            return Ok((self.pool.volume(target)?, None));
         } else {
             return Err(blockmesh_engine::Error::NoSuchDot(target.to_string()));
         };
-        match commit {
-            Some(c) => self.pool.commit_volume(dot, c, subdot),
-            None => self.pool.dot_volume(dot, subdot),
-        }
+        let volume = match commit {
+            Some(c) => self.pool.commit_volume(dot, c, subdot)?,
+            None => self.pool.dot_volume(dot, subdot)?,
+        };
+        Ok((volume, Some(dot.to_string())))
     }
 }
 
@@ -213,7 +304,7 @@ impl Exports for PoolExports {
     }
 
     fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
-        let volume = match self.resolve(name) {
+        let (volume, dot) = match self.resolve(name) {
             Ok(v) => v,
             Err(e) => {
                 tracing::info!(name, error = %e, "no such export");
@@ -221,8 +312,12 @@ impl Exports for PoolExports {
             }
         };
         let description = Some(if volume.is_read_only() { format!("{name} (read-only)") } else { name.to_string() });
+        let head = !volume.is_read_only();
         match VolumeExport::new(volume, description) {
-            Ok(x) => Some(Arc::new(x)),
+            Ok(mut x) => {
+                x.session = dot.map(|d| self.sessions.register(&d, head));
+                Some(Arc::new(x))
+            }
             Err(e) => {
                 tracing::warn!(name, error = %e, "cannot open export");
                 None

@@ -191,6 +191,48 @@ pub trait Export: Send + Sync + 'static {
     /// The allocation of `[offset, offset + len)` as consecutive extents starting at `offset`. They may stop short of
     /// `len` (the client asks again) but must not go past it, and must not be empty.
     fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>>;
+
+    /// A signal with which the export's owner can close the connection serving it (one export object per
+    /// connection, as [`Exports::open`] makes them). When it fires, the server reads no further requests, answers
+    /// those already read, and closes the connection. The default: never.
+    fn disconnect_signal(&self) -> Option<Disconnect> {
+        None
+    }
+}
+
+/// Closes, from outside the server, the connections whose export returned it from [`Export::disconnect_signal`].
+/// Cloning shares the signal.
+#[derive(Debug, Clone)]
+pub struct Disconnect {
+    tx: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Disconnect {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Disconnect {
+    pub fn new() -> Self {
+        Self { tx: Arc::new(tokio::sync::watch::Sender::new(false)) }
+    }
+
+    /// Fire: connections holding this signal close once their requests in flight are answered.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether it has fired.
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Completes when the signal fires (at once if it has).
+    pub(crate) async fn triggered(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|fired| *fired).await;
+    }
 }
 
 /// A name an export is listed under, with its description.

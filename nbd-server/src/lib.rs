@@ -21,8 +21,8 @@ mod transmission;
 
 pub use error::{Error, Result};
 pub use export::{
-    BlockSizes, ErrorKind, Export, ExportError, ExportListing, ExportMap, ExportResult, Exports, Extent, ExtentKind,
-    MemoryExport, ZeroFlags, MAX_PAYLOAD_BYTES,
+    BlockSizes, Disconnect, ErrorKind, Export, ExportError, ExportListing, ExportMap, ExportResult, Exports, Extent,
+    ExtentKind, MemoryExport, ZeroFlags, MAX_PAYLOAD_BYTES,
 };
 pub use handshake::{BASE_ALLOCATION_ID, MAX_META_QUERIES, MAX_OPTIONS_PER_HANDSHAKE, MAX_OPTION_BYTES};
 pub use server::{Server, ServerConfig, Stream, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};

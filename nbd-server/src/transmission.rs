@@ -415,9 +415,22 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     budget: &Arc<Semaphore>,
 ) -> Result<()> {
     let mut header = [0u8; REQUEST_HEADER_BYTES];
+    let disconnect = conn.export.disconnect_signal();
     loop {
-        // A clean end: the client closed between requests.
-        match rd.read(&mut header[..1]).await? {
+        // A clean end: the client closed between requests, or the export's owner closes the connection (the
+        // first byte's read is cancel-safe: when the signal wins, nothing was read).
+        let first = match &disconnect {
+            Some(d) => tokio::select! {
+                biased;
+                () = d.triggered() => {
+                    tracing::info!("export's owner closed the connection");
+                    return Ok(());
+                }
+                n = rd.read(&mut header[..1]) => n?,
+            },
+            None => rd.read(&mut header[..1]).await?,
+        };
+        match first {
             0 => return Ok(()),
             _ => rd.read_exact(&mut header[1..]).await?,
         };

@@ -175,6 +175,13 @@ async fn block_status_reports_holes_zeroes_and_data() {
 struct Gate {
     inner: MemoryExport,
     open: AtomicBool,
+    disconnect: Disconnect,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self { inner: MemoryExport::new(1 << 20), open: AtomicBool::new(false), disconnect: Disconnect::new() }
+    }
 }
 
 impl Export for Gate {
@@ -224,12 +231,44 @@ impl Export for Gate {
     fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
         self.inner.extents(offset, len)
     }
+    fn disconnect_signal(&self) -> Option<Disconnect> {
+        Some(self.disconnect.clone())
+    }
+}
+
+/// The export's owner closes the connection: requests already read are answered, then the connection ends
+/// cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exports_owner_can_close_a_connection() {
+    use tokio::io::AsyncReadExt;
+    let gate = Arc::new(Gate::new());
+    let map = Arc::new(ExportMap::new());
+    map.insert("gate", gate.clone());
+    let server = Server::new(map, ServerConfig::default()).unwrap();
+    let (mut c, task) = pipe(&server);
+    c.open("gate", false).await;
+    assert_eq!(c.simple(0, CMD_WRITE, 4096, 4096, &[7; 4096]).await, 0);
+    c.request(0, CMD_READ, 1, 0, 4096, &[]).await; // in flight until the gate opens
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    gate.disconnect.trigger();
+    assert!(gate.disconnect.is_triggered());
+    gate.open.store(true, Ordering::SeqCst);
+    assert_eq!(c.reply().await, Reply::Simple { cookie: 1, errno: 0 });
+    c.read_data(4096).await;
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.s.read(&mut b)).await.expect("connection closes");
+    assert_eq!(n.unwrap(), 0, "nothing after the last reply");
+    task.await.unwrap().unwrap();
+    // what was acknowledged stays
+    let mut back = [0u8; 4096];
+    gate.inner.read(4096, &mut back).unwrap();
+    assert_eq!(back, [7; 4096]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_on_one_connection_run_concurrently_and_reply_out_of_order() {
     let map = Arc::new(ExportMap::new());
-    map.insert("gate", Arc::new(Gate { inner: MemoryExport::new(1 << 20), open: AtomicBool::new(false) }));
+    map.insert("gate", Arc::new(Gate::new()));
     let server = Server::new(map, ServerConfig::default()).unwrap();
     let (mut c, _task) = pipe(&server);
     c.open("gate", false).await;
@@ -253,7 +292,7 @@ async fn cached_reads_are_answered_at_once_while_a_slow_read_waits() {
         let inner = MemoryExport::new(1 << 20);
         inner.write(8192, &pattern(7, 4096), false).unwrap();
         let map = Arc::new(ExportMap::new());
-        map.insert("gate", Arc::new(Gate { inner, open: AtomicBool::new(false) }));
+        map.insert("gate", Arc::new(Gate { inner, ..Gate::new() }));
         let server = Server::new(map, ServerConfig::default()).unwrap();
         let (mut c, _task) = pipe(&server);
         c.open("gate", structured).await;
