@@ -6,6 +6,7 @@
 //!
 //! | method and path | body | answer |
 //! |---|---|---|
+//! | `GET /metrics` | | Prometheus metrics, OpenMetrics text (see [`crate::metrics`]) |
 //! | `GET /v1/info` | | [`ServerInfo`] |
 //! | `GET /v1/pool` | | [`PoolStatus`] |
 //! | `GET /v1/dots` | | `[`[`Dot`]`]` |
@@ -46,6 +47,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use blockmesh_engine::{CommitId, CommitRequest, DotInfo, Error as EngineError, Pool, DEFAULT_SUBDOT};
 
+use crate::metrics::Metrics;
 use crate::nbd_export::{Sessions, Which};
 use serde::{Deserialize, Serialize};
 
@@ -273,6 +275,7 @@ pub struct ApiState {
     pub info: ServerInfo,
     /// The NBD connections open on each dot.
     pub sessions: Arc<Sessions>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// An error on its way to the client.
@@ -355,6 +358,7 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 /// The API's routes over `state`.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
+        .route("/metrics", get(metrics))
         .route("/v1/info", get(info))
         .route("/v1/pool", get(pool_status))
         .route("/v1/dots", get(list_dots).post(init_dot))
@@ -519,6 +523,11 @@ fn commit_by_id(pool: &Pool, dot: &str, id: CommitId) -> Result<Commit, ApiError
     let c = pool.commits(dot)?.into_iter().find(|c| c.id == id);
     let c = c.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("no commit {id} in {dot}")))?;
     Ok(commit_json(c))
+}
+
+async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let text = with_pool(s.clone(), move |pool| Ok(s.metrics.render(pool))).await?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
 }
 
 async fn info(State(s): State<Arc<ApiState>>) -> ApiResult<ServerInfo> {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use blockmesh::api::{self, ApiState, ServerInfo};
+use blockmesh::metrics::Metrics;
 use blockmesh::nbd_export::{PoolExports, Sessions};
 use blockmesh::size::parse_size;
 use blockmesh_engine::{Pool, PoolOptions};
@@ -130,7 +131,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
         (Some(_), Tls::Required) => TlsMode::Required,
     };
     let sessions = Sessions::new();
-    let exports = PoolExports::new(pool.clone(), sessions.clone());
+    let metrics = Arc::new(Metrics::new());
+    let exports = PoolExports::new(pool.clone()).tracked(sessions.clone(), metrics.clone());
     let server = Server::new(Arc::new(exports), ServerConfig { tls, tls_mode, handshake_timeout: None })?;
     let key_path = api::key_path(&data_dir);
     let (key, created) =
@@ -151,7 +153,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         nbd_listen: tcp.local_addr()?.to_string(),
         nbd_socket: socket.display().to_string(),
     };
-    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions }));
+    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions, metrics }));
     println!(
         "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at http://{} \
          (Ctrl-C to stop)",

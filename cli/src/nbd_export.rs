@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use blockmesh_engine::{CommitId, Pool, Volume, DEFAULT_SUBDOT, MAX_IO_BYTES};
 use blockmesh_nbd::{
@@ -15,6 +16,8 @@ use blockmesh_nbd::{
     ZeroFlags,
 };
 use parking_lot::Mutex;
+
+use crate::metrics::Metrics;
 
 /// Most bytes one `NBD_CMD_CACHE` prefetches; it is a hint, and a client asking for more gets this much warmed.
 pub const MAX_CACHE_PREFETCH_BYTES: u64 = 64 << 20;
@@ -123,13 +126,37 @@ pub struct VolumeExport {
     size_bytes: u64,
     description: Option<String>,
     session: Option<SessionGuard>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl VolumeExport {
     /// Wraps a volume; its size is read now (the protocol fixes the size at negotiation).
     pub fn new(volume: Volume, description: Option<String>) -> blockmesh_engine::Result<Self> {
         let size_bytes = volume.size_bytes()?;
-        Ok(Self { volume, size_bytes, description, session: None })
+        Ok(Self { volume, size_bytes, description, session: None, metrics: None })
+    }
+
+    /// Runs one request, counting it in the metrics.
+    fn timed<T>(
+        &self,
+        op: &'static str,
+        bytes: u64,
+        f: impl FnOnce() -> blockmesh_engine::Result<T>,
+    ) -> ExportResult<T> {
+        let started = Instant::now();
+        let r = f();
+        if let Some(m) = &self.metrics {
+            m.request(op, bytes, started, r.is_ok());
+        }
+        r.map_err(to_export_error)
+    }
+}
+
+impl Drop for VolumeExport {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.connections_add(-1);
+        }
     }
 }
 
@@ -161,54 +188,69 @@ impl Export for VolumeExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
-        self.volume.read(offset, buf).map_err(to_export_error)
+        let n = buf.len() as u64;
+        self.timed("read", n, || self.volume.read(offset, buf))
     }
 
     fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
-        self.volume.try_read_now(offset, buf).map_err(to_export_error)
+        let started = Instant::now();
+        let r = self.volume.try_read_now(offset, buf);
+        // a declined attempt is not a request: the blocking read that follows counts it
+        if let (Some(m), Ok(true) | Err(_)) = (&self.metrics, &r) {
+            m.request("read", buf.len() as u64, started, r.is_ok());
+        }
+        r.map_err(to_export_error)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
-        self.volume.write(offset, data).map_err(to_export_error)?;
-        if fua {
-            self.volume.flush().map_err(to_export_error)?;
-        }
-        Ok(())
+        self.timed("write", data.len() as u64, || {
+            self.volume.write(offset, data)?;
+            if fua {
+                self.volume.flush()?;
+            }
+            Ok(())
+        })
     }
 
     fn flush(&self) -> ExportResult<()> {
-        self.volume.flush().map_err(to_export_error)
+        self.timed("flush", 0, || self.volume.flush())
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
-        self.volume.trim(offset, len).map_err(to_export_error)?;
-        if fua {
-            self.volume.flush().map_err(to_export_error)?;
-        }
-        Ok(())
+        self.timed("trim", len, || {
+            self.volume.trim(offset, len)?;
+            if fua {
+                self.volume.flush()?;
+            }
+            Ok(())
+        })
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
         // Whole blocks become zero mappings (no data written) either way; trimming instead would not guarantee
         // zeroes in partial blocks, so may_trim changes nothing here.
-        self.volume.write_zeroes(offset, len).map_err(to_export_error)?;
-        if flags.fua {
-            self.volume.flush().map_err(to_export_error)?;
-        }
-        Ok(())
+        self.timed("write_zeroes", len, || {
+            self.volume.write_zeroes(offset, len)?;
+            if flags.fua {
+                self.volume.flush()?;
+            }
+            Ok(())
+        })
     }
 
     fn cache(&self, offset: u64, len: u64) -> ExportResult<()> {
         // Prefetch: read the range (up to a bound) so its metadata and blocks are in memory.
         let end = offset + len.min(MAX_CACHE_PREFETCH_BYTES);
-        let mut buf = vec![0u8; CACHE_READ_BYTES.min(end - offset) as usize];
-        let mut at = offset;
-        while at < end {
-            let n = (end - at).min(CACHE_READ_BYTES) as usize;
-            self.volume.read(at, &mut buf[..n]).map_err(to_export_error)?;
-            at += n as u64;
-        }
-        Ok(())
+        self.timed("cache", end - offset, || {
+            let mut buf = vec![0u8; CACHE_READ_BYTES.min(end - offset) as usize];
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(CACHE_READ_BYTES) as usize;
+                self.volume.read(at, &mut buf[..n])?;
+                at += n as u64;
+            }
+            Ok(())
+        })
     }
 
     fn disconnect_signal(&self) -> Option<Disconnect> {
@@ -216,7 +258,7 @@ impl Export for VolumeExport {
     }
 
     fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
-        let runs = self.volume.allocation(offset, len).map_err(to_export_error)?;
+        let runs = self.timed("block_status", 0, || self.volume.allocation(offset, len))?;
         let mut out: Vec<Extent> = Vec::with_capacity(runs.len());
         let mut at = offset;
         let push = |kind: ExtentKind, n: u64, out: &mut Vec<Extent>| match out.last_mut() {
@@ -252,11 +294,17 @@ impl Export for VolumeExport {
 pub struct PoolExports {
     pool: Arc<Pool>,
     sessions: Arc<Sessions>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl PoolExports {
-    pub fn new(pool: Arc<Pool>, sessions: Arc<Sessions>) -> Self {
-        Self { pool, sessions }
+    pub fn new(pool: Arc<Pool>) -> Self {
+        Self { pool, sessions: Sessions::new(), metrics: None }
+    }
+
+    /// Record connections in `sessions` (for the API's checkout guard) and count requests in `metrics`.
+    pub fn tracked(self, sessions: Arc<Sessions>, metrics: Arc<Metrics>) -> Self {
+        Self { sessions, metrics: Some(metrics), ..self }
     }
 
     /// Resolves an export name to a volume (see the module documentation for the forms), and the dot it belongs to.
@@ -316,6 +364,10 @@ impl Exports for PoolExports {
         match VolumeExport::new(volume, description) {
             Ok(mut x) => {
                 x.session = dot.map(|d| self.sessions.register(&d, head));
+                if let Some(m) = &self.metrics {
+                    m.connections_add(1);
+                    x.metrics = Some(m.clone());
+                }
                 Some(Arc::new(x))
             }
             Err(e) => {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use blockmesh::nbd_export::{PoolExports, Sessions};
+use blockmesh::nbd_export::PoolExports;
 use blockmesh_engine::{CommitRequest, Pool, PoolOptions, DEFAULT_SUBDOT};
 use blockmesh_nbd::{Exports, Server, ServerConfig};
 use common::have;
@@ -23,7 +23,7 @@ fn run(cmd: &mut Command) -> String {
 
 fn serve(pool: Arc<Pool>, socket: &Path) -> tokio::runtime::Runtime {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let server = Server::new(Arc::new(PoolExports::new(pool, Sessions::new())), ServerConfig::default()).unwrap();
+    let server = Server::new(Arc::new(PoolExports::new(pool)), ServerConfig::default()).unwrap();
     let listener = {
         let _g = rt.enter();
         Server::bind_unix(socket).unwrap()
@@ -91,7 +91,7 @@ fn dot_heads_are_writable_and_commits_read_only_over_nbd() {
     assert!(same.contains("identical"), "{same}");
 
     // Unknown names are refused; a bad commit id too.
-    let exports = PoolExports::new(pool.clone(), Sessions::new());
+    let exports = PoolExports::new(pool.clone());
     assert!(exports.open("admin/nope").is_none());
     assert!(exports.open("admin/db@xyz").is_none());
     assert!(exports.open("#whatever").is_none());

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use blockmesh::nbd_export::{PoolExports, Sessions};
+use blockmesh::nbd_export::PoolExports;
 use blockmesh_engine::{Pool, PoolOptions};
 use blockmesh_nbd::{Server, ServerConfig};
 
@@ -32,7 +32,7 @@ fn main() -> Result<()> {
     let pool = Arc::new(pool);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let server = Server::new(Arc::new(PoolExports::new(pool.clone(), Sessions::new())), ServerConfig::default())?;
+        let server = Server::new(Arc::new(PoolExports::new(pool.clone())), ServerConfig::default())?;
         let listener = Server::bind_unix(socket.as_ref()).context("binding the socket")?;
         tokio::select! {
             r = server.serve_unix(listener) => r?,

@@ -1,0 +1,47 @@
+//! `GET /metrics` of the real daemon: Prometheus text with the NBD requests a real client (qemu-io) made, their
+//! bytes and latency histogram, and the pool's figures; 401 without the API key.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{have, qemu_ok, Daemon};
+
+/// The value of the sample `name` (with its labels) in Prometheus text.
+fn sample(text: &str, name: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+    let line = line.unwrap_or_else(|| panic!("no sample {name} in\n{text}"));
+    line[name.len()..].trim().split(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn metrics_count_nbd_requests_and_show_the_pool() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    d.ok(&["init", "db", "--size", "64M"]);
+    let uri = format!("nbd://{}/admin/db", d.nbd);
+    qemu_ok(&uri, &["write -P 7 0 1M", "write -P 8 4M 64k", "flush", "read -P 7 0 1M"]);
+    let url = format!("{}/metrics", d.api);
+    let res = ureq::get(&url).set("Authorization", &format!("Bearer {}", d.key())).call().unwrap();
+    assert!(res.content_type().contains("openmetrics"), "{}", res.content_type());
+    let text = res.into_string().unwrap();
+    assert!(sample(&text, "blockmesh_nbd_requests_total{op=\"write\"}") >= 2.0);
+    assert_eq!(sample(&text, "blockmesh_nbd_bytes_total{op=\"write\"}"), f64::from((1 << 20) + (64 << 10)));
+    assert!(sample(&text, "blockmesh_nbd_bytes_total{op=\"read\"}") >= f64::from(1 << 20));
+    assert!(sample(&text, "blockmesh_nbd_requests_total{op=\"flush\"}") >= 1.0);
+    let writes = sample(&text, "blockmesh_nbd_request_duration_seconds_count{op=\"write\"}");
+    assert_eq!(writes, sample(&text, "blockmesh_nbd_requests_total{op=\"write\"}"));
+    assert!(sample(&text, "blockmesh_nbd_request_duration_seconds_bucket{le=\"+Inf\",op=\"write\"}") >= writes);
+    assert_eq!(sample(&text, "blockmesh_nbd_connections"), 0.0, "qemu-io has gone");
+    let size = sample(&text, "blockmesh_pool_size_bytes");
+    assert!(size > 0.9 * f64::from(1u32 << 30) && size <= f64::from(1u32 << 30), "the 1 GiB pool file: {size}");
+    assert_eq!(sample(&text, "blockmesh_pool_dots"), 1.0);
+    assert!(sample(&text, "blockmesh_pool_used_bytes") >= f64::from((1 << 20) + (64 << 10)));
+    // the key is needed, as everywhere
+    match ureq::get(&url).call() {
+        Err(ureq::Error::Status(401, _)) => {}
+        other => panic!("metrics without the key: {other:?}"),
+    }
+}
