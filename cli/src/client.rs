@@ -1,7 +1,8 @@
 //! The client subcommands: a dotmesh-style workflow over the daemon's control API (see `blockmesh::api`).
 //!
-//! The daemon is `--server` (or `BLOCKMESH_SERVER`, default `http://127.0.0.1:32607`); the key is
-//! `BLOCKMESH_API_KEY`, or the `api-key` file of `--data-dir` (the daemon's data directory, default as for `serve`).
+//! The daemon is `--server` (or `BLOCKMESH_SERVER`), else `--remote NAME` (or `BLOCKMESH_REMOTE`, or the current
+//! remote; see [`blockmesh::remotes`]), else `http://127.0.0.1:32607`. The key is `BLOCKMESH_API_KEY`, else the
+//! remote's, else the `api-key` file of `--data-dir` (the daemon's data directory, default as for `serve`).
 //! `-o json` prints the API's JSON; otherwise output is for people. Exit codes: 0 done, 1 error, 2 bad usage.
 
 use std::io::IsTerminal;
@@ -13,6 +14,7 @@ use blockmesh::api::{
     self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, InitRequest,
     PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ServerInfo,
 };
+use blockmesh::remotes::{self, Remote, Remotes};
 use blockmesh::size::{format_size, parse_size};
 use clap::{Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
@@ -36,9 +38,12 @@ pub enum Output {
 /// Where the daemon is and how to talk to it; every client subcommand takes these.
 #[derive(clap::Args, Debug)]
 pub struct Conn {
-    /// The daemon's control API.
-    #[arg(long, env = "BLOCKMESH_SERVER", default_value = "http://127.0.0.1:32607", global = true)]
-    server: String,
+    /// The daemon's control API [default: the current remote's, else http://127.0.0.1:32607].
+    #[arg(long, env = "BLOCKMESH_SERVER", global = true)]
+    server: Option<String>,
+    /// A daemon named with `blockmesh remote add` (`local`: the local daemon) [default: the current remote].
+    #[arg(long, env = "BLOCKMESH_REMOTE", global = true, conflicts_with = "server")]
+    remote: Option<String>,
     /// The daemon's data directory, to read its api-key file (when BLOCKMESH_API_KEY is not set).
     #[arg(long, env = "BLOCKMESH_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
@@ -210,6 +215,39 @@ pub enum ClientCommand {
         #[command(subcommand)]
         what: PoolCommand,
     },
+    /// Named daemons (URL and API key) to use with --remote, or as the current remote.
+    Remote {
+        #[command(subcommand)]
+        what: RemoteCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RemoteCommand {
+    /// Add (or replace) a remote; the key comes from --key-file, or standard input. Checks that the daemon answers
+    /// with that key.
+    Add {
+        name: String,
+        /// Its control API, e.g. http://10.0.0.5:32607.
+        url: String,
+        /// A file holding its API key (the daemon's DATA_DIR/api-key) [default: read the key from standard input].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// Do not check that the daemon answers.
+        #[arg(long)]
+        no_check: bool,
+        #[arg(short, long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// List the remotes (the current one marked).
+    List {
+        #[arg(short, long, value_enum, default_value = "human")]
+        output: Output,
+    },
+    /// Make a remote the current one (`local`: the local daemon).
+    Use { name: String },
+    /// Forget a remote.
+    Remove { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,29 +273,61 @@ struct Api {
     output: Output,
 }
 
+/// Where the daemon is when nothing says otherwise.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:32607";
+
+fn load_remotes() -> Result<(PathBuf, Remotes)> {
+    let path = remotes::config_path().context("no configuration directory: set HOME or BLOCKMESH_CONFIG")?;
+    let r = Remotes::load(&path).with_context(|| format!("reading the remotes in {}", path.display()))?;
+    Ok((path, r))
+}
+
 impl Api {
     fn new(conn: &Conn) -> Result<Self> {
+        // The daemon: --server, else the named or current remote, else the local default.
+        let config = match remotes::config_path() {
+            Some(p) => Remotes::load(&p).with_context(|| format!("reading the remotes in {}", p.display()))?,
+            None => Remotes::default(),
+        };
+        let (server, remote_key) = match &conn.server {
+            Some(url) => {
+                let key = config.remotes.values().find(|r| r.url.trim_end_matches('/') == url.trim_end_matches('/'));
+                (url.clone(), key.map(|r| r.key.clone()))
+            }
+            None => match config.pick(conn.remote.as_deref()).map_err(|e| anyhow!(e))? {
+                Some((_, r)) => (r.url.clone(), Some(r.key.clone())),
+                None => (DEFAULT_SERVER.to_string(), None),
+            },
+        };
+        // The key: BLOCKMESH_API_KEY, else the remote's, else the local daemon's key file.
         let key = match std::env::var("BLOCKMESH_API_KEY") {
             Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
-            _ => {
-                let dir = conn.data_dir.clone().unwrap_or_else(crate::default_data_dir);
-                let path = api::key_path(&dir);
-                std::fs::read_to_string(&path).map(|k| k.trim().to_string()).with_context(|| {
-                    format!(
-                        "no API key: set BLOCKMESH_API_KEY, or point --data-dir at the daemon's data directory \
-                             (could not read {})",
-                        path.display()
-                    )
-                })?
-            }
+            _ => match remote_key {
+                Some(k) => k,
+                None => {
+                    let dir = conn.data_dir.clone().unwrap_or_else(crate::default_data_dir);
+                    let path = api::key_path(&dir);
+                    std::fs::read_to_string(&path).map(|k| k.trim().to_string()).with_context(|| {
+                        format!(
+                            "no API key: set BLOCKMESH_API_KEY, add the daemon as a remote (blockmesh remote add), \
+                             or point --data-dir at the daemon's data directory (could not read {})",
+                            path.display()
+                        )
+                    })?
+                }
+            },
         };
+        Ok(Self::with(&server, key, conn.output))
+    }
+
+    fn with(server: &str, key: String, output: Output) -> Self {
         let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT).build();
         let streaming = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
             .timeout_read(STREAM_IDLE_TIMEOUT)
             .timeout_write(STREAM_IDLE_TIMEOUT)
             .build();
-        Ok(Self { base: conn.server.trim_end_matches('/').to_string(), key, agent, streaming, output: conn.output })
+        Self { base: server.trim_end_matches('/').to_string(), key, agent, streaming, output }
     }
 
     fn request(&self, agent: &ureq::Agent, method: &str, path: &str) -> ureq::Request {
@@ -471,6 +541,85 @@ fn receive(api: &Api, file: Option<&std::path::Path>, restart: bool) -> Result<(
             format_size(got.data_bytes),
             got.records
         );
+    }
+    Ok(())
+}
+
+fn remote(what: RemoteCommand) -> Result<()> {
+    let (path, mut config) = load_remotes()?;
+    match what {
+        RemoteCommand::Add { name, url, key_file, no_check, output } => {
+            remotes::validate_name(&name).map_err(|e| anyhow!(e))?;
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("{url} is not an http:// or https:// URL of a daemon's control API");
+            }
+            let key = match key_file {
+                Some(f) => {
+                    std::fs::read_to_string(&f).with_context(|| format!("reading the key in {}", f.display()))?
+                }
+                None => {
+                    if std::io::stdin().is_terminal() {
+                        eprint!("API key of {url} (its DATA_DIR/api-key): ");
+                    }
+                    let mut line = String::new();
+                    std::io::stdin().read_line(&mut line)?;
+                    line
+                }
+            };
+            let key = key.trim().to_string();
+            if key.is_empty() {
+                bail!("no API key given: pass --key-file or type the key");
+            }
+            if !no_check {
+                let api = Api::with(&url, key.clone(), output);
+                let _: ServerInfo = api.get("/v1/info").with_context(|| format!("checking {url} with that key"))?;
+            }
+            let replaced = config.remotes.insert(name.clone(), Remote { url: url.clone(), key }).is_some();
+            config.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            if output == Output::Json {
+                println!("{}", serde_json::json!({ "name": name, "url": url }));
+            } else {
+                println!(
+                    "{} remote {name} at {url}; use it with --remote {name}, or make it current: blockmesh remote use {name}",
+                    if replaced { "replaced" } else { "added" }
+                );
+            }
+        }
+        RemoteCommand::List { output } => {
+            let current = config.current.clone().unwrap_or_else(|| remotes::LOCAL.to_string());
+            if output == Output::Json {
+                let list: Vec<serde_json::Value> = config
+                    .remotes
+                    .iter()
+                    .map(|(n, r)| serde_json::json!({ "name": n, "url": r.url, "current": *n == current }))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let mark = |n: &str| if n == current { "*" } else { " " };
+                println!("{} {:<16} (the local daemon, --data-dir's key)", mark(remotes::LOCAL), remotes::LOCAL);
+                for (n, r) in &config.remotes {
+                    println!("{} {n:<16} {}", mark(n), r.url);
+                }
+            }
+        }
+        RemoteCommand::Use { name } => {
+            if name != remotes::LOCAL {
+                config.pick(Some(&name)).map_err(|e| anyhow!(e))?;
+            }
+            config.current = (name != remotes::LOCAL).then(|| name.clone());
+            config.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            println!("current remote: {name}");
+        }
+        RemoteCommand::Remove { name } => {
+            if config.remotes.remove(&name).is_none() {
+                bail!("no remote named {name}");
+            }
+            if config.current.as_deref() == Some(name.as_str()) {
+                config.current = None;
+            }
+            config.save(&path).with_context(|| format!("writing {}", path.display()))?;
+            println!("removed remote {name}");
+        }
     }
     Ok(())
 }
@@ -690,6 +839,7 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 None => receive(&api, file.as_deref(), restart)?,
             }
         }
+        ClientCommand::Remote { what } => remote(what)?,
         ClientCommand::Pool { what: PoolCommand::Status { conn } } => {
             let api = Api::new(&conn)?;
             let p: PoolStatus = api.get("/v1/pool")?;

@@ -61,6 +61,9 @@ impl Daemon {
             .env("BLOCKMESH_SERVER", &self.api)
             .env("BLOCKMESH_DATA_DIR", &self.data)
             .env_remove("BLOCKMESH_API_KEY")
+            .env_remove("BLOCKMESH_REMOTE")
+            // no remotes of whoever runs the tests
+            .env("BLOCKMESH_CONFIG", self.data.join("no-remotes.json"))
             .stdin(Stdio::null());
         c
     }
