@@ -15,12 +15,58 @@ pub(crate) struct Segments {
     pub(crate) blocks_per_segment: u64,
     live: Vec<u32>,
     free: BTreeSet<u64>,
+    /// When each segment was last taken by the log, counted in segments taken since the pool was opened (0: before
+    /// that): the age that the cleaner's cost-benefit weighs. In memory only.
+    taken_at: Vec<u64>,
+    taken: u64,
 }
 
 impl Segments {
     pub(crate) fn new(count: u64, segment_size_bytes: u64, live: Vec<u32>) -> Self {
         assert_eq!(live.len() as u64, count, "segment usage table length");
-        Self { count, blocks_per_segment: segment_size_bytes / BLOCK_SIZE, live, free: BTreeSet::new() }
+        Self {
+            count,
+            blocks_per_segment: segment_size_bytes / BLOCK_SIZE,
+            live,
+            free: BTreeSet::new(),
+            taken_at: vec![0; count as usize],
+            taken: 0,
+        }
+    }
+
+    /// Segments worth cleaning, best first, at most `max`: in use, not `pinned`, with at most `max_live` live blocks
+    /// (and fewer than a full segment). `greedy` ranks by fewest live blocks (the most space per block copied, for a
+    /// pool short of space); otherwise by cost-benefit, `(1 - u) * age / (1 + u)` (LFS): old, mostly dead segments
+    /// first, since their remaining blocks are cold and will not die soon.
+    pub(crate) fn victims(&self, pinned: &[u64], max: usize, greedy: bool, max_live: u64) -> Vec<u64> {
+        let bps = self.blocks_per_segment as f64;
+        let mut c: Vec<(f64, u64)> = (0..self.count)
+            .filter(|s| !self.free.contains(s) && !pinned.contains(s))
+            .filter(|s| {
+                let live = u64::from(self.live[*s as usize]);
+                live < self.blocks_per_segment && live <= max_live
+            })
+            .map(|s| {
+                let u = f64::from(self.live[s as usize]) / bps;
+                let score = if greedy {
+                    1.0 - u
+                } else {
+                    let age = (self.taken + 1 - self.taken_at[s as usize]) as f64;
+                    (1.0 - u) * age / (1.0 + u)
+                };
+                (score, s)
+            })
+            .collect();
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        c.into_iter().take(max).map(|(_, s)| s).collect()
+    }
+
+    /// Blocks in segments in use that nothing references any more: space a cleaning would give back.
+    pub(crate) fn dead_blocks(&self, pinned: &[u64]) -> u64 {
+        (0..self.count)
+            .filter(|s| !self.free.contains(s) && !pinned.contains(s))
+            .map(|s| self.blocks_per_segment - u64::from(self.live[s as usize]))
+            .sum()
     }
 
     pub(crate) fn first_pba(&self, seg: u64) -> u64 {
@@ -72,7 +118,10 @@ impl Segments {
 
     /// Take the lowest free segment.
     pub(crate) fn take_free(&mut self) -> Option<u64> {
-        self.free.pop_first()
+        let s = self.free.pop_first()?;
+        self.taken += 1;
+        self.taken_at[s as usize] = self.taken;
+        Some(s)
     }
 
     /// Segments with no live block that are not yet free: a checkpoint would free them.

@@ -28,6 +28,7 @@
 
 mod allocator;
 mod check;
+mod cleaner;
 mod dots;
 pub mod error;
 pub mod format;
@@ -39,6 +40,9 @@ mod stream;
 mod volume;
 
 pub use check::CheckReport;
+pub use cleaner::{
+    CleanStats, AUTO_CLEAN_MAX_UTILIZATION, CLEAN_MAX_UTILIZATION, MAX_CLEAN_PASSES, MAX_CLEAN_SEGMENTS_PER_PASS,
+};
 pub use dots::{
     validate_dot_name, CommitId, CommitInfo, CommitRequest, DotInfo, DEFAULT_SUBDOT, MASTER_BRANCH,
     MAX_COMMIT_AUTHOR_BYTES, MAX_COMMIT_MESSAGE_BYTES, MAX_COMMIT_METADATA_BYTES, MAX_COMMIT_METADATA_PAIRS,
@@ -54,7 +58,7 @@ pub use pool::{
     MIN_SEGMENT_SIZE_BYTES,
 };
 pub use stream::{
-    PendingReceive, ReceiveOutcome, SendStats, MAX_STREAM_DATA_BYTES, RECEIVE_PROGRESS_INTERVAL_BYTES, STREAM_MAGIC,
-    STREAM_VERSION,
+    read_stream_head, PendingReceive, ReceiveOutcome, SendStats, StreamHead, MAX_STREAM_DATA_BYTES,
+    RECEIVE_PROGRESS_INTERVAL_BYTES, STREAM_MAGIC, STREAM_VERSION,
 };
 pub use volume::Volume;

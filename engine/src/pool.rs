@@ -41,6 +41,8 @@ pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 1 << 30;
 /// memory anyway; this bounds one checkpoint's size (and the space reserved for it). At 4096 blocks, checkpoints came
 /// so often after a snapshot (old blocks' table entries are spread thin) that random writes ran at 0.59x.
 pub const MAX_DIRTY_METADATA_BLOCKS: u64 = 16384;
+/// Checkpoints also clean when fewer than 1/this of the segments (beyond the reserve) are free.
+pub const CLEAN_START_FREE_SHARE: u64 = 8;
 
 /// Options for creating or opening a pool.
 #[derive(Debug, Clone)]
@@ -89,6 +91,10 @@ pub struct PoolStats {
     pub free_segments: u64,
     /// Blocks referenced by the current state.
     pub live_blocks: u64,
+    /// Bytes of free segments.
+    pub free_bytes: u64,
+    /// Bytes in segments in use that nothing references any more: what cleaning ([`Pool::clean`]) gives back.
+    pub reclaimable_bytes: u64,
     /// Blocks written to the device since the pool was opened.
     pub blocks_written: u64,
     /// Volumes.
@@ -152,6 +158,8 @@ pub(crate) struct State {
     pub(crate) checkpoint_segment: u64,
     pub(crate) checkpoint_interval_blocks: u64,
     pub(crate) max_dirty_metadata_blocks: u64,
+    /// Below this many free segments, checkpoints also clean.
+    pub(crate) clean_start_free_segments: u64,
     pub(crate) failed: Option<String>,
     pub(crate) closed: bool,
     pub(crate) replayed_records: u64,
@@ -603,6 +611,8 @@ impl Pool {
             segments: st.segs.count,
             free_segments: st.segs.free_count(),
             live_blocks: st.segs.live().iter().map(|&n| u64::from(n)).sum(),
+            free_bytes: st.segs.free_count() * st.sb.segment_size_bytes,
+            reclaimable_bytes: st.segs.dead_blocks(&st.pinned()) * BLOCK_SIZE,
             blocks_written: st.log.blocks_written,
             volumes: st.volumes.len() as u64,
             snapshots: st.snapshots.len() as u64,
@@ -713,6 +723,7 @@ impl State {
         let reserve_blocks = 2 * max_dirty + 2 * segs.blocks_per_segment;
         let reserve_segments = reserve_blocks.div_ceil(segs.blocks_per_segment).min(sb.segment_count / 2);
         let log = Log::new(sb.pool_id, &segs, cursor, reserve_segments, dev, opts.log_writer_threads);
+        let clean_start_free_segments = reserve_segments + (sb.segment_count / CLEAN_START_FREE_SHARE).max(2);
         Self {
             sb,
             segs,
@@ -728,6 +739,7 @@ impl State {
             checkpoint_segment: 0,
             checkpoint_interval_blocks: (opts.checkpoint_interval_bytes / BLOCK_SIZE).max(1),
             max_dirty_metadata_blocks: max_dirty,
+            clean_start_free_segments,
             failed: None,
             closed: false,
             replayed_records: 0,
@@ -983,7 +995,8 @@ impl State {
         self.write_block(dev, volume, block, &buf)
     }
 
-    /// Make sure `blocks` blocks of log fit without touching the reserve; a checkpoint may free dead segments.
+    /// Make sure `blocks` blocks of log fit without touching the reserve: a checkpoint may free dead segments, and
+    /// if that is not enough the cleaner copies the live blocks out of the emptiest ones (greedy, as space is short).
     pub(crate) fn ensure_room(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
         if self.log.data_room_blocks(&self.segs) >= blocks {
             return Ok(());
@@ -995,13 +1008,18 @@ impl State {
                 return Ok(());
             }
         }
+        self.clean_until(dev, gate, true, 1.0, |st| st.log.data_room_blocks(&st.segs) >= blocks)?;
+        if self.log.data_room_blocks(&self.segs) >= blocks {
+            return Ok(());
+        }
         Err(Error::NoSpace(format!(
-            "{blocks} blocks needed, {} available outside the checkpoint reserve",
-            self.log.data_room_blocks(&self.segs)
+            "{blocks} blocks needed, {} available outside the checkpoint reserve ({} blocks in use hold live data)",
+            self.log.data_room_blocks(&self.segs),
+            self.segs.live().iter().map(|&n| u64::from(n)).sum::<u64>()
         )))
     }
 
-    fn pinned(&self) -> Vec<u64> {
+    pub(crate) fn pinned(&self) -> Vec<u64> {
         let [a, b] = self.log.pinned_segments();
         vec![a, b, self.checkpoint_segment]
     }
@@ -1012,6 +1030,14 @@ impl State {
         if self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
             || dirty >= self.max_dirty_metadata_blocks
         {
+            // When free segments run low, the checkpoint is a cleaning pass (cost-benefit): space comes back a
+            // little at a time, before writes have to wait for a greedy clean.
+            if self.segs.free_count() < self.clean_start_free_segments {
+                let pass = self.clean_pass(dev, gate, false, crate::cleaner::AUTO_CLEAN_MAX_UTILIZATION)?;
+                if pass.passes > 0 {
+                    return Ok(());
+                }
+            }
             self.checkpoint(dev, gate)?;
         }
         Ok(())
@@ -1027,7 +1053,7 @@ impl State {
         }
     }
 
-    fn write_pages(
+    pub(crate) fn write_pages(
         &mut self,
         dev: &dyn Device,
         kind: RecordKind,

@@ -343,6 +343,30 @@ struct Head {
     header: Header,
 }
 
+/// What a stream's head says, for a client deciding how to send it (resume or not) before it sends anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamHead {
+    /// The dot.
+    pub dot: String,
+    /// The commit carried.
+    pub commit: CommitId,
+    /// The base commit of an incremental stream.
+    pub base: Option<CommitId>,
+    /// The head's bytes as read: what a resumed stream starts with.
+    pub bytes: Vec<u8>,
+}
+
+/// Read and check a stream's head (magic, version, header) from `input`, which is left at the first record.
+pub fn read_stream_head(input: &mut dyn Read) -> Result<StreamHead> {
+    let h = read_head(input)?;
+    Ok(StreamHead {
+        dot: h.header.dot,
+        commit: CommitId(h.header.commit),
+        base: h.header.base.map(CommitId),
+        bytes: h.bytes,
+    })
+}
+
 fn read_head(input: &mut dyn Read) -> Result<Head> {
     let mut fixed = [0u8; 16];
     input.read_exact(&mut fixed).map_err(|_| bad("stream truncated in its head"))?;
@@ -393,47 +417,7 @@ impl Pool {
         offset: u64,
         out: &mut dyn Write,
     ) -> Result<SendStats> {
-        let dev = &*self.inner.dev;
-        // Under the lock: the header and, per subdot, the extents to send.
-        let (header, plan) = {
-            let mut st = self.inner.state.lock();
-            st.check_open()?;
-            let id = st.dot_id(dot)?;
-            let c = st.commit_of(id, commit)?.clone();
-            let base_snaps = match base {
-                Some(b) => Some(st.commit_of(id, b)?.snapshots.clone()),
-                None => None,
-            };
-            let mut plan: Vec<(String, u64, u64, Vec<Extent>)> = Vec::new();
-            let mut subdots = Vec::new();
-            for (subdot, sid) in &c.snapshots {
-                let sn = st.snapshots.get(sid).ok_or_else(|| Error::NoSuchSnapshot(subdot.clone()))?.clone();
-                let base_root: Option<Root> =
-                    base_snaps.as_ref().and_then(|b| b.get(subdot)).and_then(|s| st.snapshots.get(s)).map(|s| s.root);
-                let extents = match base_root {
-                    Some(r) => st.index.diff(dev, r, sn.root)?,
-                    None => st.index.allocation(dev, sn.root, 0, sn.size_bytes.div_ceil(BLOCK_SIZE))?,
-                };
-                subdots.push((subdot.clone(), sn.size_bytes));
-                plan.push((subdot.clone(), *sid, sn.size_bytes, extents));
-            }
-            let header = Header {
-                dot: dot.to_string(),
-                branch: c.branch.clone(),
-                commit: commit.0,
-                base: base.map(|b| b.0),
-                meta: c.meta.clone(),
-                subdots,
-            };
-            (header, plan)
-        };
-        let hbytes = header.encode();
-        let mut head = Vec::with_capacity(16 + hbytes.len() + 4);
-        head.extend_from_slice(&STREAM_MAGIC);
-        head.extend_from_slice(&STREAM_VERSION.to_le_bytes());
-        head.extend_from_slice(&(hbytes.len() as u32).to_le_bytes());
-        head.extend_from_slice(&hbytes);
-        head.extend_from_slice(&crc32(&hbytes).to_le_bytes());
+        let (head, plan) = self.send_plan(dot, commit, base)?;
         let skip_until = if offset > head.len() as u64 { offset } else { 0 };
         let mut w =
             StreamWriter { inner: out, chain: *blake3::hash(&head).as_bytes(), pos: 0, skip_until: 0, written: 0 };
@@ -441,7 +425,7 @@ impl Pool {
         w.skip_until = skip_until; // the head always goes out
         let mut stats = SendStats::default();
         let incremental = base.is_some();
-        for (subdot, sid, size, extents) in plan {
+        for SubdotPlan { subdot, snapshot: sid, size, extents } in plan {
             let mut p = Enc::default();
             p.u8(subdot.len() as u8);
             p.bytes(subdot.as_bytes());
@@ -496,6 +480,83 @@ impl Pool {
         stats.stream_bytes = w.pos;
         stats.written_bytes = w.written;
         Ok(stats)
+    }
+
+    /// The exact number of bytes [`Pool::send_from`] with these arguments writes, found without reading any data
+    /// (for a `Content-Length`, or a progress bar).
+    pub fn send_size(&self, dot: &str, commit: CommitId, base: Option<CommitId>, offset: u64) -> Result<u64> {
+        let (head, plan) = self.send_plan(dot, commit, base)?;
+        let record = |payload: u64| 5 + payload + 4;
+        let mut total = head.len() as u64;
+        for p in &plan {
+            total += record(1 + p.subdot.len() as u64 + 8);
+            for e in &p.extents {
+                let end = (e.offset_bytes + e.len_bytes).min(p.size);
+                if e.offset_bytes >= end {
+                    continue;
+                }
+                let len = end - e.offset_bytes;
+                total += match e.kind {
+                    ExtentKind::Data => {
+                        let full = len / MAX_STREAM_DATA_BYTES;
+                        let rest = len % MAX_STREAM_DATA_BYTES;
+                        full * record(8 + MAX_STREAM_DATA_BYTES) + if rest > 0 { record(8 + rest) } else { 0 }
+                    }
+                    ExtentKind::Zero => record(16),
+                    ExtentKind::Trimmed | ExtentKind::Hole if base.is_some() => record(16),
+                    ExtentKind::Trimmed | ExtentKind::Hole => 0,
+                }
+            }
+        }
+        total += record(8 + 8 + 32);
+        let head_len = head.len() as u64;
+        Ok(if offset > head_len { head_len + total.saturating_sub(offset) } else { total })
+    }
+
+    /// What a send of `commit` (since `base`) carries: the stream's head and, per subdot, the extents to send.
+    fn send_plan(&self, dot: &str, commit: CommitId, base: Option<CommitId>) -> Result<(Vec<u8>, Vec<SubdotPlan>)> {
+        let dev = &*self.inner.dev;
+        // Under the lock: the header and, per subdot, the extents to send.
+        let (header, plan) = {
+            let mut st = self.inner.state.lock();
+            st.check_open()?;
+            let id = st.dot_id(dot)?;
+            let c = st.commit_of(id, commit)?.clone();
+            let base_snaps = match base {
+                Some(b) => Some(st.commit_of(id, b)?.snapshots.clone()),
+                None => None,
+            };
+            let mut plan = Vec::new();
+            let mut subdots = Vec::new();
+            for (subdot, sid) in &c.snapshots {
+                let sn = st.snapshots.get(sid).ok_or_else(|| Error::NoSuchSnapshot(subdot.clone()))?.clone();
+                let base_root: Option<Root> =
+                    base_snaps.as_ref().and_then(|b| b.get(subdot)).and_then(|s| st.snapshots.get(s)).map(|s| s.root);
+                let extents = match base_root {
+                    Some(r) => st.index.diff(dev, r, sn.root)?,
+                    None => st.index.allocation(dev, sn.root, 0, sn.size_bytes.div_ceil(BLOCK_SIZE))?,
+                };
+                subdots.push((subdot.clone(), sn.size_bytes));
+                plan.push(SubdotPlan { subdot: subdot.clone(), snapshot: *sid, size: sn.size_bytes, extents });
+            }
+            let header = Header {
+                dot: dot.to_string(),
+                branch: c.branch.clone(),
+                commit: commit.0,
+                base: base.map(|b| b.0),
+                meta: c.meta.clone(),
+                subdots,
+            };
+            (header, plan)
+        };
+        let hbytes = header.encode();
+        let mut head = Vec::with_capacity(16 + hbytes.len() + 4);
+        head.extend_from_slice(&STREAM_MAGIC);
+        head.extend_from_slice(&STREAM_VERSION.to_le_bytes());
+        head.extend_from_slice(&(hbytes.len() as u32).to_le_bytes());
+        head.extend_from_slice(&hbytes);
+        head.extend_from_slice(&crc32(&hbytes).to_le_bytes());
+        Ok((head, plan))
     }
 
     /// Apply a stream made by [`Pool::send`]: the commit appears with the sender's id, or, if anything about the
@@ -868,6 +929,14 @@ impl Pool {
             }
         }
     }
+}
+
+/// One subdot of a send: its snapshot, size, and the extents to send.
+struct SubdotPlan {
+    subdot: String,
+    snapshot: u64,
+    size: u64,
+    extents: Vec<Extent>,
 }
 
 /// The hidden volumes of one receive: a staging volume per subdot, and the progress block's.

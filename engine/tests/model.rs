@@ -54,6 +54,8 @@ enum Action {
     },
     Flush,
     Checkpoint,
+    /// `Pool::clean`: moves blocks and checkpoints; the contents must not change.
+    Clean,
     Reopen,
     Crash {
         seed: u64,
@@ -105,6 +107,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => vol.clone().prop_map(|vol| Action::Delete { vol }),
         3 => Just(Action::Flush),
         1 => Just(Action::Checkpoint),
+        1 => Just(Action::Clean),
         1 => Just(Action::Reopen),
         2 => any::<u64>().prop_map(|seed| Action::Crash { seed }),
         1 => (0u8..12, vol.clone(), any::<u32>(), 1u16..40, any::<u64>())
@@ -277,6 +280,11 @@ impl Harness {
             Action::Checkpoint => {
                 self.pool().checkpoint().unwrap();
                 self.model.flushed();
+            }
+            Action::Clean => {
+                self.pool().clean().unwrap();
+                self.model.flushed();
+                common::assert_same(&State::of_pool(self.pool()), &self.model.current, "after cleaning");
             }
             Action::Reopen => {
                 self.pool.take().unwrap().close().unwrap();

@@ -49,6 +49,7 @@ fn full_then_incremental_between_pools() {
     let mut full = Vec::new();
     let stats = src.send("admin/db", c1, None, &mut full).unwrap();
     assert_eq!(stats.stream_bytes, full.len() as u64);
+    assert_eq!(src.send_size("admin/db", c1, None, 0).unwrap(), full.len() as u64);
     let out = dst.receive(&mut &full[..]).unwrap();
     assert_eq!((out.dot.as_str(), out.commit), ("admin/db", c1));
     same_commit(&src, &dst, c1);
@@ -223,6 +224,9 @@ fn receive_resumes_after_a_cut_anywhere() {
             let (from, base) = if which == "full" { (c1, None) } else { (c2, Some(c1)) };
             let mut rest = Vec::new();
             let stats = src.send_from("admin/db", from, base, at, &mut rest).unwrap();
+            assert_eq!(src.send_size("admin/db", from, base, at).unwrap(), rest.len() as u64, "send_size");
+            let h = blockmesh_engine::read_stream_head(&mut &rest[..]).unwrap();
+            assert_eq!((h.commit, h.base, h.bytes.len()), (from, base, head));
             assert_eq!(rest, [&stream[..head], &stream[at as usize..]].concat());
             assert_eq!((stats.stream_bytes, stats.written_bytes), (stream.len() as u64, rest.len() as u64));
             // a wrong offset is refused and keeps the pending receive

@@ -181,6 +181,28 @@ impl BlockTable {
         self.page_locs.iter().chain(self.dir_locs.iter()).map(|l| l.pba).filter(|&p| p != 0)
     }
 
+    /// Mark for rewriting at the next checkpoint every table page and directory page stored at a block for which
+    /// `moving` is true (the cleaner empties those segments); returns how many.
+    pub(crate) fn rewrite_pages_in(&mut self, moving: impl Fn(u64) -> bool) -> u64 {
+        let mut n = 0;
+        for (i, loc) in self.page_locs.iter().enumerate() {
+            if loc.pba != 0 && moving(loc.pba) && self.dirty_pages.insert(i as u64) {
+                n += 1;
+            }
+        }
+        for (i, loc) in self.dir_locs.iter().enumerate() {
+            if loc.pba != 0 && moving(loc.pba) && self.dirty_dirs.insert(i as u64) {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Whether table page `page` will be written at the next checkpoint anyway.
+    pub(crate) fn is_page_dirty(&self, page: u64) -> bool {
+        self.dirty_pages.contains(&page)
+    }
+
     /// Every allocated entry (refcount > 0), in vbn order.
     pub(crate) fn live_entries(&self) -> impl Iterator<Item = (u64, BtEntry)> + '_ {
         self.pages.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|p| (i, p))).flat_map(|(i, p)| {

@@ -493,6 +493,17 @@ impl Index {
         old
     }
 
+    /// Record that the cleaner copied block `vbn` (a data block or a clean node: same bytes, same checksum) to
+    /// `pba`; returns the block it occupied.
+    pub(crate) fn block_moved(&mut self, vbn: u64, pba: u64) -> u64 {
+        let mut e = self.bt.get(vbn);
+        debug_assert!(e.refcount > 0 && !self.dirty_nodes.contains(&vbn), "moving vbn {vbn}: {e:?}");
+        let old = e.pba;
+        e.pba = pba;
+        self.bt.set(vbn, e);
+        old
+    }
+
     pub(crate) fn dirty_node_count(&self) -> usize {
         self.dirty_nodes.len()
     }

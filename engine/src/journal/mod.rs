@@ -123,6 +123,11 @@ impl Log {
         in_seg + spare * segs.blocks_per_segment
     }
 
+    /// Blocks the log can still take, the checkpoint reserve included.
+    pub(crate) fn free_blocks(&self, segs: &Segments) -> u64 {
+        segs.end_pba(self.seg).saturating_sub(self.tail_pba()) + segs.free_count() * segs.blocks_per_segment
+    }
+
     fn room_in_segment(&self, segs: &Segments) -> u64 {
         segs.end_pba(self.seg).saturating_sub(self.pos)
     }

@@ -1,0 +1,154 @@
+//! The segment cleaner: random overwrites run on forever in a small pool, with and without commits held; deleting a
+//! commit and cleaning gives its space back; `Pool::clean` frees what overwrites left dead; a power cut at any I/O of
+//! a cleaning pass loses nothing. Every test ends with reopen + integrity check.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+
+use blockmesh_engine::io::{SimDevice, SimFault};
+use blockmesh_engine::{Pool, Volume};
+use common::{pattern, sim_pool, small_opts};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const BS: usize = 4096;
+
+/// Random 4 KiB overwrites of a volume of `blocks` blocks, mirrored in `model`.
+fn overwrite(v: &Volume, model: &mut [u8], rng: &mut SmallRng, writes: usize, seed: u64) {
+    let blocks = model.len() / BS;
+    for i in 0..writes {
+        let b = rng.random_range(0..blocks);
+        let data = pattern(seed * 1_000_003 + i as u64, BS);
+        v.write((b * BS) as u64, &data).unwrap_or_else(|e| panic!("write {i} of {writes}: {e}"));
+        model[b * BS..(b + 1) * BS].copy_from_slice(&data);
+        if i % 512 == 511 {
+            v.flush().unwrap();
+        }
+    }
+}
+
+fn same(v: &Volume, model: &[u8], what: &str) {
+    let mut back = vec![0u8; model.len()];
+    v.read(0, &mut back).unwrap();
+    assert!(back == model, "{what}: contents differ from the model");
+}
+
+fn reopen_checked(dev: Arc<SimDevice>, pool: Pool, id: u64) -> Pool {
+    pool.close().unwrap();
+    let pool = Pool::open(dev, small_opts(id)).unwrap();
+    let report = pool.check().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    pool
+}
+
+#[test]
+fn random_overwrites_at_high_utilization_run_on_forever() {
+    // a 16 MiB pool with a 9 MiB volume written whole, then 10 pool-sizes of random 4 KiB overwrites
+    let (dev, pool) = sim_pool(16 << 20, 1);
+    let v = pool.create_volume("v", 9 << 20).unwrap();
+    let mut model = pattern(1, 9 << 20);
+    v.write(0, &model).unwrap();
+    let mut rng = SmallRng::seed_from_u64(1);
+    overwrite(&v, &mut model, &mut rng, 40_000, 1);
+    same(&v, &model, "after overwrites");
+    let s = pool.stats();
+    assert!(s.blocks_written > 40_000, "{s:?}");
+    let pool = reopen_checked(dev, pool, 1);
+    same(&pool.volume("v").unwrap(), &model, "after reopen");
+}
+
+#[test]
+fn commits_hold_their_blocks_and_give_them_back_when_deleted() {
+    let (dev, pool) = sim_pool(24 << 20, 2);
+    let v = pool.create_volume("v", 6 << 20).unwrap();
+    let mut model = pattern(2, 6 << 20);
+    v.write(0, &model).unwrap();
+    pool.snapshot(&[("v", "v@1")]).unwrap();
+    let at_snapshot = model.clone();
+    let mut rng = SmallRng::seed_from_u64(2);
+    // overwrites beside a snapshot: its blocks stay live, the cleaner moves them and leaves them intact
+    overwrite(&v, &mut model, &mut rng, 20_000, 2);
+    same(&pool.snapshot_volume("v@1").unwrap(), &at_snapshot, "the snapshot");
+    same(&v, &model, "the head");
+    pool.clean().unwrap();
+    let held = pool.stats().live_blocks;
+    pool.delete_snapshot("v@1").unwrap();
+    let c = pool.clean().unwrap();
+    let s = pool.stats();
+    assert!(c.segments_freed > 0, "{c:?}");
+    assert!(s.live_blocks + 1000 < held, "the snapshot's blocks came back: {} -> {}", held, s.live_blocks);
+    assert!(s.live_blocks < (6 << 20) / BS as u64 + 400, "about one copy of the volume is live: {s:?}");
+    let pool = reopen_checked(dev, pool, 2);
+    same(&pool.volume("v").unwrap(), &model, "after reopen");
+}
+
+#[test]
+fn clean_gives_back_what_overwrites_left_dead() {
+    let (dev, pool) = sim_pool(32 << 20, 3);
+    let v = pool.create_volume("v", 8 << 20).unwrap();
+    let mut model = pattern(3, 8 << 20);
+    v.write(0, &model).unwrap();
+    let mut rng = SmallRng::seed_from_u64(3);
+    overwrite(&v, &mut model, &mut rng, 3000, 3);
+    pool.checkpoint().unwrap();
+    let before = pool.stats();
+    assert!(before.reclaimable_bytes > 4 << 20, "overwrites left dead blocks in used segments: {before:?}");
+    let c = pool.clean().unwrap();
+    let after = pool.stats();
+    assert!(c.segments_freed > 0 && c.blocks_moved > 0, "{c:?}");
+    assert!(after.free_segments > before.free_segments, "{before:?} -> {after:?}");
+    assert!(after.reclaimable_bytes < before.reclaimable_bytes / 2, "{before:?} -> {after:?}");
+    assert_eq!(after.live_blocks, before.live_blocks, "cleaning moves blocks, it does not add or drop any");
+    same(&v, &model, "after cleaning");
+    // nothing more worth cleaning: a second call does little
+    let again = pool.clean().unwrap();
+    assert!(again.blocks_moved <= c.blocks_moved / 4, "{again:?} after {c:?}");
+    let pool = reopen_checked(dev, pool, 3);
+    same(&pool.volume("v").unwrap(), &model, "after reopen");
+}
+
+/// A power cut at every I/O of a cleaning pass: the pool reopens whole, with every flushed write.
+#[test]
+fn a_power_cut_anywhere_in_a_cleaning_pass_loses_nothing() {
+    let setup = |cut: Option<u64>| -> (Arc<SimDevice>, Vec<u8>, u64, Option<Pool>) {
+        let (dev, pool) = sim_pool(8 << 20, 4);
+        let v = pool.create_volume("v", 2 << 20).unwrap();
+        let mut model = pattern(4, 2 << 20);
+        v.write(0, &model).unwrap();
+        let mut rng = SmallRng::seed_from_u64(4);
+        overwrite(&v, &mut model, &mut rng, 700, 4);
+        pool.flush().unwrap();
+        let start = dev.io_count();
+        if let Some(k) = cut {
+            dev.set_fault(SimFault::PowerCutAfter(start + k));
+        }
+        let r = pool.clean();
+        let ios = dev.io_count() - start;
+        match cut {
+            None => {
+                let c = r.unwrap();
+                assert!(c.blocks_moved > 0, "the workload leaves something to clean: {c:?}");
+                (dev, model, ios, Some(pool))
+            }
+            Some(_) => {
+                let image = dev.crash(cut.unwrap_or(0));
+                drop(pool);
+                (image, model, ios, None)
+            }
+        }
+    };
+    let (_, _, ios, _) = setup(None);
+    assert!(ios > 10, "a cleaning pass does I/O: {ios}");
+    for k in 0..ios {
+        let (image, model, _, _) = setup(Some(k));
+        let pool = Pool::open(image, small_opts(4)).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
+        let report = pool.check().unwrap();
+        assert!(report.is_ok(), "cut at I/O {k}: {:?}", report.problems);
+        same(&pool.volume("v").unwrap(), &model, &format!("cut at I/O {k}"));
+        // and the pool goes on: cleaning after recovery works
+        pool.clean().unwrap();
+        same(&pool.volume("v").unwrap(), &model, &format!("cleaned after a cut at I/O {k}"));
+    }
+}
