@@ -9,6 +9,7 @@
 //! | `GET /metrics` | | Prometheus metrics, OpenMetrics text (see [`crate::metrics`]) |
 //! | `GET /v1/info` | | [`ServerInfo`] |
 //! | `GET /v1/pool` | | [`PoolStatus`] |
+//! | `POST /v1/pool/gc` | | [`GcResult`]: runs the segment cleaner now |
 //! | `GET /v1/dots` | | `[`[`Dot`]`]` |
 //! | `POST /v1/dots` | [`InitRequest`] | [`Dot`] |
 //! | `GET /v1/dots/{ns}/{name}` | | [`Dot`] |
@@ -98,6 +99,12 @@ pub struct PoolStatus {
     pub free_segments: u64,
     /// Bytes of blocks the pool's volumes, commits and metadata hold.
     pub used_bytes: u64,
+    /// Bytes of free segments.
+    #[serde(default)]
+    pub free_bytes: u64,
+    /// Bytes that cleaning (`pool gc`) would give back: dead blocks in segments in use.
+    #[serde(default)]
+    pub reclaimable_bytes: u64,
     pub dots: u64,
     pub volumes: u64,
     pub snapshots: u64,
@@ -204,6 +211,16 @@ pub struct DiffExtent {
     pub len_bytes: u64,
     /// `data`, `zero`, `trimmed` or `hole`.
     pub kind: String,
+}
+
+/// What a cleaning did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GcResult {
+    pub passes: u64,
+    pub segments_freed: u64,
+    pub bytes_moved: u64,
+    /// Free bytes after it.
+    pub free_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -361,6 +378,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/info", get(info))
         .route("/v1/pool", get(pool_status))
+        .route("/v1/pool/gc", post(pool_gc))
         .route("/v1/dots", get(list_dots).post(init_dot))
         .route("/v1/dots/{ns}/{name}", get(show_dot).delete(delete_dot))
         .route("/v1/dots/{ns}/{name}/commits", get(log).post(commit))
@@ -543,10 +561,25 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             segments: st.segments,
             free_segments: st.free_segments,
             used_bytes: st.live_blocks * blockmesh_engine::BLOCK_SIZE,
+            free_bytes: st.free_bytes,
+            reclaimable_bytes: st.reclaimable_bytes,
             dots: st.dots,
             volumes: st.volumes,
             snapshots: st.snapshots,
             pending_receives: pending_json(pool)?,
+        }))
+    })
+    .await
+}
+
+async fn pool_gc(State(s): State<Arc<ApiState>>) -> ApiResult<GcResult> {
+    with_pool(s, |pool| {
+        let c = pool.clean()?;
+        Ok(Json(GcResult {
+            passes: c.passes,
+            segments_freed: c.segments_freed,
+            bytes_moved: c.blocks_moved * blockmesh_engine::BLOCK_SIZE,
+            free_bytes: pool.stats().free_bytes,
         }))
     })
     .await

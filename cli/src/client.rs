@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockmesh::api::{
-    self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, InitRequest,
-    PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ServerInfo,
+    self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, GcResult,
+    InitRequest, PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ServerInfo,
 };
 use blockmesh::remotes::{self, Remote, Remotes};
 use blockmesh::size::{format_size, parse_size};
@@ -254,6 +254,12 @@ pub enum RemoteCommand {
 pub enum PoolCommand {
     /// Space and counts.
     Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run the segment cleaner now: space that overwrites, trims and deleted commits left dead comes back as free
+    /// segments (the daemon also cleans by itself when free space runs low).
+    Gc {
         #[command(flatten)]
         conn: Conn,
     },
@@ -840,6 +846,19 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
             }
         }
         ClientCommand::Remote { what } => remote(what)?,
+        ClientCommand::Pool { what: PoolCommand::Gc { conn } } => {
+            let api = Api::new(&conn)?;
+            let g: GcResult = api.post("/v1/pool/gc", serde_json::json!({}))?;
+            if !api.json(&g)? {
+                println!(
+                    "freed {} segments ({} copied in {} passes); {} free",
+                    g.segments_freed,
+                    format_size(g.bytes_moved),
+                    g.passes,
+                    format_size(g.free_bytes)
+                );
+            }
+        }
         ClientCommand::Pool { what: PoolCommand::Status { conn } } => {
             let api = Api::new(&conn)?;
             let p: PoolStatus = api.get("/v1/pool")?;
@@ -856,6 +875,8 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                     p.segments,
                     format_size(p.segment_size_bytes)
                 );
+                println!("free:      {}", format_size(p.free_bytes));
+                println!("reclaimable by `blockmesh pool gc`: {}", format_size(p.reclaimable_bytes));
                 println!("dots:      {}", p.dots);
                 println!("volumes:   {} (and {} commit snapshots)", p.volumes, p.snapshots);
                 for r in &p.pending_receives {

@@ -39,6 +39,13 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     assert!(size > 0.9 * f64::from(1u32 << 30) && size <= f64::from(1u32 << 30), "the 1 GiB pool file: {size}");
     assert_eq!(sample(&text, "blockmesh_pool_dots"), 1.0);
     assert!(sample(&text, "blockmesh_pool_used_bytes") >= f64::from((1 << 20) + (64 << 10)));
+    // the cleaner on demand: overwrites leave dead blocks that it gives back
+    qemu_ok(&uri, &["write -P 9 0 1M", "write -P 10 0 1M", "flush"]);
+    let g: blockmesh::api::GcResult = d.json(&["pool", "gc"]);
+    let status: blockmesh::api::PoolStatus = d.json(&["pool", "status"]);
+    assert!(g.free_bytes > 0 && status.free_bytes == g.free_bytes, "{g:?} {status:?}");
+    assert!(d.ok(&["pool", "status"]).contains("reclaimable"));
+    qemu_ok(&uri, &["read -P 10 0 1M", "read -P 8 4M 64k"]);
     // the key is needed, as everywhere
     match ureq::get(&url).call() {
         Err(ureq::Error::Status(401, _)) => {}
