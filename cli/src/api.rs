@@ -10,6 +10,7 @@
 //! | `GET /v1/info` | | [`ServerInfo`] |
 //! | `GET /v1/pool` | | [`PoolStatus`] |
 //! | `POST /v1/pool/gc` | | [`GcResult`]: runs the segment cleaner now |
+//! | `POST /v1/pool/scrub` | | [`ScrubResult`]: reads and verifies every referenced block (answers when done) |
 //! | `GET /v1/dots` | | `[`[`Dot`]`]` |
 //! | `POST /v1/dots` | [`InitRequest`] | [`Dot`] |
 //! | `GET /v1/dots/{ns}/{name}` | | [`Dot`] |
@@ -223,6 +224,23 @@ pub struct GcResult {
     pub free_bytes: u64,
 }
 
+/// One block that failed its checksum.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BadBlock {
+    pub device_offset_bytes: u64,
+    pub expected_crc: u32,
+    pub found_crc: u32,
+    /// `volume-or-commit @ byte offset` of every user (capped).
+    pub used_by: Vec<String>,
+}
+
+/// What a scrub found.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ScrubResult {
+    pub blocks_checked: u64,
+    pub bad: Vec<BadBlock>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResizeRequest {
     /// The subdot; the unnamed one when absent.
@@ -379,6 +397,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/info", get(info))
         .route("/v1/pool", get(pool_status))
         .route("/v1/pool/gc", post(pool_gc))
+        .route("/v1/pool/scrub", post(pool_scrub))
         .route("/v1/dots", get(list_dots).post(init_dot))
         .route("/v1/dots/{ns}/{name}", get(show_dot).delete(delete_dot))
         .route("/v1/dots/{ns}/{name}/commits", get(log).post(commit))
@@ -580,6 +599,29 @@ async fn pool_gc(State(s): State<Arc<ApiState>>) -> ApiResult<GcResult> {
             segments_freed: c.segments_freed,
             bytes_moved: c.blocks_moved * blockmesh_engine::BLOCK_SIZE,
             free_bytes: pool.stats().free_bytes,
+        }))
+    })
+    .await
+}
+
+async fn pool_scrub(State(s): State<Arc<ApiState>>) -> ApiResult<ScrubResult> {
+    with_pool(s, |pool| {
+        let r = pool.scrub(&mut |_, _| {})?;
+        for b in &r.bad {
+            tracing::error!(offset = b.device_offset_bytes, users = ?b.used_by, "scrub: block fails its checksum");
+        }
+        Ok(Json(ScrubResult {
+            blocks_checked: r.blocks_checked,
+            bad: r
+                .bad
+                .into_iter()
+                .map(|b| BadBlock {
+                    device_offset_bytes: b.device_offset_bytes,
+                    expected_crc: b.expected_crc,
+                    found_crc: b.found_crc,
+                    used_by: b.used_by,
+                })
+                .collect(),
         }))
     })
     .await

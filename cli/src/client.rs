@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use blockmesh::api::{
     self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, GcResult,
-    InitRequest, PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ServerInfo,
+    InitRequest, PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ScrubResult, ServerInfo,
 };
 use blockmesh::remotes::{self, Remote, Remotes};
 use blockmesh::size::{format_size, parse_size};
@@ -260,6 +260,12 @@ pub enum PoolCommand {
     /// Run the segment cleaner now: space that overwrites, trims and deleted commits left dead comes back as free
     /// segments (the daemon also cleans by itself when free space runs low).
     Gc {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Read every block the pool references and verify its checksum; lists each bad block and who uses it (exit 1
+    /// when any is bad). Repairs nothing.
+    Scrub {
         #[command(flatten)]
         conn: Conn,
     },
@@ -846,6 +852,32 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
             }
         }
         ClientCommand::Remote { what } => remote(what)?,
+        ClientCommand::Pool { what: PoolCommand::Scrub { conn } } => {
+            let api = Api::new(&conn)?;
+            let bar = progress_bar(None, "scrub");
+            bar.enable_steady_tick(Duration::from_millis(200));
+            let res = api.answer(api.request(&api.streaming, "POST", "/v1/pool/scrub").call());
+            bar.finish_and_clear();
+            let r: ScrubResult = res?.into_json().context("reading the scrub report")?;
+            if !api.json(&r)? {
+                for b in &r.bad {
+                    println!(
+                        "bad block at device offset {} (crc32 {:08x}, expected {:08x}), used by:",
+                        b.device_offset_bytes, b.found_crc, b.expected_crc
+                    );
+                    for u in &b.used_by {
+                        println!("    {u}");
+                    }
+                }
+                println!("{} blocks verified, {} bad", r.blocks_checked, r.bad.len());
+            }
+            if !r.bad.is_empty() {
+                bail!(
+                    "{} blocks fail their checksums: restore what uses them from another copy (receive)",
+                    r.bad.len()
+                );
+            }
+        }
         ClientCommand::Pool { what: PoolCommand::Gc { conn } } => {
             let api = Api::new(&conn)?;
             let g: GcResult = api.post("/v1/pool/gc", serde_json::json!({}))?;

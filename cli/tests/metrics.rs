@@ -46,6 +46,9 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     assert!(g.free_bytes > 0 && status.free_bytes == g.free_bytes, "{g:?} {status:?}");
     assert!(d.ok(&["pool", "status"]).contains("reclaimable"));
     qemu_ok(&uri, &["read -P 10 0 1M", "read -P 8 4M 64k"]);
+    let scrub: blockmesh::api::ScrubResult = d.json(&["pool", "scrub"]);
+    assert!(scrub.bad.is_empty() && scrub.blocks_checked >= 256 + 16, "{scrub:?}");
+    assert!(d.ok(&["pool", "scrub"]).contains(", 0 bad"));
     // the key is needed, as everywhere
     match ureq::get(&url).call() {
         Err(ureq::Error::Status(401, _)) => {}

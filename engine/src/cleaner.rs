@@ -141,6 +141,8 @@ impl State {
             stats.blocks_moved += chunk.len() as u64;
         }
         self.checkpoint(dev, gate)?;
+        self.counters.clean_passes += 1;
+        self.counters.cleaned_blocks += stats.blocks_moved;
         stats.segments_freed = victims.iter().filter(|s| self.segs.is_free(**s)).count() as u64;
         Ok(stats)
     }

@@ -36,6 +36,7 @@ mod index;
 pub mod io;
 mod journal;
 mod pool;
+mod scrub;
 mod stream;
 mod volume;
 
@@ -54,9 +55,10 @@ pub use index::{Extent, ExtentKind};
 pub use journal::{DEFAULT_LOG_WRITER_THREADS, MAX_LOG_WRITER_THREADS};
 pub use pool::{
     validate_volume_name, Pool, PoolOptions, PoolStats, SnapshotInfo, VolumeInfo, DEFAULT_CHECKPOINT_INTERVAL_BYTES,
-    DEFAULT_SEGMENT_SIZE_BYTES, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES, MAX_VOLUME_SIZE_BYTES,
-    MIN_SEGMENT_SIZE_BYTES,
+    DEFAULT_SEGMENT_SIZE_BYTES, MAX_DIRTY_METADATA_BLOCKS, MAX_IO_BYTES, MAX_SEGMENT_SIZE_BYTES, MAX_VOLUMES,
+    MAX_VOLUME_SIZE_BYTES, MIN_SEGMENT_SIZE_BYTES,
 };
+pub use scrub::{ScrubProblem, ScrubReport, MAX_SCRUB_USES_PER_BLOCK, SCRUB_BATCH_BLOCKS};
 pub use stream::{
     read_stream_head, PendingReceive, ReceiveOutcome, SendStats, StreamHead, MAX_STREAM_DATA_BYTES,
     RECEIVE_PROGRESS_INTERVAL_BYTES, STREAM_MAGIC, STREAM_VERSION,

@@ -109,6 +109,12 @@ pub struct PoolStats {
     pub generation: u64,
     /// Log records replayed when the pool was opened.
     pub replayed_records: u64,
+    /// Checkpoints since the pool was opened.
+    pub checkpoints: u64,
+    /// Cleaning passes since the pool was opened.
+    pub clean_passes: u64,
+    /// Blocks the cleaner copied since the pool was opened.
+    pub cleaned_blocks: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -163,6 +169,15 @@ pub(crate) struct State {
     pub(crate) failed: Option<String>,
     pub(crate) closed: bool,
     pub(crate) replayed_records: u64,
+    pub(crate) counters: Counters,
+}
+
+/// Work done since the pool was opened, for statistics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) checkpoints: u64,
+    pub(crate) clean_passes: u64,
+    pub(crate) cleaned_blocks: u64,
 }
 
 /// Shared by the pool and its volume handles.
@@ -620,6 +635,9 @@ impl Pool {
             index_memory_bytes: st.index.memory_bytes() as u64,
             generation: st.sb.generation,
             replayed_records: st.replayed_records,
+            checkpoints: st.counters.checkpoints,
+            clean_passes: st.counters.clean_passes,
+            cleaned_blocks: st.counters.cleaned_blocks,
         }
     }
 }
@@ -743,6 +761,7 @@ impl State {
             failed: None,
             closed: false,
             replayed_records: 0,
+            counters: Counters::default(),
         }
     }
 
@@ -1152,6 +1171,7 @@ impl State {
         self.checkpoint_segment = self.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
         self.sb = sb;
         self.log.blocks_since_checkpoint = 0;
+        self.counters.checkpoints += 1;
         let pinned = self.pinned();
         let _exclusive = gate.write();
         self.segs.rebuild_free(&pinned);

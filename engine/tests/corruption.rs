@@ -159,3 +159,44 @@ fn both_superblocks_damaged_is_a_corruption_error_not_a_repair() {
     dev.flip_bit(4096 + 100, 0);
     Pool::open(dev, small_opts(5)).unwrap();
 }
+
+/// Scrub reads everything, finds a flipped bit in a block that a head and a commit share, and names both users and
+/// the offset; a clean pool scrubs clean. Nothing is repaired.
+#[test]
+fn scrub_finds_a_bad_block_and_names_who_uses_it() {
+    let (dev, pool) = common::sim_pool(16 << 20, 77);
+    pool.create_dot("admin/db", &[(blockmesh_engine::DEFAULT_SUBDOT, 1 << 20)]).unwrap();
+    let head = pool.dot_volume("admin/db", None).unwrap();
+    let marker = common::pattern(77, 4096);
+    head.write(0, &common::pattern(78, 1 << 20)).unwrap();
+    head.write(5 * 4096, &marker).unwrap();
+    let c = pool.commit("admin/db", Default::default()).unwrap();
+    pool.checkpoint().unwrap();
+    let mut calls = 0;
+    let clean = pool
+        .scrub(&mut |done, total| {
+            calls += 1;
+            assert!(done <= total);
+        })
+        .unwrap();
+    assert!(clean.is_ok() && clean.blocks_checked >= 256 && calls >= 1, "{clean:?}");
+    // find the marker block on the device and flip one bit of it
+    let mut block = vec![0u8; 4096];
+    let at = (0..(16u64 << 20) / 4096)
+        .map(|b| b * 4096)
+        .find(|off| {
+            dev.peek(&mut block, *off);
+            block == marker
+        })
+        .expect("the marker block is on the device");
+    dev.flip_bit(at + 100, 3);
+    let r = pool.scrub(&mut |_, _| {}).unwrap();
+    assert_eq!(r.bad.len(), 1, "{r:?}");
+    let p = &r.bad[0];
+    assert_eq!(p.device_offset_bytes, at);
+    assert!(p.used_by.iter().any(|u| u == "admin/db.__default__ (branch master) @ byte 20480"), "{p:?}");
+    assert!(p.used_by.iter().any(|u| *u == format!("admin/db.__default__@{c} @ byte 20480")), "{p:?}");
+    // still reported by reads, never returned as data
+    let mut back = vec![0u8; 4096];
+    assert!(matches!(head.read(5 * 4096, &mut back), Err(blockmesh_engine::Error::Checksum { .. })));
+}

@@ -9,6 +9,12 @@
 //!   random writes right after a snapshot against before, 4K random reads at the head of 32 snapshots against none.
 //! - `streams --path F --gib N --full-gib M`: incremental send of 1 MiB changed in an N GiB dot; full send and
 //!   receive of an M GiB dot against `cp --sparse=always` of a raw file of M GiB.
+//! - `cleaning --path F --pool-mib N --util U [--commits C] [--passes P]`: a volume filling share U of the pool's
+//!   data space (less with commits, so that what they hold brings the total near U), then uniform random 4 KiB
+//!   overwrites, P volume-sizes of them (after one of warm-up), with C rolling commits held; prints the write
+//!   amplification (device blocks / client blocks) and IOPS of the measured phase.
+//!   `--anchor`: the same pool and volume, empty, written at random for half a volume-size (no cleaning needed), as
+//!   the anchor for IOPS. `--existing FILE`: over a written file of the pool's size (no file-system allocation).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -474,6 +480,103 @@ fn snapwrite(args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// Write amplification and IOPS of random overwrites in a pool kept at a given utilization (issue #6).
+fn cleaning(args: &[String]) -> Result<()> {
+    let path = PathBuf::from(arg(args, "--path").context("--path")?);
+    let pool_mib = num(args, "--pool-mib", 2048)?;
+    let util: f64 = arg(args, "--util").unwrap_or_else(|| "0.8".into()).parse()?;
+    let commits = num(args, "--commits", 0)? as usize;
+    let passes = num(args, "--passes", 1)?;
+    let seg = blockmesh_engine::DEFAULT_SEGMENT_SIZE_BYTES;
+    // the anchor: the same pool and volume, empty, written at random for half a volume-size (no cleaning needed)
+    let anchor = args.iter().any(|a| a == "--anchor");
+    let (pool_bytes, vol_bytes) = {
+        let pool_bytes = pool_mib << 20;
+        // the data space: segments less the checkpoint reserve (twice the dirty-metadata bound and two segments)
+        let reserve = 2 * (blockmesh_engine::MAX_DIRTY_METADATA_BLOCKS * 4096) + 2 * seg;
+        let data = pool_bytes - reserve;
+        // rolling commits hold about 0.4 of a volume more (the blocks overwritten within their window)
+        let share = if commits > 0 { util / 1.7 } else { util };
+        (pool_bytes, (((data as f64 * share) as u64) / (1 << 20)) << 20)
+    };
+    // over an existing, written file (as a pool in service is): the file system allocates nothing during the run
+    let dev: Arc<dyn Device> = match arg(args, "--existing") {
+        Some(f) => Arc::new(FileDevice::open(&PathBuf::from(f))?),
+        None => device(&path, pool_bytes, "file")?,
+    };
+    if dev.size_bytes() < pool_bytes {
+        bail!("the device has {} bytes, the pool needs {pool_bytes}", dev.size_bytes());
+    }
+    let pool = Pool::create(dev, PoolOptions::default())?;
+    let vol = pool.create_volume("v", vol_bytes)?;
+    let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+    if !anchor {
+        for off in (0..vol_bytes).step_by(1 << 20) {
+            vol.write(off, &chunk)?;
+        }
+        vol.flush()?;
+    }
+    let blocks = vol_bytes / 4096;
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut buf: Vec<u8> = (0..4096).map(|i| (i % 249) as u8 | 1).collect();
+    let window = (blocks / 2 / commits.max(1) as u64).max(1);
+    let mut held: std::collections::VecDeque<String> = Default::default();
+    let mut n_commit = 0u64;
+    let mut phase = |writes: u64| -> Result<(u64, f64, u64)> {
+        let s0 = pool.stats();
+        let before = s0.blocks_written;
+        let start = Instant::now();
+        for i in 0..writes {
+            buf[0] = buf[0].wrapping_add(1) | 1;
+            vol.write(rng.random_range(0..blocks) * 4096, &buf)?;
+            if commits > 0 && i % window == window - 1 {
+                let name = format!("v@{n_commit}");
+                n_commit += 1;
+                pool.snapshot(&[("v", &name)])?;
+                held.push_back(name);
+                if held.len() > commits {
+                    if let Some(old) = held.pop_front() {
+                        pool.delete_snapshot(&old)?;
+                    }
+                }
+            }
+        }
+        vol.flush()?;
+        let s1 = pool.stats();
+        eprintln!(
+            "phase: {} checkpoints, {} cleaning passes, {} blocks moved, {} device blocks",
+            s1.checkpoints - s0.checkpoints,
+            s1.clean_passes - s0.clean_passes,
+            s1.cleaned_blocks - s0.cleaned_blocks,
+            s1.blocks_written - before
+        );
+        Ok((s1.blocks_written - before, start.elapsed().as_secs_f64(), s1.cleaned_blocks - s0.cleaned_blocks))
+    };
+    let measured = if anchor {
+        blocks / 2
+    } else {
+        phase(blocks)?; // warm-up: every block overwritten about once, the cleaner in its steady state
+        blocks * passes
+    };
+    let (device_blocks, secs, moved) = phase(measured)?;
+    let st = pool.stats();
+    let data_blocks = (st.segments * st.segment_size_bytes) / 4096;
+    println!(
+        "{{\"pool_mib\":{},\"target_util\":{util},\"commits\":{commits},\"volume_mib\":{},\"live_util\":{:.3},\"client_blocks\":{measured},\"device_blocks\":{device_blocks},\"wa\":{:.3},\"moved_per_client_block\":{:.3},\"iops\":{:.0},\"seconds\":{secs:.2}}}",
+        pool_bytes >> 20,
+        vol_bytes >> 20,
+        st.live_blocks as f64 / data_blocks as f64,
+        device_blocks as f64 / measured as f64,
+        moved as f64 / measured as f64,
+        measured as f64 / secs,
+    );
+    drop(pool);
+    if arg(args, "--existing").is_none() {
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -484,6 +587,7 @@ fn main() -> Result<()> {
         Some("versioning") => versioning(&args),
         Some("streams") => streams(&args),
         Some("snapwrite") => snapwrite(&args),
+        Some("cleaning") => cleaning(&args),
         _ => bail!("usage: engine-bench io|recovery|idle-memory ... (see the source header)"),
     }
 }
