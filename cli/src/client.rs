@@ -210,6 +210,32 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Send a branch's commits that the remote lacks (only those, incrementally, oldest first); the first push of a
+    /// dot sends its first commit whole. Refused when the remote's branch has commits this one lacks. An
+    /// interrupted push resumes on the next one.
+    Push {
+        /// The remote daemon (see `blockmesh remote add`).
+        #[arg(value_name = "REMOTE")]
+        to: String,
+        dot: String,
+        /// The branch [default: the dot's current branch].
+        #[arg(long)]
+        branch: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Fetch a branch's commits that this daemon lacks from a remote (the reverse of push).
+    Pull {
+        /// The remote daemon (see `blockmesh remote add`).
+        #[arg(value_name = "REMOTE")]
+        from: String,
+        dot: String,
+        /// The branch [default: the remote dot's current branch].
+        #[arg(long)]
+        branch: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// The pool.
     Pool {
         #[command(subcommand)]
@@ -636,6 +662,127 @@ fn remote(what: RemoteCommand) -> Result<()> {
     Ok(())
 }
 
+/// The API of the remote named `name`.
+fn remote_api(name: &str, output: Output) -> Result<Api> {
+    let (_, config) = load_remotes()?;
+    match config.pick(Some(name)).map_err(|e| anyhow!(e))? {
+        Some((_, r)) => Ok(Api::with(&r.url, r.key.clone(), output)),
+        None => bail!("{name} means the local daemon; push and pull need a remote (blockmesh remote add)"),
+    }
+}
+
+/// What a push or pull did.
+#[derive(Debug, Serialize)]
+struct SyncSummary {
+    dot: String,
+    branch: String,
+    /// Commits sent, oldest first.
+    commits: Vec<String>,
+    /// Stream bytes that crossed (resumed streams count only what was sent again).
+    bytes: u64,
+    seconds: f64,
+}
+
+/// Copy the commits of `dot`'s `branch` that `dst` lacks from `src`, oldest first, each as an incremental stream
+/// from its parent (the first one whole when `dst` has none of them); a stream `dst` holds part of resumes.
+fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str) -> Result<SyncSummary> {
+    let started = std::time::Instant::now();
+    let src_dot: Dot = src.get(&dot_path(dot))?;
+    let branch = branch.map(str::to_string).unwrap_or_else(|| src_dot.current_branch.clone());
+    let mut mine: Vec<Commit> = src.get(&format!("{}/commits?branch={branch}", dot_path(dot)))?;
+    mine.reverse(); // oldest first
+    if mine.is_empty() {
+        bail!("branch {branch} of {} has no commits to {what}", src_dot.name);
+    }
+    let theirs: Vec<Commit> = match dst.get::<Dot>(&dot_path(dot)) {
+        Ok(_) => dst.get(&format!("{}/commits", dot_path(dot)))?,
+        Err(e) if e.to_string().contains("HTTP 404") => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let known: std::collections::HashSet<&str> = theirs.iter().map(|c| c.id.as_str()).collect();
+    // their head of the branch must be in our history, or they have commits we lack
+    if let Ok(d) = dst.get::<Dot>(&dot_path(dot)) {
+        if let Some(head) = d.branches.iter().find(|b| b.name == branch).and_then(|b| b.head.clone()) {
+            if !mine.iter().any(|c| c.id == head) {
+                bail!(
+                    "the other side's {branch} of {} is at {}, which this side's {branch} does not have: the \
+                     histories have diverged; bring that commit over first (the reverse of this {what}), or reset the \
+                     branch there",
+                    src_dot.name,
+                    short(&head)
+                );
+            }
+        }
+    }
+    let first_missing = mine.iter().position(|c| !known.contains(c.id.as_str())).unwrap_or(mine.len());
+    let pending: Vec<PendingReceive> = dst.get("/v1/receives")?;
+    let mut summary =
+        SyncSummary { dot: src_dot.name.clone(), branch: branch.clone(), commits: Vec::new(), bytes: 0, seconds: 0.0 };
+    for i in first_missing..mine.len() {
+        let c = &mine[i];
+        let base = (i > 0).then(|| mine[i - 1].id.clone());
+        let offset = pending.iter().find(|p| p.commit == c.id).map_or(0, |p| p.resume_at_bytes);
+        let mut q = format!("{}/send?commit={}", dot_path(dot), c.id);
+        if let Some(b) = &base {
+            q.push_str(&format!("&from={b}"));
+        }
+        if offset > 0 {
+            q.push_str(&format!("&offset={offset}"));
+        }
+        let res = src.answer(src.request(&src.streaming, "GET", &q).call())?;
+        let total: Option<u64> = res.header("Content-Length").and_then(|v| v.parse().ok());
+        let bar = progress_bar(total, &format!("{what} {}", short(&c.id)));
+        let path = if offset > 0 { format!("/v1/receive?offset={offset}") } else { "/v1/receive".to_string() };
+        let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = CountingReader { inner: bar.wrap_read(res.into_reader()), count: counted.clone() };
+        let sent = dst.answer(
+            dst.request(&dst.streaming, "POST", &path).set("Content-Type", "application/octet-stream").send(reader),
+        );
+        bar.finish_and_clear();
+        summary.bytes += counted.load(std::sync::atomic::Ordering::Relaxed);
+        sent.with_context(|| {
+            format!("{what} of commit {} stopped; run it again to go on from where it stopped", short(&c.id))
+        })?;
+        summary.commits.push(c.id.clone());
+    }
+    summary.seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Counts the bytes read through it.
+struct CountingReader<R> {
+    inner: R,
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+fn print_sync(api: &Api, s: &SyncSummary, what: &str, remote: &str) -> Result<()> {
+    if api.json(s)? {
+        return Ok(());
+    }
+    if s.commits.is_empty() {
+        println!("{} {} is up to date with {remote}", s.dot, s.branch);
+    } else {
+        println!(
+            "{what} {} commit{} of {} {} ({} in {:.1} s)",
+            s.commits.len(),
+            if s.commits.len() == 1 { "" } else { "s" },
+            s.dot,
+            s.branch,
+            format_size(s.bytes),
+            s.seconds
+        );
+    }
+    Ok(())
+}
+
 fn total_size(d: &Dot) -> u64 {
     d.subdots.iter().map(|s| s.size_bytes).sum()
 }
@@ -852,6 +999,18 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
             }
         }
         ClientCommand::Remote { what } => remote(what)?,
+        ClientCommand::Push { to, dot, branch, conn } => {
+            let local = Api::new(&conn)?;
+            let there = remote_api(&to, conn.output)?;
+            let s = sync(&local, &there, &dot, branch.as_deref(), "push")?;
+            print_sync(&local, &s, "pushed", &to)?;
+        }
+        ClientCommand::Pull { from, dot, branch, conn } => {
+            let local = Api::new(&conn)?;
+            let there = remote_api(&from, conn.output)?;
+            let s = sync(&there, &local, &dot, branch.as_deref(), "pull")?;
+            print_sync(&local, &s, "pulled", &from)?;
+        }
         ClientCommand::Pool { what: PoolCommand::Scrub { conn } } => {
             let api = Api::new(&conn)?;
             let bar = progress_bar(None, "scrub");

@@ -8,19 +8,7 @@ mod common;
 use std::process::Stdio;
 
 use blockmesh::api::{Commit, Dot, PoolStatus};
-use common::{have, qemu_ok, Daemon};
-
-/// `qemu-img compare` of two NBD exports: identical contents.
-fn same_export(a: &str, b: &str) {
-    let out =
-        std::process::Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{a} and {b} differ: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use common::{have, qemu_ok, same_export, Daemon};
 
 /// A daemon with dot `db` (8 MiB) holding two commits: returns them.
 fn source(dir: &std::path::Path) -> (Daemon, Commit, Commit) {

@@ -131,3 +131,14 @@ pub fn qemu_ok(uri: &str, cmds: &[&str]) {
     let (ok, text) = qemu_io(uri, cmds);
     assert!(ok, "qemu-io {cmds:?} on {uri}: {text}");
 }
+
+/// `qemu-img compare` of two NBD exports: identical contents.
+pub fn same_export(a: &str, b: &str) {
+    let out = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", a, b]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{a} and {b} differ: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
