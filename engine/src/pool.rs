@@ -170,6 +170,8 @@ pub(crate) struct State {
     pub(crate) closed: bool,
     pub(crate) replayed_records: u64,
     pub(crate) counters: Counters,
+    /// Commits whose stream is being received now: a second receive of one waits its turn (is refused).
+    pub(crate) receiving: std::collections::HashSet<[u8; 16]>,
 }
 
 /// Work done since the pool was opened, for statistics.
@@ -762,6 +764,7 @@ impl State {
             closed: false,
             replayed_records: 0,
             counters: Counters::default(),
+            receiving: std::collections::HashSet::new(),
         }
     }
 

@@ -565,6 +565,7 @@ impl Pool {
     /// a commit drops what an earlier, interrupted one kept.
     pub fn receive(&self, input: &mut dyn Read) -> Result<ReceiveOutcome> {
         let head = read_head(input)?;
+        let _claim = self.claim_receive(CommitId(head.header.commit))?;
         let digest = *blake3::hash(&head.bytes).as_bytes();
         let staged = self.stage(&head.header)?;
         let progress = Progress {
@@ -586,6 +587,7 @@ impl Pool {
         let head = read_head(input)?;
         let h = &head.header;
         let tag = CommitId(h.commit);
+        let _claim = self.claim_receive(tag)?;
         let staged = {
             let st = self.inner.state.lock();
             st.check_writable()?;
@@ -619,6 +621,16 @@ impl Pool {
         self.apply_stream(input, h, staged, p)
     }
 
+    /// Mark a receive of `tag` as running until the claim is dropped; refused while another one runs (two receives
+    /// of one commit would share, and delete, each other's staging volumes).
+    fn claim_receive(&self, tag: CommitId) -> Result<ReceiveClaim<'_>> {
+        let mut st = self.inner.state.lock();
+        if !st.receiving.insert(tag.0) {
+            return Err(bad(format!("another receive of commit {tag} is running; try again when it is done")));
+        }
+        Ok(ReceiveClaim { pool: self, tag })
+    }
+
     /// Receives that were interrupted and can be resumed, oldest commit id first.
     pub fn pending_receives(&self) -> Result<Vec<PendingReceive>> {
         let found: Vec<(CommitId, u64)> = {
@@ -631,6 +643,7 @@ impl Pool {
                     let tag = name.strip_prefix("#recv/").filter(|t| !t.contains('/'))?;
                     Some((tag.parse::<CommitId>().ok()?, *id))
                 })
+                .filter(|(tag, _)| !st.receiving.contains(&tag.0)) // running, not interrupted
                 .collect();
             v.sort();
             v
@@ -928,6 +941,18 @@ impl Pool {
                 let _ = st.log_apply(dev, Op::DeleteVolume { volume: *vol }, None);
             }
         }
+    }
+}
+
+/// A running receive of one commit; ends the claim when dropped.
+struct ReceiveClaim<'a> {
+    pool: &'a Pool,
+    tag: CommitId,
+}
+
+impl Drop for ReceiveClaim<'_> {
+    fn drop(&mut self) {
+        self.pool.inner.state.lock().receiving.remove(&self.tag.0);
     }
 }
 

@@ -266,3 +266,51 @@ fn resume_refuses_other_streams() {
     same_commit(&src, &dst, c1);
     assert!(dst.check().unwrap().is_ok());
 }
+
+/// Two receives of one commit at once: the second is refused while the first runs (they would share staging
+/// volumes), and the first completes untouched.
+#[test]
+fn concurrent_receives_of_one_commit_are_serialized() {
+    use std::io::Read;
+    use std::sync::mpsc;
+    let (src, c1, _, full, _) = streams();
+    let (_dev, dst) = sim_pool(32 << 20, 6);
+    let dst = std::sync::Arc::new(dst);
+    // the first receive reads the head, then waits for the rest
+    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    struct Fed(mpsc::Receiver<Vec<u8>>, Vec<u8>);
+    impl Read for Fed {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            while self.1.is_empty() {
+                match self.0.recv() {
+                    Ok(v) => self.1 = v,
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = buf.len().min(self.1.len());
+            buf[..n].copy_from_slice(&self.1[..n]);
+            self.1.drain(..n);
+            Ok(n)
+        }
+    }
+    let head = head_len(&full);
+    tx.send(full[..head + 100].to_vec()).unwrap();
+    let first = {
+        let dst = dst.clone();
+        std::thread::spawn(move || dst.receive(&mut Fed(rx, Vec::new())))
+    };
+    // wait until the first has staged its volumes (hidden, but counted)
+    let start = std::time::Instant::now();
+    while dst.stats().volumes == 0 {
+        assert!(start.elapsed() < std::time::Duration::from_secs(20), "the first receive never started");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(dst.pending_receives().unwrap().is_empty(), "a running receive is not an interrupted one");
+    let r = dst.receive(&mut &full[..]);
+    assert!(matches!(&r, Err(Error::BadStream(m)) if m.contains("another receive")), "{r:?}");
+    tx.send(full[head + 100..].to_vec()).unwrap();
+    drop(tx);
+    assert_eq!(first.join().unwrap().unwrap().commit, c1);
+    same_commit(&src, &dst, c1);
+    assert!(dst.check().unwrap().is_ok());
+}
