@@ -451,6 +451,20 @@ async fn with_pool<T: Send + 'static>(
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("request task failed: {e}")))?
 }
 
+/// [`with_pool`] for a change: made durable (a pool flush) before the answer, so an acknowledged commit, branch or
+/// checkout survives a crash of the daemon.
+async fn with_pool_durable<T: Send + 'static>(
+    s: Arc<ApiState>,
+    f: impl FnOnce(&Pool) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    with_pool(s, move |pool| {
+        let out = f(pool)?;
+        pool.flush()?;
+        Ok(out)
+    })
+    .await
+}
+
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
 }
@@ -648,7 +662,7 @@ async fn list_dots(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<Dot>> {
 async fn init_dot(State(s): State<Arc<ApiState>>, body: Bytes) -> ApiResult<Dot> {
     let req: InitRequest = parse(&body)?;
     let name = qualify(&req.name);
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         let subdots: Vec<String> =
             if req.subdots.is_empty() { vec![DEFAULT_SUBDOT.to_string()] } else { req.subdots.clone() };
         let pairs: Vec<(&str, u64)> = subdots.iter().map(|n| (n.as_str(), req.size_bytes)).collect();
@@ -670,7 +684,7 @@ async fn delete_dot(
 ) -> ApiResult<serde_json::Value> {
     let dot = format!("{ns}/{name}");
     clear_sessions(&s, &dot, Which::All, q.force, "delete it")?;
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         pool.delete_dot(&dot)?;
         Ok(Json(serde_json::json!({})))
     })
@@ -706,7 +720,7 @@ async fn commit(
 ) -> ApiResult<Commit> {
     let req: CommitBody = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         let id = pool.commit(
             &dot,
             CommitRequest {
@@ -728,7 +742,7 @@ async fn branch(
 ) -> ApiResult<Dot> {
     let req: BranchRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         let from = match &req.from {
             Some(c) => Some(resolve_commit(pool, &pool.dot(&dot)?, c)?),
             None => None,
@@ -747,7 +761,7 @@ async fn checkout(
     let req: CheckoutRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
     clear_sessions(&s, &dot, Which::Heads, req.force, "check out another branch")?;
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         pool.checkout(&dot, &req.branch)?;
         Ok(Json(dot_json(pool.dot(&dot)?)))
     })
@@ -762,7 +776,7 @@ async fn reset(
     let req: ResetRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
     clear_sessions(&s, &dot, Which::Heads, req.force, "reset it")?;
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         let info = pool.dot(&dot)?;
         let commit = resolve_commit(pool, &info, &req.commit)?;
         let branch = req.branch.unwrap_or(info.current_branch);
@@ -779,7 +793,7 @@ async fn clone_dot(
 ) -> ApiResult<Dot> {
     let req: CloneRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         let info = pool.dot(&dot)?;
         let commit = resolve_commit(pool, &info, req.commit.as_deref().unwrap_or(&info.current_branch))?;
         let new_dot = qualify(&req.new_dot);
@@ -835,7 +849,7 @@ async fn resize(
 ) -> ApiResult<Dot> {
     let req: ResizeRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         pool.resize_subdot(&dot, req.subdot.as_deref(), req.size_bytes, req.force)?;
         Ok(Json(dot_json(pool.dot(&dot)?)))
     })

@@ -52,9 +52,10 @@ struct ServeArgs {
     /// The pool: a block device or an existing pool file [default: DATA_DIR/pool.bm, created sparse when missing].
     #[arg(long)]
     pool: Option<PathBuf>,
-    /// Size of a newly created pool file.
-    #[arg(long, default_value = "10G", value_parser = parse_size)]
-    pool_size: u64,
+    /// Size of a newly created pool file [default: 10G]; given for an existing pool file that is smaller, the file
+    /// is enlarged and the pool grows into it. (A block device or file enlarged by other means is taken at start.)
+    #[arg(long, value_parser = parse_size)]
+    pool_size: Option<u64>,
     /// TCP address for NBD clients.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: SocketAddr,
@@ -89,11 +90,33 @@ pub(crate) fn default_data_dir() -> PathBuf {
     }
 }
 
-fn open_or_create_pool(path: &Path, size: u64, created_by_default: bool) -> Result<Pool> {
+/// Size of a pool file the daemon creates when none is given.
+const DEFAULT_POOL_SIZE_BYTES: u64 = 10 << 30;
+
+fn open_or_create_pool(path: &Path, size: Option<u64>, created_by_default: bool) -> Result<Pool> {
     if path.exists() {
-        return Pool::open_file(path, PoolOptions::default())
-            .with_context(|| format!("opening pool {}", path.display()));
+        if let Some(want) = size {
+            let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+            if meta.is_file() && want > meta.len() {
+                // enlarge the (sparse) file; the pool takes the new segments below
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .and_then(|f| f.set_len(want))
+                    .with_context(|| format!("enlarging {} to {want} bytes", path.display()))?;
+            } else if meta.is_file() && want < meta.len() {
+                tracing::warn!(path = %path.display(), "--pool-size is smaller than the pool file; pools do not shrink");
+            }
+        }
+        let pool = Pool::open_file(path, PoolOptions::default())
+            .with_context(|| format!("opening pool {}", path.display()))?;
+        let added = pool.grow().with_context(|| format!("growing pool {}", path.display()))?;
+        if added > 0 {
+            println!("pool {} grew by {added} segments to {} bytes", path.display(), pool.stats().pool_size_bytes);
+        }
+        return Ok(pool);
     }
+    let size = size.unwrap_or(DEFAULT_POOL_SIZE_BYTES);
     if !created_by_default {
         bail!(
             "pool {} does not exist; leave out --pool to create the default pool in the data directory",

@@ -194,3 +194,23 @@ fn a_killed_daemon_keeps_flushed_writes_and_commits() {
     let old = format!("nbd://{}/admin/keep@{}", d.nbd, c.id);
     qemu_ok(&old, &["read -P 0x5a 0 2M"]);
 }
+
+/// A restart with a larger `--pool-size` enlarges the pool file and the pool grows into it, keeping everything.
+#[test]
+fn a_restart_with_a_larger_pool_size_grows_the_pool() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    d.ok(&["init", "db", "--size", "16M"]);
+    qemu_ok(&format!("nbd://{}/admin/db", d.nbd), &["write -P 7 0 1M"]);
+    let c: Commit = d.json(&["commit", "db", "-m", "before growing"]);
+    let before: blockmesh::api::PoolStatus = d.json(&["pool", "status"]);
+    d.kill9();
+    let d = Daemon::start_with(dir.path(), &["--pool-size", "2G"]);
+    let after: blockmesh::api::PoolStatus = d.json(&["pool", "status"]);
+    assert!(after.pool_size_bytes > before.pool_size_bytes + (900 << 20), "{before:?} -> {after:?}");
+    assert!(after.free_bytes > before.free_bytes + (900 << 20), "{before:?} -> {after:?}");
+    qemu_ok(&format!("nbd://{}/admin/db@{}", d.nbd, c.id), &["read -P 7 0 1M"]);
+}

@@ -116,6 +116,14 @@ impl Segments {
         self.free.len() as u64
     }
 
+    /// Add segments (empty, not free yet: the checkpoint that records them frees them) up to `count`.
+    pub(crate) fn extend(&mut self, count: u64) {
+        assert!(count >= self.count, "segments only grow");
+        self.live.resize(count as usize, 0);
+        self.taken_at.resize(count as usize, 0);
+        self.count = count;
+    }
+
     /// Take the lowest free segment.
     pub(crate) fn take_free(&mut self) -> Option<u64> {
         let s = self.free.pop_first()?;

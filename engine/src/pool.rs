@@ -529,6 +529,26 @@ impl Pool {
         v
     }
 
+    /// Use a device that has grown (a file or block device enlarged while the pool was closed): the pool takes every
+    /// whole segment that now fits. Returns the segments added (0 when the device is no larger). The new segments
+    /// become usable with the checkpoint that records them; a crash before it leaves the pool as it was [I12].
+    pub fn grow(&self) -> Result<u64> {
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let seg = st.sb.segment_size_bytes;
+        let fits = dev.size_bytes().saturating_sub(SEGMENT_AREA_OFFSET) / seg;
+        if fits <= st.sb.segment_count {
+            return Ok(0);
+        }
+        let added = fits - st.sb.segment_count;
+        st.segs.extend(fits);
+        st.sb.segment_count = fits;
+        st.sb.pool_size_bytes = SEGMENT_AREA_OFFSET + fits * seg;
+        st.checkpoint(dev, &self.inner.reuse_gate)?;
+        Ok(added)
+    }
+
     /// Change a volume's size. Shrinking is refused when it would drop written data, unless `force`.
     pub fn resize_volume(&self, name: &str, size_bytes: u64, force: bool) -> Result<()> {
         validate_volume_size(size_bytes)?;

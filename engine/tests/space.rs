@@ -119,3 +119,69 @@ fn a_failed_flush_fails_the_pool_until_reopened() {
     pool.volume("v").unwrap().read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(1, 4096), "flushed data survives");
 }
+
+/// A full pool on a device that is then enlarged takes the new space with `grow`, keeps everything, and a power cut
+/// at any I/O of the grow leaves either the old or the grown pool, whole.
+#[test]
+fn a_grown_device_gives_a_full_pool_room() {
+    let fill = |pool: &Pool| -> (blockmesh_engine::Volume, u64) {
+        let v = pool.create_volume("v", 64 << 20).unwrap();
+        let mut written = 0u64;
+        while v.write(written, &pattern(written, 256 << 10)).is_ok() {
+            written += 256 << 10;
+        }
+        pool.flush().unwrap();
+        (v, written)
+    };
+    let (dev, pool) = sim_pool(6 << 20, 9);
+    let (_, written) = fill(&pool);
+    let segments = pool.stats().segments;
+    pool.close().unwrap();
+    // the same pool on a device twice the size
+    let big = dev.grown(12 << 20);
+    let pool = Pool::open(big.clone(), small_opts(9)).unwrap();
+    let added = pool.grow().unwrap();
+    assert_eq!(added, (6 << 20) / (128 << 10), "the new 6 MiB in 128 KiB segments");
+    assert_eq!(pool.stats().segments, segments + added);
+    assert_eq!(pool.grow().unwrap(), 0, "nothing more to take");
+    let v = pool.volume("v").unwrap();
+    v.write(written, &pattern(written, 1 << 20)).unwrap();
+    let mut back = vec![0u8; 256 << 10];
+    v.read(0, &mut back).unwrap();
+    assert!(back == pattern(0, 256 << 10));
+    pool.close().unwrap();
+    let pool = Pool::open(big.clone(), small_opts(9)).unwrap();
+    assert!(pool.check().unwrap().is_ok());
+    assert_eq!(pool.stats().segments, segments + added, "the grown size is durable");
+    let mut tail = vec![0u8; 1 << 20];
+    pool.volume("v").unwrap().read(written, &mut tail).unwrap();
+    assert!(tail == pattern(written, 1 << 20));
+    drop(pool);
+
+    // a power cut at every I/O of a grow
+    let ios = {
+        let d = dev.grown(12 << 20);
+        let p = Pool::open(d.clone(), small_opts(9)).unwrap();
+        let start = d.io_count();
+        p.grow().unwrap();
+        d.io_count() - start
+    };
+    assert!(ios > 2, "a grow writes a checkpoint: {ios} I/Os");
+    for k in 0..ios {
+        let d = dev.grown(12 << 20);
+        let p = Pool::open(d.clone(), small_opts(9)).unwrap();
+        d.set_fault(SimFault::PowerCutAfter(d.io_count() + k));
+        let _ = p.grow();
+        let image = d.crash(k);
+        drop(p);
+        let p = Pool::open(image, small_opts(9)).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
+        assert!(p.check().unwrap().is_ok(), "cut at I/O {k}");
+        let n = p.stats().segments;
+        assert!(n == segments || n == segments + added, "cut at I/O {k}: {n} segments");
+        p.volume("v").unwrap().read(0, &mut back).unwrap();
+        assert!(back == pattern(0, 256 << 10), "cut at I/O {k}");
+        // and it grows afterwards
+        p.grow().unwrap();
+        assert_eq!(p.stats().segments, segments + added);
+    }
+}

@@ -31,8 +31,14 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(data: &Path) -> Daemon {
+        Self::start_with(data, &["--pool-size", "1G"])
+    }
+
+    /// Starts the daemon with `extra` arguments for `serve`.
+    pub fn start_with(data: &Path, extra: &[&str]) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_blockmesh"))
-            .args(["serve", "--pool-size", "1G", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .args(["serve", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+            .args(extra)
             .arg("--data-dir")
             .arg(data)
             .stdout(Stdio::piped())

@@ -160,6 +160,14 @@ impl SimDevice {
         Arc::new(Self::from_pages(self.size_bytes, s.durable.clone()))
     }
 
+    /// The device after a clean power-off, enlarged to `size_bytes` (as a grown file or volume is): what was durable,
+    /// then zeroes.
+    pub fn grown(&self, size_bytes: u64) -> Arc<SimDevice> {
+        assert!(size_bytes >= self.size_bytes && size_bytes % SECTOR_SIZE == 0, "a grown device is larger, aligned");
+        let s = self.state.lock();
+        Arc::new(Self::from_pages(size_bytes, s.durable.clone()))
+    }
+
     /// Flip one bit of the stored bytes (both what reads see and what survives a crash).
     pub fn flip_bit(&self, offset: u64, bit: u8) {
         let mut guard = self.state.lock();
