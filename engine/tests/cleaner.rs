@@ -122,7 +122,7 @@ fn a_power_cut_anywhere_in_a_cleaning_pass_loses_nothing() {
         pool.flush().unwrap();
         let start = dev.io_count();
         if let Some(k) = cut {
-            dev.set_fault(SimFault::PowerCutAfter(start + k));
+            dev.set_fault(SimFault::PowerCutAfter(k));
         }
         let r = pool.clean();
         let ios = dev.io_count() - start;
@@ -132,8 +132,9 @@ fn a_power_cut_anywhere_in_a_cleaning_pass_loses_nothing() {
                 assert!(c.blocks_moved > 0, "the workload leaves something to clean: {c:?}");
                 (dev, model, ios, Some(pool))
             }
-            Some(_) => {
-                let image = dev.crash(cut.unwrap_or(0));
+            Some(k) => {
+                assert!(r.is_err(), "a power cut at I/O {k} of the cleaning must reach the caller");
+                let image = dev.crash(k);
                 drop(pool);
                 (image, model, ios, None)
             }

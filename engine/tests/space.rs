@@ -170,8 +170,8 @@ fn a_grown_device_gives_a_full_pool_room() {
     for k in 0..ios {
         let d = dev.grown(12 << 20);
         let p = Pool::open(d.clone(), small_opts(9)).unwrap();
-        d.set_fault(SimFault::PowerCutAfter(d.io_count() + k));
-        let _ = p.grow();
+        d.set_fault(SimFault::PowerCutAfter(k));
+        assert!(p.grow().is_err(), "a power cut at I/O {k} of the grow must reach the caller");
         let image = d.crash(k);
         drop(p);
         let p = Pool::open(image, small_opts(9)).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
