@@ -37,6 +37,18 @@ pub enum Error {
         supported: u32,
     },
 
+    /// The pool was written by an older, incompatible version of blockmesh (before a format change).
+    #[error(
+        "pool format version {found} was written by an older build of blockmesh; this build reads version \
+         {supported} only: copy the data out with the older build (send/receive, or an NBD copy) and re-create the pool"
+    )]
+    OlderFormat {
+        /// Version found on disk.
+        found: u32,
+        /// The version this build reads.
+        supported: u32,
+    },
+
     /// The device is smaller than the pool recorded in its superblock (truncated file).
     #[error("device is {device_bytes} bytes but the pool needs {pool_bytes} bytes: truncated pool?")]
     Truncated {

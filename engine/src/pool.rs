@@ -665,18 +665,20 @@ impl Pool {
 }
 
 pub(crate) fn flush(inner: &Inner) -> Result<()> {
-    {
+    let below = {
         let mut st = inner.state.lock();
         st.check_writable()?;
         if let Err(e) = st.log.seal().and_then(|_| st.log.drain()) {
             return Err(st.fail(e));
         }
-    }
+        st.log.next_seq()
+    };
     // Every write acknowledged before this call is now in the device's hands; make it durable.
     if let Err(e) = inner.dev.sync() {
         let mut st = inner.state.lock();
         return Err(st.fail(e));
     }
+    inner.state.lock().log.synced(below);
     Ok(())
 }
 
@@ -1181,6 +1183,8 @@ impl State {
         let first = self.log.append_record(dev, &mut self.segs, RecordKind::Checkpoint, Vec::new(), &payload, crc)?;
         self.log.drain()?;
         dev.sync()?;
+        let below = self.log.next_seq();
+        self.log.synced(below);
         let sb = Superblock {
             generation: self.sb.generation + 1,
             checkpoint_pba: first - 1,

@@ -56,26 +56,46 @@ fn a_truncated_pool_is_refused() {
     }
 }
 
-#[test]
-fn a_pool_of_a_newer_format_is_refused_untouched() {
-    let (dev, pool) = sim_pool(8 << 20, 7);
-    pool.close().unwrap();
-    // rewrite both superblocks with version 99 and a valid checksum
+/// Rewrite both superblocks with format `version` and a valid checksum.
+fn set_superblock_version(dev: &SimDevice, version: u32) {
     for off in [0u64, 4096] {
         let mut b = vec![0u8; 4096];
         dev.peek(&mut b, off);
-        b[8..12].copy_from_slice(&99u32.to_le_bytes());
+        b[8..12].copy_from_slice(&version.to_le_bytes());
         let crc = crc32fast::hash(&b[..4092]);
         b[4092..].copy_from_slice(&crc.to_le_bytes());
         dev.poke(&b, off);
     }
+}
+
+#[test]
+fn a_pool_of_a_newer_format_is_refused_untouched() {
+    let (dev, pool) = sim_pool(8 << 20, 7);
+    pool.close().unwrap();
+    set_superblock_version(&dev, 99);
     let before = dev.io_count();
     match Pool::open(dev.clone(), small_opts(7)) {
-        Err(Error::UnsupportedVersion { found, supported }) => assert_eq!((found, supported), (99, 1)),
+        Err(Error::UnsupportedVersion { found, supported }) => {
+            assert_eq!((found, supported), (99, blockmesh_engine::format::FORMAT_VERSION))
+        }
         other => panic!("expected UnsupportedVersion, got {other:?}"),
     }
     assert_eq!(dev.unsynced_writes(), 0);
     assert!(dev.io_count() - before <= 2, "only the superblocks were read");
+}
+
+/// A pool of an older, incompatible format (version 1, before records carried `synced_below`) is refused with a
+/// message saying so, and left untouched.
+#[test]
+fn a_pool_of_an_older_format_is_refused_untouched() {
+    let (dev, pool) = sim_pool(8 << 20, 8);
+    pool.close().unwrap();
+    set_superblock_version(&dev, 1);
+    match Pool::open(dev.clone(), small_opts(8)) {
+        Err(e @ Error::OlderFormat { found: 1, .. }) => assert!(e.to_string().contains("older build")),
+        other => panic!("expected OlderFormat, got {other:?}"),
+    }
+    assert_eq!(dev.unsynced_writes(), 0);
 }
 
 #[test]

@@ -181,14 +181,7 @@ fn scrub_finds_a_bad_block_and_names_who_uses_it() {
         .unwrap();
     assert!(clean.is_ok() && clean.blocks_checked >= 256 && calls >= 1, "{clean:?}");
     // find the marker block on the device and flip one bit of it
-    let mut block = vec![0u8; 4096];
-    let at = (0..(16u64 << 20) / 4096)
-        .map(|b| b * 4096)
-        .find(|off| {
-            dev.peek(&mut block, *off);
-            block == marker
-        })
-        .expect("the marker block is on the device");
+    let at = find_block(&dev, &marker)[0];
     dev.flip_bit(at + 100, 3);
     let r = pool.scrub(&mut |_, _| {}).unwrap();
     assert_eq!(r.bad.len(), 1, "{r:?}");
@@ -199,4 +192,28 @@ fn scrub_finds_a_bad_block_and_names_who_uses_it() {
     // still reported by reads, never returned as data
     let mut back = vec![0u8; 4096];
     assert!(matches!(head.read(5 * 4096, &mut back), Err(blockmesh_engine::Error::Checksum { .. })));
+}
+
+/// Regression: a bit flip in a flushed log record written after the last checkpoint used to end replay there and
+/// silently drop every later flushed write. A later record now says what had been synced, so the open fails with a
+/// corruption error naming the damaged record instead.
+#[test]
+fn a_damaged_flushed_log_record_is_reported_not_silently_truncated() {
+    let (dev, pool) = sim_pool(16 << 20, 78);
+    let v = pool.create_volume("v", 1 << 20).unwrap();
+    pool.checkpoint().unwrap();
+    let first = pattern(1, 4096);
+    v.write(0, &first).unwrap();
+    v.flush().unwrap();
+    v.write(4096, &pattern(2, 4096)).unwrap();
+    v.flush().unwrap();
+    drop(pool);
+    // damage the first flushed record's data block
+    let at = find_block(&dev, &first)[0];
+    dev.flip_bit(at + 7, 1);
+    let image = dev.crash_losing_all_unsynced();
+    match Pool::open(image, small_opts(78)) {
+        Err(Error::Corrupt { what, .. }) => assert_eq!(what, "log"),
+        other => panic!("a damaged flushed record must be reported: {other:?}"),
+    }
 }

@@ -17,7 +17,7 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// [`BLOCK_SIZE`] as a `usize`.
 pub(crate) const BLOCK: usize = BLOCK_SIZE as usize;
 /// The newest pool format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Device offsets of the two superblocks.
 pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE];
 /// Device offset of segment 0. Everything between the superblocks and here is reserved (zero).

@@ -5,10 +5,10 @@ use crate::Result;
 
 /// Identifies a record header block.
 pub(crate) const RECORD_MAGIC: u32 = 0x4352_4d42; // "BMRC"
-/// Version of the record header layout.
-pub(crate) const RECORD_VERSION: u16 = 1;
+/// Version of the record header layout (2: with `synced_below`).
+pub(crate) const RECORD_VERSION: u16 = 2;
 /// Bytes of the header block before the body.
-pub(crate) const HEADER_FIXED_BYTES: usize = 48;
+pub(crate) const HEADER_FIXED_BYTES: usize = 56;
 /// Bytes of body a header block holds.
 pub(crate) const BODY_CAPACITY_BYTES: usize = BLOCK - HEADER_FIXED_BYTES;
 const HEADER_CRC_AT: usize = 44;
@@ -52,6 +52,9 @@ pub(crate) struct RecordHeader {
     pub(crate) next_segment: u64,
     /// CRC-32 of the whole payload (checkpoint records), 0 where each payload block's checksum lives elsewhere.
     pub(crate) payload_crc: u32,
+    /// Every record with a lower sequence number had been synced (a flush or checkpoint completed) when this one
+    /// was written: replay uses it to tell a damaged durable record from a torn unflushed tail [I2].
+    pub(crate) synced_below: u64,
     pub(crate) body: Vec<u8>,
 }
 
@@ -84,6 +87,7 @@ impl RecordHeader {
         e.u64(self.next_segment);
         e.u32(self.payload_crc);
         e.u32(0); // header crc, filled below
+        e.u64(self.synced_below);
         debug_assert_eq!(e.len(), HEADER_FIXED_BYTES);
         e.bytes(&self.body);
         let mut buf = e.buf;
@@ -129,6 +133,7 @@ impl RecordHeader {
             payload_blocks: le_u32(buf, 24),
             next_segment: le_u64(buf, 32),
             payload_crc: le_u32(buf, 40),
+            synced_below: le_u64(buf, 48),
             body: buf[HEADER_FIXED_BYTES..HEADER_FIXED_BYTES + body_len].to_vec(),
         }))
     }
@@ -147,6 +152,7 @@ mod tests {
             payload_blocks: 3,
             next_segment: 9,
             payload_crc: 0,
+            synced_below: 999,
             body: vec![1, 2, 3, 4, 5],
         };
         let buf = h.encode();

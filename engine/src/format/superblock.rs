@@ -87,6 +87,9 @@ impl Superblock {
         if version > FORMAT_VERSION {
             return Err(Error::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
+        if version < FORMAT_VERSION {
+            return Err(Error::OlderFormat { found: version, supported: FORMAT_VERSION });
+        }
         let stored = le_u32(buf, CRC_AT);
         let actual = crc32(&buf[..CRC_AT]);
         if stored != actual {

@@ -64,6 +64,8 @@ pub(crate) struct Log {
     pub(crate) blocks_since_checkpoint: u64,
     /// Blocks written to the device in all (records, headers, checkpoints), for write-amplification figures.
     pub(crate) blocks_written: u64,
+    /// Every record with a lower sequence number is on stable storage (a sync covered it); carried in every header.
+    pub(crate) synced_below: u64,
 }
 
 impl Log {
@@ -88,6 +90,7 @@ impl Log {
             reserve_segments,
             blocks_since_checkpoint: 0,
             blocks_written: 0,
+            synced_below: 0,
         }
     }
 
@@ -100,6 +103,16 @@ impl Log {
     /// Segments the log must keep: the open one and the reserved next one.
     pub(crate) fn pinned_segments(&self) -> [u64; 2] {
         [self.seg, self.next_seg]
+    }
+
+    /// Record that a sync completed after every record below `seq` had been written.
+    pub(crate) fn synced(&mut self, seq: u64) {
+        self.synced_below = self.synced_below.max(seq);
+    }
+
+    /// The sequence number the next record gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.seq
     }
 
     /// Skip `n` sequence numbers (after recovery, so stale records of a lost tail can never match [I3]).
@@ -207,6 +220,7 @@ impl Log {
             payload_blocks: b.n_data,
             next_segment: self.next_seg,
             payload_crc: 0,
+            synced_below: self.synced_below,
             body: b.body.buf,
         };
         let blocks = 1 + u64::from(b.n_data);
@@ -256,6 +270,7 @@ impl Log {
             payload_blocks: n as u32,
             next_segment: self.next_seg,
             payload_crc,
+            synced_below: self.synced_below,
             body,
         };
         let mut buf = header.encode();
@@ -336,6 +351,47 @@ fn read_record(
     Ok(Some(Replayed { header, pba, ops }))
 }
 
+/// Most blocks replay scans past its end for a record that proves a synced record missing.
+pub(crate) const MAX_REPLAY_SCAN_BLOCKS: u64 = 1 << 16;
+/// Blocks read at a time by that scan.
+const REPLAY_SCAN_CHUNK_BLOCKS: u64 = 256;
+
+/// A valid record after `cursor` (in the rest of its segment, or in the next) with a higher sequence number whose
+/// `synced_below` covers `cursor.seq`: `(pba, seq, synced_below)`.
+fn later_synced_record(
+    dev: &dyn Device,
+    segs: &Segments,
+    pool_id: u64,
+    cursor: &LogCursor,
+) -> Result<Option<(u64, u64, u64)>> {
+    let mut ranges = Vec::new();
+    if cursor.segment < segs.count {
+        ranges.push((cursor.pba + 1, segs.end_pba(cursor.segment)));
+    }
+    if cursor.next_segment < segs.count && cursor.next_segment != cursor.segment {
+        ranges.push((segs.first_pba(cursor.next_segment), segs.end_pba(cursor.next_segment)));
+    }
+    let mut scanned = 0u64;
+    for (from, to) in ranges {
+        let mut at = from;
+        while at < to && scanned < MAX_REPLAY_SCAN_BLOCKS {
+            let n = (to - at).min(REPLAY_SCAN_CHUNK_BLOCKS);
+            let mut buf = vec![0u8; (n as usize) * BLOCK];
+            dev.read_at(&mut buf, at * BLOCK_SIZE)?;
+            for (i, block) in buf.chunks(BLOCK).enumerate() {
+                if let Ok(h) = RecordHeader::decode(block, pool_id)? {
+                    if h.seq > cursor.seq && h.synced_below > cursor.seq {
+                        return Ok(Some((at + i as u64, h.seq, h.synced_below)));
+                    }
+                }
+            }
+            at += n;
+            scanned += n;
+        }
+    }
+    Ok(None)
+}
+
 /// Replay the log from `start`: call `apply` for every valid record in sequence, stop at the first gap [I2].
 pub(crate) fn replay(
     dev: &dyn Device,
@@ -357,7 +413,24 @@ pub(crate) fn replay(
             }
             None => None,
         };
-        let Some((seg, r)) = found else { break };
+        let Some((seg, r)) = found else {
+            // The log ends here, or a record is damaged. A torn, unflushed tail is expected after a crash; but if a
+            // later record says this one had been synced, losing it would silently drop flushed writes [I2].
+            if let Some((at, seq, below)) = later_synced_record(dev, segs, pool_id, &cursor)? {
+                return Err(Error::corrupt(
+                    "log",
+                    cursor.pba * BLOCK_SIZE,
+                    format!(
+                        "log record {} intact (record {seq} at device offset {} says every record below {below} was \
+                         synced)",
+                        cursor.seq,
+                        at * BLOCK_SIZE
+                    ),
+                    "a damaged or missing record",
+                ));
+            }
+            break;
+        };
         apply(&r)?;
         let n = 1 + u64::from(r.header.payload_blocks);
         visited.insert(seg);
