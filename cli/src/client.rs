@@ -388,6 +388,20 @@ impl Api {
         }
     }
 
+    /// A stream from the daemon (no limit on the whole call), and its length when the daemon gives one.
+    fn get_stream(&self, path: &str) -> Result<(ureq::Response, Option<u64>)> {
+        let res = self.answer(self.request(&self.streaming, "GET", path).call())?;
+        let len = res.header("Content-Length").and_then(|v| v.parse().ok());
+        Ok((res, len))
+    }
+
+    /// Send a stream to the daemon; its answer.
+    fn post_stream(&self, path: &str, body: impl std::io::Read) -> Result<ureq::Response> {
+        self.answer(
+            self.request(&self.streaming, "POST", path).set("Content-Type", "application/octet-stream").send(body),
+        )
+    }
+
     fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<T> {
         let req = self.request(&self.agent, method, path);
         let res = match body {
@@ -487,8 +501,7 @@ fn send(api: &Api, dot: &str, commit: &str, from: Option<&str>, file: Option<&st
     if let Some(b) = from {
         path.push_str(&format!("&from={b}"));
     }
-    let res = api.answer(api.request(&api.streaming, "GET", &path).call())?;
-    let total: Option<u64> = res.header("Content-Length").and_then(|v| v.parse().ok());
+    let (res, total) = api.get_stream(&path)?;
     let id = res.header("x-blockmesh-commit").unwrap_or(commit).to_string();
     let mut out: Box<dyn Write> = match file {
         Some(p) => Box::new(std::io::BufWriter::new(
@@ -551,12 +564,9 @@ fn receive(api: &Api, file: Option<&std::path::Path>, restart: bool) -> Result<(
     let bar = progress_bar(total, &format!("receive {}", short(&commit)));
     bar.set_position(start);
     let body = std::io::Cursor::new(head.bytes.clone()).chain(input);
-    let res = api
-        .request(&api.streaming, "POST", &path)
-        .set("Content-Type", "application/octet-stream")
-        .send(bar.wrap_read(body));
+    let res = api.post_stream(&path, bar.wrap_read(body));
     bar.finish_and_clear();
-    let got: Received = match api.answer(res) {
+    let got: Received = match res {
         Ok(r) => r.into_json().context("reading the answer to the receive")?,
         Err(e) => {
             // say where a retry would start, if the daemon kept anything
@@ -694,14 +704,18 @@ fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str) -> Re
     if mine.is_empty() {
         bail!("branch {branch} of {} has no commits to {what}", src_dot.name);
     }
-    let theirs: Vec<Commit> = match dst.get::<Dot>(&dot_path(dot)) {
-        Ok(_) => dst.get(&format!("{}/commits", dot_path(dot)))?,
-        Err(e) if e.to_string().contains("HTTP 404") => Vec::new(),
+    let their_dot: Option<Dot> = match dst.get::<Dot>(&dot_path(dot)) {
+        Ok(d) => Some(d),
+        Err(e) if e.to_string().contains("HTTP 404") => None,
         Err(e) => return Err(e),
+    };
+    let theirs: Vec<Commit> = match &their_dot {
+        Some(_) => dst.get(&format!("{}/commits", dot_path(dot)))?,
+        None => Vec::new(),
     };
     let known: std::collections::HashSet<&str> = theirs.iter().map(|c| c.id.as_str()).collect();
     // their head of the branch must be in our history, or they have commits we lack
-    if let Ok(d) = dst.get::<Dot>(&dot_path(dot)) {
+    if let Some(d) = &their_dot {
         if let Some(head) = d.branches.iter().find(|b| b.name == branch).and_then(|b| b.head.clone()) {
             if !mine.iter().any(|c| c.id == head) {
                 bail!(
@@ -729,17 +743,13 @@ fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str) -> Re
         if offset > 0 {
             q.push_str(&format!("&offset={offset}"));
         }
-        let res = src.answer(src.request(&src.streaming, "GET", &q).call())?;
-        let total: Option<u64> = res.header("Content-Length").and_then(|v| v.parse().ok());
+        let (res, total) = src.get_stream(&q)?;
         let bar = progress_bar(total, &format!("{what} {}", short(&c.id)));
         let path = if offset > 0 { format!("/v1/receive?offset={offset}") } else { "/v1/receive".to_string() };
-        let counted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let reader = CountingReader { inner: bar.wrap_read(res.into_reader()), count: counted.clone() };
-        let sent = dst.answer(
-            dst.request(&dst.streaming, "POST", &path).set("Content-Type", "application/octet-stream").send(reader),
-        );
+        let sent = dst.post_stream(&path, bar.wrap_read(res.into_reader()));
         bar.finish_and_clear();
-        summary.bytes += counted.load(std::sync::atomic::Ordering::Relaxed);
+        // the bar counts what passed through it, drawn or hidden
+        summary.bytes += bar.position();
         sent.with_context(|| {
             format!("{what} of commit {} stopped; run it again to go on from where it stopped", short(&c.id))
         })?;
@@ -747,20 +757,6 @@ fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str) -> Re
     }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
-}
-
-/// Counts the bytes read through it.
-struct CountingReader<R> {
-    inner: R,
-    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: std::io::Read> std::io::Read for CountingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
-    }
 }
 
 fn print_sync(api: &Api, s: &SyncSummary, what: &str, remote: &str) -> Result<()> {

@@ -46,8 +46,34 @@ struct PoolGauges {
     index_memory_bytes: Gauge,
 }
 
-/// The NBD operations counted, in the order of [`Metrics::ops`].
-const OPS: [&str; 7] = ["read", "write", "trim", "write_zeroes", "flush", "cache", "block_status"];
+/// The NBD operations counted (the `op` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NbdOp {
+    Read,
+    Write,
+    Trim,
+    WriteZeroes,
+    Flush,
+    Cache,
+    BlockStatus,
+}
+
+impl NbdOp {
+    const ALL: [NbdOp; 7] =
+        [NbdOp::Read, NbdOp::Write, NbdOp::Trim, NbdOp::WriteZeroes, NbdOp::Flush, NbdOp::Cache, NbdOp::BlockStatus];
+
+    fn label(self) -> &'static str {
+        match self {
+            NbdOp::Read => "read",
+            NbdOp::Write => "write",
+            NbdOp::Trim => "trim",
+            NbdOp::WriteZeroes => "write_zeroes",
+            NbdOp::Flush => "flush",
+            NbdOp::Cache => "cache",
+            NbdOp::BlockStatus => "block_status",
+        }
+    }
+}
 
 /// One operation's metrics, looked up once (a request then touches only atomics).
 struct OpMetrics {
@@ -119,10 +145,10 @@ impl Metrics {
         for (name, help, g) in gauges {
             registry.register(name, help, g.clone());
         }
-        let ops = OPS
+        let ops = NbdOp::ALL
             .iter()
             .map(|op| {
-                let l = OpLabels { op };
+                let l = OpLabels { op: op.label() };
                 OpMetrics {
                     requests: requests.get_or_create(&l).clone(),
                     errors: errors.get_or_create(&l).clone(),
@@ -134,13 +160,10 @@ impl Metrics {
         Self { registry, ops, connections, pool }
     }
 
-    /// Counts one NBD request the engine served: `op` (one of [`OPS`]), the bytes it covered, when it started,
-    /// whether it worked.
-    pub fn request(&self, op: &'static str, bytes: u64, started: Instant, ok: bool) {
-        let Some(m) = OPS.iter().position(|o| *o == op).and_then(|i| self.ops.get(i)) else {
-            debug_assert!(false, "unknown op {op}");
-            return;
-        };
+    /// Counts one NBD request the engine served: `op`, the bytes it covered, when it started, whether it worked.
+    pub fn request(&self, op: NbdOp, bytes: u64, started: Instant, ok: bool) {
+        // `ops` is built from `NbdOp::ALL`, in the enum's order
+        let m = &self.ops[op as usize];
         m.requests.inc();
         if !ok {
             m.errors.inc();
@@ -188,9 +211,9 @@ mod tests {
     fn requests_show_up_as_counters_and_histograms() {
         let m = Metrics::new();
         let t = Instant::now();
-        m.request("read", 4096, t, true);
-        m.request("read", 4096, t, true);
-        m.request("write", 512, t, false);
+        m.request(NbdOp::Read, 4096, t, true);
+        m.request(NbdOp::Read, 4096, t, true);
+        m.request(NbdOp::Write, 512, t, false);
         m.connections_add(2);
         m.connections_add(-1);
         let dir = tempfile::tempdir().expect("tempdir");

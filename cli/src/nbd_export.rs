@@ -17,7 +17,7 @@ use blockmesh_nbd::{
 };
 use parking_lot::Mutex;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NbdOp};
 
 /// Most bytes one `NBD_CMD_CACHE` prefetches; it is a hint, and a client asking for more gets this much warmed.
 pub const MAX_CACHE_PREFETCH_BYTES: u64 = 64 << 20;
@@ -137,12 +137,7 @@ impl VolumeExport {
     }
 
     /// Runs one request, counting it in the metrics.
-    fn timed<T>(
-        &self,
-        op: &'static str,
-        bytes: u64,
-        f: impl FnOnce() -> blockmesh_engine::Result<T>,
-    ) -> ExportResult<T> {
+    fn timed<T>(&self, op: NbdOp, bytes: u64, f: impl FnOnce() -> blockmesh_engine::Result<T>) -> ExportResult<T> {
         let started = Instant::now();
         let r = f();
         if let Some(m) = &self.metrics {
@@ -189,7 +184,7 @@ impl Export for VolumeExport {
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
         let n = buf.len() as u64;
-        self.timed("read", n, || self.volume.read(offset, buf))
+        self.timed(NbdOp::Read, n, || self.volume.read(offset, buf))
     }
 
     fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
@@ -197,13 +192,13 @@ impl Export for VolumeExport {
         let r = self.volume.try_read_now(offset, buf);
         // a declined attempt is not a request: the blocking read that follows counts it
         if let (Some(m), Ok(true) | Err(_)) = (&self.metrics, &r) {
-            m.request("read", buf.len() as u64, started, r.is_ok());
+            m.request(NbdOp::Read, buf.len() as u64, started, r.is_ok());
         }
         r.map_err(to_export_error)
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
-        self.timed("write", data.len() as u64, || {
+        self.timed(NbdOp::Write, data.len() as u64, || {
             self.volume.write(offset, data)?;
             if fua {
                 self.volume.flush()?;
@@ -213,11 +208,11 @@ impl Export for VolumeExport {
     }
 
     fn flush(&self) -> ExportResult<()> {
-        self.timed("flush", 0, || self.volume.flush())
+        self.timed(NbdOp::Flush, 0, || self.volume.flush())
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
-        self.timed("trim", len, || {
+        self.timed(NbdOp::Trim, len, || {
             self.volume.trim(offset, len)?;
             if fua {
                 self.volume.flush()?;
@@ -229,7 +224,7 @@ impl Export for VolumeExport {
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
         // Whole blocks become zero mappings (no data written) either way; trimming instead would not guarantee
         // zeroes in partial blocks, so may_trim changes nothing here.
-        self.timed("write_zeroes", len, || {
+        self.timed(NbdOp::WriteZeroes, len, || {
             self.volume.write_zeroes(offset, len)?;
             if flags.fua {
                 self.volume.flush()?;
@@ -241,7 +236,7 @@ impl Export for VolumeExport {
     fn cache(&self, offset: u64, len: u64) -> ExportResult<()> {
         // Prefetch: read the range (up to a bound) so its metadata and blocks are in memory.
         let end = offset + len.min(MAX_CACHE_PREFETCH_BYTES);
-        self.timed("cache", end - offset, || {
+        self.timed(NbdOp::Cache, end - offset, || {
             let mut buf = vec![0u8; CACHE_READ_BYTES.min(end - offset) as usize];
             let mut at = offset;
             while at < end {
@@ -258,7 +253,7 @@ impl Export for VolumeExport {
     }
 
     fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
-        let runs = self.timed("block_status", 0, || self.volume.allocation(offset, len))?;
+        let runs = self.timed(NbdOp::BlockStatus, 0, || self.volume.allocation(offset, len))?;
         let mut out: Vec<Extent> = Vec::with_capacity(runs.len());
         let mut at = offset;
         let push = |kind: ExtentKind, n: u64, out: &mut Vec<Extent>| match out.last_mut() {

@@ -108,6 +108,11 @@ impl Segments {
         &self.live
     }
 
+    /// Live blocks in all segments.
+    pub(crate) fn live_total(&self) -> u64 {
+        self.live.iter().map(|&n| u64::from(n)).sum()
+    }
+
     pub(crate) fn is_free(&self, seg: u64) -> bool {
         self.free.contains(&seg)
     }

@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::allocator::Segments;
 use crate::format::record::{RecordKind, BODY_CAPACITY_BYTES};
-use crate::format::{BLOCK, BLOCK_SIZE};
-use crate::io::Device;
+use crate::format::BLOCK;
+use crate::io::{read_blocks, Device};
 use crate::pool::{Pool, State};
 use crate::Result;
 use parking_lot::RwLock;
@@ -82,8 +82,9 @@ impl State {
         // anyway excepted), with their blocks.
         let mut found: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
         for (vbn, e) in self.index.bt.live_entries() {
+            // (a node not written yet has pba 0, outside every segment)
             let Some(seg) = self.segs.segment_of(e.pba).filter(|s| is_candidate[*s as usize]) else { continue };
-            if e.pba != 0 && !self.index.is_dirty(vbn) {
+            if !self.index.is_dirty(vbn) {
                 found.entry(seg).or_default().push((e.pba, vbn));
             }
         }
@@ -124,19 +125,18 @@ impl State {
         let moving = |pba: u64| segs.segment_of(pba).is_some_and(|s| is_victim[s as usize]);
         moves.sort_unstable();
         self.index.bt.rewrite_pages_in(moving);
+        // With nothing in flight, every block is read from the device, runs of neighbours in one read each.
         self.log.seal()?;
+        self.log.drain()?;
         let mut stats = CleanStats { passes: 1, segments_freed: 0, blocks_moved: 0 };
         for chunk in moves.chunks(per_record as usize) {
-            let mut blocks = Vec::with_capacity(chunk.len());
-            for &(pba, vbn) in chunk {
-                let mut buf = vec![0u8; BLOCK];
-                if !self.log.read_buffered(pba, &mut buf) {
-                    dev.read_at(&mut buf, pba * BLOCK_SIZE)?;
-                }
-                // Copied as they are: a block that fails its checksum keeps failing it (the entry's checksum is
-                // kept), so corruption stays visible to reads and scrub instead of being laundered.
-                blocks.push((vbn, buf));
-            }
+            let pbas: Vec<u64> = chunk.iter().map(|(pba, _)| *pba).collect();
+            let mut bytes = vec![0u8; chunk.len() * BLOCK];
+            read_blocks(dev, &pbas, &mut bytes)?;
+            // Copied as they are: a block that fails its checksum keeps failing it (the entry's checksum is kept),
+            // so corruption stays visible to reads and scrub instead of being laundered.
+            let blocks: Vec<(u64, Vec<u8>)> =
+                chunk.iter().zip(bytes.chunks(BLOCK)).map(|((_, vbn), b)| (*vbn, b.to_vec())).collect();
             self.write_pages(dev, RecordKind::Nodes, blocks, |st, vbn, loc| st.index.block_moved(vbn, loc.pba))?;
             stats.blocks_moved += chunk.len() as u64;
         }

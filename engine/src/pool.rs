@@ -647,7 +647,7 @@ impl Pool {
             segment_size_bytes: st.sb.segment_size_bytes,
             segments: st.segs.count,
             free_segments: st.segs.free_count(),
-            live_blocks: st.segs.live().iter().map(|&n| u64::from(n)).sum(),
+            live_blocks: st.segs.live_total(),
             free_bytes: st.segs.free_count() * st.sb.segment_size_bytes,
             reclaimable_bytes: st.segs.dead_blocks(&st.pinned()) * BLOCK_SIZE,
             blocks_written: st.log.blocks_written,
@@ -1059,7 +1059,7 @@ impl State {
         Err(Error::NoSpace(format!(
             "{blocks} blocks needed, {} available outside the checkpoint reserve ({} blocks in use hold live data)",
             self.log.data_room_blocks(&self.segs),
-            self.segs.live().iter().map(|&n| u64::from(n)).sum::<u64>()
+            self.segs.live_total()
         )))
     }
 

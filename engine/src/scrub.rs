@@ -6,13 +6,14 @@
 //! cannot be freed and rewritten under a read [I4]. A block that fails is verified again under the lock before it is
 //! reported: one that was moved, freed or is still in flight since it was listed is not a false alarm.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
+use crate::dots::CommitId;
 use crate::format::node::FANOUT_BITS;
 use crate::format::{crc32, BLOCK, BLOCK_SIZE};
 use crate::index::{Mapping, MappingKind, Root};
-use crate::io::Device;
-use crate::pool::{Pool, State, INTERNAL_NAME_PREFIX};
+use crate::io::{read_blocks, Device};
+use crate::pool::{Pool, State};
 use crate::Result;
 
 /// Blocks read per batch (between looks at the lock and progress reports).
@@ -51,42 +52,50 @@ impl ScrubReport {
     }
 }
 
-/// A user-facing name for an engine volume or snapshot: a dot's heads (`#<dot id>/<subdot>/<branch>`) and commits
-/// (`#<dot id>/<subdot>@<commit>`) are named as the dot workflow names them; other names stay as they are.
-fn display_name(name: &str, dot_name: impl Fn(u64) -> Option<String>) -> String {
-    let Some(rest) = name.strip_prefix(INTERNAL_NAME_PREFIX) else { return name.to_string() };
-    let Some((id, tail)) = rest.split_once('/') else { return name.to_string() };
-    let Some(dot) = id.parse::<u64>().ok().and_then(dot_name) else { return name.to_string() };
-    match tail.split_once('@') {
-        Some((subdot, commit)) => format!("{dot}.{subdot}@{commit}"),
-        None => match tail.split_once('/') {
-            Some((subdot, branch)) => format!("{dot}.{subdot} (branch {branch})"),
-            None => format!("{dot} {tail}"),
-        },
+/// The names users know a dot's heads and commits by (`ns/dot.subdot (branch b)`, `ns/dot.subdot@commit`), by
+/// volume or snapshot id (one id space).
+fn dot_display_names(st: &State) -> HashMap<u64, String> {
+    let mut names = HashMap::new();
+    for d in st.dots.values() {
+        for (branch, b) in &d.branches {
+            for (subdot, vid) in &b.volumes {
+                names.insert(*vid, format!("{}.{subdot} (branch {branch})", d.name));
+            }
+        }
+        for (cid, c) in &d.commits {
+            for (subdot, sid) in &c.snapshots {
+                names.insert(*sid, format!("{}.{subdot}@{}", d.name, CommitId(*cid)));
+            }
+        }
     }
+    names
 }
 
 impl Pool {
     /// Verify every referenced block; `progress(done, total)` is called after each batch. See the module docs.
     pub fn scrub(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<ScrubReport> {
         let dev = &*self.inner.dev;
-        let listed: Vec<(u64, u64, u32)> = {
+        // in disk order, so neighbouring blocks are read together
+        let mut listed: Vec<(u64, u64, u32)> = {
             let st = self.inner.state.lock();
             st.check_open()?;
-            st.index.bt.live_entries().filter(|(_, e)| e.pba != 0).map(|(vbn, e)| (vbn, e.pba, e.crc)).collect()
+            st.index.bt.live_entries().filter(|(_, e)| e.pba != 0).map(|(vbn, e)| (e.pba, vbn, e.crc)).collect()
         };
+        listed.sort_unstable();
         let total = listed.len() as u64;
         let mut report = ScrubReport::default();
         let mut suspects = Vec::new();
-        let mut buf = vec![0u8; BLOCK];
+        let mut bytes = vec![0u8; SCRUB_BATCH_BLOCKS * BLOCK];
         for batch in listed.chunks(SCRUB_BATCH_BLOCKS) {
+            let pbas: Vec<u64> = batch.iter().map(|(pba, _, _)| *pba).collect();
+            let bytes = &mut bytes[..batch.len() * BLOCK];
             {
                 let _gate = self.inner.reuse_gate.read();
-                for &(vbn, pba, crc) in batch {
-                    dev.read_at(&mut buf, pba * BLOCK_SIZE)?;
-                    if crc32(&buf) != crc {
-                        suspects.push(vbn);
-                    }
+                read_blocks(dev, &pbas, bytes)?;
+            }
+            for (&(_, vbn, crc), block) in batch.iter().zip(bytes.chunks(BLOCK)) {
+                if crc32(block) != crc {
+                    suspects.push(vbn);
                 }
             }
             report.blocks_checked += batch.len() as u64;
@@ -97,6 +106,7 @@ impl Pool {
         }
         let mut st = self.inner.state.lock();
         st.check_open()?;
+        let mut buf = vec![0u8; BLOCK];
         let mut bad = BTreeMap::new();
         for vbn in suspects {
             let e = st.index.bt.get(vbn);
@@ -129,18 +139,19 @@ impl Pool {
 /// Fill in who uses each bad vbn, walking every volume and snapshot tree (only done when something is bad). A bad
 /// node's subtree is not descended (it cannot be read).
 fn find_uses(dev: &dyn Device, st: &mut State, bad: &mut BTreeMap<u64, ScrubProblem>) -> Result<()> {
-    let targets: Vec<(String, Root)> = st
+    let targets: Vec<(u64, String, Root)> = st
         .volumes
-        .values()
-        .map(|v| (v.name.clone(), v.root))
-        .chain(st.snapshots.values().map(|s| (s.name.clone(), s.root)))
+        .iter()
+        .map(|(id, v)| (*id, v.name.clone(), v.root))
+        .chain(st.snapshots.iter().map(|(id, s)| (*id, s.name.clone(), s.root)))
         .collect();
     let bad_vbns: HashSet<u64> = bad.keys().copied().collect();
-    for (name, root) in targets {
+    let names = dot_display_names(st);
+    for (id, name, root) in targets {
         if root.vbn == 0 {
             continue;
         }
-        let shown = display_name(&name, |id| st.dot_names.iter().find(|(_, v)| **v == id).map(|(n, _)| n.clone()));
+        let shown = names.get(&id).cloned().unwrap_or(name);
         // (node vbn, level, first block it maps)
         let mut stack = vec![(root.vbn, root.height - 1, 0u64)];
         while let Some((vbn, level, first)) = stack.pop() {

@@ -315,13 +315,15 @@ pub struct PendingReceive {
     pub data_bytes: u64,
 }
 
-/// Names of the hidden volumes of a receive.
+/// Names of the hidden volumes of a receive: `#recv/<commit>` (progress) and `#recv/<commit>/<subdot>` (staging).
+const RECEIVE_NAME_PREFIX: &str = "#recv/";
+
 fn progress_name(tag: CommitId) -> String {
-    format!("#recv/{tag}")
+    format!("{RECEIVE_NAME_PREFIX}{tag}")
 }
 
 fn staging_name(tag: CommitId, subdot: &str) -> String {
-    format!("#recv/{tag}/{subdot}")
+    format!("{RECEIVE_NAME_PREFIX}{tag}/{subdot}")
 }
 
 /// Every hidden volume a receive of `tag` made (progress and staging), in id order.
@@ -640,7 +642,7 @@ impl Pool {
                 .names
                 .iter()
                 .filter_map(|(name, id)| {
-                    let tag = name.strip_prefix("#recv/").filter(|t| !t.contains('/'))?;
+                    let tag = name.strip_prefix(RECEIVE_NAME_PREFIX).filter(|t| !t.contains('/'))?;
                     Some((tag.parse::<CommitId>().ok()?, *id))
                 })
                 .filter(|(tag, _)| !st.receiving.contains(&tag.0)) // running, not interrupted

@@ -228,10 +228,10 @@ impl Disconnect {
         *self.tx.borrow()
     }
 
-    /// Completes when the signal fires (at once if it has).
-    pub(crate) async fn triggered(&self) {
-        let mut rx = self.tx.subscribe();
-        let _ = rx.wait_for(|fired| *fired).await;
+    /// A receiver for the connection to wait on: `wait_for(|fired| *fired)` completes when the signal fires (at
+    /// once if it has).
+    pub(crate) fn watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.tx.subscribe()
     }
 }
 

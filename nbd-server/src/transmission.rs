@@ -415,14 +415,15 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
     budget: &Arc<Semaphore>,
 ) -> Result<()> {
     let mut header = [0u8; REQUEST_HEADER_BYTES];
-    let disconnect = conn.export.disconnect_signal();
+    // subscribed once per connection, not per request
+    let mut disconnect = conn.export.disconnect_signal().map(|d| d.watch());
     loop {
         // A clean end: the client closed between requests, or the export's owner closes the connection (the
         // first byte's read is cancel-safe: when the signal wins, nothing was read).
-        let first = match &disconnect {
+        let first = match &mut disconnect {
             Some(d) => tokio::select! {
                 biased;
-                () = d.triggered() => {
+                _ = d.wait_for(|fired| *fired) => {
                     tracing::info!("export's owner closed the connection");
                     return Ok(());
                 }

@@ -182,20 +182,18 @@ impl BlockTable {
     }
 
     /// Mark for rewriting at the next checkpoint every table page and directory page stored at a block for which
-    /// `moving` is true (the cleaner empties those segments); returns how many.
-    pub(crate) fn rewrite_pages_in(&mut self, moving: impl Fn(u64) -> bool) -> u64 {
-        let mut n = 0;
+    /// `moving` is true (the cleaner empties those segments).
+    pub(crate) fn rewrite_pages_in(&mut self, moving: impl Fn(u64) -> bool) {
         for (i, loc) in self.page_locs.iter().enumerate() {
-            if loc.pba != 0 && moving(loc.pba) && self.dirty_pages.insert(i as u64) {
-                n += 1;
+            if loc.pba != 0 && moving(loc.pba) {
+                self.dirty_pages.insert(i as u64);
             }
         }
         for (i, loc) in self.dir_locs.iter().enumerate() {
-            if loc.pba != 0 && moving(loc.pba) && self.dirty_dirs.insert(i as u64) {
-                n += 1;
+            if loc.pba != 0 && moving(loc.pba) {
+                self.dirty_dirs.insert(i as u64);
             }
         }
-        n
     }
 
     /// Whether table page `page` will be written at the next checkpoint anyway.

@@ -59,6 +59,23 @@ pub(crate) fn check_range(size_bytes: u64, op: &'static str, offset: u64, len: u
     }
 }
 
+/// Read the 4 KiB blocks at `pbas` (sorted, so neighbours coalesce) into `out`, one block after another: each run of
+/// consecutive blocks is one device read.
+pub(crate) fn read_blocks(dev: &dyn Device, pbas: &[u64], out: &mut [u8]) -> Result<()> {
+    let block = crate::format::BLOCK;
+    assert_eq!(out.len(), pbas.len() * block, "one block of buffer per pba");
+    let mut i = 0;
+    while i < pbas.len() {
+        let mut run = 1;
+        while i + run < pbas.len() && pbas[i + run] == pbas[i] + run as u64 {
+            run += 1;
+        }
+        dev.read_at(&mut out[i * block..(i + run) * block], pbas[i] * crate::format::BLOCK_SIZE)?;
+        i += run;
+    }
+    Ok(())
+}
+
 /// A zero-filled byte buffer whose start is aligned to [`DIRECT_IO_ALIGN`], as O_DIRECT I/O requires. Built without
 /// `unsafe`: it over-allocates and starts at the first aligned byte.
 pub struct AlignedBuf {
