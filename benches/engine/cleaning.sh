@@ -37,7 +37,7 @@ lines = ["## Segment cleaning (issue #6)", "",
          "of warm-up, then one measured. Utilization = live blocks / the pool's segments, measured at the end "
          "(with commits: head and commits together). Rolling commits: a snapshot every 1/64 volume-size of writes, "
          "the oldest deleted beyond 32.", "",
-         "| live utilization | commits | write amplification | of which cleaner copies | target | IOPS | vs no cleaning (same writes, roomy pool) | target |",
+         "| live utilization | commits | write amplification | of which cleaner copies | target | IOPS | vs the anchor (same pool, empty) | target |",
          "|---:|---:|---:|---:|---|---:|---:|---|"]
 for r in rows:
     if r is anchor:
