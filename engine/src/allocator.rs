@@ -19,6 +19,9 @@ pub(crate) struct Segments {
     /// that): the age that the cleaner's cost-benefit weighs. In memory only.
     taken_at: Vec<u64>,
     taken: u64,
+    /// `taken_at` of the segment the log was writing when the last checkpoint completed: segments taken before it
+    /// hold no record of the log tail that replay reads [I13]. 0 until the first checkpoint since the open.
+    checkpoint_mark: u64,
 }
 
 impl Segments {
@@ -31,6 +34,7 @@ impl Segments {
             free: BTreeSet::new(),
             taken_at: vec![0; count as usize],
             taken: 0,
+            checkpoint_mark: 0,
         }
     }
 
@@ -38,10 +42,10 @@ impl Segments {
     /// (and fewer than a full segment). `greedy` ranks by fewest live blocks (the most space per block copied, for a
     /// pool short of space); otherwise by cost-benefit, `(1 - u) * age / (1 + u)` (LFS): old, mostly dead segments
     /// first, since their remaining blocks are cold and will not die soon.
-    pub(crate) fn victims(&self, pinned: &[u64], max: usize, greedy: bool, max_live: u64) -> Vec<u64> {
+    pub(crate) fn victims(&self, excluded: impl Fn(u64) -> bool, max: usize, greedy: bool, max_live: u64) -> Vec<u64> {
         let bps = self.blocks_per_segment as f64;
         let mut c: Vec<(f64, u64)> = (0..self.count)
-            .filter(|s| !self.free.contains(s) && !pinned.contains(s))
+            .filter(|s| !self.free.contains(s) && !excluded(*s))
             .filter(|s| {
                 let live = u64::from(self.live[*s as usize]);
                 live < self.blocks_per_segment && live <= max_live
@@ -135,6 +139,24 @@ impl Segments {
         self.taken += 1;
         self.taken_at[s as usize] = self.taken;
         Some(s)
+    }
+
+    /// Note that a checkpoint completed while the log was writing segment `log_segment` [I13].
+    pub(crate) fn set_checkpoint_mark(&mut self, log_segment: u64) {
+        self.checkpoint_mark = self.taken_at[log_segment as usize];
+    }
+
+    /// Whether segment `seg` was filled before the last checkpoint: no record replay reads lies in it [I13].
+    pub(crate) fn written_before_checkpoint(&self, seg: u64) -> bool {
+        self.taken_at[seg as usize] < self.checkpoint_mark
+    }
+
+    /// Free segment `seg` now, outside a checkpoint: it holds no live block and nothing replay or the last
+    /// checkpoint reads from it [I13]. The caller holds the reuse gate exclusively.
+    pub(crate) fn free_moved(&mut self, seg: u64) {
+        assert_eq!(self.live[seg as usize], 0, "freeing segment {seg} with live blocks");
+        assert!(self.written_before_checkpoint(seg), "freeing segment {seg} of the log tail");
+        self.free.insert(seg);
     }
 
     /// Segments with no live block that are not yet free: a checkpoint would free them.

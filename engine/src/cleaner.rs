@@ -57,6 +57,12 @@ impl CleanStats {
     }
 }
 
+/// What a pass cleans: its victim segments and the blocks it copies out of them, `(pba, vbn)`.
+struct Plan {
+    victims: Vec<u64>,
+    moves: Vec<(u64, u64)>,
+}
+
 impl State {
     /// One cleaning pass (see the module documentation). Returns zero stats when nothing is worth cleaning or no
     /// victim's copies fit in the free space.
@@ -70,53 +76,15 @@ impl State {
         self.check_writable()?;
         let pinned = self.pinned();
         let max_live = (self.segs.blocks_per_segment as f64 * max_utilization) as u64;
-        let candidates = self.segs.victims(&pinned, MAX_CLEAN_SEGMENTS_PER_PASS, greedy, max_live);
+        let candidates = self.segs.victims(|s| pinned.contains(&s), MAX_CLEAN_SEGMENTS_PER_PASS, greedy, max_live);
         if candidates.is_empty() {
             return Ok(CleanStats::default());
         }
-        let mut is_candidate = vec![false; self.segs.count as usize];
-        for &s in &candidates {
-            is_candidate[s as usize] = true;
-        }
-        // One scan of the block table: the live vbns stored in each candidate (nodes the checkpoint rewrites
-        // anyway excepted), with their blocks.
-        let mut found: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
-        for (vbn, e) in self.index.bt.live_entries() {
-            // (a node not written yet has pba 0, outside every segment)
-            let Some(seg) = self.segs.segment_of(e.pba).filter(|s| is_candidate[*s as usize]) else { continue };
-            if !self.index.is_dirty(vbn) {
-                found.entry(seg).or_default().push((e.pba, vbn));
-            }
-        }
-        // What fits: the copies, the table pages they dirty and everything the checkpoint writes must fit in the
-        // free blocks (the checkpoint reserve included: the checkpoint that ends the pass is what it is kept for).
-        let free = self.log.free_blocks(&self.segs);
-        let per_record = per_record_blocks(&self.segs);
-        let already_dirty = (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64;
-        let slack = CLEAN_SLACK_SEGMENTS * self.segs.blocks_per_segment;
-        let mut new_pages: HashSet<u64> = HashSet::new();
-        let mut victims = Vec::new();
-        let mut moves: Vec<(u64, u64)> = Vec::new();
-        for s in candidates {
-            let blocks = found.remove(&s).unwrap_or_default();
-            let pages: HashSet<u64> = blocks
-                .iter()
-                .map(|(_, vbn)| vbn >> crate::format::node::FANOUT_BITS)
-                .filter(|p| !self.index.bt.is_page_dirty(*p) && !new_pages.contains(p))
-                .collect();
-            let copies = (moves.len() + blocks.len()) as u64;
-            let dirty = already_dirty + (new_pages.len() + pages.len()) as u64;
-            let need = copies + copies.div_ceil(per_record) + 2 * dirty + slack;
-            if need > free {
-                continue;
-            }
-            new_pages.extend(pages);
-            moves.extend(blocks);
-            victims.push(s);
-        }
-        if victims.is_empty() {
+        // nodes the checkpoint rewrites anyway are not copied
+        let Some(Plan { victims, mut moves }) = self.plan(candidates, |st, vbn| !st.index.is_dirty(vbn)) else {
             return Ok(CleanStats::default());
-        }
+        };
+        let per_record = per_record_blocks(&self.segs);
         let mut is_victim = vec![false; self.segs.count as usize];
         for &s in &victims {
             is_victim[s as usize] = true;
@@ -147,7 +115,150 @@ impl State {
         Ok(stats)
     }
 
-    /// Clean until `enough` holds or nothing more can be cleaned (at most [`MAX_CLEAN_PASSES`] passes).
+    /// One moving pass [I13]: like [`State::clean_pass`], but without a checkpoint. Victims are only segments filled
+    /// before the last checkpoint that hold no table or directory page (the last checkpoint and replay read
+    /// nothing else from them); every live vbn stored in them, dirty nodes' written copies included, is copied
+    /// into `Moved` records, which replay applies before the log's ops. Once the records are synced the victims
+    /// are free. A pass costs its copies and one sync, not a checkpoint's metadata.
+    pub(crate) fn move_pass(
+        &mut self,
+        dev: &dyn Device,
+        gate: &RwLock<()>,
+        max_utilization: f64,
+    ) -> Result<CleanStats> {
+        self.check_writable()?;
+        let mut excluded: Vec<bool> = (0..self.segs.count).map(|s| !self.segs.written_before_checkpoint(s)).collect();
+        for s in self.pinned() {
+            excluded[s as usize] = true;
+        }
+        for pba in self.index.bt.own_blocks() {
+            if let Some(s) = self.segs.segment_of(pba) {
+                excluded[s as usize] = true;
+            }
+        }
+        let max_live = (self.segs.blocks_per_segment as f64 * max_utilization) as u64;
+        let candidates = self.segs.victims(|s| excluded[s as usize], MAX_CLEAN_SEGMENTS_PER_PASS, true, max_live);
+        if candidates.is_empty() {
+            return Ok(CleanStats::default());
+        }
+        // every live vbn in a victim is moved, dirty nodes' written copies too [I13]
+        let Some(Plan { victims, mut moves }) = self.plan(candidates, |_, _| true) else {
+            return Ok(CleanStats::default());
+        };
+        let per_record = per_record_blocks(&self.segs);
+        moves.sort_unstable();
+        match self.move_steps(dev, gate, &moves, &victims, per_record) {
+            Ok(stats) => Ok(stats),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    fn move_steps(
+        &mut self,
+        dev: &dyn Device,
+        gate: &RwLock<()>,
+        moves: &[(u64, u64)],
+        victims: &[u64],
+        per_record: u64,
+    ) -> Result<CleanStats> {
+        self.log.seal()?;
+        self.log.drain()?;
+        let mut stats = CleanStats { passes: 1, segments_freed: 0, blocks_moved: 0 };
+        for chunk in moves.chunks(per_record as usize) {
+            let pbas: Vec<u64> = chunk.iter().map(|(pba, _)| *pba).collect();
+            let mut payload = vec![0u8; chunk.len() * BLOCK];
+            read_blocks(dev, &pbas, &mut payload)?;
+            // Copied as they are (a bad block stays bad under its original checksum, see clean_pass); the record's
+            // own checksum lets replay tell a torn copy from a complete one.
+            let body: Vec<u8> = chunk.iter().flat_map(|(_, vbn)| vbn.to_le_bytes()).collect();
+            let crc = crate::format::crc32(&payload);
+            let first = self.log.append_record(dev, &mut self.segs, RecordKind::Moved, body, &payload, crc)?;
+            self.log.blocks_since_checkpoint += 1 + chunk.len() as u64;
+            for (i, (_, vbn)) in chunk.iter().enumerate() {
+                let pba = first + i as u64;
+                self.segs.add_live(pba);
+                let old = self.index.block_relocated(*vbn, pba);
+                self.segs.release(old);
+            }
+            stats.blocks_moved += chunk.len() as u64;
+        }
+        // The moves are durable before any victim can be written over [I13].
+        let below = self.log.next_seq();
+        dev.sync()?;
+        self.log.synced(below);
+        {
+            let _exclusive = gate.write();
+            for &s in victims {
+                if self.segs.live()[s as usize] == 0 {
+                    self.segs.free_moved(s);
+                    stats.segments_freed += 1;
+                }
+            }
+        }
+        self.counters.clean_passes += 1;
+        self.counters.moving_passes += 1;
+        self.counters.cleaned_blocks += stats.blocks_moved;
+        Ok(stats)
+    }
+
+    /// Moving passes until `enough` holds or nothing more can be cleaned (see [`State::passes_until`]).
+    pub(crate) fn move_until(
+        &mut self,
+        dev: &dyn Device,
+        gate: &RwLock<()>,
+        max_utilization: f64,
+        enough: impl Fn(&State) -> bool,
+    ) -> Result<CleanStats> {
+        self.passes_until(enough, |st| st.move_pass(dev, gate, max_utilization))
+    }
+
+    /// Which of `candidates` (best first) a pass takes, and the blocks it copies, `(pba, vbn)`: one scan of the block
+    /// table finds the live vbns stored in them (those `copy` accepts); then the candidates are taken in order while
+    /// the copies, their record headers, a checkpoint of everything then dirty (twice: the pages the checkpoint's
+    /// own writes dirty) and a slack still fit in the free blocks, the checkpoint reserve included (it is kept for
+    /// that checkpoint). `None` when none fits.
+    fn plan(&self, candidates: Vec<u64>, copy: impl Fn(&State, u64) -> bool) -> Option<Plan> {
+        let mut is_candidate = vec![false; self.segs.count as usize];
+        for &s in &candidates {
+            is_candidate[s as usize] = true;
+        }
+        let mut found: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+        for (vbn, e) in self.index.bt.live_entries() {
+            // (a node not written yet has pba 0, outside every segment)
+            let Some(seg) = self.segs.segment_of(e.pba).filter(|s| is_candidate[*s as usize]) else { continue };
+            if copy(self, vbn) {
+                found.entry(seg).or_default().push((e.pba, vbn));
+            }
+        }
+        let free = self.log.free_blocks(&self.segs);
+        let per_record = per_record_blocks(&self.segs);
+        let already_dirty = (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64;
+        let slack = CLEAN_SLACK_SEGMENTS * self.segs.blocks_per_segment;
+        let mut new_pages: HashSet<u64> = HashSet::new();
+        let mut victims = Vec::new();
+        let mut moves: Vec<(u64, u64)> = Vec::new();
+        for s in candidates {
+            let blocks = found.remove(&s).unwrap_or_default();
+            let pages: HashSet<u64> = blocks
+                .iter()
+                .map(|(_, vbn)| vbn >> crate::format::node::FANOUT_BITS)
+                .filter(|p| !self.index.bt.is_page_dirty(*p) && !new_pages.contains(p))
+                .collect();
+            let copies = (moves.len() + blocks.len()) as u64;
+            let dirty = already_dirty + (new_pages.len() + pages.len()) as u64;
+            let need = copies + copies.div_ceil(per_record) + 2 * dirty + slack;
+            if need > free {
+                continue;
+            }
+            new_pages.extend(pages);
+            moves.extend(blocks);
+            victims.push(s);
+        }
+        (!victims.is_empty()).then_some(Plan { victims, moves })
+    }
+
+    /// Passes ending in a checkpoint until `enough` holds or nothing more can be cleaned (see
+    /// [`State::passes_until`]).
     pub(crate) fn clean_until(
         &mut self,
         dev: &dyn Device,
@@ -156,17 +267,26 @@ impl State {
         max_utilization: f64,
         enough: impl Fn(&State) -> bool,
     ) -> Result<CleanStats> {
+        self.passes_until(enough, |st| st.clean_pass(dev, gate, greedy, max_utilization))
+    }
+
+    /// Run `pass` until `enough` holds, at most [`MAX_CLEAN_PASSES`] times. A pass that gave back no more segments
+    /// than its copies (and checkpoint) took ends the cleaning: what is left is the garbage cleaning itself makes
+    /// (old block-table pages), not worth another pass.
+    fn passes_until(
+        &mut self,
+        enough: impl Fn(&State) -> bool,
+        mut pass: impl FnMut(&mut State) -> Result<CleanStats>,
+    ) -> Result<CleanStats> {
         let mut total = CleanStats::default();
         for _ in 0..MAX_CLEAN_PASSES {
             if enough(self) {
                 break;
             }
             let free_before = self.segs.free_count();
-            let pass = self.clean_pass(dev, gate, greedy, max_utilization)?;
-            total.add(pass);
-            // A pass that gave back no more segments than its copies and checkpoint took ends the cleaning: what
-            // is left is the garbage cleaning itself makes (old block-table pages), not worth another pass.
-            if pass.segments_freed == 0 || self.segs.free_count() <= free_before {
+            let stats = pass(self)?;
+            total.add(stats);
+            if stats.segments_freed == 0 || self.segs.free_count() <= free_before {
                 break;
             }
         }
@@ -181,14 +301,21 @@ fn per_record_blocks(segs: &Segments) -> u64 {
 
 impl Pool {
     /// Clean every segment that is at most [`CLEAN_MAX_UTILIZATION`] live, in passes of up to
-    /// [`MAX_CLEAN_SEGMENTS_PER_PASS`] segments, each ending with a checkpoint. Space freed by deletions, trims and
-    /// overwrites comes back to the free pool. The pool also cleans by itself when free segments run low.
+    /// [`MAX_CLEAN_SEGMENTS_PER_PASS`] segments: after one checkpoint, moving passes (each made durable by a sync
+    /// [I13]), then passes ending with a checkpoint for the segments that hold block-table pages. Space freed by
+    /// deletions, trims and overwrites comes back to the free pool. The pool also cleans by itself when free
+    /// segments run low.
     pub fn clean(&self) -> Result<CleanStats> {
         let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();
         st.check_writable()?;
-        // a checkpoint first: segments that are already empty are freed without copying anything
-        st.checkpoint(dev, &self.inner.reuse_gate)?;
-        st.clean_until(dev, &self.inner.reuse_gate, false, CLEAN_MAX_UTILIZATION, |_| false)
+        let gate = &self.inner.reuse_gate;
+        // a checkpoint first: segments that are already empty are freed without copying anything, and every
+        // segment written before it may have its blocks moved
+        st.checkpoint(dev, gate)?;
+        // moving passes (a sync each), then passes ending in a checkpoint for segments that hold table pages
+        let mut stats = st.move_until(dev, gate, CLEAN_MAX_UTILIZATION, |_| false)?;
+        stats.add(st.clean_until(dev, gate, false, CLEAN_MAX_UTILIZATION, |_| false)?);
+        Ok(stats)
     }
 }

@@ -39,13 +39,13 @@ pub enum Error {
 
     /// The pool was written by an older, incompatible version of blockmesh (before a format change).
     #[error(
-        "pool format version {found} was written by an older build of blockmesh; this build reads version \
-         {supported} only: copy the data out with the older build (send/receive, or an NBD copy) and re-create the pool"
+        "pool format version {found} was written by an older build of blockmesh; this build reads versions \
+         {supported} and later only: copy the data out with the older build (send/receive, or an NBD copy) and re-create the pool"
     )]
     OlderFormat {
         /// Version found on disk.
         found: u32,
-        /// The version this build reads.
+        /// The oldest version this build reads.
         supported: u32,
     },
 

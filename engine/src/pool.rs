@@ -111,8 +111,10 @@ pub struct PoolStats {
     pub replayed_records: u64,
     /// Checkpoints since the pool was opened.
     pub checkpoints: u64,
-    /// Cleaning passes since the pool was opened.
+    /// Cleaning passes since the pool was opened (moving passes included).
     pub clean_passes: u64,
+    /// Of those, moving passes: blocks moved between checkpoints, made durable by a sync, not a checkpoint.
+    pub moving_passes: u64,
     /// Blocks the cleaner copied since the pool was opened.
     pub cleaned_blocks: u64,
 }
@@ -179,6 +181,7 @@ pub(crate) struct State {
 pub(crate) struct Counters {
     pub(crate) checkpoints: u64,
     pub(crate) clean_passes: u64,
+    pub(crate) moving_passes: u64,
     pub(crate) cleaned_blocks: u64,
 }
 
@@ -357,36 +360,44 @@ impl Pool {
             state.dot_names.insert(d.name.clone(), d.id);
             state.dots.insert(d.id, crate::dots::DotState::from_record(d));
         }
-        // Roll forward over the log written since the checkpoint [I2].
+        // Roll forward over the log written since the checkpoint [I2]: first every block the cleaner moved since
+        // then (the ops may need those blocks at their new places, their old ones may hold newer records) [I13],
+        // then the ops in log order.
+        let mut records = Vec::new();
         let end = {
-            let st = &mut state;
-            let segs_view = Segments::new(st.segs.count, seg, vec![0; st.segs.count as usize]);
+            let segs_view = Segments::new(state.segs.count, seg, vec![0; state.segs.count as usize]);
             journal::replay(&*dev, &segs_view, sb.pool_id, cursor, |r| {
-                if r.header.kind != RecordKind::Batch {
-                    return Ok(()); // checkpoint records of a checkpoint whose superblock never landed
-                }
-                let mut data_pba = r.pba + 1;
-                for op in &r.ops {
-                    let pba = match op {
-                        Op::Write { .. } => {
-                            data_pba += 1;
-                            Some(data_pba - 1)
+                match r.header.kind {
+                    RecordKind::Batch => records.push((r.pba, r.ops.clone())),
+                    RecordKind::Moved => {
+                        for (vbn, pba) in r.moved() {
+                            state.replay_move(vbn, pba)?;
                         }
-                        _ => None,
-                    };
-                    st.apply(&*dev, op, pba).map_err(|e| match e {
-                        Error::Corrupt { .. } | Error::Io { .. } => e,
-                        other => Error::corrupt(
-                            "log replay",
-                            r.pba * BLOCK_SIZE,
-                            format!("op {op:?} to apply"),
-                            other.to_string(),
-                        ),
-                    })?;
+                    }
+                    // checkpoint records of a checkpoint whose superblock never landed
+                    _ => {}
                 }
                 Ok(())
             })?
         };
+        for (at, ops) in records {
+            let mut data_pba = at + 1;
+            for op in &ops {
+                let pba = match op {
+                    Op::Write { .. } => {
+                        data_pba += 1;
+                        Some(data_pba - 1)
+                    }
+                    _ => None,
+                };
+                state.apply(&*dev, op, pba).map_err(|e| match e {
+                    Error::Corrupt { .. } | Error::Io { .. } => e,
+                    other => {
+                        Error::corrupt("log replay", at * BLOCK_SIZE, format!("op {op:?} to apply"), other.to_string())
+                    }
+                })?;
+            }
+        }
         state.replayed_records = end.records;
         state.log = Log::new(
             sb.pool_id,
@@ -659,6 +670,7 @@ impl Pool {
             replayed_records: st.replayed_records,
             checkpoints: st.counters.checkpoints,
             clean_passes: st.counters.clean_passes,
+            moving_passes: st.counters.moving_passes,
             cleaned_blocks: st.counters.cleaned_blocks,
         }
     }
@@ -1039,21 +1051,53 @@ impl State {
         self.write_block(dev, volume, block, &buf)
     }
 
+    /// Replay of one block the cleaner moved between checkpoints [I13]: `vbn`, live in the checkpoint, now at `pba`.
+    fn replay_move(&mut self, vbn: u64, pba: u64) -> Result<()> {
+        let e = self.index.bt.get(vbn);
+        let old_seg = self.segs.segment_of(e.pba);
+        if e.refcount == 0 || old_seg.is_none_or(|s| self.segs.live()[s as usize] == 0) {
+            return Err(Error::corrupt(
+                "log replay",
+                pba * BLOCK_SIZE,
+                format!("vbn {vbn}, moved here by the cleaner, live in the checkpoint"),
+                format!("{e:?}"),
+            ));
+        }
+        self.segs.add_live(pba);
+        let old = self.index.block_relocated(vbn, pba);
+        self.segs.release(old);
+        Ok(())
+    }
+
     /// Make sure `blocks` blocks of log fit without touching the reserve: a checkpoint may free dead segments, and
     /// if that is not enough the cleaner copies the live blocks out of the emptiest ones (greedy, as space is short).
     pub(crate) fn ensure_room(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
-        if self.log.data_room_blocks(&self.segs) >= blocks {
+        let enough = |st: &State| st.log.data_room_blocks(&st.segs) >= blocks;
+        if enough(self) {
             return Ok(());
         }
-        let pinned = self.pinned();
-        if self.segs.reclaimable_count(&pinned) > 0 {
+        // Moving passes first: they cost their copies and a sync, where a checkpoint rewrites every dirty page [I13].
+        self.move_until(dev, gate, 1.0, enough)?;
+        if enough(self) {
+            return Ok(());
+        }
+        // A checkpoint frees the segments emptied since the last one, lets the cleaner move blocks out of every
+        // segment written before it, and clears the dirty metadata whose own checkpoint the copies must leave room
+        // for.
+        let dirty = self.index.dirty_node_count() + self.index.bt.dirty_page_count();
+        if dirty > 0 || self.log.blocks_since_checkpoint > 0 || self.segs.reclaimable_count(&self.pinned()) > 0 {
             self.checkpoint(dev, gate)?;
-            if self.log.data_room_blocks(&self.segs) >= blocks {
+            if enough(self) {
+                return Ok(());
+            }
+            self.move_until(dev, gate, 1.0, enough)?;
+            if enough(self) {
                 return Ok(());
             }
         }
-        self.clean_until(dev, gate, true, 1.0, |st| st.log.data_room_blocks(&st.segs) >= blocks)?;
-        if self.log.data_room_blocks(&self.segs) >= blocks {
+        // Last, passes that end in a checkpoint: they may also empty segments holding table pages.
+        self.clean_until(dev, gate, true, 1.0, enough)?;
+        if enough(self) {
             return Ok(());
         }
         Err(Error::NoSpace(format!(
@@ -1191,11 +1235,14 @@ impl State {
             checkpoint_payload_blocks: (payload.len() / BLOCK) as u32,
             checkpoint_crc: crc,
             replay: self.log.cursor(),
+            // an older pool opened by this build is written in this build's format from its first checkpoint on
+            version: FORMAT_VERSION,
             ..self.sb.clone()
         };
         dev.write_at(&sb.encode(), SUPERBLOCK_OFFSETS[(sb.generation % 2) as usize])?;
         dev.sync()?;
         self.checkpoint_segment = self.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
+        self.segs.set_checkpoint_mark(self.log.pinned_segments()[0]);
         self.sb = sb;
         self.log.blocks_since_checkpoint = 0;
         self.counters.checkpoints += 1;

@@ -153,3 +153,98 @@ fn a_power_cut_anywhere_in_a_cleaning_pass_loses_nothing() {
         same(&pool.volume("v").unwrap(), &model, &format!("cleaned after a cut at I/O {k}"));
     }
 }
+
+/// Random overwrites in a pool whose checkpoints are rare, so space comes back by moving passes (blocks moved between
+/// checkpoints, made durable by a sync) [I13]; a power cut at every I/O around the first of them: the pool reopens
+/// whole, holding every flushed write and a prefix of the later ones, and goes on.
+#[test]
+fn a_power_cut_anywhere_in_a_moving_pass_loses_nothing() {
+    use blockmesh_engine::PoolOptions;
+    use common::Model;
+    const WRITES: usize = 6000;
+    let opts = PoolOptions { checkpoint_interval_bytes: 1 << 30, ..small_opts(5) };
+    let vol_bytes: u64 = 4 << 20;
+    // Runs the workload; with `cut`, the power fails at that I/O (counted from the start of the overwrites).
+    // Returns the device (crashed image with a cut), the model, and the I/O window of the first moving pass.
+    let run = |cut: Option<u64>| -> (Arc<SimDevice>, Model, (u64, u64)) {
+        let dev = SimDevice::new(8 << 20);
+        let pool = Pool::create(dev.clone(), opts.clone()).unwrap();
+        let v = pool.create_volume("v", vol_bytes).unwrap();
+        let mut model = Model::default();
+        model.create("v", vol_bytes);
+        let data = pattern(5, vol_bytes as usize);
+        v.write(0, &data).unwrap();
+        model.write("v", 0, &data);
+        pool.checkpoint().unwrap();
+        model.flushed();
+        let mut rng = SmallRng::seed_from_u64(5);
+        let start = dev.io_count();
+        if let Some(k) = cut {
+            dev.set_fault(SimFault::PowerCutAfter(k));
+        }
+        let mut window = (0, 0);
+        for i in 0..WRITES {
+            let b = rng.random_range(0..vol_bytes / BS as u64);
+            let d = pattern(5_000 + i as u64, BS);
+            let (io_before, passes_before) = (dev.io_count(), pool.stats().moving_passes);
+            if v.write(b * BS as u64, &d).is_err() {
+                break;
+            }
+            model.write("v", b * BS as u64, &d);
+            if window == (0, 0) && pool.stats().moving_passes > passes_before {
+                window = (io_before - start, dev.io_count() - start);
+            }
+            if i % 64 == 63 {
+                if v.flush().is_err() {
+                    break;
+                }
+                model.flushed();
+            }
+        }
+        match cut {
+            None => {
+                let s = pool.stats();
+                assert!(s.moving_passes > 0 && window.1 > window.0, "the workload runs moving passes: {s:?}");
+                pool.close().unwrap();
+                let pool = Pool::open(dev.clone(), opts.clone()).unwrap();
+                let report = pool.check().unwrap();
+                assert!(report.is_ok(), "{:?}", report.problems);
+                assert_eq!(State::of_pool(&pool), model.current, "after reopen");
+                (dev, model, window)
+            }
+            Some(k) => {
+                let image = dev.crash(k);
+                drop(pool);
+                (image, model, window)
+            }
+        }
+    };
+    use common::State;
+    let (_, _, (from, to)) = run(None);
+    eprintln!("moving pass window: I/O {from}..{to}");
+    // the flush before the pass too, and a little after it
+    for k in from.saturating_sub(4)..to + 4 {
+        let (image, mut model, _) = run(Some(k));
+        let pool =
+            Pool::open(image.clone(), opts.clone()).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
+        let report = pool.check().unwrap();
+        assert!(report.is_ok(), "cut at I/O {k}: {:?}", report.problems);
+        model.recovered(&pool);
+        // the pool goes on: more overwrites (more moving passes), a reopen, the same contents
+        let v = pool.volume("v").unwrap();
+        let mut rng = SmallRng::seed_from_u64(k);
+        for i in 0..1500u64 {
+            let b = rng.random_range(0..vol_bytes / BS as u64);
+            let d = pattern(90_000 + i, BS);
+            v.write(b * BS as u64, &d).unwrap();
+            model.write("v", b * BS as u64, &d);
+        }
+        v.flush().unwrap();
+        model.flushed();
+        pool.close().unwrap();
+        let pool = Pool::open(image, opts.clone()).unwrap();
+        let report = pool.check().unwrap();
+        assert!(report.is_ok(), "cut at I/O {k}, then more writes: {:?}", report.problems);
+        assert_eq!(State::of_pool(&pool), model.current, "cut at I/O {k}, then more writes, reopened");
+    }
+}

@@ -16,8 +16,11 @@ use crate::{Error, Result};
 pub const BLOCK_SIZE: u64 = 4096;
 /// [`BLOCK_SIZE`] as a `usize`.
 pub(crate) const BLOCK: usize = BLOCK_SIZE as usize;
-/// The newest pool format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest pool format this build reads and writes (3: the cleaner's `Moved` records [I13]).
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest pool format this build opens. A version 2 pool is a version 3 pool without `Moved` records; opening
+/// one rewrites its superblock as version 3 at the recovery checkpoint, after which older builds refuse it.
+pub const MIN_FORMAT_VERSION: u32 = 2;
 /// Device offsets of the two superblocks.
 pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE];
 /// Device offset of segment 0. Everything between the superblocks and here is reserved (zero).

@@ -27,6 +27,9 @@ pub(crate) enum RecordKind {
     DirPages = 4,
     /// A checkpoint: the catalog, the directory top, segment usage (payload). Written last by a checkpoint.
     Checkpoint = 5,
+    /// Live blocks the cleaner moved between checkpoints (payload, unchanged), their vbns listed in the body; the
+    /// header's payload CRC covers the payload. Replayed before every op of the log tail [I13].
+    Moved = 6,
 }
 
 impl RecordKind {
@@ -37,6 +40,7 @@ impl RecordKind {
             3 => Self::TablePages,
             4 => Self::DirPages,
             5 => Self::Checkpoint,
+            6 => Self::Moved,
             _ => return None,
         })
     }

@@ -1,6 +1,6 @@
 //! The superblock: two copies at fixed offsets, alternately written; the valid one with the highest generation wins.
 
-use super::{crc32, le_u32, Dec, Enc, BLOCK, FORMAT_VERSION};
+use super::{crc32, le_u32, Dec, Enc, BLOCK, FORMAT_VERSION, MIN_FORMAT_VERSION};
 use crate::{Error, Result};
 
 /// Identifies a blockmesh pool superblock.
@@ -87,8 +87,8 @@ impl Superblock {
         if version > FORMAT_VERSION {
             return Err(Error::UnsupportedVersion { found: version, supported: FORMAT_VERSION });
         }
-        if version < FORMAT_VERSION {
-            return Err(Error::OlderFormat { found: version, supported: FORMAT_VERSION });
+        if version < MIN_FORMAT_VERSION {
+            return Err(Error::OlderFormat { found: version, supported: MIN_FORMAT_VERSION });
         }
         let stored = le_u32(buf, CRC_AT);
         let actual = crc32(&buf[..CRC_AT]);

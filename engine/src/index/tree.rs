@@ -496,8 +496,15 @@ impl Index {
     /// Record that the cleaner copied block `vbn` (a data block or a clean node: same bytes, same checksum) to
     /// `pba`; returns the block it occupied.
     pub(crate) fn block_moved(&mut self, vbn: u64, pba: u64) -> u64 {
+        debug_assert!(!self.dirty_nodes.contains(&vbn), "moving dirty vbn {vbn}");
+        self.block_relocated(vbn, pba)
+    }
+
+    /// Point live vbn `vbn` (a data block, or a node, dirty or not: its written copy) at a copy of its block at
+    /// `pba`, checksum unchanged; returns the block it occupied [I13].
+    pub(crate) fn block_relocated(&mut self, vbn: u64, pba: u64) -> u64 {
         let mut e = self.bt.get(vbn);
-        debug_assert!(e.refcount > 0 && !self.dirty_nodes.contains(&vbn), "moving vbn {vbn}: {e:?}");
+        debug_assert!(e.refcount > 0 && e.pba != 0, "moving vbn {vbn}: {e:?}");
         let old = e.pba;
         e.pba = pba;
         self.bt.set(vbn, e);

@@ -294,6 +294,14 @@ pub(crate) struct Replayed {
     pub(crate) ops: Vec<Op>,
 }
 
+impl Replayed {
+    /// For a `Moved` record: each moved vbn with the physical block of its copy [I13].
+    pub(crate) fn moved(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let moved = if self.header.kind == RecordKind::Moved { &self.header.body[..] } else { &[] };
+        moved.chunks_exact(8).enumerate().map(|(i, v)| (crate::format::le_u64(v, 0), self.pba + 1 + i as u64))
+    }
+}
+
 /// Where replay stopped.
 #[derive(Debug)]
 pub(crate) struct ReplayEnd {
@@ -346,6 +354,17 @@ fn read_record(
                     return Ok(None); // a torn batch: the log ends before it
                 }
             }
+        }
+    }
+    if header.kind == RecordKind::Moved {
+        // the body lists one vbn per payload block, and the payload must be whole: a torn copy ends the log [I13]
+        if header.body.len() as u64 != 8 * n || n == 0 {
+            return Ok(None);
+        }
+        let mut data = vec![0u8; (n as usize) * BLOCK];
+        dev.read_at(&mut data, (pba + 1) * BLOCK_SIZE)?;
+        if crc32(&data) != header.payload_crc {
+            return Ok(None);
         }
     }
     Ok(Some(Replayed { header, pba, ops }))
