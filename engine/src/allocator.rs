@@ -69,7 +69,7 @@ impl Segments {
     pub(crate) fn dead_blocks(&self, pinned: &[u64]) -> u64 {
         (0..self.count)
             .filter(|s| !self.free.contains(s) && !pinned.contains(s))
-            .map(|s| self.blocks_per_segment - u64::from(self.live[s as usize]))
+            .map(|s| self.blocks_per_segment.saturating_sub(u64::from(self.live[s as usize])))
             .sum()
     }
 

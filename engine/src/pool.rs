@@ -301,7 +301,8 @@ impl Pool {
         if !seg.is_power_of_two()
             || !(MIN_SEGMENT_SIZE_BYTES..=MAX_SEGMENT_SIZE_BYTES).contains(&seg)
             || sb.segment_count < MIN_SEGMENTS
-            || SEGMENT_AREA_OFFSET + sb.segment_count * seg != sb.pool_size_bytes
+            || sb.segment_count.checked_mul(seg).and_then(|b| b.checked_add(SEGMENT_AREA_OFFSET))
+                != Some(sb.pool_size_bytes)
         {
             return Err(Error::corrupt(
                 "superblock",
@@ -314,6 +315,17 @@ impl Pool {
             return Err(Error::Truncated { device_bytes: dev.size_bytes(), pool_bytes: sb.pool_size_bytes });
         }
         let cp = read_checkpoint(&*dev, &sb)?;
+        let blocks_per_segment = seg / BLOCK_SIZE;
+        if let Some((s, n)) =
+            cp.segment_live_blocks.iter().enumerate().find(|(_, n)| u64::from(**n) > blocks_per_segment)
+        {
+            return Err(Error::corrupt(
+                "checkpoint payload",
+                sb.checkpoint_pba * BLOCK_SIZE,
+                format!("at most {blocks_per_segment} live blocks in segment {s}"),
+                n,
+            ));
+        }
         if cp.segment_live_blocks.len() as u64 != sb.segment_count {
             return Err(Error::corrupt(
                 "checkpoint payload",
@@ -721,9 +733,11 @@ fn read_superblock(dev: &dyn Device) -> Result<Superblock> {
 }
 
 fn read_checkpoint(dev: &dyn Device, sb: &Superblock) -> Result<Checkpoint> {
-    let offset = sb.checkpoint_pba * BLOCK_SIZE;
     let n = u64::from(sb.checkpoint_payload_blocks);
-    if offset < SEGMENT_AREA_OFFSET || offset + (1 + n) * BLOCK_SIZE > sb.pool_size_bytes {
+    // (checked: the fields come from disk; a checksummed superblock may still carry any value)
+    let end = sb.checkpoint_pba.checked_add(1 + n).and_then(|b| b.checked_mul(BLOCK_SIZE));
+    let offset = sb.checkpoint_pba.wrapping_mul(BLOCK_SIZE);
+    if sb.checkpoint_pba < SEGMENT_AREA_OFFSET / BLOCK_SIZE || end.is_none_or(|e| e > sb.pool_size_bytes) {
         return Err(Error::corrupt(
             "superblock",
             0,

@@ -303,7 +303,7 @@ impl Progress {
 /// An interrupted receive, kept for [`Pool::resume_receive`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingReceive {
-    /// The dot the stream is for.
+    /// The dot the stream is for (empty when the receive stopped before it noted any progress: it starts over).
     pub dot: String,
     /// The commit it carries.
     pub commit: CommitId,
@@ -652,14 +652,22 @@ impl Pool {
         };
         let mut out = Vec::new();
         for (commit, vid) in found {
-            let p = self.read_progress(vid, commit)?;
-            out.push(PendingReceive {
-                dot: p.dot,
-                commit,
-                resume_at_bytes: p.offset,
-                records: p.records,
-                data_bytes: p.data_bytes,
-            });
+            let pending = match self.read_progress(vid, commit) {
+                Ok(p) => PendingReceive {
+                    dot: p.dot,
+                    commit,
+                    resume_at_bytes: p.offset,
+                    records: p.records,
+                    data_bytes: p.data_bytes,
+                },
+                // staged, but stopped before its first progress note was durable: nothing to resume, the stream
+                // goes again from its start (a new receive of the commit drops these leftovers first)
+                Err(Error::Corrupt { .. }) => {
+                    PendingReceive { dot: String::new(), commit, resume_at_bytes: 0, records: 0, data_bytes: 0 }
+                }
+                Err(e) => return Err(e),
+            };
+            out.push(pending);
         }
         Ok(out)
     }
@@ -758,6 +766,18 @@ impl Pool {
         if h.subdots.is_empty() || h.subdots.len() > crate::format::ops::MAX_SNAPSHOT_VOLUMES {
             return Err(bad(format!("stream carries {} subdots", h.subdots.len())));
         }
+        // every check before anything is logged: a refused header leaves nothing behind
+        let mut seen = std::collections::BTreeSet::new();
+        for (subdot, size) in &h.subdots {
+            if !seen.insert(subdot) {
+                return Err(bad(format!("stream names subdot {subdot:?} twice")));
+            }
+            if subdot != DEFAULT_SUBDOT {
+                crate::dots::validate_dot_name(&format!("x/{subdot}"))
+                    .map_err(|_| bad(format!("subdot {subdot:?}")))?;
+            }
+            crate::pool::validate_volume_size(*size).map_err(|e| bad(format!("subdot {subdot}: {e}")))?;
+        }
         let tag = CommitId(h.commit);
         let mut staged = BTreeMap::new();
         // leftovers of an interrupted receive of the same commit go first
@@ -767,29 +787,36 @@ impl Pool {
             st.log_apply(dev, Op::DeleteVolume { volume: id }, None)?;
         }
         let progress = st.next_volume_id;
-        st.log_apply(
-            dev,
-            Op::CreateVolume { volume: progress, size_bytes: PROGRESS_VOLUME_BYTES, name: progress_name(tag) },
-            None,
-        )?;
-        for (subdot, size) in &h.subdots {
-            if subdot != DEFAULT_SUBDOT {
-                crate::dots::validate_dot_name(&format!("x/{subdot}"))
-                    .map_err(|_| bad(format!("subdot {subdot:?}")))?;
-            }
-            crate::pool::validate_volume_size(*size).map_err(|e| bad(format!("subdot {subdot}: {e}")))?;
-            let name = staging_name(tag, subdot);
-            let vol = st.next_volume_id;
-            match base_snaps.as_ref().and_then(|b| b.get(subdot)) {
-                Some(sid) => {
-                    st.log_apply(dev, Op::CloneSnapshot { snapshot: *sid, volume: vol, name }, None)?;
-                    if st.volumes[&vol].size_bytes != *size {
-                        st.log_apply(dev, Op::ResizeVolume { volume: vol, size_bytes: *size }, None)?;
+        let created = st
+            .log_apply(
+                dev,
+                Op::CreateVolume { volume: progress, size_bytes: PROGRESS_VOLUME_BYTES, name: progress_name(tag) },
+                None,
+            )
+            .and_then(|()| {
+                for (subdot, size) in &h.subdots {
+                    let name = staging_name(tag, subdot);
+                    let vol = st.next_volume_id;
+                    match base_snaps.as_ref().and_then(|b| b.get(subdot)) {
+                        Some(sid) => {
+                            st.log_apply(dev, Op::CloneSnapshot { snapshot: *sid, volume: vol, name }, None)?;
+                            if st.volumes[&vol].size_bytes != *size {
+                                st.log_apply(dev, Op::ResizeVolume { volume: vol, size_bytes: *size }, None)?;
+                            }
+                        }
+                        None => st.log_apply(dev, Op::CreateVolume { volume: vol, size_bytes: *size, name }, None)?,
                     }
+                    staged.insert(subdot.clone(), vol);
                 }
-                None => st.log_apply(dev, Op::CreateVolume { volume: vol, size_bytes: *size, name }, None)?,
+                Ok(())
+            });
+        if let Err(e) = created {
+            // nothing half-staged stays behind (best effort: the pool may have failed, then open cleans nothing
+            // up either, and the next receive of this commit drops the leftovers first)
+            for id in receive_volumes(&st, tag) {
+                let _ = st.log_apply(dev, Op::DeleteVolume { volume: id }, None);
             }
-            staged.insert(subdot.clone(), vol);
+            return Err(e);
         }
         Ok(Staged { volumes: staged, progress })
     }
