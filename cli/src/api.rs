@@ -112,6 +112,9 @@ pub struct PoolStatus {
     /// Interrupted receives that can resume (as `GET /v1/receives`).
     #[serde(default)]
     pub pending_receives: Vec<PendingReceive>,
+    /// What the volumes and commits hold (every volume and snapshot of the pool).
+    #[serde(default)]
+    pub space: Space,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -136,6 +139,30 @@ pub struct Dot {
     /// Subdots of the current branch.
     pub subdots: Vec<Subdot>,
     pub commits: usize,
+    /// Space of every branch head and commit of the dot (in listings and `GET` of one dot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub space: Option<Space>,
+}
+
+/// Space figures of a dot or of the pool (data blocks; see `blockmesh_engine::SpaceUsage`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Space {
+    /// The heads' sizes added up.
+    pub logical_bytes: u64,
+    /// Data the heads map, each block once.
+    pub written_bytes: u64,
+    /// Data only commits hold: what deleting them would give back.
+    pub commits_only_bytes: u64,
+}
+
+impl From<blockmesh_engine::SpaceUsage> for Space {
+    fn from(u: blockmesh_engine::SpaceUsage) -> Self {
+        Self {
+            logical_bytes: u.logical_bytes,
+            written_bytes: u.written_bytes,
+            commits_only_bytes: u.commits_only_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -497,7 +524,14 @@ fn dot_json(d: blockmesh_engine::DotInfo) -> Dot {
             .collect(),
         subdots: subdots_json(d.subdots),
         commits: d.commits,
+        space: None,
     }
+}
+
+/// A dot as listed, with its space figures.
+fn dot_with_space(d: blockmesh_engine::DotInfo, usage: &blockmesh_engine::Usage) -> Dot {
+    let space = usage.dots.iter().find(|u| u.dot == d.name).map(|u| u.usage.into());
+    Dot { space, ..dot_json(d) }
 }
 
 /// Edit distance, for suggesting close names.
@@ -600,6 +634,7 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             volumes: st.volumes,
             snapshots: st.snapshots,
             pending_receives: pending_json(pool)?,
+            space: pool.usage()?.pool.into(),
         }))
     })
     .await
@@ -656,7 +691,11 @@ fn pending_json(pool: &Pool) -> Result<Vec<PendingReceive>, ApiError> {
 }
 
 async fn list_dots(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<Dot>> {
-    Ok(Json(s.pool.dots().into_iter().map(dot_json).collect()))
+    with_pool(s, |pool| {
+        let usage = pool.usage()?;
+        Ok(Json(pool.dots().into_iter().map(|d| dot_with_space(d, &usage)).collect()))
+    })
+    .await
 }
 
 async fn init_dot(State(s): State<Arc<ApiState>>, body: Bytes) -> ApiResult<Dot> {
@@ -674,7 +713,11 @@ async fn init_dot(State(s): State<Arc<ApiState>>, body: Bytes) -> ApiResult<Dot>
 
 async fn show_dot(State(s): State<Arc<ApiState>>, Path((ns, name)): Path<(String, String)>) -> ApiResult<Dot> {
     let dot = format!("{ns}/{name}");
-    with_pool(s, move |pool| Ok(Json(dot_json(pool.dot(&dot)?)))).await
+    with_pool(s, move |pool| {
+        let d = pool.dot(&dot)?;
+        Ok(Json(dot_with_space(d, &pool.usage()?)))
+    })
+    .await
 }
 
 async fn delete_dot(

@@ -810,15 +810,21 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 }
                 let w = dots.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
                 if !dots.is_empty() {
-                    println!("{:<w$}  {:<16} {:>7} {:>9}", "DOT", "BRANCH", "COMMITS", "SIZE");
+                    println!(
+                        "{:<w$}  {:<16} {:>7} {:>9} {:>9} {:>12}",
+                        "DOT", "BRANCH", "COMMITS", "SIZE", "WRITTEN", "COMMITS ONLY"
+                    );
                 }
                 for d in &dots {
+                    let space = d.space.unwrap_or_default();
                     println!(
-                        "{:<w$}  {:<16} {:>7} {:>9}",
+                        "{:<w$}  {:<16} {:>7} {:>9} {:>9} {:>12}",
                         d.name,
                         d.current_branch,
                         d.commits,
-                        format_size(total_size(d))
+                        format_size(total_size(d)),
+                        format_size(space.written_bytes),
+                        format_size(space.commits_only_bytes)
                     );
                 }
             }
@@ -1063,6 +1069,12 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                     format_size(p.segment_size_bytes)
                 );
                 println!("free:      {}", format_size(p.free_bytes));
+                println!(
+                    "data:      {} written of {} logical; {} held only by commits",
+                    format_size(p.space.written_bytes),
+                    format_size(p.space.logical_bytes),
+                    format_size(p.space.commits_only_bytes)
+                );
                 println!("reclaimable by `blockmesh pool gc`: {}", format_size(p.reclaimable_bytes));
                 println!("dots:      {}", p.dots);
                 println!("volumes:   {} (and {} commit snapshots)", p.volumes, p.snapshots);

@@ -214,3 +214,29 @@ fn a_restart_with_a_larger_pool_size_grows_the_pool() {
     assert!(after.free_bytes > before.free_bytes + (900 << 20), "{before:?} -> {after:?}");
     qemu_ok(&format!("nbd://{}/admin/db@{}", d.nbd, c.id), &["read -P 7 0 1M"]);
 }
+
+#[test]
+fn list_and_pool_status_show_what_heads_and_commits_hold() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    d.ok(&["init", "db", "--size", "16M"]);
+    let head = format!("nbd://{}/admin/db", d.nbd);
+    qemu_ok(&head, &["write -P 1 0 1M"]);
+    let _: Commit = d.json(&["commit", "db", "-m", "one MiB"]);
+    // 64 KiB overwritten in the head: the committed copy is held by the commit alone
+    qemu_ok(&head, &["write -P 2 0 64k"]);
+    let dots: Vec<Dot> = d.json(&["list"]);
+    let space = dots.iter().find(|x| x.name == "admin/db").and_then(|x| x.space).expect("space in the listing");
+    assert_eq!(space.logical_bytes, 16 << 20);
+    assert_eq!(space.written_bytes, 1 << 20);
+    assert_eq!(space.commits_only_bytes, 64 << 10);
+    let pool: blockmesh::api::PoolStatus = d.json(&["pool", "status"]);
+    assert_eq!(pool.space, space, "the only dot holds everything");
+    let text = d.ok(&["list"]);
+    assert!(text.contains("WRITTEN") && text.contains("1 MiB") && text.contains("64 KiB"), "{text}");
+    let text = d.ok(&["pool", "status"]);
+    assert!(text.contains("held only by commits"), "{text}");
+}

@@ -38,6 +38,7 @@ mod journal;
 mod pool;
 mod scrub;
 mod stream;
+mod usage;
 mod volume;
 
 pub use check::CheckReport;
@@ -63,4 +64,5 @@ pub use stream::{
     read_stream_head, PendingReceive, ReceiveOutcome, SendStats, StreamHead, MAX_STREAM_DATA_BYTES,
     RECEIVE_PROGRESS_INTERVAL_BYTES, STREAM_MAGIC, STREAM_VERSION,
 };
+pub use usage::{DotUsage, SpaceUsage, Usage};
 pub use volume::Volume;
