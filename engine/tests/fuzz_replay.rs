@@ -117,8 +117,9 @@ fn regression_impossible_segment_usage_is_refused_at_open() {
 }
 
 #[test]
-fn regression_huge_superblock_fields_are_refused_not_overflowed() {
-    for bug in ["bug-open-geometry-overflow", "bug-checkpoint-offset-overflow"] {
+fn regression_huge_superblock_and_checkpoint_fields_are_refused_not_overflowed() {
+    // (the last: a resealed checkpoint naming a tree height above the most a volume needs)
+    for bug in ["bug-open-geometry-overflow", "bug-checkpoint-offset-overflow", "bug-tree-height-overflow"] {
         let data =
             std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus/pool_open").join(bug))
                 .unwrap();

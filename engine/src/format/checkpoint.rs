@@ -50,6 +50,17 @@ pub(crate) struct DotRecord {
     pub(crate) commits: Vec<CommitRecord>,
 }
 
+/// A tree height read from disk: 1 up to the most a volume can need (a larger one would overflow every capacity
+/// computation; a checksummed checkpoint may still carry one if it was written wrongly).
+fn tree_height(d: &mut Dec<'_>) -> Result<u8> {
+    let height = d.u8()?;
+    if (1..=crate::index::MAX_HEIGHT).contains(&height) {
+        Ok(height)
+    } else {
+        Err(d.bad(format!("a tree height from 1 to {}", crate::index::MAX_HEIGHT), height))
+    }
+}
+
 fn put_name(e: &mut Enc, s: &str) {
     e.u8(s.len() as u8);
     e.bytes(s.as_bytes());
@@ -257,7 +268,7 @@ impl Checkpoint {
             let id = d.u64()?;
             let size_bytes = d.u64()?;
             let root_vbn = d.u64()?;
-            let height = d.u8()?;
+            let height = tree_height(&mut d)?;
             let len = d.u8()? as usize;
             let raw = d.bytes(len)?;
             let name = String::from_utf8(raw.to_vec()).map_err(|_| d.bad("a UTF-8 volume name", format!("{raw:?}")))?;
@@ -269,7 +280,7 @@ impl Checkpoint {
             let id = d.u64()?;
             let size_bytes = d.u64()?;
             let root_vbn = d.u64()?;
-            let height = d.u8()?;
+            let height = tree_height(&mut d)?;
             let generation = d.u64()?;
             let len = d.u8()? as usize;
             let raw = d.bytes(len)?;

@@ -7,4 +7,4 @@ pub(crate) mod tree;
 
 pub(crate) use block_table::{BlockTable, BtEntry};
 pub use diff::{Extent, ExtentKind};
-pub(crate) use tree::{Index, Mapping, MappingKind, Root};
+pub(crate) use tree::{Index, Mapping, MappingKind, Root, MAX_HEIGHT};
