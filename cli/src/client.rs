@@ -211,8 +211,8 @@ pub enum ClientCommand {
         conn: Conn,
     },
     /// Send a branch's commits that the remote lacks (only those, incrementally, oldest first); the first push of a
-    /// dot sends its first commit whole. Refused when the remote's branch has commits this one lacks. An
-    /// interrupted push resumes on the next one.
+    /// dot sends its first commit whole. Refused when the remote's branch has commits this one lacks, unless
+    /// --force. An interrupted push resumes on the next one.
     Push {
         /// The remote daemon (see `blockmesh remote add`).
         #[arg(value_name = "REMOTE")]
@@ -221,6 +221,11 @@ pub enum ClientCommand {
         /// The branch [default: the dot's current branch].
         #[arg(long)]
         branch: Option<String>,
+        /// Move the remote's branch to this one's head even when the histories have diverged (its own commits then
+        /// stay only where another branch holds them) or it has uncommitted writes; NBD clients of that head there
+        /// are disconnected.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -233,6 +238,11 @@ pub enum ClientCommand {
         /// The branch [default: the remote dot's current branch].
         #[arg(long)]
         branch: Option<String>,
+        /// Move this daemon's branch to the remote's head even when the histories have diverged (its own commits
+        /// then stay only where another branch holds them) or it has uncommitted writes; NBD clients of that head
+        /// here are disconnected.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -686,52 +696,91 @@ fn remote_api(name: &str, output: Output) -> Result<Api> {
 struct SyncSummary {
     dot: String,
     branch: String,
+    /// The branch's head on the sending side: where the other side's branch is now.
+    head: String,
     /// Commits sent, oldest first.
     commits: Vec<String>,
     /// Stream bytes that crossed (resumed streams count only what was sent again).
     bytes: u64,
     seconds: f64,
+    /// With --force: the other side's branch head that was replaced.
+    forced_from: Option<String>,
+    /// The other side's branch had commits this side's lacks (with --force, they stay only where another branch
+    /// holds them).
+    diverged: bool,
 }
 
-/// Copy the commits of `dot`'s `branch` that `dst` lacks from `src`, oldest first, each as an incremental stream
-/// from its parent (the first one whole when `dst` has none of them); a stream `dst` holds part of resumes.
-fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str) -> Result<SyncSummary> {
+/// Whether `api`'s `dot` has commit `id` (on any branch, or on none).
+fn has_commit(api: &Api, dot: &str, id: &str) -> Result<bool> {
+    match api.get::<Commit>(&format!("{}/commits/{id}", dot_path(dot))) {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("HTTP 404") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Copy the commits of `dot`'s `branch` that `dst` lacks from `src`, oldest first: from the newest commit of the
+/// branch that `dst` has (on any branch), each as an incremental stream from its parent; the branch's first commit
+/// whole when `dst` has none of them. A stream `dst` holds part of resumes. When `dst`'s branch has commits `src`'s
+/// lacks (the histories have diverged) this is refused, unless `force`: then, once the commits are over, `dst`'s
+/// branch is reset to `src`'s head (closing the NBD connections to that head), like `git push --force`.
+fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str, force: bool) -> Result<SyncSummary> {
     let started = std::time::Instant::now();
     let src_dot: Dot = src.get(&dot_path(dot))?;
     let branch = branch.map(str::to_string).unwrap_or_else(|| src_dot.current_branch.clone());
     let mut mine: Vec<Commit> = src.get(&format!("{}/commits?branch={branch}", dot_path(dot)))?;
     mine.reverse(); // oldest first
-    if mine.is_empty() {
+    let Some(head) = mine.last().map(|c| c.id.clone()) else {
         bail!("branch {branch} of {} has no commits to {what}", src_dot.name);
-    }
+    };
     let their_dot: Option<Dot> = match dst.get::<Dot>(&dot_path(dot)) {
         Ok(d) => Some(d),
         Err(e) if e.to_string().contains("HTTP 404") => None,
         Err(e) => return Err(e),
     };
-    let theirs: Vec<Commit> = match &their_dot {
-        Some(_) => dst.get(&format!("{}/commits", dot_path(dot)))?,
-        None => Vec::new(),
-    };
-    let known: std::collections::HashSet<&str> = theirs.iter().map(|c| c.id.as_str()).collect();
+    let their_head = |d: &Dot| d.branches.iter().find(|b| b.name == branch).and_then(|b| b.head.clone());
+    let old_head = their_dot.as_ref().and_then(their_head);
     // their head of the branch must be in our history, or they have commits we lack
+    let diverged = old_head.as_ref().filter(|h| !mine.iter().any(|c| &c.id == *h));
+    if let (Some(h), false) = (diverged, force) {
+        bail!(
+            "the other side's {branch} of {} is at {}, which this side's {branch} does not have: the histories have \
+             diverged; bring that commit over first (the reverse of this {what}), or reset the branch there, or \
+             {what} with --force to move it to this side's {} (its commits there stay only where another branch \
+             holds them)",
+            src_dot.name,
+            short(h),
+            short(&head)
+        );
+    }
+    // the newest commit of our branch they have, on any of their branches (one log each), or on none (asked
+    // one by one, newest first, until one is there)
+    let mut shared: Option<usize> = None;
     if let Some(d) = &their_dot {
-        if let Some(head) = d.branches.iter().find(|b| b.name == branch).and_then(|b| b.head.clone()) {
-            if !mine.iter().any(|c| c.id == head) {
-                bail!(
-                    "the other side's {branch} of {} is at {}, which this side's {branch} does not have: the \
-                     histories have diverged; bring that commit over first (the reverse of this {what}), or reset the \
-                     branch there",
-                    src_dot.name,
-                    short(&head)
-                );
+        let mut known = std::collections::HashSet::new();
+        for b in d.branches.iter().filter(|b| b.head.is_some()) {
+            let log: Vec<Commit> = dst.get(&format!("{}/commits?branch={}", dot_path(dot), b.name))?;
+            known.extend(log.into_iter().map(|c| c.id));
+        }
+        for (i, c) in mine.iter().enumerate().rev() {
+            if known.contains(&c.id) || has_commit(dst, dot, &c.id)? {
+                shared = Some(i);
+                break;
             }
         }
     }
-    let first_missing = mine.iter().position(|c| !known.contains(c.id.as_str())).unwrap_or(mine.len());
+    let first_missing = shared.map_or(0, |i| i + 1);
     let pending: Vec<PendingReceive> = dst.get("/v1/receives")?;
-    let mut summary =
-        SyncSummary { dot: src_dot.name.clone(), branch: branch.clone(), commits: Vec::new(), bytes: 0, seconds: 0.0 };
+    let mut summary = SyncSummary {
+        dot: src_dot.name.clone(),
+        branch: branch.clone(),
+        head: head.clone(),
+        commits: Vec::new(),
+        bytes: 0,
+        seconds: 0.0,
+        forced_from: None,
+        diverged: diverged.is_some(),
+    };
     for i in first_missing..mine.len() {
         let c = &mine[i];
         let base = (i > 0).then(|| mine[i - 1].id.clone());
@@ -755,6 +804,33 @@ fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str) -> Re
         })?;
         summary.commits.push(c.id.clone());
     }
+    // Where their branch is now: a received commit moves it only when it is the branch's next commit (and the
+    // head there has no uncommitted writes), and creates it only when the commit was made on that branch.
+    let now: Dot = dst.get(&dot_path(dot))?;
+    match their_head(&now) {
+        Some(h) if h == head => {}
+        None if !now.branches.iter().any(|b| b.name == branch) => {
+            let _: Dot = dst.post(
+                &format!("{}/branches", dot_path(dot)),
+                BranchRequest { name: branch.clone(), from: Some(head.clone()) },
+            )?;
+        }
+        at if force => {
+            let _: Dot = dst
+                .post(
+                    &format!("{}/reset", dot_path(dot)),
+                    ResetRequest { branch: Some(branch.clone()), commit: head.clone(), force },
+                )
+                .with_context(|| format!("moving the other side's {branch} to {} (--force)", short(&head)))?;
+            summary.forced_from = at;
+        }
+        at => eprintln!(
+            "note: the other side's {branch} stays at {} (it has uncommitted writes, or it is behind the commits \
+             sent); `blockmesh reset` there, or {what} with --force, moves it to {}",
+            at.as_deref().map_or("no commit", short),
+            short(&head)
+        ),
+    }
     summary.seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -763,7 +839,7 @@ fn print_sync(api: &Api, s: &SyncSummary, what: &str, remote: &str) -> Result<()
     if api.json(s)? {
         return Ok(());
     }
-    if s.commits.is_empty() {
+    if s.commits.is_empty() && s.forced_from.is_none() {
         println!("{} {} is up to date with {remote}", s.dot, s.branch);
     } else {
         println!(
@@ -774,6 +850,15 @@ fn print_sync(api: &Api, s: &SyncSummary, what: &str, remote: &str) -> Result<()
             s.branch,
             format_size(s.bytes),
             s.seconds
+        );
+    }
+    if let Some(old) = &s.forced_from {
+        println!(
+            "forced: {} moved from {} to {}{}",
+            s.branch,
+            short(old),
+            short(&s.head),
+            if s.diverged { "; the commits only it held are on no branch now (still there by id)" } else { "" }
         );
     }
     Ok(())
@@ -1001,16 +1086,16 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
             }
         }
         ClientCommand::Remote { what } => remote(what)?,
-        ClientCommand::Push { to, dot, branch, conn } => {
+        ClientCommand::Push { to, dot, branch, force, conn } => {
             let local = Api::new(&conn)?;
             let there = remote_api(&to, conn.output)?;
-            let s = sync(&local, &there, &dot, branch.as_deref(), "push")?;
+            let s = sync(&local, &there, &dot, branch.as_deref(), "push", force)?;
             print_sync(&local, &s, "pushed", &to)?;
         }
-        ClientCommand::Pull { from, dot, branch, conn } => {
+        ClientCommand::Pull { from, dot, branch, force, conn } => {
             let local = Api::new(&conn)?;
             let there = remote_api(&from, conn.output)?;
-            let s = sync(&there, &local, &dot, branch.as_deref(), "pull")?;
+            let s = sync(&there, &local, &dot, branch.as_deref(), "pull", force)?;
             print_sync(&local, &s, "pulled", &from)?;
         }
         ClientCommand::Pool { what: PoolCommand::Scrub { conn } } => {

@@ -1,6 +1,8 @@
 //! Push and pull between real daemons: only the missing commits travel, oldest first, incrementally; a pull into a
 //! third daemon gives the same bytes (qemu-img compare over NBD); diverged histories and wrong keys are refused; an
-//! interrupted transfer resumes where it stopped. Under CI=true a missing NBD client is a failure.
+//! interrupted transfer resumes where it stopped; `--force` sends what is missing from the newest shared commit (or
+//! everything, the first commit whole) and moves the other side's diverged branch, closing the NBD connections to
+//! its head. Under CI=true a missing NBD client is a failure.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -103,4 +105,139 @@ fn an_interrupted_push_goes_on_where_it_stopped() {
     assert!(sent < bytes.len() as u64 - kept + (64 << 10), "resumed: sent {sent} of {} (kept {kept})", bytes.len());
     assert!(d.json::<PoolStatus>(&["pool", "status"]).pending_receives.is_empty());
     same_export(&at(&a, &c1.id), &at(&d, &c1.id));
+}
+
+fn ids(log: &[Commit]) -> Vec<String> {
+    log.iter().map(|x| x.id.clone()).collect()
+}
+
+#[test]
+fn force_moves_a_diverged_branch_to_this_side_s_head() {
+    if !have("qemu-io") || !have("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let start = |n: &str| Daemon::start(&dir.path().join(n));
+    let (a, b, c) = (start("a"), start("b"), start("c"));
+    let head = |d: &Daemon| format!("nbd://{}/admin/db", d.nbd);
+    a.ok(&["init", "db", "--size", "16M"]);
+    qemu_ok(&head(&a), &["write -P 1 0 4M"]);
+    let c1: Commit = a.json(&["commit", "db", "-m", "shared"]);
+    add_remote(&a, "b", &b);
+    a.ok(&["push", "b", "db"]);
+
+    // both commit on top of the shared commit: the histories diverge
+    qemu_ok(&head(&a), &["write -P 2 1M 1M"]);
+    let a2: Commit = a.json(&["commit", "db", "-m", "a's own"]);
+    qemu_ok(&head(&b), &["write -P 3 2M 1M", "write -P 4 8M 64k"]);
+    let b2: Commit = b.json(&["commit", "db", "-m", "b's own"]);
+    b.ok(&["branch", "db", "keep"]); // another branch holds b's commit
+
+    // refused without --force, saying how; b unchanged
+    let (code, _, err) = a.cli(&["push", "b", "db"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("diverged") && err.contains("--force"), "{err}");
+    assert_eq!(ids(&b.json::<Vec<Commit>>(&["log", "db"])), [b2.id.clone(), c1.id.clone()]);
+    same_export(&head(&b), &at(&b, &b2.id));
+    qemu_ok(&head(&b), &["read -P 1 0 1M", "read -P 1 1M 1M", "read -P 3 2M 1M", "read -P 4 8M 64k"]);
+
+    // forced: only a2 travels (incremental from the shared c1), and b's master is a's head
+    let s = summary(&a, &["push", "b", "db", "--force"]);
+    assert_eq!(s["commits"], serde_json::json!([a2.id]), "{s}");
+    assert_eq!(s["forced_from"], serde_json::json!(b2.id), "{s}");
+    assert_eq!(s["diverged"], true, "{s}");
+    let bytes = s["bytes"].as_u64().unwrap();
+    assert!(bytes > 1 << 20 && bytes < 2 << 20, "incremental forced push of 1 MiB sent {bytes} bytes");
+    assert_eq!(ids(&b.json::<Vec<Commit>>(&["log", "db"])), [a2.id.clone(), c1.id.clone()]);
+    same_export(&head(&a), &head(&b));
+    same_export(&at(&a, &a2.id), &at(&b, &a2.id));
+    qemu_ok(&head(&b), &["read -P 1 0 1M", "read -P 2 1M 1M", "read -P 1 2M 2M", "read -P 0 8M 64k"]);
+    // b's own commit is still there: the branch "keep" holds it, bytes and all
+    assert_eq!(ids(&b.json::<Vec<Commit>>(&["log", "db", "--branch", "keep"])), [b2.id.clone(), c1.id.clone()]);
+    qemu_ok(&at(&b, &b2.id), &["read -P 3 2M 1M", "read -P 4 8M 64k"]);
+    assert!(a.ok(&["push", "b", "db"]).contains("up to date"));
+
+    // diverged again, nothing else holds b's commit; this time b pulls with --force (refused first)
+    qemu_ok(&head(&b), &["write -P 5 0 64k"]);
+    let b3: Commit = b.json(&["commit", "db", "-m", "b's second"]);
+    qemu_ok(&head(&a), &["write -P 6 4M 64k"]);
+    let a3: Commit = a.json(&["commit", "db", "-m", "a's second"]);
+    add_remote(&b, "a", &a);
+    let (code, _, err) = b.cli(&["pull", "a", "db"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("diverged") && err.contains("--force"), "{err}");
+    same_export(&head(&b), &at(&b, &b3.id));
+    let s = summary(&b, &["pull", "a", "db", "--force"]);
+    assert_eq!(s["commits"], serde_json::json!([a3.id]), "{s}");
+    assert_eq!(s["forced_from"], serde_json::json!(b3.id), "{s}");
+    let log = ids(&b.json::<Vec<Commit>>(&["log", "db"]));
+    assert_eq!(log, [a3.id.clone(), a2.id.clone(), c1.id.clone()]);
+    same_export(&head(&a), &head(&b));
+    for br in ["master", "keep"] {
+        let log = ids(&b.json::<Vec<Commit>>(&["log", "db", "--branch", br]));
+        assert!(!log.contains(&b3.id), "{br}: {log:?}");
+    }
+
+    // no commit shared at all: c made its own db; a's whole history goes, the first commit whole
+    c.ok(&["init", "db", "--size", "16M"]);
+    qemu_ok(&head(&c), &["write -P 7 0 8M"]);
+    c.ok(&["commit", "db", "-m", "c's own"]);
+    add_remote(&a, "c", &c);
+    assert_eq!(a.cli(&["push", "c", "db"]).0, 1);
+    let s = summary(&a, &["push", "c", "db", "--force"]);
+    assert_eq!(s["commits"], serde_json::json!([c1.id, a2.id, a3.id]), "{s}");
+    assert_eq!(ids(&c.json::<Vec<Commit>>(&["log", "db"])), [a3.id.clone(), a2.id.clone(), c1.id.clone()]);
+    same_export(&head(&a), &head(&c));
+    for x in [&c1, &a2, &a3] {
+        same_export(&at(&a, &x.id), &at(&c, &x.id));
+    }
+}
+
+/// Holds a connection to an export until told (a line on stdin), then says whether it is still open.
+const HOLDING_CLIENT: &str = r#"
+import sys
+h.pread(4096, 0)
+print("connected", flush=True)
+sys.stdin.readline()
+try:
+    h.pread(4096, 0)
+    print("still open", flush=True)
+except Exception:
+    print("closed", flush=True)
+"#;
+
+#[test]
+fn a_forced_push_closes_the_connections_to_the_head_it_moves() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    if !have("qemu-io") || !have("qemu-img") || !have("nbdsh") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Daemon::start(&dir.path().join("a")), Daemon::start(&dir.path().join("b")));
+    let head = |d: &Daemon| format!("nbd://{}/admin/db", d.nbd);
+    a.ok(&["init", "db", "--size", "16M"]);
+    a.ok(&["commit", "db", "-m", "shared"]);
+    add_remote(&a, "b", &b);
+    a.ok(&["push", "b", "db"]);
+    qemu_ok(&head(&a), &["write -P 1 0 64k"]);
+    a.ok(&["commit", "db", "-m", "a's own"]);
+    qemu_ok(&head(&b), &["write -P 2 0 64k"]);
+    b.ok(&["commit", "db", "-m", "b's own"]);
+
+    let mut client = Command::new("nbdsh")
+        .args(["-u", &head(&b), "-c", HOLDING_CLIENT])
+        // nbdsh runs `python3`: Debian's, which has the libnbd module
+        .env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(client.stdout.take().unwrap()).lines();
+    assert_eq!(out.next().unwrap().unwrap(), "connected");
+    a.ok(&["push", "b", "db", "--force"]);
+    client.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    assert_eq!(out.next().unwrap().unwrap(), "closed", "the forced push closed the connection to b's old head");
+    client.wait().unwrap();
+    same_export(&head(&a), &head(&b));
 }
