@@ -322,7 +322,7 @@ impl State {
             let sid = *snaps.get(subdot).ok_or_else(|| Error::corrupt("log", 0, "a subdot of the commit", subdot))?;
             let sn = self.snapshots.get(&sid).ok_or_else(|| Error::corrupt("log", 0, "a snapshot", sid))?;
             let (root, size) = (sn.root, sn.size_bytes);
-            self.index.share(root);
+            self.index.share(root)?;
             self.new_volume(*vol, head_name(dot, subdot, branch), size, root)?;
             heads.insert(subdot.clone(), *vol);
         }
@@ -463,7 +463,7 @@ impl State {
                     if self.snapshots.contains_key(sid) || self.names.contains_key(&name) {
                         return Err(Error::corrupt("log", 0, "a new snapshot", name));
                     }
-                    self.index.share(root);
+                    self.index.share(root)?;
                     self.names.insert(name.clone(), *sid);
                     self.snapshots.insert(*sid, SnapshotState { name, size_bytes, root, generation: gen });
                     self.next_volume_id = self.next_volume_id.max(sid + 1);

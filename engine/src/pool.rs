@@ -948,7 +948,7 @@ impl State {
                         return Err(Error::corrupt("log", 0, "a new snapshot", format!("{snapshot} {name:?} exists")));
                     }
                     let (root, size_bytes) = (v.root, v.size_bytes);
-                    self.index.share(root);
+                    self.index.share(root)?;
                     self.snapshots
                         .insert(*snapshot, SnapshotState { name: name.clone(), size_bytes, root, generation: gen });
                     self.names.insert(name.clone(), *snapshot);
@@ -964,7 +964,7 @@ impl State {
                     return Err(Error::corrupt("log", 0, "a new volume", format!("{volume} {name:?} exists")));
                 }
                 let (root, size_bytes) = (sn.root, sn.size_bytes);
-                self.index.share(root);
+                self.index.share(root)?;
                 self.volumes.insert(*volume, VolumeState { name: name.clone(), size_bytes, root });
                 self.names.insert(name.clone(), *volume);
                 self.next_volume_id = self.next_volume_id.max(volume + 1);

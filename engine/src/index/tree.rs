@@ -384,10 +384,21 @@ impl Index {
     }
 
     /// One more reference to a tree (a snapshot or clone of `root`): O(1) [I8].
-    pub(crate) fn share(&mut self, root: Root) {
+    /// A root that is not live (refcount 0, from a damaged catalog or log) is a corruption error, not a panic.
+    pub(crate) fn share(&mut self, root: Root) -> Result<()> {
         if root.vbn != 0 {
+            let e = self.bt.get(root.vbn);
+            if e.refcount == 0 || e.refcount == u32::MAX {
+                return Err(Error::corrupt(
+                    "index tree",
+                    e.pba * BLOCK_SIZE,
+                    format!("tree root vbn {} live, to share", root.vbn),
+                    format!("refcount {}", e.refcount),
+                ));
+            }
             self.incref(root.vbn);
         }
+        Ok(())
     }
 
     /// First block at or after `from` that maps data, if any.
