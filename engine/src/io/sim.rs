@@ -1,5 +1,11 @@
-//! A simulated device for tests: memory-backed, with crashes that lose or tear unflushed writes, bit flips and
-//! injected I/O errors. Randomness comes from a caller-given seed, so every run replays identically.
+//! A simulated device for tests: memory-backed, with crashes that lose or tear unflushed writes, bit flips,
+//! misdirected writes, injected I/O errors, and (for canary tests of test harnesses) a disk whose sync lies.
+//! Randomness comes from a caller-given seed, so every run replays identically.
+//!
+//! Reordering: a crash keeps each unsynced write (or each of its sectors) independently of the others, so any
+//! subset of them may reach the medium, in particular a later write without an earlier one. That is every order in
+//! which a disk with a volatile cache could have persisted them (for writes to different sectors; a sector written
+//! twice keeps its later contents when the later write is kept, as a real cache does).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,6 +79,12 @@ struct SimState {
     /// I/O operations since the device was made.
     ios_total: u64,
     powered_off: bool,
+    /// A write to misdirect: `(writes to skip, min_offset, lands_at)`.
+    misdirect: Option<(u64, u64, u64)>,
+    /// Writes misdirected so far.
+    misdirected: u64,
+    /// `sync` returns Ok without making anything durable (a lying disk; canary tests only).
+    lying_sync: bool,
 }
 
 /// A memory-backed [`Device`] with crash and fault injection.
@@ -105,6 +117,9 @@ impl SimDevice {
                 ios_since_fault: 0,
                 ios_total: 0,
                 powered_off: false,
+                misdirect: None,
+                misdirected: 0,
+                lying_sync: false,
             }),
         }
     }
@@ -180,6 +195,26 @@ impl SimDevice {
         }
     }
 
+    /// Misdirect one write (a latent fault the engine must detect, not survive): the write numbered `nth` (0-based)
+    /// among the writes issued from now on that start at or beyond `min_offset` lands at `lands_at` instead (the same
+    /// bytes and length, clamped to end inside the device; `lands_at` is rounded down to a sector). The write
+    /// succeeds; its own offset keeps its old contents. Replaces any misdirection armed before.
+    pub fn misdirect_write(&self, nth: u64, min_offset: u64, lands_at: u64) {
+        self.state.lock().misdirect = Some((nth, min_offset, lands_at / SECTOR_SIZE * SECTOR_SIZE));
+    }
+
+    /// Writes misdirected so far (see [`SimDevice::misdirect_write`]).
+    pub fn misdirected_writes(&self) -> u64 {
+        self.state.lock().misdirected
+    }
+
+    /// A lying disk, for canary tests that prove a harness catches lost writes: while set, `sync` is counted and
+    /// returns Ok but makes nothing durable, so a later [`SimDevice::crash`] may lose writes the engine was told are
+    /// on stable storage. Never set this in a test that expects the engine to keep its durability promise.
+    pub fn set_lying_sync(&self, lie: bool) {
+        self.state.lock().lying_sync = lie;
+    }
+
     /// Read bytes bypassing fault injection and I/O counting (for tests that inspect the medium).
     pub fn peek(&self, buf: &mut [u8], offset: u64) {
         self.state.lock().live.read(buf, offset);
@@ -245,14 +280,29 @@ impl Device for SimDevice {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let mut s = self.state.lock();
         self.check(&mut s, "write", offset, buf.len())?;
-        s.live.write(buf, offset);
-        s.pending.push((offset, buf.to_vec()));
+        let mut at = offset;
+        if let Some((nth, min_offset, lands_at)) = s.misdirect {
+            if offset >= min_offset {
+                if nth == 0 {
+                    s.misdirect = None;
+                    s.misdirected += 1;
+                    at = lands_at.min((self.size_bytes - buf.len() as u64) / SECTOR_SIZE * SECTOR_SIZE);
+                } else {
+                    s.misdirect = Some((nth - 1, min_offset, lands_at));
+                }
+            }
+        }
+        s.live.write(buf, at);
+        s.pending.push((at, buf.to_vec()));
         Ok(())
     }
 
     fn sync(&self) -> Result<()> {
         let mut s = self.state.lock();
         self.check(&mut s, "sync", 0, 0)?;
+        if s.lying_sync {
+            return Ok(());
+        }
         let pending = std::mem::take(&mut s.pending);
         for (offset, data) in pending {
             s.durable.write(&data, offset);
@@ -307,6 +357,56 @@ mod tests {
         assert!(dev.write_at(&b, 512).is_err());
         assert!(dev.sync().is_err());
         assert!(dev.is_powered_off());
+    }
+
+    #[test]
+    fn a_crash_may_keep_a_later_write_without_an_earlier_one() {
+        let dev = SimDevice::new(1 << 20);
+        dev.write_at(&[1u8; 512], 0).expect("write");
+        dev.write_at(&[2u8; 512], 512).expect("write");
+        let reordered = (0..64).any(|seed| {
+            let img = dev.crash(seed);
+            let (mut a, mut b) = ([0u8; 512], [0u8; 512]);
+            img.peek(&mut a, 0);
+            img.peek(&mut b, 512);
+            a[0] == 0 && b[0] == 2
+        });
+        assert!(reordered, "some crash keeps the second write and loses the first");
+    }
+
+    #[test]
+    fn a_misdirected_write_lands_elsewhere_and_leaves_its_target_stale() {
+        let dev = SimDevice::new(1 << 20);
+        dev.write_at(&[1u8; 4096], 8192).expect("write");
+        dev.misdirect_write(1, 4096, 65536);
+        dev.write_at(&[7u8; 512], 0).expect("below min_offset: not counted");
+        dev.write_at(&[2u8; 4096], 8192).expect("write 0: not misdirected");
+        dev.write_at(&[3u8; 4096], 8192).expect("write 1: misdirected");
+        dev.sync().expect("sync");
+        let mut b = [0u8; 4096];
+        dev.crash_losing_all_unsynced().read_at(&mut b, 8192).expect("read");
+        assert!(b.iter().all(|&x| x == 2), "the target keeps the previous write");
+        dev.read_at(&mut b, 65536).expect("read");
+        assert!(b.iter().all(|&x| x == 3), "the bytes landed elsewhere, durably");
+        assert_eq!(dev.misdirected_writes(), 1);
+        dev.write_at(&[4u8; 4096], 8192).expect("later writes land where they should");
+        dev.read_at(&mut b, 8192).expect("read");
+        assert!(b.iter().all(|&x| x == 4));
+    }
+
+    #[test]
+    fn a_lying_sync_makes_nothing_durable() {
+        let dev = SimDevice::new(1 << 20);
+        dev.set_lying_sync(true);
+        dev.write_at(&[1u8; 512], 0).expect("write");
+        dev.sync().expect("the lie");
+        assert_eq!(dev.unsynced_writes(), 1);
+        let mut b = [0u8; 512];
+        dev.crash_losing_all_unsynced().read_at(&mut b, 0).expect("read");
+        assert_eq!(b[0], 0, "the 'synced' write is gone");
+        dev.set_lying_sync(false);
+        dev.sync().expect("sync");
+        assert_eq!(dev.unsynced_writes(), 0);
     }
 
     #[test]
