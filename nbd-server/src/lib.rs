@@ -25,7 +25,7 @@ pub use export::{
     ExtentKind, MemoryExport, ZeroFlags, MAX_PAYLOAD_BYTES,
 };
 pub use handshake::{BASE_ALLOCATION_ID, MAX_META_QUERIES, MAX_OPTIONS_PER_HANDSHAKE, MAX_OPTION_BYTES};
-pub use server::{Server, ServerConfig, Stream, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
+pub use server::{Server, ServerConfig, Stream, ACCEPT_ERROR_BACKOFF, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 pub use tls::TlsMode;
 pub use transmission::{
     HOLE_CHUNK_MIN_BYTES, MAX_BLOCK_STATUS_DESCRIPTORS, MAX_INFLIGHT_BUFFER_BYTES, MAX_INFLIGHT_REQUESTS,

@@ -17,8 +17,12 @@ use crate::{handshake, transmission, Error, Result};
 
 /// How long a client may take from connecting to choosing an export.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most connections a listener serves at once; further clients wait in the kernel's accept queue.
+/// Most connections a listener serves at once; further clients are accepted and closed at once (they read an end of
+/// file instead of a greeting), so they fail promptly and do not wait in the kernel's accept queue.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// Pause after an accept error that is not about one connection (out of file descriptors or memory) before accepting
+/// again: the listener keeps running and retries once connections have closed.
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A byte stream the server can speak NBD over: a socket, a TLS session, or an in-process pipe.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -89,12 +93,22 @@ impl Server {
         }
     }
 
-    /// Accepts TCP clients forever (until the task is dropped), each on its own task.
+    /// Accepts TCP clients forever (until the task is dropped), each on its own task. At most [`MAX_CONNECTIONS`] are
+    /// served at once; accept errors (such as running out of file descriptors) do not end it.
     pub async fn serve_tcp(&self, listener: TcpListener) -> Result<()> {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let slot = slots.clone().acquire_owned().await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            let (stream, peer) = listener.accept().await?;
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, limit = MAX_CONNECTIONS, "too many connections: closing a new one");
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let server = self.clone();
             tokio::spawn(async move {
@@ -106,12 +120,22 @@ impl Server {
         }
     }
 
-    /// Accepts Unix-domain clients forever (until the task is dropped), each on its own task.
+    /// Accepts Unix-domain clients forever (until the task is dropped), each on its own task. At most
+    /// [`MAX_CONNECTIONS`] are served at once; accept errors do not end it.
     pub async fn serve_unix(&self, listener: UnixListener) -> Result<()> {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let slot = slots.clone().acquire_owned().await.map_err(|e| Error::Io(std::io::Error::other(e)))?;
-            let (stream, _) = listener.accept().await?;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_error(e).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                tracing::debug!(limit = MAX_CONNECTIONS, "too many connections: closing a new one");
+                continue;
+            };
             let server = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = server.serve_stream(stream).await {
@@ -134,4 +158,16 @@ impl Server {
         }
         Ok(UnixListener::bind(path)?)
     }
+}
+
+/// After a failed accept: an error about the one connection (it was reset or aborted before it was accepted) is
+/// skipped; anything else (out of file descriptors or memory) is logged and retried after [`ACCEPT_ERROR_BACKOFF`].
+async fn accept_error(e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock) {
+        tracing::debug!(error = %e, "accept failed for one connection");
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in {ACCEPT_ERROR_BACKOFF:?}");
+    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
 }
