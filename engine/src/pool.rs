@@ -1263,6 +1263,8 @@ impl State {
         let pinned = self.pinned();
         let _exclusive = gate.write();
         self.segs.rebuild_free(&pinned);
+        let heads: Vec<Root> = self.volumes.values().map(|v| v.root).collect();
+        self.index.evict_unreachable(&heads);
         Ok(())
     }
 }

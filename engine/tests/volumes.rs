@@ -186,3 +186,38 @@ fn file_pool_with_background_log_writes() {
     assert!(all == model, "after reopen");
     assert!(pool.check().unwrap().is_ok());
 }
+
+/// After a checkpoint, memory holds the heads' trees (and what changed since), not every node that reading a
+/// snapshot loaded; an evicted snapshot reads back the same, its nodes loaded again.
+#[test]
+fn a_checkpoint_drops_snapshot_nodes_from_memory() {
+    let (dev, pool) = sim_pool(96 << 20, 61);
+    let v = pool.create_volume("v", 16 << 20).unwrap();
+    let first = pattern(61, 16 << 20);
+    v.write(0, &first).unwrap();
+    pool.snapshot(&[("v", "v@1")]).unwrap();
+    // every leaf copied under the snapshot
+    let second = pattern(62, 16 << 20);
+    v.write(0, &second).unwrap();
+    pool.checkpoint().unwrap();
+    let heads_only = pool.stats().index_memory_bytes;
+    let mut back = vec![0u8; 16 << 20];
+    pool.snapshot_volume("v@1").unwrap().read(0, &mut back).unwrap();
+    assert!(back == first);
+    let with_snapshot = pool.stats().index_memory_bytes;
+    // 16 MiB = 16 leaves of 256 blocks, plus an inner node
+    assert!(
+        with_snapshot >= heads_only + 16 * 4096,
+        "reading the snapshot loads its nodes: {heads_only} -> {with_snapshot}"
+    );
+    pool.checkpoint().unwrap();
+    let after = pool.stats().index_memory_bytes;
+    assert!(after + 16 * 4096 <= with_snapshot, "the checkpoint evicts them: {with_snapshot} -> {after}");
+    pool.snapshot_volume("v@1").unwrap().read(0, &mut back).unwrap();
+    assert!(back == first, "an evicted snapshot reads back the same");
+    v.read(0, &mut back).unwrap();
+    assert!(back == second);
+    let pool = reopen_checked(dev, pool, small_opts(61));
+    pool.snapshot_volume("v@1").unwrap().read(0, &mut back).unwrap();
+    assert!(back == first);
+}

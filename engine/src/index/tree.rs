@@ -522,6 +522,24 @@ impl Index {
         old
     }
 
+    /// Drop from memory every clean node that no root in `keep` reaches through nodes in memory: they stay on disk
+    /// and load again when used (a commit read, a diff). Called after a checkpoint with the heads' roots, so memory
+    /// holds the live trees and what changed since, not every node a snapshot, scrub or diff ever loaded.
+    pub(crate) fn evict_unreachable(&mut self, keep: &[Root]) {
+        let mut reached: std::collections::HashSet<u64, std::hash::BuildHasherDefault<VbnHasher>> = Default::default();
+        let mut stack: Vec<(u64, u8)> = keep.iter().filter(|r| r.vbn != 0).map(|r| (r.vbn, r.height - 1)).collect();
+        while let Some((vbn, level)) = stack.pop() {
+            if !reached.insert(vbn) || level == 0 {
+                continue;
+            }
+            if let Some(node) = self.nodes.get(&vbn) {
+                stack.extend(node.iter().filter(|s| s.a != 0).map(|s| (s.a, level - 1)));
+            }
+        }
+        let dirty = &self.dirty_nodes;
+        self.nodes.retain(|vbn, _| reached.contains(vbn) || dirty.contains(vbn));
+    }
+
     pub(crate) fn dirty_node_count(&self) -> usize {
         self.dirty_nodes.len()
     }
