@@ -21,7 +21,9 @@ out="$work/results.jsonl"
 raw="$work/raw.img"
 rm -f "$raw"
 dd if=/dev/urandom of="$raw" bs=1M count=1024 status=none
+# Every run starts with no dirty page cache left by the one before (its writeback would compete for the disk).
 fio_run() { # name rw bs iodepth
+  sync
   fio --name="$1" --filename="$raw" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=io_uring --direct=1 \
       --size=1G --time_based --runtime="$secs" --output-format=json 2>/dev/null |
     python3 -c "
@@ -32,6 +34,7 @@ print(json.dumps({'who':'fio raw file (io_uring, O_DIRECT, qd $4)','workload':'$
 engine_run() { # name workload bs device [label extra-args...]
   local name=$1 workload=$2 bs=$3 dev=$4 label=${5:-"engine ($4, new sparse pool file)"}
   shift 5 2>/dev/null || shift 4
+  sync
   "$bench" io "$workload" --path "$work/pool" --bs "$bs" --size-mib 1024 --seconds "$secs" --device "$dev" "$@" |
     python3 -c "
 import json,sys

@@ -1,14 +1,12 @@
 //! The `blockmesh` binary: `blockmesh serve` runs the node daemon (engine + NBD + control API); the other
 //! subcommands are its client (see `client.rs`).
 
+mod api_server;
 mod client;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use blockmesh::api::{self, ApiState, ServerInfo};
@@ -23,20 +21,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 const POOL_FILE: &str = "pool.bm";
 /// Unix socket name inside the data directory.
 const NBD_SOCKET: &str = "nbd.sock";
-/// An API client must send a request's headers within this (counted from the connection's start, or from the end of
-/// its previous request): slow or idle connections are closed.
-const API_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// Once a handler asks for more of a request body, the next bytes must arrive within this, or the request fails and
-/// the connection is closed (a stream may pause longer only while the daemon is busy with what it already has).
-const API_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
-/// Most control API connections served at once; further ones are accepted and closed at once.
-const MAX_API_CONNECTIONS: usize = 4096;
-/// Connections the kernel queues for the control API before it accepts them (capped by `net.core.somaxconn`): room
-/// for a burst of clients, so their SYNs are not dropped and retried a second later.
-const API_LISTEN_BACKLOG: u32 = 4096;
-/// Pause after an accept error that is not about one connection (out of file descriptors or memory).
-const API_ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
-
 #[derive(Parser, Debug)]
 #[command(name = "blockmesh", version, about = "git for block volumes: commits, branches and clones, served over NBD")]
 struct Cli {
@@ -184,7 +168,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
     let tcp = tokio::net::TcpListener::bind(args.nbd_listen)
         .await
         .with_context(|| format!("binding {} (is another daemon running? use --nbd-listen)", args.nbd_listen))?;
-    let api_tcp = bind_api(args.api_listen)
+    let api_tcp = api_server::bind(args.api_listen)
         .with_context(|| format!("binding {} (is another daemon running? use --api-listen)", args.api_listen))?;
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -204,100 +188,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     tokio::select! {
         r = async move { s1.serve_tcp(tcp).await } => r?,
         r = async move { s2.serve_unix(unix).await } => r?,
-        r = serve_api(api_tcp, api_router) => r.context("control API")?,
+        r = api_server::serve(api_tcp, api_router) => r.context("control API")?,
         r = shutdown_signal() => r?,
     }
     tracing::info!("shutting down: flushing the pool");
     let _ = std::fs::remove_file(&socket);
     pool.flush().context("flushing the pool on shutdown")?;
     Ok(())
-}
-
-/// Binds the control API's listener with [`API_LISTEN_BACKLOG`].
-fn bind_api(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(API_LISTEN_BACKLOG)
-}
-
-/// Serves the control API: HTTP/1 with a header-read timeout, an idle timeout on request bodies and a connection limit
-/// (what `axum::serve` does, plus those bounds).
-async fn serve_api(listener: tokio::net::TcpListener, router: axum::Router) -> Result<()> {
-    let router = router.layer(axum::middleware::map_request(body_with_idle_timeout));
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                use std::io::ErrorKind::*;
-                if !matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted) {
-                    tracing::error!(error = %e, "control API: accept failed; retrying in {API_ACCEPT_ERROR_BACKOFF:?}");
-                    tokio::time::sleep(API_ACCEPT_ERROR_BACKOFF).await;
-                }
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, limit = MAX_API_CONNECTIONS, "control API: too many connections: closing a new one");
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        tokio::spawn(async move {
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(API_HEADER_READ_TIMEOUT);
-            if let Err(e) = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
-                tracing::debug!(%peer, error = %e, "control API connection ended with an error");
-            }
-            drop(slot);
-        });
-    }
-}
-
-async fn body_with_idle_timeout(req: axum::extract::Request) -> axum::extract::Request {
-    req.map(|body| axum::body::Body::new(IdleTimeoutBody { inner: body, sleep: None }))
-}
-
-/// A request body that fails when its next bytes take longer than [`API_BODY_IDLE_TIMEOUT`] to arrive.
-struct IdleTimeoutBody {
-    inner: axum::body::Body,
-    /// Armed while the handler waits for bytes; disarmed when they come.
-    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl axum::body::HttpBody for IdleTimeoutBody {
-    type Data = axum::body::Bytes;
-    type Error = axum::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<std::result::Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                this.sleep = None;
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => {
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(API_BODY_IDLE_TIMEOUT)));
-                match std::future::Future::poll(sleep.as_mut(), cx) {
-                    Poll::Ready(()) => {
-                        Poll::Ready(Some(Err(format!("no request body data for {API_BODY_IDLE_TIMEOUT:?}").into())))
-                    }
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
-    }
 }
 
 fn main() -> Result<()> {
