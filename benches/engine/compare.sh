@@ -35,7 +35,8 @@ engine_run() { # name workload bs device [label extra-args...]
   local name=$1 workload=$2 bs=$3 dev=$4 label=${5:-"engine ($4, new sparse pool file)"}
   shift 5 2>/dev/null || shift 4
   sync
-  "$bench" io "$workload" --path "$work/pool" --bs "$bs" --size-mib 1024 --seconds "$secs" --device "$dev" "$@" |
+  # a new pool file per run, all deleted at the end (see --keep)
+  "$bench" io "$workload" --path "$work/pool-$name-$dev-$RANDOM" --keep --bs "$bs" --size-mib 1024 --seconds "$secs" --device "$dev" "$@" |
     python3 -c "
 import json,sys
 j=json.loads(sys.stdin.read()); j['who']='$label'; j['workload']='$name'; print(json.dumps(j))"
@@ -57,7 +58,7 @@ for spec in "4k-randwrite randwrite 4096 16" "4k-randread randread 4096 16" "1m-
     done;;
   esac
 done
-rm -f "$raw" "$work"/prewritten-*.img
+rm -f "$raw" "$work"/prewritten-*.img "$work"/pool-*
 "$bench" recovery --path "$work/recovery-pool" --gib 1 > "$work/recovery.json"
 "$bench" idle-memory --path "$work/idle-pool" --volumes 10000 > "$work/idle.json"
 "$bench" versioning --path "$work/versioning-pool" --gib 10 --seconds "$secs" > "$work/versioning.json"

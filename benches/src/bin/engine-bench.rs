@@ -1,6 +1,6 @@
 //! Engine workloads for the comparison script (`benches/engine/compare.sh`): each prints one JSON line.
 //!
-//! - `io <randwrite|randread|seqwrite|seqread> --path F --bs B --size-mib N --seconds S [--flush-every K]
+//! - `io <randwrite|randread|seqwrite|seqread> --path F --bs B --size-mib N --seconds S [--flush-every K] [--keep]
 //!   [--device file|direct|uring] [--existing FILE]`: I/O through one volume of a fresh pool in a new sparse file F
 //!   (or over the existing, written file FILE); prints ops/s and MB/s.
 //! - `recovery --path F --gib N`: writes N GiB with no checkpoint, stops without closing, times the reopen.
@@ -145,7 +145,9 @@ fn io(args: &[String]) -> Result<()> {
         stats.blocks_written
     );
     drop(pool);
-    if arg(args, "--existing").is_none() {
+    // (--keep: the caller deletes it later; on a file system mounted with `discard`, deleting gigabytes makes the
+    // virtual disk slow for a while, which would land on the next run)
+    if arg(args, "--existing").is_none() && !args.iter().any(|a| a == "--keep") {
         let _ = std::fs::remove_file(&path);
     }
     Ok(())
