@@ -13,6 +13,7 @@ use blockmesh::api::{self, ApiState, ServerInfo};
 use blockmesh::metrics::Metrics;
 use blockmesh::nbd_export::{PoolExports, Sessions};
 use blockmesh::size::parse_size;
+use blockmesh_engine::io::FileDevice;
 use blockmesh_engine::{Pool, PoolOptions};
 use blockmesh_nbd::{Server, ServerConfig, TlsMode};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -56,6 +57,10 @@ struct ServeArgs {
     /// is enlarged and the pool grows into it. (A block device or file enlarged by other means is taken at start.)
     #[arg(long, value_parser = parse_size)]
     pool_size: Option<u64>,
+    /// Open the pool with O_DIRECT: reads and writes bypass the page cache (as databases and hypervisors use a
+    /// disk), so the pool's data is not cached twice; not available on tmpfs.
+    #[arg(long)]
+    direct_io: bool,
     /// TCP address for NBD clients.
     #[arg(long, default_value = "127.0.0.1:10809")]
     nbd_listen: SocketAddr,
@@ -93,7 +98,22 @@ pub(crate) fn default_data_dir() -> PathBuf {
 /// Size of a pool file the daemon creates when none is given.
 const DEFAULT_POOL_SIZE_BYTES: u64 = 10 << 30;
 
-fn open_or_create_pool(path: &Path, size: Option<u64>, created_by_default: bool) -> Result<Pool> {
+/// Open the pool file or device at `path`, through the page cache or with O_DIRECT.
+fn open_pool(path: &Path, direct: bool) -> Result<Pool> {
+    let opened = if direct {
+        FileDevice::open_direct(path).and_then(|dev| Pool::open(Arc::new(dev), PoolOptions::default())).map_err(|e| {
+            match e {
+                blockmesh_engine::Error::NotAPool(_) => blockmesh_engine::Error::NotAPool(path.display().to_string()),
+                other => other,
+            }
+        })
+    } else {
+        Pool::open_file(path, PoolOptions::default())
+    };
+    opened.with_context(|| format!("opening pool {}", path.display()))
+}
+
+fn open_or_create_pool(path: &Path, size: Option<u64>, created_by_default: bool, direct: bool) -> Result<Pool> {
     if path.exists() {
         if let Some(want) = size {
             let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
@@ -108,8 +128,7 @@ fn open_or_create_pool(path: &Path, size: Option<u64>, created_by_default: bool)
                 tracing::warn!(path = %path.display(), "--pool-size is smaller than the pool file; pools do not shrink");
             }
         }
-        let pool = Pool::open_file(path, PoolOptions::default())
-            .with_context(|| format!("opening pool {}", path.display()))?;
+        let pool = open_pool(path, direct)?;
         let added = pool.grow().with_context(|| format!("growing pool {}", path.display()))?;
         if added > 0 {
             println!("pool {} grew by {added} segments to {} bytes", path.display(), pool.stats().pool_size_bytes);
@@ -124,6 +143,13 @@ fn open_or_create_pool(path: &Path, size: Option<u64>, created_by_default: bool)
         );
     }
     tracing::info!(path = %path.display(), size_bytes = size, "creating a new pool");
+    if direct {
+        // the file is made (sparse) first, then opened with O_DIRECT for the pool
+        drop(FileDevice::create(path, size).with_context(|| format!("creating pool file {}", path.display()))?);
+        let dev = FileDevice::open_direct(path).with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+        return Pool::create(Arc::new(dev), PoolOptions::default())
+            .with_context(|| format!("creating pool {}", path.display()));
+    }
     Pool::create_file(path, size, PoolOptions::default()).with_context(|| format!("creating pool {}", path.display()))
 }
 
@@ -143,7 +169,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         Some(p) => (p, false),
         None => (data_dir.join(POOL_FILE), true),
     };
-    let pool = Arc::new(open_or_create_pool(&pool_path, args.pool_size, default_pool)?);
+    let pool = Arc::new(open_or_create_pool(&pool_path, args.pool_size, default_pool, args.direct_io)?);
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(blockmesh_nbd::tls::server_config(cert, key, args.tls_client_ca.as_deref())?),
         _ => None,

@@ -240,3 +240,42 @@ fn list_and_pool_status_show_what_heads_and_commits_hold() {
     let text = d.ok(&["pool", "status"]);
     assert!(text.contains("held only by commits"), "{text}");
 }
+
+/// `serve --direct-io` opens the pool with O_DIRECT (checked in the daemon's open file flags), creating it when
+/// missing; data written that way, and data written before through the page cache, read back after restarts.
+#[test]
+fn serve_direct_io_opens_the_pool_with_o_direct() {
+    if !have("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pool_is_direct = |d: &Daemon| -> bool {
+        let pid = d.child.id();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+        fds.filter_map(|e| e.ok()).any(|e| {
+            let target = std::fs::read_link(e.path()).unwrap_or_default();
+            if !target.ends_with("pool.bm") {
+                return false;
+            }
+            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()))
+                .unwrap_or_default();
+            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap_or("0");
+            u32::from_str_radix(flags, 8).unwrap_or(0) & 0o40000 != 0 // O_DIRECT
+        })
+    };
+    let d = Daemon::start_with(dir.path(), &["--pool-size", "1G", "--direct-io"]);
+    assert!(pool_is_direct(&d), "the new pool is open with O_DIRECT");
+    d.ok(&["init", "db", "--size", "16M"]);
+    qemu_ok(&format!("nbd://{}/admin/db", d.nbd), &["write -P 5 0 1M"]);
+    let c: Commit = d.json(&["commit", "db", "-m", "direct"]);
+    d.kill9();
+    let d = Daemon::start(dir.path());
+    assert!(!pool_is_direct(&d), "without the flag, through the page cache");
+    qemu_ok(&format!("nbd://{}/admin/db@{}", d.nbd, c.id), &["read -P 5 0 1M"]);
+    qemu_ok(&format!("nbd://{}/admin/db", d.nbd), &["write -P 6 1M 1M"]);
+    d.ok(&["commit", "db", "-m", "buffered"]);
+    d.kill9();
+    let d = Daemon::start_with(dir.path(), &["--direct-io"]);
+    assert!(pool_is_direct(&d));
+    qemu_ok(&format!("nbd://{}/admin/db", d.nbd), &["read -P 5 0 1M", "read -P 6 1M 1M"]);
+}
