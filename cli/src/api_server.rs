@@ -1,6 +1,6 @@
 //! The control API's HTTP server: HTTP/1 through hyper with the bounds `axum::serve` lacks: a header-read timeout, an
 //! idle timeout on request bodies, a connection limit and a deep listen backlog (slow-loris clients and connection
-//! floods are dropped while others are served; see cli/tests/api_abuse.rs).
+//! floods are dropped while others are served; see cli/tests/api_abuse.rs), over TLS when the daemon has a certificate.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -34,9 +34,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Serves the control API: HTTP/1 with a header-read timeout, an idle timeout on request bodies and a connection limit
 /// (what `axum::serve` does, plus those bounds).
-pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router) -> Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+) -> Result<()> {
     let router = router.layer(axum::middleware::map_request(body_with_idle_timeout));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -54,10 +59,26 @@ pub async fn serve(listener: tokio::net::TcpListener, router: axum::Router) -> R
             continue;
         };
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(API_HEADER_READ_TIMEOUT);
-            if let Err(e) = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+            let served = match acceptor {
+                None => http.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await,
+                // the TLS handshake is bounded like the headers that follow it
+                Some(acceptor) => match tokio::time::timeout(API_HEADER_READ_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => http.serve_connection(hyper_util::rt::TokioIo::new(tls), service).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "control API: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "control API: TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "control API connection ended with an error");
             }
             drop(slot);

@@ -6,7 +6,8 @@
 //! `-o json` prints the API's JSON; otherwise output is for people. Exit codes: 0 done, 1 error, 2 bad usage.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -47,6 +48,10 @@ pub struct Conn {
     /// The daemon's data directory, to read its api-key file (when BLOCKMESH_API_KEY is not set).
     #[arg(long, env = "BLOCKMESH_DATA_DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// A PEM file with the CA (or the self-signed certificate) that an https:// daemon's API is trusted by
+    /// [default: the remote's, else the usual web roots].
+    #[arg(long, env = "BLOCKMESH_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "human", global = true)]
     output: Output,
@@ -269,6 +274,9 @@ pub enum RemoteCommand {
         /// A file holding its API key (the daemon's DATA_DIR/api-key) [default: read the key from standard input].
         #[arg(long)]
         key_file: Option<PathBuf>,
+        /// A PEM file with the CA (or the self-signed certificate) its https:// API is trusted by.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
         /// Do not check that the daemon answers.
         #[arg(long)]
         no_check: bool,
@@ -337,16 +345,18 @@ impl Api {
             Some(p) => Remotes::load(&p).with_context(|| format!("reading the remotes in {}", p.display()))?,
             None => Remotes::default(),
         };
-        let (server, remote_key) = match &conn.server {
+        let (server, remote) = match &conn.server {
             Some(url) => {
-                let key = config.remotes.values().find(|r| r.url.trim_end_matches('/') == url.trim_end_matches('/'));
-                (url.clone(), key.map(|r| r.key.clone()))
+                let r = config.remotes.values().find(|r| r.url.trim_end_matches('/') == url.trim_end_matches('/'));
+                (url.clone(), r.cloned())
             }
             None => match config.pick(conn.remote.as_deref()).map_err(|e| anyhow!(e))? {
-                Some((_, r)) => (r.url.clone(), Some(r.key.clone())),
+                Some((_, r)) => (r.url.clone(), Some(r.clone())),
                 None => (DEFAULT_SERVER.to_string(), None),
             },
         };
+        let ca = conn.ca_cert.clone().or_else(|| remote.as_ref().and_then(|r| r.ca_cert.clone()));
+        let remote_key = remote.map(|r| r.key);
         // The key: BLOCKMESH_API_KEY, else the remote's, else the local daemon's key file.
         let key = match std::env::var("BLOCKMESH_API_KEY") {
             Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
@@ -365,17 +375,28 @@ impl Api {
                 }
             },
         };
-        Ok(Self::with(&server, key, conn.output))
+        Self::with(&server, key, conn.output, ca.as_deref())
     }
 
-    fn with(server: &str, key: String, output: Output) -> Self {
-        let agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT).build();
-        let streaming = ureq::AgentBuilder::new()
+    /// A client of the API at `server`; `ca`: the PEM file its certificate is trusted by (https).
+    fn with(server: &str, key: String, output: Output, ca: Option<&Path>) -> Result<Self> {
+        let mut agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT);
+        let mut streaming = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
             .timeout_read(STREAM_IDLE_TIMEOUT)
-            .timeout_write(STREAM_IDLE_TIMEOUT)
-            .build();
-        Self { base: server.trim_end_matches('/').to_string(), key, agent, streaming, output }
+            .timeout_write(STREAM_IDLE_TIMEOUT);
+        if let Some(ca) = ca {
+            let tls = trusting(ca)?;
+            agent = agent.tls_config(tls.clone());
+            streaming = streaming.tls_config(tls);
+        }
+        Ok(Self {
+            base: server.trim_end_matches('/').to_string(),
+            key,
+            agent: agent.build(),
+            streaming: streaming.build(),
+            output,
+        })
     }
 
     fn request(&self, agent: &ureq::Agent, method: &str, path: &str) -> ureq::Request {
@@ -606,7 +627,7 @@ fn receive(api: &Api, file: Option<&std::path::Path>, restart: bool) -> Result<(
 fn remote(what: RemoteCommand) -> Result<()> {
     let (path, mut config) = load_remotes()?;
     match what {
-        RemoteCommand::Add { name, url, key_file, no_check, output } => {
+        RemoteCommand::Add { name, url, key_file, ca_cert, no_check, output } => {
             remotes::validate_name(&name).map_err(|e| anyhow!(e))?;
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 bail!("{url} is not an http:// or https:// URL of a daemon's control API");
@@ -628,11 +649,14 @@ fn remote(what: RemoteCommand) -> Result<()> {
             if key.is_empty() {
                 bail!("no API key given: pass --key-file or type the key");
             }
+            let ca_cert = ca_cert
+                .map(|f| std::fs::canonicalize(&f).with_context(|| format!("finding {}", f.display())))
+                .transpose()?;
             if !no_check {
-                let api = Api::with(&url, key.clone(), output);
+                let api = Api::with(&url, key.clone(), output, ca_cert.as_deref())?;
                 let _: ServerInfo = api.get("/v1/info").with_context(|| format!("checking {url} with that key"))?;
             }
-            let replaced = config.remotes.insert(name.clone(), Remote { url: url.clone(), key }).is_some();
+            let replaced = config.remotes.insert(name.clone(), Remote { url: url.clone(), key, ca_cert }).is_some();
             config.save(&path).with_context(|| format!("writing {}", path.display()))?;
             if output == Output::Json {
                 println!("{}", serde_json::json!({ "name": name, "url": url }));
@@ -686,9 +710,31 @@ fn remote(what: RemoteCommand) -> Result<()> {
 fn remote_api(name: &str, output: Output) -> Result<Api> {
     let (_, config) = load_remotes()?;
     match config.pick(Some(name)).map_err(|e| anyhow!(e))? {
-        Some((_, r)) => Ok(Api::with(&r.url, r.key.clone(), output)),
+        Some((_, r)) => Api::with(&r.url, r.key.clone(), output, r.ca_cert.as_deref()),
         None => bail!("{name} means the local daemon; push and pull need a remote (blockmesh remote add)"),
     }
+}
+
+/// A TLS client configuration trusting the certificates in the PEM file `ca` (a CA, or a daemon's self-signed
+/// certificate).
+fn trusting(ca: &Path) -> Result<Arc<tokio_rustls::rustls::ClientConfig>> {
+    use tokio_rustls::rustls;
+    let pem = std::fs::read(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.with_context(|| format!("reading a PEM certificate in {}", ca.display()))?;
+        roots.add(cert).with_context(|| format!("a certificate in {}", ca.display()))?;
+    }
+    if roots.is_empty() {
+        bail!("{} holds no PEM certificate", ca.display());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// What a push or pull did.

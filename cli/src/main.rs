@@ -202,19 +202,26 @@ async fn serve(args: ServeArgs) -> Result<()> {
         nbd_socket: socket.display().to_string(),
     };
     let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions, metrics }));
+    // With a certificate the control API speaks HTTPS only (API keys never cross in the clear); it authenticates
+    // clients by their key, not by client certificates.
+    let api_tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(blockmesh_nbd::tls::server_config(cert, key, None)?),
+        _ => None,
+    };
     println!(
-        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at http://{} \
+        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at {}://{} \
          (Ctrl-C to stop)",
         pool_path.display(),
         tcp.local_addr()?,
         socket.display(),
+        if api_tls.is_some() { "https" } else { "http" },
         api_tcp.local_addr()?,
     );
     let (s1, s2) = (server.clone(), server);
     tokio::select! {
         r = async move { s1.serve_tcp(tcp).await } => r?,
         r = async move { s2.serve_unix(unix).await } => r?,
-        r = api_server::serve(api_tcp, api_router) => r.context("control API")?,
+        r = api_server::serve(api_tcp, api_router, api_tls) => r.context("control API")?,
         r = shutdown_signal() => r?,
     }
     tracing::info!("shutting down: flushing the pool");

@@ -21,6 +21,10 @@ pub struct Remote {
     pub url: String,
     /// Its admin API key.
     pub key: String,
+    /// A PEM file with the CA (or the self-signed certificate) its HTTPS API is trusted by; none: the system's
+    /// usual web roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// The config file's contents.
@@ -115,7 +119,10 @@ mod tests {
         let mut r = Remotes::load(&path).expect("missing file is empty");
         assert_eq!(r, Remotes::default());
         assert_eq!(r.pick(None), Ok(None));
-        r.remotes.insert("prod".into(), Remote { url: "http://10.0.0.5:32607".into(), key: "k1".into() });
+        r.remotes.insert(
+            "prod".into(),
+            Remote { url: "http://10.0.0.5:32607".into(), key: "k1".into(), ca_cert: Some("/etc/ca.pem".into()) },
+        );
         r.current = Some("prod".into());
         r.save(&path).expect("save");
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).expect("stat").permissions());

@@ -76,3 +76,55 @@ fn remotes_name_daemons_and_their_keys() {
     let (code, _, _) = client(&config, &["list"]);
     assert_eq!(code, 1, "the current remote is gone: back to the local daemon, which has no key here");
 }
+
+/// A daemon with a certificate serves its control API over HTTPS only: a client trusting its certificate (by
+/// --ca-cert, or a remote added with one) works, one that does not is refused, and plain HTTP gets no answer.
+#[test]
+fn the_api_speaks_https_when_the_daemon_has_a_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (cert_pem, key_pem) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_pem, cert.cert.pem()).unwrap();
+    std::fs::write(&key_pem, cert.key_pair.serialize_pem()).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let (c, k) = (cert_pem.to_str().unwrap(), key_pem.to_str().unwrap());
+    let d = Daemon::start_with(&data, &["--pool-size", "1G", "--tls-cert", c, "--tls-key", k, "--tls", "optional"]);
+    assert!(d.api.starts_with("https://"), "the daemon names an https:// API: {}", d.api);
+
+    // trusted by --ca-cert: the whole workflow goes over TLS
+    let mut init = d.command(&["init", "db", "--size", "16M", "--ca-cert", c]);
+    init.env_remove("BLOCKMESH_CA_CERT");
+    let (code, out, err) = d.run(init);
+    assert_eq!(code, 0, "{out}{err}");
+    let mut c1 = d.command(&["commit", "db", "-m", "over tls", "-o", "json"]);
+    c1.env("BLOCKMESH_CA_CERT", c);
+    let (code, out, err) = d.run(c1);
+    assert_eq!(code, 0, "{out}{err}");
+    let commit: Commit = serde_json::from_str(&out).unwrap();
+
+    // not trusted: refused, nothing sent
+    let (code, out, err) = d.cli(&["list"]);
+    assert_ne!(code, 0, "a client that does not trust the certificate must fail: {out}");
+    assert!(err.contains("cannot reach") || err.to_lowercase().contains("certificate"), "{err}");
+    // plain HTTP to the TLS port gets no API answer
+    let plain = d.api.replacen("https://", "http://", 1);
+    let mut p = d.command(&["list"]);
+    p.env("BLOCKMESH_SERVER", &plain);
+    let (code, _, _) = d.run(p);
+    assert_ne!(code, 0, "plain HTTP must not be served");
+
+    // a remote added with the certificate
+    let config = dir.path().join("remotes.json");
+    let key_file = data.join("api-key");
+    ok(&config, &["remote", "add", "secure", &d.api, "--key-file", key_file.to_str().unwrap(), "--ca-cert", c]);
+    let log: Vec<Commit> =
+        serde_json::from_str(&ok(&config, &["log", "db", "--remote", "secure", "-o", "json"])).unwrap();
+    assert_eq!(log.first().map(|x| x.id.clone()), Some(commit.id));
+    let dots: Vec<Dot> = serde_json::from_str(&ok(&config, &["list", "--remote", "secure", "-o", "json"])).unwrap();
+    assert_eq!(dots.len(), 1);
+    // without it, adding the remote fails its check
+    let (code, _, err) =
+        client(&config, &["remote", "add", "nocert", &d.api, "--key-file", key_file.to_str().unwrap()]);
+    assert_ne!(code, 0, "{err}");
+}

@@ -57,7 +57,9 @@ impl Daemon {
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || for _ in lines {});
         let after = |marker: &str| line.split(marker).nth(1).unwrap().split([' ', ',']).next().unwrap().to_string();
-        Daemon { child, data: data.to_path_buf(), api: format!("http://{}", after("http://")), nbd: after("nbd://") }
+        // "control API at http://ADDR" (https:// when the daemon has a certificate)
+        let api = line.split("control API at ").nth(1).unwrap().split(' ').next().unwrap().to_string();
+        Daemon { child, data: data.to_path_buf(), api, nbd: after("nbd://") }
     }
 
     /// A client subcommand aimed at this daemon, not started yet (standard input: nothing).
