@@ -21,9 +21,11 @@ out="$work/results.jsonl"
 raw="$work/raw.img"
 rm -f "$raw"
 dd if=/dev/urandom of="$raw" bs=1M count=1024 status=none
-# Every run starts with no dirty page cache left by the one before (its writeback would compete for the disk).
+# Every run starts with no dirty page cache left by the one before (its writeback would compete for the disk) and,
+# when run as root, with the page cache dropped (a run that needs fresh cache pages must not inherit a full cache).
+settle() { sync; [ "$(id -u)" -ne 0 ] || echo 3 > /proc/sys/vm/drop_caches || true; }
 fio_run() { # name rw bs iodepth
-  sync
+  settle
   fio --name="$1" --filename="$raw" --rw="$2" --bs="$3" --iodepth="$4" --ioengine=io_uring --direct=1 \
       --size=1G --time_based --runtime="$secs" --output-format=json 2>/dev/null |
     python3 -c "
@@ -34,7 +36,7 @@ print(json.dumps({'who':'fio raw file (io_uring, O_DIRECT, qd $4)','workload':'$
 engine_run() { # name workload bs device [label extra-args...]
   local name=$1 workload=$2 bs=$3 dev=$4 label=${5:-"engine ($4, new sparse pool file)"}
   shift 5 2>/dev/null || shift 4
-  sync
+  settle
   # a new pool file per run, all deleted at the end (see --keep)
   "$bench" io "$workload" --path "$work/pool-$name-$dev-$RANDOM" --keep --bs "$bs" --size-mib 1024 --seconds "$secs" --device "$dev" "$@" |
     python3 -c "
