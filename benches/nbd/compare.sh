@@ -37,7 +37,10 @@ t=sys.stdin.read(); j=json.loads(t[t.index('{'):])['jobs'][0]; k='write' if 'wri
 print(json.dumps({'who':'$1','workload':'$3','iops':j[k]['iops'],'mbps':j[k]['bw_bytes']/1e6,
                   'lat_us':j[k]['clat_ns']['mean']/1e3}))" >> "$out"
 }
+# Each server starts from a synced and (as root) dropped page cache, so none inherits another's cached or dirty pages.
+settle() { sync; [ "$(id -u)" -ne 0 ] || echo 3 > /proc/sys/vm/drop_caches || true; }
 suite() { # who uri
+  settle
   fio_run "$1" "$2" "1M seq write qd4" write 1M 4
   fio_run "$1" "$2" "1M seq read qd4" read 1M 4
   fio_run "$1" "$2" "4K rand write qd16" randwrite 4k 16
