@@ -84,7 +84,6 @@ impl State {
         let Some(Plan { victims, mut moves }) = self.plan(candidates, |st, vbn| !st.index.is_dirty(vbn)) else {
             return Ok(CleanStats::default());
         };
-        let per_record = per_record_blocks(&self.segs);
         let mut is_victim = vec![false; self.segs.count as usize];
         for &s in &victims {
             is_victim[s as usize] = true;
@@ -93,21 +92,9 @@ impl State {
         let moving = |pba: u64| segs.segment_of(pba).is_some_and(|s| is_victim[s as usize]);
         moves.sort_unstable();
         self.index.bt.rewrite_pages_in(moving);
-        // With nothing in flight, every block is read from the device, runs of neighbours in one read each.
-        self.log.seal()?;
-        self.log.drain()?;
         let mut stats = CleanStats { passes: 1, segments_freed: 0, blocks_moved: 0 };
-        for chunk in moves.chunks(per_record as usize) {
-            let pbas: Vec<u64> = chunk.iter().map(|(pba, _)| *pba).collect();
-            let mut bytes = vec![0u8; chunk.len() * BLOCK];
-            read_blocks(dev, &pbas, &mut bytes)?;
-            // Copied as they are: a block that fails its checksum keeps failing it (the entry's checksum is kept),
-            // so corruption stays visible to reads and scrub instead of being laundered.
-            let blocks: Vec<(u64, Vec<u8>)> =
-                chunk.iter().zip(bytes.chunks(BLOCK)).map(|((_, vbn), b)| (*vbn, b.to_vec())).collect();
-            self.write_pages(dev, RecordKind::Nodes, blocks, |st, vbn, loc| st.index.block_moved(vbn, loc.pba))?;
-            stats.blocks_moved += chunk.len() as u64;
-        }
+        stats.blocks_moved =
+            self.copy_blocks(dev, RecordKind::Nodes, &moves, |st, vbn, pba| st.index.block_moved(vbn, pba))?;
         self.checkpoint(dev, gate)?;
         self.counters.clean_passes += 1;
         self.counters.cleaned_blocks += stats.blocks_moved;
@@ -145,9 +132,8 @@ impl State {
         let Some(Plan { victims, mut moves }) = self.plan(candidates, |_, _| true) else {
             return Ok(CleanStats::default());
         };
-        let per_record = per_record_blocks(&self.segs);
         moves.sort_unstable();
-        match self.move_steps(dev, gate, &moves, &victims, per_record) {
+        match self.move_steps(dev, gate, &moves, &victims) {
             Ok(stats) => Ok(stats),
             Err(e) => Err(self.fail(e)),
         }
@@ -159,29 +145,11 @@ impl State {
         gate: &RwLock<()>,
         moves: &[(u64, u64)],
         victims: &[u64],
-        per_record: u64,
     ) -> Result<CleanStats> {
-        self.log.seal()?;
-        self.log.drain()?;
         let mut stats = CleanStats { passes: 1, segments_freed: 0, blocks_moved: 0 };
-        for chunk in moves.chunks(per_record as usize) {
-            let pbas: Vec<u64> = chunk.iter().map(|(pba, _)| *pba).collect();
-            let mut payload = vec![0u8; chunk.len() * BLOCK];
-            read_blocks(dev, &pbas, &mut payload)?;
-            // Copied as they are (a bad block stays bad under its original checksum, see clean_pass); the record's
-            // own checksum lets replay tell a torn copy from a complete one.
-            let body: Vec<u8> = chunk.iter().flat_map(|(_, vbn)| vbn.to_le_bytes()).collect();
-            let crc = crate::format::crc32(&payload);
-            let first = self.log.append_record(dev, &mut self.segs, RecordKind::Moved, body, &payload, crc)?;
-            self.log.blocks_since_checkpoint += 1 + chunk.len() as u64;
-            for (i, (_, vbn)) in chunk.iter().enumerate() {
-                let pba = first + i as u64;
-                self.segs.add_live(pba);
-                let old = self.index.block_relocated(*vbn, pba);
-                self.segs.release(old);
-            }
-            stats.blocks_moved += chunk.len() as u64;
-        }
+        // every live vbn, dirty nodes' written copies too [I13]
+        stats.blocks_moved =
+            self.copy_blocks(dev, RecordKind::Moved, moves, |st, vbn, pba| st.index.block_relocated(vbn, pba))?;
         // The moves are durable before any victim can be written over [I13].
         let below = self.log.next_seq();
         dev.sync()?;
@@ -199,6 +167,31 @@ impl State {
         self.counters.moving_passes += 1;
         self.counters.cleaned_blocks += stats.blocks_moved;
         Ok(stats)
+    }
+
+    /// Copy the blocks `moves` (`(pba, vbn)`, sorted) to the log head in records of `kind`, pointing each vbn at its
+    /// copy with `relocate` (which returns the block it left); returns the blocks copied. With nothing in flight,
+    /// every block is read from the device, runs of neighbours in one read each. Blocks are copied as they are: one
+    /// that fails its checksum keeps failing it (the entry's checksum is kept), so corruption stays visible to reads
+    /// and scrub instead of being laundered.
+    fn copy_blocks(
+        &mut self,
+        dev: &dyn Device,
+        kind: RecordKind,
+        moves: &[(u64, u64)],
+        relocate: impl Fn(&mut State, u64, u64) -> u64,
+    ) -> Result<u64> {
+        self.log.seal()?;
+        self.log.drain()?;
+        for chunk in moves.chunks(per_record_blocks(&self.segs) as usize) {
+            let pbas: Vec<u64> = chunk.iter().map(|(pba, _)| *pba).collect();
+            let mut bytes = vec![0u8; chunk.len() * BLOCK];
+            read_blocks(dev, &pbas, &mut bytes)?;
+            let blocks: Vec<(u64, Vec<u8>)> =
+                chunk.iter().zip(bytes.chunks(BLOCK)).map(|((_, vbn), b)| (*vbn, b.to_vec())).collect();
+            self.write_pages(dev, kind, blocks, |st, vbn, loc| relocate(st, vbn, loc.pba))?;
+        }
+        Ok(moves.len() as u64)
     }
 
     /// Moving passes until `enough` holds or nothing more can be cleaned (see [`State::passes_until`]).

@@ -380,7 +380,7 @@ impl Pool {
             let segs_view = Segments::new(state.segs.count, seg, vec![0; state.segs.count as usize]);
             journal::replay(&*dev, &segs_view, sb.pool_id, cursor, |r| {
                 match r.header.kind {
-                    RecordKind::Batch => records.push((r.pba, r.ops.clone())),
+                    RecordKind::Batch => records.push((r.pba, r.ops)),
                     RecordKind::Moved => {
                         for (vbn, pba) in r.moved() {
                             state.replay_move(vbn, pba)?;
@@ -1170,7 +1170,14 @@ impl State {
                 body.extend_from_slice(&id.to_le_bytes());
                 payload.extend_from_slice(buf);
             }
-            let first = self.log.append_record(dev, &mut self.segs, kind, body, &payload, 0)?;
+            // a Moved record's payload is checksummed in its header, so replay can tell a torn copy [I13]; the other
+            // kinds' blocks are checksummed where they are referenced [I6]
+            let payload_crc = if kind == RecordKind::Moved { crc32(&payload) } else { 0 };
+            let first = self.log.append_record(dev, &mut self.segs, kind, body, &payload, payload_crc)?;
+            if kind == RecordKind::Moved {
+                // replayed at open like the ops, so they count toward the replay the checkpoint interval bounds
+                self.log.blocks_since_checkpoint += 1 + chunk.len() as u64;
+            }
             for (i, (id, buf)) in chunk.iter().enumerate() {
                 let pba = first + i as u64;
                 self.segs.add_live(pba);

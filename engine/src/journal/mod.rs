@@ -417,7 +417,7 @@ pub(crate) fn replay(
     segs: &Segments,
     pool_id: u64,
     start: LogCursor,
-    mut apply: impl FnMut(&Replayed) -> Result<()>,
+    mut apply: impl FnMut(Replayed) -> Result<()>,
 ) -> Result<ReplayEnd> {
     let mut cursor = start;
     let mut visited = BTreeSet::new();
@@ -450,10 +450,10 @@ pub(crate) fn replay(
             }
             break;
         };
-        apply(&r)?;
         let n = 1 + u64::from(r.header.payload_blocks);
         visited.insert(seg);
         cursor = LogCursor { segment: seg, pba: r.pba + n, next_segment: r.header.next_segment, seq: cursor.seq + 1 };
+        apply(r)?;
         records += 1;
     }
     Ok(ReplayEnd { cursor, segments_visited: visited, records })
