@@ -16,6 +16,7 @@
 //! | `GET /v1/dots/{ns}/{name}` | | [`Dot`] |
 //! | `DELETE /v1/dots/{ns}/{name}?force=true` | | `{}` |
 //! | `GET /v1/dots/{ns}/{name}/commits?branch=B` | | `[`[`Commit`]`]`, newest first |
+//! | `GET /v1/dots/{ns}/{name}/commits?all=true` | | `[`[`Commit`]`]`: every commit of the dot, on a branch or not, oldest first |
 //! | `POST /v1/dots/{ns}/{name}/commits` | [`CommitBody`] | [`Commit`] |
 //! | `GET /v1/dots/{ns}/{name}/commits/{commit}` | | [`Commit`] (resolves prefixes and branch names) |
 //! | `POST /v1/dots/{ns}/{name}/branches` | [`BranchRequest`] | [`Dot`] |
@@ -320,6 +321,9 @@ struct DeleteQuery {
 #[derive(Debug, Clone, Deserialize)]
 struct LogQuery {
     branch: Option<String>,
+    /// Every commit of the dot instead of one branch's log.
+    #[serde(default)]
+    all: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -740,8 +744,11 @@ async fn log(
     Query(q): Query<LogQuery>,
 ) -> ApiResult<Vec<Commit>> {
     let dot = format!("{ns}/{name}");
-    with_pool(s, move |pool| Ok(Json(pool.log(&dot, q.branch.as_deref())?.into_iter().map(commit_json).collect())))
-        .await
+    with_pool(s, move |pool| {
+        let commits = if q.all { pool.commits(&dot)? } else { pool.log(&dot, q.branch.as_deref())? };
+        Ok(Json(commits.into_iter().map(commit_json).collect()))
+    })
+    .await
 }
 
 async fn show_commit(

@@ -756,15 +756,6 @@ struct SyncSummary {
     diverged: bool,
 }
 
-/// Whether `api`'s `dot` has commit `id` (on any branch, or on none).
-fn has_commit(api: &Api, dot: &str, id: &str) -> Result<bool> {
-    match api.get::<Commit>(&format!("{}/commits/{id}", dot_path(dot))) {
-        Ok(_) => Ok(true),
-        Err(e) if e.to_string().contains("HTTP 404") => Ok(false),
-        Err(e) => Err(e),
-    }
-}
-
 /// Copy the commits of `dot`'s `branch` that `dst` lacks from `src`, oldest first: from the newest commit of the
 /// branch that `dst` has (on any branch), each as an incremental stream from its parent; the branch's first commit
 /// whole when `dst` has none of them. A stream `dst` holds part of resumes. When `dst`'s branch has commits `src`'s
@@ -799,23 +790,13 @@ fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str, force
             short(&head)
         );
     }
-    // the newest commit of our branch they have, on any of their branches (one log each), or on none (asked
-    // one by one, newest first, until one is there)
-    let mut shared: Option<usize> = None;
-    if let Some(d) = &their_dot {
-        let mut known = std::collections::HashSet::new();
-        for b in d.branches.iter().filter(|b| b.head.is_some()) {
-            let log: Vec<Commit> = dst.get(&format!("{}/commits?branch={}", dot_path(dot), b.name))?;
-            known.extend(log.into_iter().map(|c| c.id));
-        }
-        for (i, c) in mine.iter().enumerate().rev() {
-            if known.contains(&c.id) || has_commit(dst, dot, &c.id)? {
-                shared = Some(i);
-                break;
-            }
-        }
-    }
-    let first_missing = shared.map_or(0, |i| i + 1);
+    // the newest commit of our branch they have, on any of their branches or on none (one listing of all of them)
+    let theirs: Vec<Commit> = match &their_dot {
+        Some(_) => dst.get(&format!("{}/commits?all=true", dot_path(dot)))?,
+        None => Vec::new(),
+    };
+    let known: std::collections::HashSet<&str> = theirs.iter().map(|c| c.id.as_str()).collect();
+    let first_missing = mine.iter().rposition(|c| known.contains(c.id.as_str())).map_or(0, |i| i + 1);
     let pending: Vec<PendingReceive> = dst.get("/v1/receives")?;
     let mut summary = SyncSummary {
         dot: src_dot.name.clone(),

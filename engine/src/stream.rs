@@ -339,6 +339,33 @@ fn receive_volumes(st: &crate::pool::State, tag: CommitId) -> Vec<u64> {
     ids
 }
 
+/// Log the staging volume of each subdot of `h`: a clone of the base commit's snapshot (resized when the stream says
+/// so) or an empty volume; records each in `staged`.
+fn stage_subdots(
+    st: &mut crate::pool::State,
+    dev: &dyn crate::io::Device,
+    h: &Header,
+    base_snaps: Option<&BTreeMap<String, u64>>,
+    staged: &mut BTreeMap<String, u64>,
+) -> Result<()> {
+    let tag = CommitId(h.commit);
+    for (subdot, size) in &h.subdots {
+        let name = staging_name(tag, subdot);
+        let vol = st.next_volume_id;
+        match base_snaps.and_then(|b| b.get(subdot)) {
+            Some(sid) => {
+                st.log_apply(dev, Op::CloneSnapshot { snapshot: *sid, volume: vol, name }, None)?;
+                if st.volumes[&vol].size_bytes != *size {
+                    st.log_apply(dev, Op::ResizeVolume { volume: vol, size_bytes: *size }, None)?;
+                }
+            }
+            None => st.log_apply(dev, Op::CreateVolume { volume: vol, size_bytes: *size, name }, None)?,
+        }
+        staged.insert(subdot.clone(), vol);
+    }
+    Ok(())
+}
+
 /// The stream's head (magic, version, header, its checksum) as read, and the header.
 struct Head {
     bytes: Vec<u8>,
@@ -793,23 +820,7 @@ impl Pool {
                 Op::CreateVolume { volume: progress, size_bytes: PROGRESS_VOLUME_BYTES, name: progress_name(tag) },
                 None,
             )
-            .and_then(|()| {
-                for (subdot, size) in &h.subdots {
-                    let name = staging_name(tag, subdot);
-                    let vol = st.next_volume_id;
-                    match base_snaps.as_ref().and_then(|b| b.get(subdot)) {
-                        Some(sid) => {
-                            st.log_apply(dev, Op::CloneSnapshot { snapshot: *sid, volume: vol, name }, None)?;
-                            if st.volumes[&vol].size_bytes != *size {
-                                st.log_apply(dev, Op::ResizeVolume { volume: vol, size_bytes: *size }, None)?;
-                            }
-                        }
-                        None => st.log_apply(dev, Op::CreateVolume { volume: vol, size_bytes: *size, name }, None)?,
-                    }
-                    staged.insert(subdot.clone(), vol);
-                }
-                Ok(())
-            });
+            .and_then(|()| stage_subdots(&mut st, dev, h, base_snaps.as_ref(), &mut staged));
         if let Err(e) = created {
             // nothing half-staged stays behind (best effort: the pool may have failed, then open cleans nothing
             // up either, and the next receive of this commit drops the leftovers first)
