@@ -38,6 +38,12 @@ pub const MAX_COMMIT_AUTHOR_BYTES: usize = 128;
 pub const MAX_COMMIT_METADATA_PAIRS: usize = 16;
 /// Most metadata bytes (keys and values) on one commit.
 pub const MAX_COMMIT_METADATA_BYTES: usize = 1024;
+/// Most properties on one dot.
+pub const MAX_DOT_PROPERTIES: usize = 64;
+/// Longest property key, in bytes.
+pub const MAX_PROPERTY_KEY_BYTES: usize = 128;
+/// Longest property value, in bytes.
+pub const MAX_PROPERTY_VALUE_BYTES: usize = 1024;
 
 /// A commit id: 128 bits, shown as 32 hex digits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -123,6 +129,8 @@ pub struct DotInfo {
     pub subdots: Vec<(String, u64)>,
     /// Commits in the dot.
     pub commits: usize,
+    /// The dot's properties (see [`Pool::set_dot_property`]).
+    pub properties: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +156,7 @@ pub(crate) struct DotState {
     pub(crate) branches: BTreeMap<String, BranchState>,
     pub(crate) commits: HashMap<RawCommitId, CommitState>,
     pub(crate) next_seq: u64,
+    pub(crate) properties: BTreeMap<String, String>,
 }
 
 impl DotState {
@@ -176,6 +185,7 @@ impl DotState {
                 .map(|(n, b)| (n.clone(), b.head, b.volumes.iter().map(|(k, v)| (k.clone(), *v)).collect()))
                 .collect(),
             commits,
+            properties: self.properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         }
     }
 
@@ -197,6 +207,7 @@ impl DotState {
                 })
                 .collect(),
             next_seq,
+            properties: r.properties.into_iter().collect(),
         }
     }
 }
@@ -353,6 +364,7 @@ impl State {
                         branches,
                         commits: HashMap::new(),
                         next_seq: 0,
+                        properties: BTreeMap::new(),
                     },
                 );
                 self.dot_names.insert(name.clone(), dot);
@@ -376,6 +388,7 @@ impl State {
                         branches: BTreeMap::new(),
                         commits: HashMap::new(),
                         next_seq: 0,
+                        properties: BTreeMap::new(),
                     },
                 );
                 self.dot_names.insert(name.clone(), dot);
@@ -393,6 +406,7 @@ impl State {
                         branches: BTreeMap::new(),
                         commits: HashMap::new(),
                         next_seq: 0,
+                        properties: BTreeMap::new(),
                     };
                     self.dots.insert(dot, d);
                     self.dot_names.insert(name.clone(), dot);
@@ -497,6 +511,17 @@ impl State {
                 self.clone_heads(dot, branch, commit, volumes)?;
             }
             DotOp::DeleteBranch { branch } => self.remove_branch(dev, dot, branch)?,
+            DotOp::SetProperty { key, value } => {
+                let d = self.dot_mut(dot)?;
+                match value {
+                    Some(v) => {
+                        d.properties.insert(key.clone(), v.clone());
+                    }
+                    None => {
+                        d.properties.remove(key);
+                    }
+                }
+            }
             DotOp::DeleteCommit { commit } => {
                 let c = self
                     .dot_mut(dot)?
@@ -557,6 +582,7 @@ impl State {
             branches: d.branches.iter().map(|(n, b)| (n.clone(), b.head.map(CommitId))).collect(),
             subdots,
             commits: d.commits.len(),
+            properties: d.properties.clone(),
         }
     }
 
@@ -843,6 +869,48 @@ impl Pool {
             return Err(Error::InvalidArgument(format!("commit {commit} is the parent of another commit")));
         }
         st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::DeleteCommit { commit: commit.0 })?;
+        st.maybe_checkpoint(dev, &self.inner.reuse_gate)
+    }
+
+    /// Set (`Some`) or remove (`None`) a property of a dot: an opaque key/value pair kept with the dot, durable like
+    /// every dot change once the pool is flushed, not copied by commits, clones or send streams. At most
+    /// [`MAX_DOT_PROPERTIES`] per dot, keys of 1 to [`MAX_PROPERTY_KEY_BYTES`] bytes without control characters,
+    /// values up to [`MAX_PROPERTY_VALUE_BYTES`]. Removing a property that is not set does nothing.
+    ///
+    /// ```
+    /// # use blockmesh_engine::{io::SimDevice, Pool, PoolOptions};
+    /// let opts = PoolOptions { segment_size_bytes: 1 << 20, ..PoolOptions::default() };
+    /// let pool = Pool::create(SimDevice::new(64 << 20), opts).unwrap();
+    /// pool.create_dot("admin/db", &[("__default__", 1 << 20)]).unwrap();
+    /// pool.set_dot_property("admin/db", "qos.__default__", Some("read_iops=500")).unwrap();
+    /// assert_eq!(pool.dot("admin/db").unwrap().properties["qos.__default__"], "read_iops=500");
+    /// ```
+    pub fn set_dot_property(&self, dot: &str, key: &str, value: Option<&str>) -> Result<()> {
+        if key.is_empty() || key.len() > MAX_PROPERTY_KEY_BYTES || key.chars().any(char::is_control) {
+            return Err(Error::InvalidArgument(format!(
+                "a property key has 1 to {MAX_PROPERTY_KEY_BYTES} bytes and no control characters"
+            )));
+        }
+        if value.is_some_and(|v| v.len() > MAX_PROPERTY_VALUE_BYTES) {
+            return Err(Error::InvalidArgument(format!(
+                "a property value has at most {MAX_PROPERTY_VALUE_BYTES} bytes"
+            )));
+        }
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let id = st.dot_id(dot)?;
+        let d = st.dot(id)?;
+        match value {
+            None if !d.properties.contains_key(key) => return Ok(()),
+            Some(v) if d.properties.get(key).map(String::as_str) == Some(v) => return Ok(()),
+            Some(_) if !d.properties.contains_key(key) && d.properties.len() >= MAX_DOT_PROPERTIES => {
+                return Err(Error::Limit(format!("{dot} already has {MAX_DOT_PROPERTIES} properties")));
+            }
+            _ => {}
+        }
+        let change = DotOp::SetProperty { key: key.to_string(), value: value.map(str::to_string) };
+        st.log_dot(dev, &self.inner.reuse_gate, id, change)?;
         st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 

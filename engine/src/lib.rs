@@ -48,6 +48,7 @@ pub use cleaner::{
 pub use dots::{
     validate_dot_name, CommitId, CommitInfo, CommitRequest, DotInfo, DEFAULT_SUBDOT, MASTER_BRANCH,
     MAX_COMMIT_AUTHOR_BYTES, MAX_COMMIT_MESSAGE_BYTES, MAX_COMMIT_METADATA_BYTES, MAX_COMMIT_METADATA_PAIRS,
+    MAX_DOT_PROPERTIES, MAX_PROPERTY_KEY_BYTES, MAX_PROPERTY_VALUE_BYTES,
 };
 pub use error::{Error, Result};
 pub use format::ops::MAX_SNAPSHOT_VOLUMES;

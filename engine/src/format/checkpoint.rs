@@ -6,7 +6,10 @@ use super::{Dec, Enc};
 use crate::Result;
 
 const CHECKPOINT_MAGIC: u32 = 0x5043_4d42; // "BMCP"
-const CHECKPOINT_VERSION: u32 = 1;
+/// Version 2 (pool format 4) adds each dot's properties; version 1 payloads (pool formats 2 and 3) still decode.
+const CHECKPOINT_VERSION: u32 = 2;
+/// The oldest checkpoint payload version decoded.
+const MIN_CHECKPOINT_VERSION: u32 = 1;
 
 /// A volume as the catalog records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +51,8 @@ pub(crate) struct DotRecord {
     pub(crate) branches: Vec<BranchRecord>,
     /// In commit order.
     pub(crate) commits: Vec<CommitRecord>,
+    /// The dot's properties `(key, value)`, in key order (checkpoint version 2).
+    pub(crate) properties: Vec<(String, String)>,
 }
 
 /// A tree height read from disk: 1 up to the most a volume can need (a larger one would overflow every capacity
@@ -108,7 +113,7 @@ fn get_pairs(d: &mut Dec<'_>) -> Result<Vec<(String, u64)>> {
 }
 
 impl DotRecord {
-    fn encode(&self, e: &mut Enc) {
+    fn encode(&self, e: &mut Enc, version: u32) {
         e.u64(self.id);
         put_name(e, &self.name);
         put_name(e, &self.current);
@@ -143,9 +148,16 @@ impl DotRecord {
             }
             put_pairs(e, snaps);
         }
+        if version >= 2 {
+            e.u32(self.properties.len() as u32);
+            for (k, v) in &self.properties {
+                put_name(e, k);
+                put_text(e, v);
+            }
+        }
     }
 
-    fn decode(d: &mut Dec<'_>) -> Result<Self> {
+    fn decode(d: &mut Dec<'_>, version: u32) -> Result<Self> {
         let id = d.u64()?;
         let name = get_name(d)?;
         let current = get_name(d)?;
@@ -179,7 +191,15 @@ impl DotRecord {
             let snaps = get_pairs(d)?;
             commits.push((cid, seq, branch, CommitMeta { parents, time_unix_secs, author, message, metadata }, snaps));
         }
-        Ok(Self { id, name, current, branches, commits })
+        let mut properties = Vec::new();
+        if version >= 2 {
+            let n = d.u32()?;
+            for _ in 0..n {
+                let k = get_name(d)?;
+                properties.push((k, get_text(d)?));
+            }
+        }
+        Ok(Self { id, name, current, branches, commits, properties })
     }
 }
 
@@ -208,9 +228,15 @@ pub(crate) struct Checkpoint {
 
 impl Checkpoint {
     pub(crate) fn encode(&self) -> Vec<u8> {
+        self.encode_as(CHECKPOINT_VERSION)
+    }
+
+    /// Encodes as payload version `version` (older versions only for tests of reading older pools; they drop
+    /// what the version cannot hold).
+    fn encode_as(&self, version: u32) -> Vec<u8> {
         let mut e = Enc::default();
         e.u32(CHECKPOINT_MAGIC);
-        e.u32(CHECKPOINT_VERSION);
+        e.u32(version);
         e.u64(self.generation);
         e.u64(self.next_vbn);
         e.u64(self.next_volume_id);
@@ -235,7 +261,7 @@ impl Checkpoint {
         }
         e.u64(self.dots.len() as u64);
         for dot in &self.dots {
-            dot.encode(&mut e);
+            dot.encode(&mut e, version);
         }
         e.u64(self.dir_pages.len() as u64);
         for p in &self.dir_pages {
@@ -256,8 +282,8 @@ impl Checkpoint {
             return Err(d.bad(format!("magic {CHECKPOINT_MAGIC:#x}"), format!("{magic:#x}")));
         }
         let version = d.u32()?;
-        if version != CHECKPOINT_VERSION {
-            return Err(d.bad(format!("checkpoint version {CHECKPOINT_VERSION}"), version));
+        if !(MIN_CHECKPOINT_VERSION..=CHECKPOINT_VERSION).contains(&version) {
+            return Err(d.bad(format!("checkpoint version {MIN_CHECKPOINT_VERSION} to {CHECKPOINT_VERSION}"), version));
         }
         let generation = d.u64()?;
         let next_vbn = d.u64()?;
@@ -291,7 +317,7 @@ impl Checkpoint {
         let n = d.u64()?;
         let mut dots = Vec::new();
         for _ in 0..n {
-            dots.push(DotRecord::decode(&mut d)?);
+            dots.push(DotRecord::decode(&mut d, version)?);
         }
         let n = d.u64()?;
         let mut dir_pages = Vec::new();
@@ -344,6 +370,7 @@ mod tests {
                     },
                     vec![("__default__".into(), 2)],
                 )],
+                properties: vec![("qos.__default__".into(), "read_iops=100".into())],
             }],
             dir_pages: vec![PageLoc { pba: 17, crc: 0xabc }],
             segment_live_blocks: vec![0, 3, 5],
@@ -351,5 +378,32 @@ mod tests {
         let buf = c.encode();
         assert_eq!(Checkpoint::decode(&buf, 0).expect("decode"), c);
         assert!(Checkpoint::decode(&buf[..buf.len() - 2], 0).is_err());
+    }
+
+    #[test]
+    fn a_version_1_payload_decodes_without_properties() {
+        let mut c = Checkpoint {
+            generation: 1,
+            next_vbn: 2,
+            next_volume_id: 3,
+            volumes: vec![],
+            snapshots: vec![],
+            dots: vec![DotRecord {
+                id: 1,
+                name: "a/b".into(),
+                current: "master".into(),
+                branches: vec![("master".into(), None, vec![("__default__".into(), 2)])],
+                commits: vec![],
+                properties: vec![("k".into(), "v".into())],
+            }],
+            dir_pages: vec![],
+            segment_live_blocks: vec![1],
+        };
+        let old = c.encode_as(1);
+        c.dots[0].properties.clear();
+        assert_eq!(Checkpoint::decode(&old, 0).expect("decode v1"), c);
+        let mut newer = c.encode();
+        newer[4..8].copy_from_slice(&(CHECKPOINT_VERSION + 1).to_le_bytes());
+        assert!(Checkpoint::decode(&newer, 0).is_err(), "a newer payload version is refused");
     }
 }

@@ -85,6 +85,9 @@ pub(crate) enum DotOp {
     DeleteCommit { commit: RawCommitId },
     /// The dot, its branches, heads, commits and snapshots are gone.
     Delete,
+    /// A property of the dot is set (`Some`) or removed (`None`): opaque key/value pairs for the dot's owner (the
+    /// daemon keeps quality-of-service limits there). Format version 4.
+    SetProperty { key: String, value: Option<String> },
 }
 
 /// Most volumes one snapshot op covers (so the op fits in one batch header).
@@ -112,6 +115,7 @@ const DOT_DELETE_COMMIT: u8 = 8;
 const DOT_DELETE: u8 = 9;
 const DOT_CLONE: u8 = 10;
 const DOT_RECEIVE: u8 = 11;
+const DOT_SET_PROPERTY: u8 = 12;
 
 impl Op {
     /// Encoded size in bytes.
@@ -369,6 +373,17 @@ impl DotOp {
                 }
                 put_pairs(e, heads);
             }
+            DotOp::SetProperty { key, value } => {
+                e.u8(DOT_SET_PROPERTY);
+                put_name(e, key);
+                match value {
+                    Some(v) => {
+                        e.u8(1);
+                        put_text(e, v);
+                    }
+                    None => e.u8(0),
+                }
+            }
             DotOp::Clone { name, from_dot, commit, volumes } => {
                 e.u8(DOT_CLONE);
                 put_name(e, name);
@@ -431,7 +446,16 @@ impl DotOp {
                 let commit = commit_id(d)?;
                 DotOp::Clone { name, from_dot, commit, volumes: pairs(d)? }
             }
-            other => return Err(d.bad("a dot op tag 1..=11", other)),
+            DOT_SET_PROPERTY => {
+                let key = name(d)?;
+                let value = match d.u8()? {
+                    0 => None,
+                    1 => Some(text(d)?),
+                    other => return Err(d.bad("a property presence flag 0 or 1", other)),
+                };
+                DotOp::SetProperty { key, value }
+            }
+            other => return Err(d.bad("a dot op tag 1..=12", other)),
         })
     }
 }
@@ -488,6 +512,8 @@ mod tests {
             Op::Dot { dot: 3, change: DotOp::DeleteBranch { branch: "b".into() } },
             Op::Dot { dot: 3, change: DotOp::DeleteCommit { commit: [7; 16] } },
             Op::Dot { dot: 3, change: DotOp::Delete },
+            Op::Dot { dot: 3, change: DotOp::SetProperty { key: "qos.s".into(), value: Some("read_iops=5".into()) } },
+            Op::Dot { dot: 3, change: DotOp::SetProperty { key: "qos.s".into(), value: None } },
             Op::Dot {
                 dot: 5,
                 change: DotOp::Receive {
