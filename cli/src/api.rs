@@ -19,12 +19,17 @@
 //! | `GET /v1/dots/{ns}/{name}/commits?all=true` | | `[`[`Commit`]`]`: every commit of the dot, on a branch or not, oldest first |
 //! | `POST /v1/dots/{ns}/{name}/commits` | [`CommitBody`] | [`Commit`] |
 //! | `GET /v1/dots/{ns}/{name}/commits/{commit}` | | [`Commit`] (resolves prefixes and branch names) |
+//! | `DELETE /v1/dots/{ns}/{name}/commits/{commit}` | | `{}`: the commit (by full id) and its snapshots are gone; 409 while it is a branch's head or another commit's parent |
+//! | `POST /v1/dots/{ns}/{name}/subdots` | [`SubdotRequest`] | [`Dot`]: a new empty subdot on the current branch |
 //! | `POST /v1/dots/{ns}/{name}/branches` | [`BranchRequest`] | [`Dot`] |
+//! | `DELETE /v1/dots/{ns}/{name}/branches/{branch}` | | `{}`: the branch and its heads are gone (not the current branch: 400) |
 //! | `POST /v1/dots/{ns}/{name}/checkout` | [`CheckoutRequest`] | [`Dot`] |
 //! | `POST /v1/dots/{ns}/{name}/reset` | [`ResetRequest`] | [`Dot`] |
 //! | `POST /v1/dots/{ns}/{name}/clone` | [`CloneRequest`] | [`Dot`] (the new dot) |
 //! | `GET /v1/dots/{ns}/{name}/diff?from=C&to=C&subdot=S` | | `[`[`DiffExtent`]`]` |
 //! | `POST /v1/dots/{ns}/{name}/resize` | [`ResizeRequest`] | [`Dot`] |
+//! | `GET /v1/dots/{ns}/{name}/qos` | | `{subdot: `[`QosLimits`]`}` for every subdot of the current branch (`{}`: no limits) |
+//! | `PUT /v1/dots/{ns}/{name}/qos` | [`QosRequest`] | the same map, after the change: limits kept in the pool, applied to open connections at once |
 //! | `GET /v1/dots/{ns}/{name}/send?commit=C&from=B&offset=N` | | the stream (`application/octet-stream`, with its `Content-Length`): commit `C` whole or since `B`; from byte `N` on (after the head) to resume |
 //! | `POST /v1/receive?offset=N` | a stream | [`Received`]; with `offset`, resumes the interrupted receive of the stream's commit |
 //! | `GET /v1/receives` | | `[`[`PendingReceive`]`]`: interrupted receives that can resume |
@@ -52,6 +57,7 @@ use blockmesh_engine::{CommitId, CommitRequest, DotInfo, Error as EngineError, P
 
 use crate::metrics::Metrics;
 use crate::nbd_export::{Sessions, Which};
+use crate::qos::{limited_subdots, limits_of, QosLimits, QosRegistry, SetError};
 use serde::{Deserialize, Serialize};
 
 /// Name of the admin key file in the data directory.
@@ -143,6 +149,9 @@ pub struct Dot {
     /// Space of every branch head and commit of the dot (in listings and `GET` of one dot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub space: Option<Space>,
+    /// QoS limits of the subdots that have any.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub qos: BTreeMap<String, QosLimits>,
 }
 
 /// Space figures of a dot or of the pool (data blocks; see `blockmesh_engine::SpaceUsage`).
@@ -187,6 +196,27 @@ pub struct InitRequest {
     /// Subdot names; empty means one `__default__` subdot.
     #[serde(default)]
     pub subdots: Vec<String>,
+    /// Limits for every subdot created (see [`QosLimits`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<QosLimits>,
+}
+
+/// A change of one subdot's limits. The limits replace the old ones whole: an absent field is no limit (all absent
+/// removes the limits).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosRequest {
+    /// The subdot [default: `__default__`].
+    #[serde(default)]
+    pub subdot: Option<String>,
+    pub limits: QosLimits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubdotRequest {
+    /// The new subdot's name.
+    pub name: String,
+    pub size_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,6 +372,8 @@ pub struct ApiState {
     /// The NBD connections open on each dot.
     pub sessions: Arc<Sessions>,
     pub metrics: Arc<Metrics>,
+    /// Every served volume's limits (shared with the NBD exports).
+    pub qos: Arc<QosRegistry>,
 }
 
 /// An error on its way to the client.
@@ -432,13 +464,16 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/dots", get(list_dots).post(init_dot))
         .route("/v1/dots/{ns}/{name}", get(show_dot).delete(delete_dot))
         .route("/v1/dots/{ns}/{name}/commits", get(log).post(commit))
-        .route("/v1/dots/{ns}/{name}/commits/{commit}", get(show_commit))
+        .route("/v1/dots/{ns}/{name}/commits/{commit}", get(show_commit).delete(delete_commit))
+        .route("/v1/dots/{ns}/{name}/subdots", post(add_subdot))
         .route("/v1/dots/{ns}/{name}/branches", post(branch))
+        .route("/v1/dots/{ns}/{name}/branches/{branch}", axum::routing::delete(delete_branch))
         .route("/v1/dots/{ns}/{name}/checkout", post(checkout))
         .route("/v1/dots/{ns}/{name}/reset", post(reset))
         .route("/v1/dots/{ns}/{name}/clone", post(clone_dot))
         .route("/v1/dots/{ns}/{name}/diff", get(diff))
         .route("/v1/dots/{ns}/{name}/resize", post(resize))
+        .route("/v1/dots/{ns}/{name}/qos", get(show_qos).put(change_qos))
         .route("/v1/dots/{ns}/{name}/send", get(send))
         .route("/v1/receive", post(receive))
         .route("/v1/receives", get(pending_receives))
@@ -518,6 +553,7 @@ fn subdots_json(v: Vec<(String, u64)>) -> Vec<Subdot> {
 }
 
 fn dot_json(d: blockmesh_engine::DotInfo) -> Dot {
+    let qos = limited_subdots(&d);
     Dot {
         name: d.name,
         current_branch: d.current_branch,
@@ -529,6 +565,7 @@ fn dot_json(d: blockmesh_engine::DotInfo) -> Dot {
         subdots: subdots_json(d.subdots),
         commits: d.commits,
         space: None,
+        qos,
     }
 }
 
@@ -615,7 +652,7 @@ fn commit_by_id(pool: &Pool, dot: &str, id: CommitId) -> Result<Commit, ApiError
 }
 
 async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let text = with_pool(s.clone(), move |pool| Ok(s.metrics.render(pool))).await?;
+    let text = with_pool(s.clone(), move |pool| Ok(s.metrics.render(pool, &s.qos))).await?;
     Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
 }
 
@@ -705,11 +742,20 @@ async fn list_dots(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<Dot>> {
 async fn init_dot(State(s): State<Arc<ApiState>>, body: Bytes) -> ApiResult<Dot> {
     let req: InitRequest = parse(&body)?;
     let name = qualify(&req.name);
+    let qos = s.qos.clone();
     with_pool_durable(s, move |pool| {
         let subdots: Vec<String> =
             if req.subdots.is_empty() { vec![DEFAULT_SUBDOT.to_string()] } else { req.subdots.clone() };
         let pairs: Vec<(&str, u64)> = subdots.iter().map(|n| (n.as_str(), req.size_bytes)).collect();
+        if let Some(limits) = &req.qos {
+            limits.validate().map_err(ApiError::bad_request)?;
+        }
         pool.create_dot(&name, &pairs)?;
+        if let Some(limits) = req.qos.filter(|l| !l.is_unlimited()) {
+            for subdot in &subdots {
+                set_qos(&qos, pool, &name, subdot, limits)?;
+            }
+        }
         Ok(Json(dot_json(pool.dot(&name)?)))
     })
     .await
@@ -731,8 +777,11 @@ async fn delete_dot(
 ) -> ApiResult<serde_json::Value> {
     let dot = format!("{ns}/{name}");
     clear_sessions(&s, &dot, Which::All, q.force, "delete it")?;
+    let (qos, metrics) = (s.qos.clone(), s.metrics.clone());
     with_pool_durable(s, move |pool| {
         pool.delete_dot(&dot)?;
+        qos.forget_dot(&dot);
+        metrics.forget_dot(&dot);
         Ok(Json(serde_json::json!({})))
     })
     .await
@@ -798,6 +847,60 @@ async fn branch(
             None => None,
         };
         pool.create_branch(&dot, &req.name, from)?;
+        Ok(Json(dot_json(pool.dot(&dot)?)))
+    })
+    .await
+}
+
+async fn delete_branch(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name, branch)): Path<(String, String, String)>,
+) -> ApiResult<serde_json::Value> {
+    let dot = format!("{ns}/{name}");
+    with_pool_durable(s, move |pool| {
+        pool.delete_branch(&dot, &branch)?;
+        Ok(Json(serde_json::json!({})))
+    })
+    .await
+}
+
+async fn delete_commit(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name, commit)): Path<(String, String, String)>,
+) -> ApiResult<serde_json::Value> {
+    let dot = format!("{ns}/{name}");
+    // By full id only: a prefix or a branch name is too loose a handle for a deletion.
+    let id: CommitId = commit.parse().map_err(|_| ApiError::bad_request(format!("{commit:?} is not a commit id")))?;
+    with_pool_durable(s, move |pool| {
+        let info = pool.dot(&dot)?;
+        let commits = pool.commits(&dot)?;
+        if !commits.iter().any(|c| c.id == id) {
+            return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no commit {id} in {dot}")));
+        }
+        if let Some((b, _)) = info.branches.iter().find(|(_, head)| *head == Some(id)) {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("commit {id} is the head of branch {b} of {dot}")));
+        }
+        if let Some(child) = commits.iter().find(|c| c.parents.contains(&id)) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("commit {id} is the parent of commit {} of {dot}", child.id),
+            ));
+        }
+        pool.delete_commit(&dot, id)?;
+        Ok(Json(serde_json::json!({})))
+    })
+    .await
+}
+
+async fn add_subdot(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Dot> {
+    let req: SubdotRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    with_pool_durable(s, move |pool| {
+        pool.add_subdot(&dot, &req.name, req.size_bytes)?;
         Ok(Json(dot_json(pool.dot(&dot)?)))
     })
     .await
@@ -1036,6 +1139,45 @@ async fn receive(
         }
     };
     tokio::join!(apply, feed).0
+}
+
+/// Keeps a subdot's limits, mapping the registry's refusals to API errors.
+fn set_qos(qos: &QosRegistry, pool: &Pool, dot: &str, subdot: &str, limits: QosLimits) -> Result<(), ApiError> {
+    qos.set(pool, dot, subdot, limits).map_err(|e| match e {
+        SetError::Invalid(m) => ApiError::bad_request(m),
+        SetError::NoSuchSubdot(m) => ApiError::new(StatusCode::NOT_FOUND, m),
+        SetError::Engine(e) => e.into(),
+    })
+}
+
+/// Every subdot of the current branch with its limits.
+fn qos_map(pool: &Pool, dot: &str) -> Result<BTreeMap<String, QosLimits>, ApiError> {
+    let info = pool.dot(dot)?;
+    Ok(info.subdots.iter().map(|(s, _)| (s.clone(), limits_of(&info, s))).collect())
+}
+
+async fn show_qos(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+) -> ApiResult<BTreeMap<String, QosLimits>> {
+    let dot = format!("{ns}/{name}");
+    with_pool(s, move |pool| Ok(Json(qos_map(pool, &dot)?))).await
+}
+
+async fn change_qos(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<BTreeMap<String, QosLimits>> {
+    let req: QosRequest = parse(&body)?;
+    let dot = format!("{ns}/{name}");
+    let qos = s.qos.clone();
+    with_pool(s, move |pool| {
+        let subdot = req.subdot.as_deref().unwrap_or(DEFAULT_SUBDOT);
+        set_qos(&qos, pool, &dot, subdot, req.limits)?;
+        Ok(Json(qos_map(pool, &dot)?))
+    })
+    .await
 }
 
 async fn pending_receives(State(s): State<Arc<ApiState>>) -> ApiResult<Vec<PendingReceive>> {

@@ -13,10 +13,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use blockmesh::api::{
     self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, GcResult,
-    InitRequest, PendingReceive, PoolStatus, Received, ResetRequest, ResizeRequest, ScrubResult, ServerInfo,
+    InitRequest, PendingReceive, PoolStatus, QosRequest, Received, ResetRequest, ResizeRequest, ScrubResult,
+    ServerInfo,
 };
+use blockmesh::qos::QosLimits;
 use blockmesh::remotes::{self, Remote, Remotes};
 use blockmesh::size::{format_size, parse_size};
+use blockmesh_engine::DEFAULT_SUBDOT;
 use clap::{Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -57,6 +60,78 @@ pub struct Conn {
     output: Output,
 }
 
+/// One limit on the command line: a number (or size, for bytes), or `none` to remove it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitArg {
+    Set(u64),
+    Remove,
+}
+
+fn parse_count_limit(s: &str) -> Result<LimitArg, String> {
+    if s == "none" {
+        return Ok(LimitArg::Remove);
+    }
+    s.parse::<u64>().map(LimitArg::Set).map_err(|_| format!("{s:?} is not a whole number (or `none`)"))
+}
+
+fn parse_bytes_limit(s: &str) -> Result<LimitArg, String> {
+    if s == "none" {
+        return Ok(LimitArg::Remove);
+    }
+    parse_size(s).map(LimitArg::Set)
+}
+
+/// Quality-of-service limits on the command line.
+#[derive(clap::Args, Debug, Default)]
+pub struct QosArgs {
+    /// Operations per second, reads and writes together.
+    #[arg(long, value_parser = parse_count_limit)]
+    iops: Option<LimitArg>,
+    /// Read operations per second.
+    #[arg(long, value_parser = parse_count_limit)]
+    read_iops: Option<LimitArg>,
+    /// Write operations (writes, trims, write-zeroes) per second.
+    #[arg(long, value_parser = parse_count_limit)]
+    write_iops: Option<LimitArg>,
+    /// Bytes per second, read and written together (e.g. 50M).
+    #[arg(long, value_parser = parse_bytes_limit)]
+    bps: Option<LimitArg>,
+    /// Bytes read per second.
+    #[arg(long, value_parser = parse_bytes_limit)]
+    read_bps: Option<LimitArg>,
+    /// Bytes written per second.
+    #[arg(long, value_parser = parse_bytes_limit)]
+    write_bps: Option<LimitArg>,
+    /// Burst allowance: what the rate allows in this many milliseconds may pass at once [default: 1000].
+    #[arg(long, value_parser = parse_count_limit)]
+    burst_ms: Option<LimitArg>,
+}
+
+impl QosArgs {
+    fn is_empty(&self) -> bool {
+        [self.iops, self.read_iops, self.write_iops, self.bps, self.read_bps, self.write_bps, self.burst_ms]
+            .iter()
+            .all(Option::is_none)
+    }
+
+    /// `base` with these changes.
+    fn apply(&self, mut base: QosLimits) -> QosLimits {
+        let set = |field: &mut Option<u64>, arg: Option<LimitArg>| match arg {
+            Some(LimitArg::Set(v)) => *field = Some(v),
+            Some(LimitArg::Remove) => *field = None,
+            None => {}
+        };
+        set(&mut base.iops, self.iops);
+        set(&mut base.read_iops, self.read_iops);
+        set(&mut base.write_iops, self.write_iops);
+        set(&mut base.bytes_per_sec, self.bps);
+        set(&mut base.read_bytes_per_sec, self.read_bps);
+        set(&mut base.write_bytes_per_sec, self.write_bps);
+        set(&mut base.burst_ms, self.burst_ms);
+        base
+    }
+}
+
 #[derive(Subcommand, Debug)]
 pub enum ClientCommand {
     /// Create a dot (a versioned set of volumes); `mydb` means `admin/mydb`.
@@ -68,6 +143,22 @@ pub enum ClientCommand {
         /// A named subdot (repeat for several); one unnamed subdot when none is given.
         #[arg(long = "subdot")]
         subdots: Vec<String>,
+        /// Quality-of-service limits for every subdot (as `blockmesh qos`).
+        #[command(flatten)]
+        qos: QosArgs,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Show or change a subdot's quality-of-service limits (`dot` or `dot.subdot`): IOPS and bytes per second, for
+    /// reads, writes or both, with a burst allowance. Given limits are added to the ones kept (`none` removes one;
+    /// `--clear` all); they apply at once to open NBD connections and are kept in the pool.
+    Qos {
+        target: String,
+        #[command(flatten)]
+        limits: QosArgs,
+        /// Remove every limit of the subdot (before applying any given).
+        #[arg(long)]
+        clear: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -448,6 +539,10 @@ impl Api {
 
     fn post<T: DeserializeOwned>(&self, path: &str, body: impl Serialize) -> Result<T> {
         self.call("POST", path, Some(serde_json::to_value(body)?))
+    }
+
+    fn put<T: DeserializeOwned>(&self, path: &str, body: impl Serialize) -> Result<T> {
+        self.call("PUT", path, Some(serde_json::to_value(body)?))
     }
 
     /// Prints `value` as JSON under `-o json`; returns true if it did.
@@ -897,9 +992,10 @@ fn total_size(d: &Dot) -> u64 {
 
 pub fn run(cmd: ClientCommand) -> Result<()> {
     match cmd {
-        ClientCommand::Init { dot, size, subdots, conn } => {
+        ClientCommand::Init { dot, size, subdots, qos, conn } => {
             let api = Api::new(&conn)?;
-            let d: Dot = api.post("/v1/dots", InitRequest { name: dot, size_bytes: size, subdots })?;
+            let qos = (!qos.is_empty()).then(|| qos.apply(QosLimits::default()));
+            let d: Dot = api.post("/v1/dots", InitRequest { name: dot, size_bytes: size, subdots, qos })?;
             if !api.json(&d)? {
                 let info: ServerInfo = api.get("/v1/info")?;
                 println!(
@@ -910,7 +1006,26 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                     format_size(size),
                     d.current_branch
                 );
+                for (subdot, l) in &d.qos {
+                    println!("QoS of {subdot}: {}", l.describe());
+                }
                 println!("write to it over NBD: nbd://{}/{}", info.nbd_listen, d.name);
+            }
+        }
+        ClientCommand::Qos { target, limits, clear, conn } => {
+            let api = Api::new(&conn)?;
+            let (dot, subdot) = dot_and_subdot(&api, &target)?;
+            let path = format!("{}/qos", dot_path(&dot.name));
+            let mut all: std::collections::BTreeMap<String, QosLimits> = api.get(&path)?;
+            let subdot_name = subdot.clone().unwrap_or_else(|| DEFAULT_SUBDOT.to_string());
+            if clear || !limits.is_empty() {
+                let base =
+                    if clear { QosLimits::default() } else { all.get(&subdot_name).copied().unwrap_or_default() };
+                all = api.put(&path, QosRequest { subdot: subdot.clone(), limits: limits.apply(base) })?;
+            }
+            let mine = all.get(&subdot_name).copied().unwrap_or_default();
+            if !api.json(&mine)? {
+                println!("{}.{subdot_name}: {}", dot.name, mine.describe());
             }
         }
         ClientCommand::List { conn } => {
@@ -923,14 +1038,31 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 let w = dots.iter().map(|d| d.name.len()).max().unwrap_or(4).max(4);
                 if !dots.is_empty() {
                     println!(
-                        "{:<w$}  {:<16} {:>7} {:>9} {:>9} {:>12}",
+                        "{:<w$}  {:<16} {:>7} {:>9} {:>9} {:>12}  QOS",
                         "DOT", "BRANCH", "COMMITS", "SIZE", "WRITTEN", "COMMITS ONLY"
                     );
                 }
                 for d in &dots {
                     let space = d.space.unwrap_or_default();
+                    let qos = match d.qos.len() {
+                        0 => "-".to_string(),
+                        _ => d
+                            .qos
+                            .iter()
+                            .map(
+                                |(s, l)| {
+                                    if s == DEFAULT_SUBDOT {
+                                        l.describe()
+                                    } else {
+                                        format!("{s}: {}", l.describe())
+                                    }
+                                },
+                            )
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    };
                     println!(
-                        "{:<w$}  {:<16} {:>7} {:>9} {:>9} {:>12}",
+                        "{:<w$}  {:<16} {:>7} {:>9} {:>9} {:>12}  {qos}",
                         d.name,
                         d.current_branch,
                         d.commits,

@@ -4,11 +4,13 @@
 //! - [`api`]: the HTTP+JSON control API (routes, key handling) and the JSON types its client shares.
 //! - [`nbd_export`]: engine volumes, dot heads and commits as NBD exports.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`).
+//! - [`qos`]: per-volume limits kept in the pool and shared by every connection to a volume.
 //! - [`remotes`]: the client's named daemons and their keys.
 //! - [`size`]: human sizes on the command line (`10G`, `512M`).
 
 pub mod api;
 pub mod metrics;
 pub mod nbd_export;
+pub mod qos;
 pub mod remotes;
 pub mod size;

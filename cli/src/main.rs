@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use blockmesh::api::{self, ApiState, ServerInfo};
 use blockmesh::metrics::Metrics;
 use blockmesh::nbd_export::{PoolExports, Sessions};
+use blockmesh::qos::QosRegistry;
 use blockmesh::size::parse_size;
 use blockmesh_engine::io::FileDevice;
 use blockmesh_engine::{Pool, PoolOptions};
@@ -79,6 +80,11 @@ struct ServeArgs {
     /// Whether TLS is offered or required (with --tls-cert).
     #[arg(long, value_enum, default_value = "required")]
     tls: Tls,
+    /// Fair sharing of the engine between volumes: at most this many NBD requests of all volumes run in the engine
+    /// at once, handed out fairly (a volume with a deep queue cannot hold up one with a shallow queue); 0 turns
+    /// fairness off (each connection then runs up to its own in-flight limit).
+    #[arg(long, default_value_t = blockmesh_nbd::DEFAULT_FAIR_SLOTS)]
+    fair_slots: usize,
     /// TCP address of the HTTP+JSON control API.
     #[arg(long, default_value = api::DEFAULT_API_LISTEN)]
     api_listen: SocketAddr,
@@ -181,8 +187,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     let sessions = Sessions::new();
     let metrics = Arc::new(Metrics::new());
-    let exports = PoolExports::new(pool.clone()).tracked(sessions.clone(), metrics.clone());
-    let server = Server::new(Arc::new(exports), ServerConfig { tls, tls_mode, handshake_timeout: None })?;
+    let qos = QosRegistry::new();
+    let exports = PoolExports::new(pool.clone()).tracked(sessions.clone(), metrics.clone()).with_qos(qos.clone());
+    if args.fair_slots > blockmesh_nbd::qos::MAX_FAIR_SLOTS {
+        bail!("--fair-slots is at most {}", blockmesh_nbd::qos::MAX_FAIR_SLOTS);
+    }
+    let fair_slots = (args.fair_slots > 0).then_some(args.fair_slots);
+    let server = Server::new(Arc::new(exports), ServerConfig { tls, tls_mode, handshake_timeout: None, fair_slots })?;
     let key_path = api::key_path(&data_dir);
     let (key, created) =
         api::load_or_create_key(&key_path).with_context(|| format!("reading the API key {}", key_path.display()))?;
@@ -201,7 +212,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         nbd_listen: tcp.local_addr()?.to_string(),
         nbd_socket: socket.display().to_string(),
     };
-    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions, metrics }));
+    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions, metrics, qos }));
     // With a certificate the control API speaks HTTPS only (API keys never cross in the clear); it authenticates
     // clients by their key, not by client certificates.
     let api_tls = match (&args.tls_cert, &args.tls_key) {

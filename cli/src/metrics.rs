@@ -6,9 +6,16 @@
 //!   and bytes moved (read and write; trim and write_zeroes count the range);
 //! - `blockmesh_nbd_request_duration_seconds{op}`: how long the engine took, a histogram from 10 us to about 5 s;
 //! - `blockmesh_nbd_connections`: exports open (one per NBD connection);
+//! - per volume (labels `dot`, `subdot`; a plain volume has an empty `dot`), for the volumes served since the daemon
+//!   started (a deleted dot's go): `blockmesh_volume_requests_total{op}` and `blockmesh_volume_bytes_total{op}` (op:
+//!   read, write, other; write counts trims and write-zeroes, other flushes and block status),
+//!   `blockmesh_volume_request_duration_seconds{op}` (engine time, as above), and from its QoS
+//!   `blockmesh_volume_throttled_seconds_total` and `blockmesh_volume_throttled_requests_total` (time requests waited
+//!   for the volume's limits, and how many waited);
 //! - `blockmesh_pool_*`: the pool's size, used bytes, segments, dots, volumes, commit snapshots, blocks written since
 //!   start, index memory; read when scraped.
 
+use std::collections::HashSet;
 use std::time::Instant;
 
 use blockmesh_engine::Pool;
@@ -19,6 +26,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::qos::QosRegistry;
+
 /// Buckets of the request duration histogram: 10 us doubling 20 times (to about 5 s).
 const LATENCY_BUCKET_START_SECONDS: f64 = 1e-5;
 const LATENCY_BUCKETS: u16 = 20;
@@ -26,6 +35,61 @@ const LATENCY_BUCKETS: u16 = 20;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OpLabels {
     op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeLabels {
+    dot: String,
+    subdot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VolumeOpLabels {
+    dot: String,
+    subdot: String,
+    op: &'static str,
+}
+
+/// The `op` label of per-volume metrics.
+const VOLUME_OP_CLASSES: [&str; 3] = ["read", "write", "other"];
+
+fn volume_class(op: NbdOp) -> usize {
+    match op {
+        NbdOp::Read | NbdOp::Cache => 0,
+        NbdOp::Write | NbdOp::Trim | NbdOp::WriteZeroes => 1,
+        NbdOp::Flush | NbdOp::BlockStatus => 2,
+    }
+}
+
+type LatencyFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Per-volume families.
+struct VolumeFamilies {
+    requests: Family<VolumeOpLabels, Counter>,
+    bytes: Family<VolumeOpLabels, Counter>,
+    latency: LatencyFamily<VolumeOpLabels>,
+    throttled_seconds: Family<VolumeLabels, Counter<f64>>,
+    throttled_requests: Family<VolumeLabels, Counter>,
+    /// Volumes with series, to drop a deleted dot's.
+    known: parking_lot::Mutex<HashSet<(String, String)>>,
+}
+
+/// One volume's per-volume metrics, looked up once per connection.
+#[derive(Debug, Clone)]
+pub struct VolumeMetrics {
+    classes: Vec<(Counter, Counter, Histogram)>,
+}
+
+impl VolumeMetrics {
+    /// Counts one request of this volume.
+    pub fn request(&self, op: NbdOp, bytes: u64, started: Instant) {
+        let (requests, b, latency) = &self.classes[volume_class(op)];
+        requests.inc();
+        if bytes > 0 {
+            b.inc_by(bytes);
+        }
+        latency.observe(started.elapsed().as_secs_f64());
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -89,6 +153,7 @@ pub struct Metrics {
     ops: Vec<OpMetrics>,
     connections: Gauge,
     pool: PoolGauges,
+    volumes: VolumeFamilies,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -157,7 +222,74 @@ impl Metrics {
                 }
             })
             .collect();
-        Self { registry, ops, connections, pool }
+        let volumes = VolumeFamilies {
+            requests: Family::default(),
+            bytes: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            throttled_seconds: Family::default(),
+            throttled_requests: Family::default(),
+            known: Default::default(),
+        };
+        registry.register("blockmesh_volume_requests", "NBD requests served, per volume", volumes.requests.clone());
+        registry.register_with_unit(
+            "blockmesh_volume",
+            "Bytes read or written (trims and write-zeroes: their range), per volume",
+            Unit::Bytes,
+            volumes.bytes.clone(),
+        );
+        registry.register_with_unit(
+            "blockmesh_volume_request_duration",
+            "Time the engine took for a request, per volume",
+            Unit::Seconds,
+            volumes.latency.clone(),
+        );
+        registry.register_with_unit(
+            "blockmesh_volume_throttled",
+            "Time requests waited for the volume's QoS limits",
+            Unit::Seconds,
+            volumes.throttled_seconds.clone(),
+        );
+        registry.register(
+            "blockmesh_volume_throttled_requests",
+            "Requests that waited for the volume's QoS limits",
+            volumes.throttled_requests.clone(),
+        );
+        Self { registry, ops, connections, pool, volumes }
+    }
+
+    /// The per-volume metrics of a subdot of a dot (`dot` empty: a plain volume).
+    pub fn volume(&self, dot: &str, subdot: &str) -> VolumeMetrics {
+        self.volumes.known.lock().insert((dot.to_string(), subdot.to_string()));
+        let classes = VOLUME_OP_CLASSES
+            .iter()
+            .map(|op| {
+                let l = VolumeOpLabels { dot: dot.to_string(), subdot: subdot.to_string(), op };
+                (
+                    self.volumes.requests.get_or_create(&l).clone(),
+                    self.volumes.bytes.get_or_create(&l).clone(),
+                    self.volumes.latency.get_or_create(&l).clone(),
+                )
+            })
+            .collect();
+        VolumeMetrics { classes }
+    }
+
+    /// Drops the series of a deleted dot's volumes.
+    pub fn forget_dot(&self, dot: &str) {
+        let v = &self.volumes;
+        let mut known = v.known.lock();
+        for (d, s) in known.iter().filter(|(d, _)| d == dot) {
+            for op in VOLUME_OP_CLASSES {
+                let l = VolumeOpLabels { dot: d.clone(), subdot: s.clone(), op };
+                v.requests.remove(&l);
+                v.bytes.remove(&l);
+                v.latency.remove(&l);
+            }
+            let l = VolumeLabels { dot: d.clone(), subdot: s.clone() };
+            v.throttled_seconds.remove(&l);
+            v.throttled_requests.remove(&l);
+        }
+        known.retain(|(d, _)| d != dot);
     }
 
     /// Counts one NBD request the engine served: `op`, the bytes it covered, when it started, whether it worked.
@@ -179,8 +311,19 @@ impl Metrics {
         self.connections.inc_by(n);
     }
 
-    /// Everything, as OpenMetrics text, with the pool's figures read now.
-    pub fn render(&self, pool: &Pool) -> String {
+    /// Everything, as OpenMetrics text, with the pool's figures and the volumes' throttling read now.
+    pub fn render(&self, pool: &Pool, qos: &QosRegistry) -> String {
+        for (dot, subdot, q) in qos.volumes() {
+            let l = VolumeLabels { dot, subdot };
+            // counters only go up: add what accrued since the last scrape
+            let seconds = self.volumes.throttled_seconds.get_or_create(&l);
+            let delta = q.throttled().as_secs_f64() - seconds.get();
+            if delta > 0.0 {
+                seconds.inc_by(delta);
+            }
+            let requests = self.volumes.throttled_requests.get_or_create(&l);
+            requests.inc_by(q.throttled_requests().saturating_sub(requests.get()));
+        }
         let st = pool.stats();
         let p = &self.pool;
         let set = |g: &Gauge, v: u64| {
@@ -218,17 +361,40 @@ mod tests {
         m.connections_add(-1);
         let dir = tempfile::tempdir().expect("tempdir");
         let pool = Pool::create_file(&dir.path().join("p"), 256 << 20, Default::default()).expect("pool");
-        let text = m.render(&pool);
+        let qos = QosRegistry::new();
+        pool.create_dot("admin/db", &[("__default__", 1 << 20)]).expect("dot");
+        let v = m.volume("admin/db", "__default__");
+        v.request(NbdOp::Write, 4096, t);
+        v.request(NbdOp::Trim, 8192, t);
+        v.request(NbdOp::Flush, 0, t);
+        let q = qos.for_volume(&pool, Some("admin/db"), "__default__");
+        q.set_limits(blockmesh_nbd::Limits { iops: Some(1), burst_ms: 0, ..Default::default() });
+        let now = Instant::now();
+        q.reserve(blockmesh_nbd::Direction::Read, 1, 0, now);
+        q.reserve(blockmesh_nbd::Direction::Read, 1, 0, now);
+        let text = m.render(&pool, &qos);
         for line in [
             "blockmesh_nbd_requests_total{op=\"read\"} 2",
             "blockmesh_nbd_errors_total{op=\"write\"} 1",
             "blockmesh_nbd_bytes_total{op=\"read\"} 8192",
             "blockmesh_nbd_request_duration_seconds_count{op=\"write\"} 1",
             "blockmesh_nbd_connections 1",
-            "blockmesh_pool_dots 0",
+            "blockmesh_pool_dots 1",
+            "blockmesh_volume_requests_total{dot=\"admin/db\",subdot=\"__default__\",op=\"write\"} 2",
+            "blockmesh_volume_bytes_total{dot=\"admin/db\",subdot=\"__default__\",op=\"write\"} 12288",
+            "blockmesh_volume_request_duration_seconds_count{dot=\"admin/db\",subdot=\"__default__\",op=\"other\"} 1",
+            "blockmesh_volume_throttled_seconds_total{dot=\"admin/db\",subdot=\"__default__\"} 1.0",
+            "blockmesh_volume_throttled_requests_total{dot=\"admin/db\",subdot=\"__default__\"} 1",
         ] {
             assert!(text.contains(line), "no {line:?} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        // a second scrape does not count the same throttling twice
+        assert!(m
+            .render(&pool, &qos)
+            .contains("blockmesh_volume_throttled_requests_total{dot=\"admin/db\",subdot=\"__default__\"} 1"));
+        m.forget_dot("admin/db");
+        qos.forget_dot("admin/db");
+        assert!(!m.render(&pool, &qos).contains("admin/db"));
     }
 }

@@ -13,11 +13,12 @@ use std::time::Instant;
 use blockmesh_engine::{CommitId, Pool, Volume, DEFAULT_SUBDOT, MAX_IO_BYTES};
 use blockmesh_nbd::{
     BlockSizes, Disconnect, ErrorKind, Export, ExportError, ExportListing, ExportResult, Exports, Extent, ExtentKind,
-    ZeroFlags,
+    Qos, ZeroFlags,
 };
 use parking_lot::Mutex;
 
-use crate::metrics::{Metrics, NbdOp};
+use crate::metrics::{Metrics, NbdOp, VolumeMetrics};
+use crate::qos::QosRegistry;
 
 /// Most bytes one `NBD_CMD_CACHE` prefetches; it is a hint, and a client asking for more gets this much warmed.
 pub const MAX_CACHE_PREFETCH_BYTES: u64 = 64 << 20;
@@ -127,23 +128,32 @@ pub struct VolumeExport {
     description: Option<String>,
     session: Option<SessionGuard>,
     metrics: Option<Arc<Metrics>>,
+    volume_metrics: Option<VolumeMetrics>,
+    qos: Option<Arc<Qos>>,
 }
 
 impl VolumeExport {
     /// Wraps a volume; its size is read now (the protocol fixes the size at negotiation).
     pub fn new(volume: Volume, description: Option<String>) -> blockmesh_engine::Result<Self> {
         let size_bytes = volume.size_bytes()?;
-        Ok(Self { volume, size_bytes, description, session: None, metrics: None })
+        Ok(Self { volume, size_bytes, description, session: None, metrics: None, volume_metrics: None, qos: None })
     }
 
     /// Runs one request, counting it in the metrics.
     fn timed<T>(&self, op: NbdOp, bytes: u64, f: impl FnOnce() -> blockmesh_engine::Result<T>) -> ExportResult<T> {
         let started = Instant::now();
         let r = f();
-        if let Some(m) = &self.metrics {
-            m.request(op, bytes, started, r.is_ok());
-        }
+        self.count(op, bytes, started, r.is_ok());
         r.map_err(to_export_error)
+    }
+
+    fn count(&self, op: NbdOp, bytes: u64, started: Instant, ok: bool) {
+        if let Some(m) = &self.metrics {
+            m.request(op, bytes, started, ok);
+        }
+        if let Some(v) = &self.volume_metrics {
+            v.request(op, bytes, started);
+        }
     }
 }
 
@@ -191,8 +201,8 @@ impl Export for VolumeExport {
         let started = Instant::now();
         let r = self.volume.try_read_now(offset, buf);
         // a declined attempt is not a request: the blocking read that follows counts it
-        if let (Some(m), Ok(true) | Err(_)) = (&self.metrics, &r) {
-            m.request(NbdOp::Read, buf.len() as u64, started, r.is_ok());
+        if let Ok(true) | Err(_) = &r {
+            self.count(NbdOp::Read, buf.len() as u64, started, r.is_ok());
         }
         r.map_err(to_export_error)
     }
@@ -248,6 +258,10 @@ impl Export for VolumeExport {
         })
     }
 
+    fn qos(&self) -> Option<Arc<Qos>> {
+        self.qos.clone()
+    }
+
     fn disconnect_signal(&self) -> Option<Disconnect> {
         self.session.as_ref().map(|s| s.disconnect.clone())
     }
@@ -290,11 +304,22 @@ pub struct PoolExports {
     pool: Arc<Pool>,
     sessions: Arc<Sessions>,
     metrics: Option<Arc<Metrics>>,
+    qos: Arc<QosRegistry>,
+}
+
+/// What an export name stands for.
+#[derive(Debug)]
+pub struct Resolved {
+    pub volume: Volume,
+    /// The dot it belongs to (`None`: a plain volume).
+    pub dot: Option<String>,
+    /// Its subdot (a plain volume: its name).
+    pub subdot: String,
 }
 
 impl PoolExports {
     pub fn new(pool: Arc<Pool>) -> Self {
-        Self { pool, sessions: Sessions::new(), metrics: None }
+        Self { pool, sessions: Sessions::new(), metrics: None, qos: QosRegistry::new() }
     }
 
     /// Record connections in `sessions` (for the API's checkout guard) and count requests in `metrics`.
@@ -302,8 +327,14 @@ impl PoolExports {
         Self { sessions, metrics: Some(metrics), ..self }
     }
 
-    /// Resolves an export name to a volume (see the module documentation for the forms), and the dot it belongs to.
-    pub fn resolve(&self, name: &str) -> blockmesh_engine::Result<(Volume, Option<String>)> {
+    /// Take each volume's limits and fair-queue flow from `qos` (which the API changes).
+    pub fn with_qos(self, qos: Arc<QosRegistry>) -> Self {
+        Self { qos, ..self }
+    }
+
+    /// Resolves an export name to a volume (see the module documentation for the forms), the dot it belongs to and
+    /// its subdot.
+    pub fn resolve(&self, name: &str) -> blockmesh_engine::Result<Resolved> {
         let (target, commit) = match name.rsplit_once('@') {
             Some((t, c)) => (t, Some(c.parse::<CommitId>()?)),
             None => (name, None),
@@ -316,7 +347,7 @@ impl PoolExports {
         } else if commit.is_none() && target.contains('/') {
             return Err(blockmesh_engine::Error::NoSuchDot(target.to_string()));
         } else if commit.is_none() && !target.starts_with('#') {
-            return Ok((self.pool.volume(target)?, None));
+            return Ok(Resolved { volume: self.pool.volume(target)?, dot: None, subdot: target.to_string() });
         } else {
             return Err(blockmesh_engine::Error::NoSuchDot(target.to_string()));
         };
@@ -324,7 +355,8 @@ impl PoolExports {
             Some(c) => self.pool.commit_volume(dot, c, subdot)?,
             None => self.pool.dot_volume(dot, subdot)?,
         };
-        Ok((volume, Some(dot.to_string())))
+        let subdot = subdot.unwrap_or(DEFAULT_SUBDOT).to_string();
+        Ok(Resolved { volume, dot: Some(dot.to_string()), subdot })
     }
 }
 
@@ -347,7 +379,7 @@ impl Exports for PoolExports {
     }
 
     fn open(&self, name: &str) -> Option<Arc<dyn Export>> {
-        let (volume, dot) = match self.resolve(name) {
+        let Resolved { volume, dot, subdot } = match self.resolve(name) {
             Ok(v) => v,
             Err(e) => {
                 tracing::info!(name, error = %e, "no such export");
@@ -358,11 +390,13 @@ impl Exports for PoolExports {
         let head = !volume.is_read_only();
         match VolumeExport::new(volume, description) {
             Ok(mut x) => {
-                x.session = dot.map(|d| self.sessions.register(&d, head));
+                x.qos = Some(self.qos.for_volume(&self.pool, dot.as_deref(), &subdot));
                 if let Some(m) = &self.metrics {
                     m.connections_add(1);
                     x.metrics = Some(m.clone());
+                    x.volume_metrics = Some(m.volume(dot.as_deref().unwrap_or_default(), &subdot));
                 }
+                x.session = dot.map(|d| self.sessions.register(&d, head));
                 Some(Arc::new(x))
             }
             Err(e) => {

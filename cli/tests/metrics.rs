@@ -4,14 +4,7 @@
 
 mod common;
 
-use common::{have, qemu_ok, Daemon};
-
-/// The value of the sample `name` (with its labels) in Prometheus text.
-fn sample(text: &str, name: &str) -> f64 {
-    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
-    let line = line.unwrap_or_else(|| panic!("no sample {name} in\n{text}"));
-    line[name.len()..].trim().split(' ').next().unwrap().parse().unwrap()
-}
+use common::{have, qemu_ok, sample, Daemon};
 
 #[test]
 fn metrics_count_nbd_requests_and_show_the_pool() {

@@ -192,6 +192,13 @@ pub trait Export: Send + Sync + 'static {
     /// `len` (the client asks again) but must not go past it, and must not be empty.
     fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>>;
 
+    /// The export's quality of service: its rate limits and its flow in the server's fair queue, shared by every
+    /// connection to it (return clones of one `Arc`). The default: no limits, and each connection is a flow of its
+    /// own.
+    fn qos(&self) -> Option<Arc<crate::qos::Qos>> {
+        None
+    }
+
     /// A signal with which the export's owner can close the connection serving it (one export object per
     /// connection, as [`Exports::open`] makes them). When it fires, the server reads no further requests, answers
     /// those already read, and closes the connection. The default: never.

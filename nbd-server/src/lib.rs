@@ -6,6 +6,7 @@
 //! - `transmission`: concurrent request processing with bounded in-flight requests and buffer memory.
 //! - [`server`]: TCP and Unix-domain listeners, and [`Server::serve_stream`] for any byte stream.
 //! - [`tls`]: x509 certificates for STARTTLS.
+//! - [`qos`]: per-export rate limits and fair sharing of the backend between exports.
 //!
 //! The crate knows nothing of the storage engine: the daemon implements [`Export`] over engine volumes.
 #![forbid(unsafe_code)]
@@ -15,6 +16,7 @@ mod error;
 pub mod export;
 mod handshake;
 pub mod proto;
+pub mod qos;
 pub mod server;
 pub mod tls;
 mod transmission;
@@ -25,6 +27,7 @@ pub use export::{
     ExtentKind, MemoryExport, ZeroFlags, MAX_PAYLOAD_BYTES,
 };
 pub use handshake::{BASE_ALLOCATION_ID, MAX_META_QUERIES, MAX_OPTIONS_PER_HANDSHAKE, MAX_OPTION_BYTES};
+pub use qos::{Direction, FairQueue, Limits, Qos, DEFAULT_FAIR_SLOTS};
 pub use server::{Server, ServerConfig, Stream, ACCEPT_ERROR_BACKOFF, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
 pub use tls::TlsMode;
 pub use transmission::{

@@ -12,6 +12,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::buffers::BufPool;
 use crate::export::Exports;
+use crate::qos::FairQueue;
 use crate::tls::TlsMode;
 use crate::{handshake, transmission, Error, Result};
 
@@ -39,6 +40,10 @@ pub struct ServerConfig {
     pub tls_mode: TlsMode,
     /// Handshake time limit; `None` means [`DEFAULT_HANDSHAKE_TIMEOUT`].
     pub handshake_timeout: Option<Duration>,
+    /// Fair sharing of the exports' backend: at most this many requests of all connections run in it at once,
+    /// handed out fairly between exports (see [`crate::qos`]). `None`: no fair queue; each connection runs up to
+    /// its in-flight limit.
+    pub fair_slots: Option<usize>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -47,6 +52,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("tls", &self.tls.is_some())
             .field("tls_mode", &self.tls_mode)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("fair_slots", &self.fair_slots)
             .finish()
     }
 }
@@ -57,6 +63,7 @@ pub(crate) struct Shared {
     pub config: ServerConfig,
     pub tls: Option<TlsAcceptor>,
     pub pool: Arc<BufPool>,
+    pub fair: Option<Arc<FairQueue>>,
 }
 
 /// An NBD server over a set of exports. Cheap to clone; clones share buffers and configuration.
@@ -78,7 +85,8 @@ impl Server {
             return Err(Error::Config(format!("TLS mode {:?} needs a certificate and key", config.tls_mode)));
         }
         let tls = config.tls.clone().map(TlsAcceptor::from);
-        Ok(Self { shared: Arc::new(Shared { exports, config, tls, pool: Arc::new(BufPool::new()) }) })
+        let fair = config.fair_slots.map(FairQueue::new);
+        Ok(Self { shared: Arc::new(Shared { exports, config, tls, pool: Arc::new(BufPool::new()), fair }) })
     }
 
     /// Serves one client on any byte stream, from the greeting to the end of transmission.
@@ -88,7 +96,7 @@ impl Server {
             .await
             .map_err(|_| Error::HandshakeTimeout(timeout))??;
         match negotiated {
-            Some(n) => transmission::serve(n, self.shared.pool.clone()).await,
+            Some(n) => transmission::serve(n, self.shared.pool.clone(), self.shared.fair.clone()).await,
             None => Ok(()),
         }
     }

@@ -7,8 +7,14 @@
 //! Bounds per connection: [`MAX_INFLIGHT_REQUESTS`] requests and [`MAX_INFLIGHT_BUFFER_BYTES`] of payload buffers
 //! between reading a request and writing its reply. When either is used up the server stops reading requests, which
 //! pushes back on the client through the socket.
+//!
+//! Quality of service ([`crate::qos`]): a request of an export with limits reserves its place in the export's
+//! buckets when its header is read, and the reader sleeps out the wait before it reads the payload or the next
+//! request, so limits never reorder a connection's requests. With a fair queue, a request takes a backend slot
+//! before it goes to the blocking pool and gives it back when the export is done with it.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -17,6 +23,7 @@ use crate::buffers::{Buf, BufPool};
 use crate::export::{ErrorKind, Export, ExportError, Extent, ZeroFlags};
 use crate::handshake::Negotiated;
 use crate::proto::*;
+use crate::qos::{Direction, FairQueue, Flow, Qos};
 use crate::{Error, Result};
 
 /// Requests of one connection between being read and having their reply written.
@@ -79,6 +86,12 @@ struct Conn {
     fast_zero: bool,
     pool: Arc<BufPool>,
     tx: mpsc::Sender<Outgoing>,
+    /// The export's limits and fair-queue flow, if it has them.
+    qos: Option<Arc<Qos>>,
+    /// The server's fair queue, if fairness is on.
+    fair: Option<Arc<FairQueue>>,
+    /// This connection's flow when the export has no [`Qos`].
+    own_flow: Arc<Flow>,
 }
 
 /// A refusal: the protocol's error value and a message.
@@ -98,7 +111,35 @@ fn allowed_flags(kind: u16) -> u16 {
     }
 }
 
+impl Op {
+    /// What a request costs against an export's limits: its direction and bytes, or `None` when it is free.
+    fn qos_cost(self, length: u32) -> Option<(Direction, u64)> {
+        match self {
+            Op::Read { .. } => Some((Direction::Read, u64::from(length))),
+            Op::Write { .. } => Some((Direction::Write, u64::from(length))),
+            Op::Trim { .. } | Op::Zeroes(_) => Some((Direction::Write, 0)),
+            Op::Flush | Op::Cache | Op::BlockStatus { .. } => None,
+        }
+    }
+
+    /// Bytes of data the backend moves for it, for the fair queue.
+    fn fair_bytes(self, length: u32) -> u64 {
+        match self {
+            Op::Read { .. } | Op::Write { .. } => u64::from(length),
+            _ => 0,
+        }
+    }
+}
+
 impl Conn {
+    /// The flow this connection's requests are queued under.
+    fn flow(&self) -> &Arc<Flow> {
+        match &self.qos {
+            Some(q) => q.flow(),
+            None => &self.own_flow,
+        }
+    }
+
     /// Checks a request against the negotiated state and the export's size and block sizes.
     fn validate(&self, r: &RequestHeader) -> std::result::Result<Op, Refusal> {
         let name = command_name(r.kind);
@@ -381,7 +422,7 @@ fn export_refusal(e: ExportError) -> Refusal {
 
 /// Serves requests until the client disconnects or sends `NBD_CMD_DISC`; returns after every accepted request has
 /// been answered (or the client has gone).
-pub(crate) async fn serve(n: Negotiated, pool: Arc<BufPool>) -> Result<()> {
+pub(crate) async fn serve(n: Negotiated, pool: Arc<BufPool>, fair: Option<Arc<FairQueue>>) -> Result<()> {
     let (rd, wr) = tokio::io::split(n.stream);
     let mut rd = BufReader::with_capacity(READ_BUFFER_BYTES, rd);
     let (tx, rx) = mpsc::channel::<Outgoing>(MAX_INFLIGHT_REQUESTS * 2);
@@ -389,14 +430,17 @@ pub(crate) async fn serve(n: Negotiated, pool: Arc<BufPool>) -> Result<()> {
     let conn = Arc::new(Conn {
         read_only: n.export.is_read_only(),
         fast_zero: n.export.can_fast_zero() && !n.export.is_read_only(),
-        export: n.export,
         size_bytes: n.size_bytes,
         min_bytes: u64::from(n.sizes.minimum_bytes),
         max_bytes: n.sizes.maximum_bytes,
         structured: n.structured,
         base_allocation: n.base_allocation,
+        qos: n.export.qos(),
+        export: n.export,
         pool,
         tx,
+        fair,
+        own_flow: Arc::default(),
     });
     tracing::debug!(export = n.name, flags = n.flags, "transmission");
     let requests = Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS));
@@ -457,6 +501,13 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 continue;
             }
         };
+        // The export's limits: sleep out the wait before reading the payload or the next request.
+        if let (Some(q), Some((dir, bytes))) = (&conn.qos, op.qos_cost(r.length)) {
+            let wait = q.reserve(dir, 1, bytes, Instant::now());
+            if !wait.is_zero() {
+                throttle(wait, &mut disconnect).await;
+            }
+        }
         // Reads and writes hold buffer budget until their reply is written.
         let buffer_bytes = match op {
             Op::Read { .. } | Op::Write { .. } => r.length as usize,
@@ -487,8 +538,29 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
                 Err(p) => permits = p,
             }
         }
+        let slot = match &conn.fair {
+            Some(fair) => Some(fair.acquire(conn.flow(), op.fair_bytes(r.length)).await),
+            None => None,
+        };
         let c = conn.clone();
-        tokio::task::spawn_blocking(move || c.run(r, op, payload, permits));
+        tokio::task::spawn_blocking(move || {
+            c.run(r, op, payload, permits);
+            drop(slot);
+        });
+    }
+}
+
+/// Sleeps out a rate limit's wait; cut short when the export's owner closes the connection (the request already
+/// read is then answered, and no further one is read).
+async fn throttle(wait: Duration, disconnect: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match disconnect {
+        Some(d) => {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = d.wait_for(|fired| *fired) => {}
+            }
+        }
+        None => tokio::time::sleep(wait).await,
     }
 }
 

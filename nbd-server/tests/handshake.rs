@@ -184,6 +184,7 @@ async fn tls_required_refuses_everything_but_starttls_and_abort() {
         tls: Some(tls),
         tls_mode: blockmesh_nbd::TlsMode::Required,
         handshake_timeout: None,
+        fair_slots: None,
     };
     let server = blockmesh_nbd::Server::new(exports(), config).unwrap();
     let (mut c, task) = pipe(&server);

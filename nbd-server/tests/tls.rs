@@ -38,7 +38,7 @@ fn pki() -> Pki {
 fn tls_config(dir: &Path, mode: TlsMode) -> ServerConfig {
     let tls =
         blockmesh_nbd::tls::server_config(&dir.join("server-cert.pem"), &dir.join("server-key.pem"), None).unwrap();
-    ServerConfig { tls: Some(tls), tls_mode: mode, handshake_timeout: None }
+    ServerConfig { tls: Some(tls), tls_mode: mode, handshake_timeout: None, fair_slots: None }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,9 @@
 //! Serves one engine volume over NBD for `benches/nbd/compare.sh`, through the same code the daemon uses
 //! (`PoolExports` + `blockmesh_nbd::Server`).
 //!
-//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N]`: creates the pool (sparse) and a
-//! volume named `bench` when the pool file does not exist, then serves until killed.
+//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N]`: creates the pool
+//! (sparse) and a volume named `bench` when the pool file does not exist, then serves until killed. Fairness is on
+//! with the daemon's default slots unless `--fair-slots 0`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(pool_path), Some(socket)) = (args.first(), args.get(1)) else {
-        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N]");
+        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N]");
     };
     let pool_path = PathBuf::from(pool_path);
     let pool = if pool_path.exists() {
@@ -32,7 +33,9 @@ fn main() -> Result<()> {
     let pool = Arc::new(pool);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let server = Server::new(Arc::new(PoolExports::new(pool.clone())), ServerConfig::default())?;
+        let slots = arg(&args, "--fair-slots").map_or(blockmesh_nbd::DEFAULT_FAIR_SLOTS, |n| n as usize);
+        let config = ServerConfig { fair_slots: (slots > 0).then_some(slots), ..ServerConfig::default() };
+        let server = Server::new(Arc::new(PoolExports::new(pool.clone())), config)?;
         let listener = Server::bind_unix(socket.as_ref()).context("binding the socket")?;
         tokio::select! {
             r = server.serve_unix(listener) => r?,

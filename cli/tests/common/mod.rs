@@ -150,3 +150,10 @@ pub fn same_export(a: &str, b: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The value of the sample `name` (with its labels) in Prometheus text.
+pub fn sample(text: &str, name: &str) -> f64 {
+    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+    let line = line.unwrap_or_else(|| panic!("no sample {name} in\n{text}"));
+    line[name.len()..].trim().split(' ').next().unwrap().parse().unwrap()
+}
