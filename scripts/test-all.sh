@@ -21,6 +21,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
     $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
+# The operator's manifests are validated offline against the official Kubernetes schemas (PyPI kubernetes-validate).
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  echo "installing kubernetes-validate (pip)"
+  python3 -m pip install -q kubernetes-validate 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages kubernetes-validate
+fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

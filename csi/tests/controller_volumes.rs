@@ -1,0 +1,165 @@
+//! Volumes through the Controller service, the real daemon underneath: idempotent create and delete, the spec's
+//! error codes, PVC annotations (two PVCs naming one dot share it), listing with pages, capacity and expansion.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use blockmesh_csi::pb;
+use common::{code, create_req, Driver, SERVER_NODE};
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_and_delete_are_idempotent_and_checked() {
+    let mut d = Driver::start().await;
+    let c = &mut d.controller;
+
+    let info = d.identity.get_plugin_info(pb::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "csi.blockmesh.io");
+    let ready = d.identity.probe(pb::ProbeRequest {}).await.unwrap().into_inner().ready;
+    assert_eq!(ready, Some(true));
+
+    let v1 = c.create_volume(create_req("pvc-1", 8 * MIB, &[])).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(v1.volume_id, "admin/pvc-1/__default__");
+    assert_eq!(v1.capacity_bytes, 8 * MIB);
+    assert_eq!(v1.accessible_topology[0].segments["topology.blockmesh.io/node"], SERVER_NODE);
+    // the same request again: the same volume
+    let again = c.create_volume(create_req("pvc-1", 8 * MIB, &[])).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again, v1);
+    // the same name with a size that does not fit: ALREADY_EXISTS
+    assert_eq!(code(c.create_volume(create_req("pvc-1", 16 * MIB, &[])).await), Code::AlreadyExists);
+    let mut limited = create_req("pvc-1", MIB, &[]);
+    limited.capacity_range = Some(pb::CapacityRange { required_bytes: MIB, limit_bytes: 4 * MIB });
+    assert_eq!(code(c.create_volume(limited).await), Code::AlreadyExists);
+
+    // missing fields and bad arguments: INVALID_ARGUMENT
+    assert_eq!(code(c.create_volume(create_req("", MIB, &[])).await), Code::InvalidArgument);
+    let mut nocaps = create_req("pvc-x", MIB, &[]);
+    nocaps.volume_capabilities.clear();
+    assert_eq!(code(c.create_volume(nocaps).await), Code::InvalidArgument);
+    let mut multi = create_req("pvc-x", MIB, &[]);
+    multi.volume_capabilities[0].access_mode = Some(pb::volume_capability::AccessMode {
+        mode: pb::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
+    });
+    assert_eq!(code(c.create_volume(multi).await), Code::InvalidArgument);
+    assert_eq!(code(c.create_volume(create_req("bad name!", MIB, &[])).await), Code::InvalidArgument);
+    let mut backwards = create_req("pvc-x", 4 * MIB, &[]);
+    backwards.capacity_range = Some(pb::CapacityRange { required_bytes: 4 * MIB, limit_bytes: MIB });
+    assert_eq!(code(c.create_volume(backwards).await), Code::InvalidArgument);
+    assert_eq!(
+        code(c.delete_volume(pb::DeleteVolumeRequest { volume_id: String::new(), ..Default::default() }).await),
+        Code::InvalidArgument
+    );
+
+    // a source that does not exist: NOT_FOUND
+    let mut from_nothing = create_req("pvc-y", MIB, &[]);
+    from_nothing.volume_content_source = Some(pb::VolumeContentSource {
+        r#type: Some(pb::volume_content_source::Type::Snapshot(pb::volume_content_source::SnapshotSource {
+            snapshot_id: format!("admin/nope/__default__@{}", "0".repeat(32)),
+        })),
+    });
+    assert_eq!(code(c.create_volume(from_nothing).await), Code::NotFound);
+    let expand = |id: &str, bytes: i64| pb::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(pb::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    assert_eq!(code(c.controller_expand_volume(expand("admin/nope/__default__", MIB)).await), Code::NotFound);
+    let validate = pb::ValidateVolumeCapabilitiesRequest {
+        volume_id: "admin/nope/__default__".into(),
+        volume_capabilities: vec![common::mount_cap()],
+        ..Default::default()
+    };
+    assert_eq!(code(c.validate_volume_capabilities(validate.clone()).await), Code::NotFound);
+    let ok = c
+        .validate_volume_capabilities(pb::ValidateVolumeCapabilitiesRequest {
+            volume_id: v1.volume_id.clone(),
+            ..validate
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+
+    // expansion grows (and never shrinks); a mount volume needs the node's part too
+    let grown = c.controller_expand_volume(expand(&v1.volume_id, 12 * MIB)).await.unwrap().into_inner();
+    assert_eq!((grown.capacity_bytes, grown.node_expansion_required), (12 * MIB, true));
+    let same = c.controller_expand_volume(expand(&v1.volume_id, 2 * MIB)).await.unwrap().into_inner();
+    assert_eq!(same.capacity_bytes, 12 * MIB);
+    let dot = d.daemon.client().dot("admin/pvc-1").unwrap().unwrap();
+    assert_eq!(dot.subdots[0].size_bytes, 12 << 20);
+
+    // capacity: the pool's free space
+    let cap = c.get_capacity(pb::GetCapacityRequest::default()).await.unwrap().into_inner();
+    assert!(cap.available_capacity > 0 && cap.available_capacity <= 1 << 30, "{cap:?}");
+
+    // delete, twice; and ids that never existed
+    let del = |id: &str| pb::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
+    c.delete_volume(del(&v1.volume_id)).await.unwrap();
+    c.delete_volume(del(&v1.volume_id)).await.unwrap();
+    c.delete_volume(del("not-an-id")).await.unwrap();
+    assert!(d.daemon.client().dot("admin/pvc-1").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pvc_annotations_place_volumes_and_share_dots() {
+    let mut d = Driver::start().await;
+    let pvc = |name: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("csi.storage.k8s.io/pvc/name", name.to_string()),
+            ("csi.storage.k8s.io/pvc/namespace", "apps".to_string()),
+        ]
+    };
+    let req = |volume: &str, params: &[(&'static str, String)]| {
+        let p: Vec<(&str, &str)> = params.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        create_req(volume, 4 * MIB, &p)
+    };
+    // no annotations: dot = PVC name, namespace from the StorageClass
+    let mut p = pvc("web");
+    p.push(("blockmeshNamespace", "team".into()));
+    let v = d.controller.create_volume(req("pvc-aaa", &p)).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(v.volume_id, "team/web/__default__");
+
+    // two PVCs naming one dot (blockmesh.io and Dotmesh spellings) with different subdots: one dot, two subdots
+    d.pvcs.set("apps", "db-data", &[("blockmesh.io/dot", "db"), ("blockmesh.io/subdot", "data")]);
+    d.pvcs.set("apps", "db-logs", &[("dotmeshName", "db"), ("dotmeshSubdot", "logs"), ("dotmeshNamespace", "admin")]);
+    let a = d.controller.create_volume(req("pvc-bbb", &pvc("db-data"))).await.unwrap().into_inner().volume.unwrap();
+    let b = d.controller.create_volume(req("pvc-ccc", &pvc("db-logs"))).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!((a.volume_id.as_str(), b.volume_id.as_str()), ("admin/db/data", "admin/db/logs"));
+    let dot = d.daemon.client().dot("admin/db").unwrap().unwrap();
+    let names: Vec<&str> = dot.subdots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["data", "logs"]);
+    assert_eq!(a.volume_context["blockmesh.io/export"], "admin/db.data");
+
+    // list in pages of one: every volume once, in order; a foreign token is ABORTED
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = d
+            .controller
+            .list_volumes(pb::ListVolumesRequest { max_entries: 1, starting_token: token.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1);
+        seen.extend(page.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(seen, ["admin/db/data", "admin/db/logs", "team/web/__default__"]);
+    let bad = d.controller.list_volumes(pb::ListVolumesRequest { max_entries: 1, starting_token: "zz".into() }).await;
+    assert_eq!(code(bad), Code::Aborted);
+
+    // deleting one subdot releases it (not listed, data given back); the last one takes the dot with it
+    let del = |id: &str| pb::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
+    d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
+    let listed = d.controller.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().into_inner();
+    assert_eq!(listed.entries.len(), 2);
+    assert!(d.daemon.client().dot("admin/db").unwrap().is_some());
+    d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
+    d.controller.delete_volume(del("admin/db/data")).await.unwrap();
+    assert!(d.daemon.client().dot("admin/db").unwrap().is_none());
+}

@@ -1,0 +1,94 @@
+//! The manifests in deploy/: core kinds validated offline against the official schemas by `kubernetes-validate
+//! --strict` (a failure under CI=true when the tool is missing); the snapshot CRD kinds, which it has no schema
+//! for, parsed and checked field by field; and the names that must agree across files (driver, sockets).
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn deploy() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+fn documents() -> Vec<(String, serde_yaml::Value)> {
+    let mut out = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy()).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    for f in files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::Value::deserialize(doc).unwrap();
+            out.push((f.file_name().unwrap().to_string_lossy().into_owned(), v));
+        }
+    }
+    out
+}
+
+use serde::Deserialize;
+
+const CRD_GROUPS: [&str; 2] = ["snapshot.storage.k8s.io/", "groupsnapshot.storage.k8s.io/"];
+
+#[test]
+fn core_kinds_pass_kubernetes_validate_strict() {
+    let found = Command::new("kubernetes-validate").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "kubernetes-validate is required under CI=true");
+        eprintln!("skipping: kubernetes-validate not installed (pip install kubernetes-validate)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut n = 0;
+    for (i, (file, doc)) in documents().into_iter().enumerate() {
+        let api = doc["apiVersion"].as_str().unwrap_or_default();
+        if CRD_GROUPS.iter().any(|g| api.starts_with(g)) {
+            continue;
+        }
+        let path = dir.path().join(format!("{i}.yaml"));
+        std::fs::write(&path, serde_yaml::to_string(&doc).unwrap()).unwrap();
+        let out = Command::new("kubernetes-validate").args(["--strict", "--quiet"]).arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{file} ({}): {}{}",
+            doc["kind"].as_str().unwrap_or("?"),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        n += 1;
+    }
+    assert!(n >= 8, "validated {n} documents");
+}
+
+#[test]
+fn snapshot_classes_and_cross_file_names_agree() {
+    let docs = documents();
+    let kind = |k: &'static str| docs.iter().filter(move |(_, d)| d["kind"].as_str() == Some(k)).map(|(_, d)| d);
+    let driver = "csi.blockmesh.io";
+    assert_eq!(kind("CSIDriver").next().unwrap()["metadata"]["name"].as_str(), Some(driver));
+    assert_eq!(kind("StorageClass").next().unwrap()["provisioner"].as_str(), Some(driver));
+    assert_eq!(kind("StorageClass").next().unwrap()["metadata"]["name"].as_str(), Some("blockmesh"));
+    for k in ["VolumeSnapshotClass", "VolumeGroupSnapshotClass"] as [&'static str; 2] {
+        let c = kind(k).next().unwrap_or_else(|| panic!("no {k}"));
+        let keys: Vec<&str> = c.as_mapping().unwrap().keys().filter_map(|k| k.as_str()).collect();
+        for key in &keys {
+            assert!(
+                ["apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"].contains(key),
+                "{k}: {key}"
+            );
+        }
+        assert_eq!(c["driver"].as_str(), Some(driver), "{k}");
+        assert!(matches!(c["deletionPolicy"].as_str(), Some("Delete" | "Retain")), "{k}");
+        assert!(c["metadata"]["name"].as_str().is_some(), "{k}");
+    }
+    assert_eq!(blockmesh_csi::controller::DRIVER_NAME, driver);
+    // the registrar tells the kubelet where the plugin socket is on the host: the plugin-dir host path
+    let ds = kind("DaemonSet").next().unwrap();
+    let text = serde_yaml::to_string(ds).unwrap();
+    assert!(text.contains(&format!("--kubelet-registration-path=/var/lib/kubelet/plugins/{driver}/csi.sock")));
+    assert!(text.contains(&format!("path: /var/lib/kubelet/plugins/{driver}")));
+    // the provisioner passes the PVC's name and namespace (the annotations are read from it)
+    let dep = serde_yaml::to_string(kind("Deployment").next().unwrap()).unwrap();
+    assert!(dep.contains("--extra-create-metadata"));
+    for sidecar in ["csi-provisioner", "csi-snapshotter", "csi-resizer", "livenessprobe"] {
+        assert!(dep.contains(sidecar), "{sidecar}");
+    }
+}
