@@ -490,8 +490,15 @@ impl pb::controller_server::Controller for ControllerService {
         let (id, size) = self
             .daemon
             .run(move |d| {
-                let target = pvc::placement(&name, &params, &pvc::pvc_annotations(&pvcs, &params)?)?;
-                Self::create(d, &target, size, range.as_ref(), source.as_ref())
+                let annotations = pvc::pvc_annotations(&pvcs, &params)?;
+                let target = pvc::placement(&name, &params, &annotations)?;
+                let qos = pvc::qos_limits(&params, &annotations)?;
+                let (id, size) = Self::create(d, &target, size, range.as_ref(), source.as_ref())?;
+                // Limits asked for apply to the volume made (or found again: a retried call sets the same ones).
+                if let Some(limits) = qos {
+                    d.set_qos(&id.dot_name(), &id.subdot, &limits)?;
+                }
+                Ok((id, size))
             })
             .await?;
         tracing::info!(volume = %id, size, name = %r.name, "volume created");

@@ -183,6 +183,13 @@ impl DaemonClient {
         )
     }
 
+    /// Replaces a subdot's quality-of-service limits (the daemon's `PUT .../qos`; an empty map removes them).
+    pub fn set_qos(&self, dot: &str, subdot: &str, limits: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+        let _: serde_json::Value =
+            self.send("PUT", &format!("{}/qos", Self::dot_path(dot)), json!({"subdot": subdot, "limits": limits}))?;
+        Ok(())
+    }
+
     /// Deletes a dot with everything it holds (refused, 409, while NBD clients are connected).
     pub fn delete_dot(&self, dot: &str) -> Result<()> {
         let _: serde_json::Value = self.answer(self.request("DELETE", &Self::dot_path(dot)).call())?;

@@ -29,6 +29,81 @@ pub const DOT_ANNOTATIONS: [&str; 2] = ["blockmesh.io/dot", "dotmeshName"];
 /// PVC annotations that name the subdot.
 pub const SUBDOT_ANNOTATIONS: [&str; 2] = ["blockmesh.io/subdot", "dotmeshSubdot"];
 
+/// Quality-of-service limits a volume may be given: `(StorageClass parameter, PVC annotation, the daemon's field,
+/// counts bytes)`. An annotation wins over the parameter; a value is a whole number, bytes may carry a binary
+/// suffix (`K`, `M`, `G`, `T`: 1024-based), and `none` (annotation) removes a parameter's limit.
+pub const QOS_KEYS: [(&str, &str, &str, bool); 7] = [
+    ("iops", "blockmesh.io/iops", "iops", false),
+    ("readIops", "blockmesh.io/read-iops", "read_iops", false),
+    ("writeIops", "blockmesh.io/write-iops", "write_iops", false),
+    ("bytesPerSec", "blockmesh.io/bytes-per-sec", "bytes_per_sec", true),
+    ("readBytesPerSec", "blockmesh.io/read-bytes-per-sec", "read_bytes_per_sec", true),
+    ("writeBytesPerSec", "blockmesh.io/write-bytes-per-sec", "write_bytes_per_sec", true),
+    ("burstMs", "blockmesh.io/burst-ms", "burst_ms", false),
+];
+
+/// A limit's value: a whole number, with a binary suffix when it counts bytes.
+fn limit_value(key: &str, value: &str, bytes: bool) -> Result<u64> {
+    let v = value.trim();
+    let (digits, unit) = match v.char_indices().last() {
+        Some((i, c)) if bytes && c.is_ascii_alphabetic() => (&v[..i], c.to_ascii_uppercase()),
+        _ => (v, ' '),
+    };
+    let shift = match unit {
+        ' ' => 0,
+        'K' => 10,
+        'M' => 20,
+        'G' => 30,
+        'T' => 40,
+        _ => return Err(Error::InvalidArgument(format!("{key}: {value:?} has an unknown unit (K, M, G or T)"))),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| Error::InvalidArgument(format!("{key}: {value:?} is not a whole number")))
+}
+
+/// The QoS limits asked for by the StorageClass parameters and the PVC's annotations, as the daemon's JSON
+/// (`None`: nothing asked, the volume keeps what it has). The daemon checks the values (minimums, burst bound).
+pub fn qos_limits(
+    parameters: &HashMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+    let mut limits = serde_json::Map::new();
+    let mut asked = false;
+    for (param, annotation, field, bytes) in QOS_KEYS {
+        let (key, value) = match (annotations.get(annotation), parameters.get(param)) {
+            (Some(v), _) => (annotation, v),
+            (None, Some(v)) => (param, v),
+            (None, None) => continue,
+        };
+        asked = true;
+        if value.trim() != "none" {
+            limits.insert(field.to_string(), limit_value(key, value, bytes)?.into());
+        }
+    }
+    if asked {
+        check_limits(&limits)?;
+    }
+    Ok(asked.then_some(limits))
+}
+
+/// Refuses limits the daemon would refuse, before anything is made.
+fn check_limits(limits: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    let get = |field: &str| limits.get(field).and_then(serde_json::Value::as_u64);
+    let l = blockmesh_nbd::Limits {
+        iops: get("iops"),
+        read_iops: get("read_iops"),
+        write_iops: get("write_iops"),
+        bytes_per_sec: get("bytes_per_sec"),
+        read_bytes_per_sec: get("read_bytes_per_sec"),
+        write_bytes_per_sec: get("write_bytes_per_sec"),
+        burst_ms: get("burst_ms").unwrap_or(blockmesh_nbd::qos::DEFAULT_BURST_MS),
+    };
+    l.validate().map_err(|e| Error::InvalidArgument(format!("QoS limits: {e}")))
+}
+
 /// Reads a PVC's annotations.
 pub trait PvcAnnotations: Send + Sync + std::fmt::Debug {
     /// The annotations of PVC `name` in Kubernetes namespace `namespace` (blocking; empty when it has none).
@@ -153,6 +228,42 @@ mod tests {
 
     fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn qos_from_parameters_and_annotations() -> Result<()> {
+        let none = BTreeMap::new();
+        assert_eq!(qos_limits(&params(&[(PARAM_NAMESPACE, "x")]), &none)?, None);
+        let p = params(&[("iops", "500"), ("writeBytesPerSec", "10M"), ("burstMs", "200")]);
+        let got = qos_limits(&p, &none)?.expect("asked");
+        assert_eq!(
+            serde_json::Value::Object(got),
+            serde_json::json!({"iops": 500, "write_bytes_per_sec": 10 << 20, "burst_ms": 200})
+        );
+        let a: BTreeMap<String, String> = [("blockmesh.io/iops", "none"), ("blockmesh.io/read-iops", "90")]
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let got = qos_limits(&p, &a)?.expect("asked");
+        assert_eq!(
+            serde_json::Value::Object(got),
+            serde_json::json!({"read_iops": 90, "write_bytes_per_sec": 10 << 20, "burst_ms": 200})
+        );
+        assert!(matches!(qos_limits(&params(&[("iops", "lots")]), &none), Err(Error::InvalidArgument(_))));
+        assert!(
+            matches!(qos_limits(&params(&[("iops", "5M")]), &none), Err(Error::InvalidArgument(_))),
+            "IOPS take no unit"
+        );
+        assert!(matches!(qos_limits(&params(&[("bytesPerSec", "5X")]), &none), Err(Error::InvalidArgument(_))));
+        assert!(matches!(
+            qos_limits(&params(&[("bytesPerSec", "99999999999T")]), &none),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(
+            matches!(qos_limits(&params(&[("iops", "0")]), &none), Err(Error::InvalidArgument(_))),
+            "the daemon's minimum"
+        );
+        Ok(())
     }
 
     #[test]

@@ -19,10 +19,13 @@
 //! keep a flow with one from running: the quiet flow's request waits for one slot to come free, not for the noisy
 //! flow's queue to drain. Beside the shared slots there are as many *express* slots, only for a flow that has
 //! nothing in the backend: a request of an idle flow (a client at queue depth 1, a database's commit) starts at once
-//! instead of waiting for a busy flow's request to finish, and no flow holds more than one of them.
+//! instead of waiting for a busy flow's request to finish, and no flow holds more than one of them. The queue is
+//! work-conserving: while one flow is the only one that asked for a slot within [`FLOW_ACTIVE_WINDOW`], it is not
+//! held to the shared slots (a single busy volume runs as fast as with no queue); the bound applies as soon as a
+//! second flow is active.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +47,10 @@ pub const FAIR_REQUEST_COST_BYTES: u64 = 4096;
 pub const DEFAULT_FAIR_SLOTS: usize = 8;
 /// Most requests in the backend at once that a fair queue may be configured with.
 pub const MAX_FAIR_SLOTS: usize = 1024;
+/// A flow that asked for a slot this recently counts as active: with two active flows the shared slots bind.
+pub const FLOW_ACTIVE_WINDOW: Duration = Duration::from_millis(20);
+/// Most flows remembered as recently active (more count as contention, which only makes the queue stricter).
+pub const MAX_RECENT_FLOWS: usize = 4096;
 
 /// An export's limits. `None` is no limit; `burst_ms` is the burst allowance of every bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -290,8 +297,11 @@ impl Ord for Waiter {
 
 #[derive(Debug)]
 struct FairState {
-    free_slots: usize,
+    /// Shared slots in use (above `slots` only while one flow was alone).
+    shared_in_use: usize,
     free_express: usize,
+    /// Flows that asked for a slot within [`FLOW_ACTIVE_WINDOW`], by address, with when they last asked.
+    recent: HashMap<usize, Instant>,
     virtual_time: u64,
     next_seq: u64,
     waiting: BinaryHeap<Reverse<Waiter>>,
@@ -302,21 +312,29 @@ struct FairState {
 pub struct FairQueue {
     state: Mutex<FairState>,
     slots: usize,
+    active_window: Duration,
 }
 
 impl FairQueue {
     /// A queue with `slots` requests in the backend at once (1 to [`MAX_FAIR_SLOTS`]).
     pub fn new(slots: usize) -> Arc<Self> {
+        Self::with_active_window(slots, FLOW_ACTIVE_WINDOW)
+    }
+
+    /// A queue whose flows count as active for `active_window` after they last asked (tests use a long one).
+    pub fn with_active_window(slots: usize, active_window: Duration) -> Arc<Self> {
         let slots = slots.clamp(1, MAX_FAIR_SLOTS);
         Arc::new(Self {
             state: Mutex::new(FairState {
-                free_slots: slots,
+                shared_in_use: 0,
                 free_express: slots,
+                recent: HashMap::new(),
                 virtual_time: 0,
                 next_seq: 0,
                 waiting: BinaryHeap::new(),
             }),
             slots,
+            active_window,
         })
     }
 
@@ -338,12 +356,13 @@ impl FairQueue {
             let mut st = self.state.lock();
             let start_tag = st.virtual_time.max(flow.last_finish.load(Ordering::Relaxed));
             flow.last_finish.store(start_tag.saturating_add(cost), Ordering::Relaxed);
+            let alone = st.note_active(flow, Instant::now(), self.active_window);
             let express = flow.in_backend.load(Ordering::Relaxed) == 0 && st.free_express > 0;
-            if express || (st.free_slots > 0 && st.waiting.is_empty()) {
+            if express || (st.waiting.is_empty() && (st.shared_in_use < self.slots || alone)) {
                 if express {
                     st.free_express -= 1;
                 } else {
-                    st.free_slots -= 1;
+                    st.shared_in_use += 1;
                 }
                 st.virtual_time = st.virtual_time.max(start_tag);
                 flow.in_backend.fetch_add(1, Ordering::Relaxed);
@@ -373,12 +392,12 @@ impl FairQueue {
             debug_assert!(st.free_express <= self.slots);
             return;
         }
-        loop {
+        st.shared_in_use -= 1;
+        while st.shared_in_use < self.slots {
             let Some(Reverse(w)) = st.waiting.pop() else {
-                st.free_slots += 1;
-                debug_assert!(st.free_slots <= self.slots);
                 return;
             };
+            st.shared_in_use += 1;
             st.virtual_time = st.virtual_time.max(w.start_tag);
             w.flow.in_backend.fetch_add(1, Ordering::Relaxed);
             let permit = FairPermit { queue: Some(self.clone()), flow: w.flow.clone(), express: false };
@@ -388,9 +407,22 @@ impl FairQueue {
                 Err(mut unused) => {
                     unused.flow.in_backend.fetch_sub(1, Ordering::Relaxed);
                     unused.queue = None;
+                    st.shared_in_use -= 1;
                 }
             }
         }
+    }
+}
+
+impl FairState {
+    /// Records that `flow` asks now; true when no other flow asked within `window`.
+    fn note_active(&mut self, flow: &Arc<Flow>, now: Instant, window: Duration) -> bool {
+        let me = Arc::as_ptr(flow) as usize;
+        self.recent.retain(|_, at| now.saturating_duration_since(*at) < window);
+        if self.recent.len() < MAX_RECENT_FLOWS || self.recent.contains_key(&me) {
+            self.recent.insert(me, now);
+        }
+        self.recent.keys().all(|&k| k == me)
     }
 }
 
@@ -486,9 +518,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_quiet_flow_goes_before_a_noisy_flows_queue() {
-        let q = FairQueue::new(1);
+        let q = FairQueue::with_active_window(1, Duration::from_secs(600));
         let (noisy, quiet) = (Arc::new(Flow::default()), Arc::new(Flow::default()));
-        // the noisy flow holds the express slot and the shared one, queues ten more, then the quiet one asks
+        // the quiet flow has been active (so the noisy one is not alone), then the noisy flow holds the express slot
+        // and the shared one, queues ten more, then the quiet one asks
+        drop(q.acquire(&quiet, 0).await);
         let held_express = q.acquire(&noisy, 4096).await;
         let held = q.acquire(&noisy, 4096).await;
         let (order_tx, mut order_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -531,8 +565,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_flow_starts_at_once_in_an_express_slot() {
-        let q = FairQueue::new(2);
+        let q = FairQueue::with_active_window(2, Duration::from_secs(600));
         let (busy, idle, other) = (Arc::new(Flow::default()), Arc::new(Flow::default()), Arc::new(Flow::default()));
+        drop(q.acquire(&other, 0).await);
         // the busy flow fills the shared slots (its first request took an express one)
         let held: Vec<FairPermit> =
             vec![q.acquire(&busy, 0).await, q.acquire(&busy, 0).await, q.acquire(&busy, 0).await];
@@ -551,9 +586,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flow_alone_is_not_held_to_the_shared_slots() {
+        let q = FairQueue::with_active_window(2, Duration::from_secs(600));
+        let (alone, late) = (Arc::new(Flow::default()), Arc::new(Flow::default()));
+        let soon = Duration::from_secs(5);
+        let not_now = Duration::from_millis(20);
+        // one flow alone takes as many as it asks for (one express slot, then nine shared ones past the bound of 2)
+        let mut held = Vec::new();
+        for _ in 0..10 {
+            held.push(tokio::time::timeout(soon, q.acquire(&alone, 0)).await.expect("not held"));
+        }
+        // a second flow's first request takes the other express slot; from then on the shared bound applies
+        let express = tokio::time::timeout(soon, q.acquire(&late, 0)).await.expect("express");
+        assert!(tokio::time::timeout(not_now, q.acquire(&alone, 0)).await.is_err(), "no longer alone");
+        held.truncate(3); // the express slot and two shared ones: at the bound
+        assert!(tokio::time::timeout(not_now, q.acquire(&late, 0)).await.is_err(), "the bound holds");
+        held.truncate(2); // below it
+        assert!(tokio::time::timeout(soon, q.acquire(&late, 0)).await.is_ok());
+        drop(express);
+    }
+
+    #[tokio::test]
     async fn a_cancelled_waiter_does_not_leak_its_slot() {
-        let q = FairQueue::new(1);
+        let q = FairQueue::with_active_window(1, Duration::from_secs(600));
         let f = Arc::new(Flow::default());
+        drop(q.acquire(&Arc::new(Flow::default()), 0).await);
         let held_express = q.acquire(&f, 0).await;
         let held = q.acquire(&f, 0).await;
         let gave_up = tokio::time::timeout(Duration::from_millis(10), q.acquire(&f, 0)).await;
