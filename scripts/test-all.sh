@@ -30,7 +30,9 @@ fi
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+# The CSI driver's tests run the daemon binary this build makes (instead of building it again with their own
+# feature set).
+BLOCKMESH_BIN="$PWD/target/debug/blockmesh" cargo test --workspace
 # The fuzz targets live outside the workspace (cargo-fuzz); make sure they still build against the libraries.
 cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 cargo check --manifest-path fuzz/Cargo.toml

@@ -21,6 +21,7 @@
 //! | `GET /v1/dots/{ns}/{name}/commits/{commit}` | | [`Commit`] (resolves prefixes and branch names) |
 //! | `DELETE /v1/dots/{ns}/{name}/commits/{commit}` | | `{}`: the commit (by full id) and its snapshots are gone; 409 while it is a branch's head or another commit's parent |
 //! | `POST /v1/dots/{ns}/{name}/subdots` | [`SubdotRequest`] | [`Dot`]: a new empty subdot on the current branch |
+//! | `DELETE /v1/dots/{ns}/{name}/subdots/{subdot}?force=true` | | [`Dot`]: the subdot's head is gone from the current branch (commits and other branches keep theirs; not the last subdot: 400); 409 while NBD clients are connected to that head, unless forced |
 //! | `POST /v1/dots/{ns}/{name}/branches` | [`BranchRequest`] | [`Dot`] |
 //! | `DELETE /v1/dots/{ns}/{name}/branches/{branch}` | | `{}`: the branch and its heads are gone (not the current branch: 400) |
 //! | `POST /v1/dots/{ns}/{name}/checkout` | [`CheckoutRequest`] | [`Dot`] |
@@ -466,6 +467,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/dots/{ns}/{name}/commits", get(log).post(commit))
         .route("/v1/dots/{ns}/{name}/commits/{commit}", get(show_commit).delete(delete_commit))
         .route("/v1/dots/{ns}/{name}/subdots", post(add_subdot))
+        .route("/v1/dots/{ns}/{name}/subdots/{subdot}", axum::routing::delete(remove_subdot))
         .route("/v1/dots/{ns}/{name}/branches", post(branch))
         .route("/v1/dots/{ns}/{name}/branches/{branch}", axum::routing::delete(delete_branch))
         .route("/v1/dots/{ns}/{name}/checkout", post(checkout))
@@ -623,13 +625,13 @@ fn resolve_commit(pool: &Pool, info: &DotInfo, name: &str) -> Result<CommitId, A
 /// which closes their connections.
 fn clear_sessions(s: &ApiState, dot: &str, which: Which, force: bool, what: &str) -> Result<(), ApiError> {
     if force {
-        let n = s.sessions.disconnect(dot, which);
+        let n = s.sessions.disconnect(dot, &which);
         if n > 0 {
             tracing::info!(dot, connections = n, "closed NBD connections to {what}");
         }
         return Ok(());
     }
-    match s.sessions.count(dot, which) {
+    match s.sessions.count(dot, &which) {
         0 => Ok(()),
         n => Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -901,6 +903,24 @@ async fn add_subdot(
     let dot = format!("{ns}/{name}");
     with_pool_durable(s, move |pool| {
         pool.add_subdot(&dot, &req.name, req.size_bytes)?;
+        Ok(Json(dot_json(pool.dot(&dot)?)))
+    })
+    .await
+}
+
+async fn remove_subdot(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name, subdot)): Path<(String, String, String)>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<Dot> {
+    let dot = format!("{ns}/{name}");
+    clear_sessions(&s, &dot, Which::SubdotHead(subdot.clone()), q.force, &format!("remove subdot {subdot}"))?;
+    let qos = s.qos.clone();
+    with_pool_durable(s, move |pool| {
+        pool.remove_subdot(&dot, &subdot)?;
+        // its limits go with it (a subdot added again under the name starts without)
+        pool.set_dot_property(&dot, &crate::qos::property_key(&subdot), None)?;
+        qos.forget_volume(&dot, &subdot);
         Ok(Json(dot_json(pool.dot(&dot)?)))
     })
     .await

@@ -41,18 +41,21 @@ fn to_export_error(e: blockmesh_engine::Error) -> ExportError {
 }
 
 /// Which of a dot's NBD connections count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Which {
     /// Connections to branch heads (read-write): what a checkout or reset moves from under them.
     Heads,
     /// Every connection, commits included: what deleting the dot ends.
     All,
+    /// Connections to one subdot's head: what removing the subdot ends.
+    SubdotHead(String),
 }
 
 #[derive(Debug)]
 struct Session {
     id: u64,
     head: bool,
+    subdot: String,
     disconnect: Disconnect,
 }
 
@@ -69,22 +72,23 @@ impl Sessions {
         Arc::new(Self::default())
     }
 
-    /// Records one connection to `dot` until the guard is dropped (when the connection ends).
-    fn register(self: &Arc<Self>, dot: &str, head: bool) -> SessionGuard {
+    /// Records one connection to `subdot` of `dot` until the guard is dropped (when the connection ends).
+    fn register(self: &Arc<Self>, dot: &str, subdot: &str, head: bool) -> SessionGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let disconnect = Disconnect::new();
-        self.open.lock().entry(dot.to_string()).or_default().push(Session { id, head, disconnect: disconnect.clone() });
+        let session = Session { id, head, subdot: subdot.to_string(), disconnect: disconnect.clone() };
+        self.open.lock().entry(dot.to_string()).or_default().push(session);
         SessionGuard { sessions: self.clone(), dot: dot.to_string(), id, disconnect }
     }
 
     /// Open connections to `dot` (not counting those already told to close).
-    pub fn count(&self, dot: &str, which: Which) -> usize {
+    pub fn count(&self, dot: &str, which: &Which) -> usize {
         let open = self.open.lock();
         open.get(dot).map_or(0, |v| v.iter().filter(|s| counts(s, which)).count())
     }
 
     /// Close the connections to `dot` (each after answering the requests it has read); returns how many.
-    pub fn disconnect(&self, dot: &str, which: Which) -> usize {
+    pub fn disconnect(&self, dot: &str, which: &Which) -> usize {
         let open = self.open.lock();
         let mut n = 0;
         for s in open.get(dot).into_iter().flatten().filter(|s| counts(s, which)) {
@@ -95,8 +99,13 @@ impl Sessions {
     }
 }
 
-fn counts(s: &Session, which: Which) -> bool {
-    !s.disconnect.is_triggered() && (s.head || which == Which::All)
+fn counts(s: &Session, which: &Which) -> bool {
+    !s.disconnect.is_triggered()
+        && match which {
+            Which::Heads => s.head,
+            Which::All => true,
+            Which::SubdotHead(subdot) => s.head && s.subdot == *subdot,
+        }
 }
 
 /// One connection's entry in [`Sessions`]; removes it when dropped.
@@ -396,7 +405,7 @@ impl Exports for PoolExports {
                     x.metrics = Some(m.clone());
                     x.volume_metrics = Some(m.volume(dot.as_deref().unwrap_or_default(), &subdot));
                 }
-                x.session = dot.map(|d| self.sessions.register(&d, head));
+                x.session = dot.map(|d| self.sessions.register(&d, &subdot, head));
                 Some(Arc::new(x))
             }
             Err(e) => {

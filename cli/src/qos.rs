@@ -181,6 +181,11 @@ impl QosRegistry {
         self.volumes.lock().retain(|(d, _), _| d != dot);
     }
 
+    /// Forgets one subdot (removed from its dot).
+    pub fn forget_volume(&self, dot: &str, subdot: &str) {
+        self.volumes.lock().remove(&(dot.to_string(), subdot.to_string()));
+    }
+
     /// Every volume served since start, with its QoS: `(dot, subdot, qos)`.
     pub fn volumes(&self) -> Vec<(String, String, Arc<Qos>)> {
         self.volumes.lock().iter().map(|((d, s), q)| (d.clone(), s.clone(), q.clone())).collect()

@@ -105,3 +105,65 @@ fn subdots_commits_and_branches_can_be_added_and_deleted() {
     let all: Vec<Commit> = c.ok("GET", "/v1/dots/admin/app/commits?all=true", None);
     assert_eq!(all.iter().map(|x| x.id.as_str()).collect::<Vec<_>>(), [c1.id.as_str(), c2.id.as_str()]);
 }
+
+#[test]
+fn a_subdot_is_removed_unless_a_client_uses_it_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start(dir.path());
+    let c = Client::new(&d);
+    let _: Dot = c.ok(
+        "POST",
+        "/v1/dots",
+        Some(json!({"name": "admin/app", "size_bytes": 1 << 20, "subdots": ["data", "logs"]})),
+    );
+    let _: serde_json::Value =
+        c.ok("PUT", "/v1/dots/admin/app/qos", Some(json!({"subdot": "logs", "limits": {"iops": 100}})));
+    // an NBD client on the logs head: 409 naming it; a client of another subdot does not count
+    let mut held = if common::have("nbdsh") {
+        let spawn = |export: &str| {
+            // Debian's python3 (with the libnbd module) first on the PATH, not another python
+            let path = format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default());
+            std::process::Command::new("nbdsh")
+                .env("PATH", path)
+                .args(["-u", &format!("nbd://{}/{export}", d.nbd), "-c", "import time; time.sleep(30)"])
+                .spawn()
+                .unwrap()
+        };
+        let (logs, data) = (spawn("admin/app.logs"), spawn("admin/app.data"));
+        let connected = || {
+            let (_, text) = c.call("GET", "/metrics", None);
+            common::sample(&text, "blockmesh_nbd_connections")
+        };
+        let start = std::time::Instant::now();
+        while connected() < 2.0 {
+            assert!(start.elapsed() < Duration::from_secs(30), "the NBD clients did not connect");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (code, text) = c.call("DELETE", "/v1/dots/admin/app/subdots/logs", None);
+        assert_eq!(code, 409, "{text}");
+        assert!(text.contains("1 connected NBD client"), "{text}");
+        vec![logs, data]
+    } else {
+        Vec::new()
+    };
+    // forced: the connection is closed and the subdot goes
+    let dot: Dot = c.ok("DELETE", "/v1/dots/admin/app/subdots/logs?force=true", None);
+    assert_eq!(dot.subdots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["data"]);
+    assert!(dot.qos.is_empty(), "its limits went with it: {:?}", dot.qos);
+    for child in &mut held {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // refusals: unknown subdot 404, the last one 400, unknown dot 404
+    assert_eq!(c.call("DELETE", "/v1/dots/admin/app/subdots/logs", None).0, 404);
+    assert_eq!(c.call("DELETE", "/v1/dots/admin/app/subdots/data", None).0, 400);
+    assert_eq!(c.call("DELETE", "/v1/dots/admin/nope/subdots/data", None).0, 404);
+    // it survives a kill -9 (flushed before the answer) and can be added again
+    d.kill9();
+    let d = Daemon::start(dir.path());
+    let c = Client::new(&d);
+    let dot: Dot = c.ok("GET", "/v1/dots/admin/app", None);
+    assert_eq!(dot.subdots.len(), 1);
+    let dot: Dot = c.ok("POST", "/v1/dots/admin/app/subdots", Some(json!({"name": "logs", "size_bytes": 1 << 20})));
+    assert_eq!(dot.subdots.len(), 2);
+}

@@ -12,9 +12,8 @@
 //! - A commit that is a branch head or a parent cannot be deleted at once: `DeleteSnapshot` then marks it deleted
 //!   with a branch [`TOMBSTONE_PREFIX`]`COMMIT` and gives it back when nothing needs it any more ([`sweep`]).
 //! - `DeleteVolume` of a dot's last live subdot deletes the dot (refused, `FAILED_PRECONDITION`, while live snapshots
-//!   of the dot remain: snapshots are not independent of their dot); of a subdot with live siblings, releases it:
-//!   shrunk to [`RELEASED_SUBDOT_BYTES`] (its data given back), no longer listed, and not created again (the engine
-//!   has no subdot removal yet).
+//!   of the dot remain: snapshots are not independent of their dot); of a subdot with siblings, removes that subdot
+//!   from the dot (its head's data is given back; commits keep their copies; it can be created again).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -42,8 +41,6 @@ pub const KIND_GROUP: &str = "group-snapshot";
 pub const KIND_CLONE_SOURCE: &str = "clone-source";
 /// Branch name prefix marking a deleted snapshot's commit that could not go yet.
 pub const TOMBSTONE_PREFIX: &str = "csi-deleted.";
-/// Size of a released subdot (the smallest the daemon allows): its data is given back.
-pub const RELEASED_SUBDOT_BYTES: u64 = 512;
 /// Granularity of volume sizes (the engine's block).
 pub const VOLUME_ALIGN_BYTES: u64 = 4096;
 /// Size of a volume whose request names none.
@@ -159,17 +156,9 @@ impl DotView {
             .collect()
     }
 
-    /// A live subdot's size (not released).
+    /// A subdot's size, when the dot has it.
     pub fn live_subdot(&self, subdot: &str) -> Option<u64> {
-        self.dot
-            .subdots
-            .iter()
-            .find(|s| s.name == subdot && s.size_bytes != RELEASED_SUBDOT_BYTES)
-            .map(|s| s.size_bytes)
-    }
-
-    fn released(&self, subdot: &str) -> bool {
-        self.dot.subdots.iter().any(|s| s.name == subdot && s.size_bytes == RELEASED_SUBDOT_BYTES)
+        self.dot.subdots.iter().find(|s| s.name == subdot).map(|s| s.size_bytes)
     }
 
     /// The CSI snapshots of this dot's live commits: `(snapshot, commit)`, oldest first.
@@ -320,13 +309,6 @@ impl ControllerService {
                         "volume {target} exists with {have} bytes, outside the capacity range asked for"
                     )));
                 }
-                if v.released(&target.subdot) {
-                    return Err(Error::FailedPrecondition(format!(
-                        "subdot {} of {dot} was released by a deleted volume and cannot be created again yet; \
-                         name another subdot (blockmesh.io/subdot)",
-                        target.subdot
-                    )));
-                }
                 d.add_subdot(&dot, &target.subdot, size)?;
                 return Ok((target.clone(), size));
             }
@@ -392,9 +374,8 @@ impl ControllerService {
         if v.live_subdot(&id.subdot).is_none() {
             return Ok(());
         }
-        let others = v.dot.subdots.iter().any(|s| s.name != id.subdot && s.size_bytes != RELEASED_SUBDOT_BYTES);
-        if others {
-            d.resize(&dot, &id.subdot, RELEASED_SUBDOT_BYTES, true)?;
+        if v.dot.subdots.iter().any(|s| s.name != id.subdot) {
+            d.remove_subdot(&dot, &id.subdot)?;
             return Ok(());
         }
         let live = v.live_snapshots();
@@ -572,7 +553,7 @@ impl pb::controller_server::Controller for ControllerService {
         let mut all: Vec<(VolumeId, u64)> = Vec::new();
         for dot in dots {
             let Some((ns, name)) = dot.name.split_once('/') else { continue };
-            for s in dot.subdots.iter().filter(|s| s.size_bytes != RELEASED_SUBDOT_BYTES) {
+            for s in &dot.subdots {
                 if let Ok(id) = VolumeId::new(ns, name, &s.name) {
                     all.push((id, s.size_bytes));
                 }

@@ -174,6 +174,13 @@ impl DaemonClient {
         )
     }
 
+    /// Removes a subdot from a dot's current branch (refused, 409, while NBD clients use its head).
+    pub fn remove_subdot(&self, dot: &str, subdot: &str) -> Result<()> {
+        let path = format!("{}/subdots/{}", Self::dot_path(dot), path_part(subdot));
+        let _: serde_json::Value = self.answer(self.request("DELETE", &path).call())?;
+        Ok(())
+    }
+
     /// Resizes a subdot's head on the current branch (`force`: shrink over data).
     pub fn resize(&self, dot: &str, subdot: &str, size_bytes: u64, force: bool) -> Result<Dot> {
         self.send(

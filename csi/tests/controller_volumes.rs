@@ -153,12 +153,16 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
     let bad = d.controller.list_volumes(pb::ListVolumesRequest { max_entries: 1, starting_token: "zz".into() }).await;
     assert_eq!(code(bad), Code::Aborted);
 
-    // deleting one subdot releases it (not listed, data given back); the last one takes the dot with it
+    // deleting one subdot removes it from the dot; it can be made again (empty); the last one takes the dot with it
     let del = |id: &str| pb::DeleteVolumeRequest { volume_id: id.into(), ..Default::default() };
     d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
     let listed = d.controller.list_volumes(pb::ListVolumesRequest::default()).await.unwrap().into_inner();
     assert_eq!(listed.entries.len(), 2);
-    assert!(d.daemon.client().dot("admin/db").unwrap().is_some());
+    let dot = d.daemon.client().dot("admin/db").unwrap().unwrap();
+    assert_eq!(dot.subdots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["data"]);
+    d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
+    let again = d.controller.create_volume(req("pvc-ccc", &pvc("db-logs"))).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(again.volume_id, "admin/db/logs");
     d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
     d.controller.delete_volume(del("admin/db/data")).await.unwrap();
     assert!(d.daemon.client().dot("admin/db").unwrap().is_none());

@@ -511,6 +511,17 @@ impl State {
                 self.clone_heads(dot, branch, commit, volumes)?;
             }
             DotOp::DeleteBranch { branch } => self.remove_branch(dev, dot, branch)?,
+            DotOp::RemoveSubdot { subdot } => {
+                let d = self.dot_mut(dot)?;
+                let current = d.current.clone();
+                let b = d
+                    .branches
+                    .get_mut(&current)
+                    .ok_or_else(|| Error::corrupt("log", 0, "the current branch", &current))?;
+                let vid =
+                    b.volumes.remove(subdot).ok_or_else(|| Error::corrupt("log", 0, "a head of the branch", subdot))?;
+                self.drop_volume(dev, vid)?;
+            }
             DotOp::SetProperty { key, value } => {
                 let d = self.dot_mut(dot)?;
                 match value {
@@ -670,6 +681,29 @@ impl Pool {
         }
         let volume = st.next_volume_id;
         st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::AddSubdot { subdot: subdot.to_string(), volume, size_bytes })
+    }
+
+    /// Remove a subdot's head from the dot's current branch: its uncommitted data is gone (space comes back with
+    /// cleaning); other branches and the commits keep their copies, and a subdot of the same name can be added again.
+    /// The last subdot of a branch cannot be removed (delete the dot instead).
+    pub fn remove_subdot(&self, dot: &str, subdot: &str) -> Result<()> {
+        let dev = &*self.inner.dev;
+        let mut st = self.inner.state.lock();
+        st.check_writable()?;
+        let id = st.dot_id(dot)?;
+        let d = st.dot(id)?;
+        let heads = &d.branches[&d.current].volumes;
+        if !heads.contains_key(subdot) {
+            return Err(Error::NoSuchVolume(format!("{dot}.{subdot}")));
+        }
+        if heads.len() == 1 {
+            return Err(Error::InvalidArgument(format!(
+                "{subdot} is the last subdot of {dot} on branch {}; delete the dot instead",
+                d.current
+            )));
+        }
+        st.log_dot(dev, &self.inner.reuse_gate, id, DotOp::RemoveSubdot { subdot: subdot.to_string() })?;
+        st.maybe_checkpoint(dev, &self.inner.reuse_gate)
     }
 
     /// Grow (or shrink) the head of a subdot (`None`: `__default__`) on the dot's current branch. Shrinking is

@@ -261,3 +261,38 @@ fn subdot_heads_resize() {
     assert_eq!(pool.dot_volume("admin/db", Some("logs")).unwrap().size_bytes().unwrap(), 32 << 10);
     assert!(pool.check().unwrap().is_ok());
 }
+
+#[test]
+fn a_subdot_is_removed_from_the_current_branch_only() {
+    let (dev, pool) = sim_pool(32 << 20, 11);
+    pool.create_dot("admin/db", &[(DEFAULT_SUBDOT, 1 << 20), ("logs", 1 << 20)]).unwrap();
+    pool.dot_volume("admin/db", Some("logs")).unwrap().write(0, &pattern(3, 64 << 10)).unwrap();
+    let c = pool.commit("admin/db", msg("with logs")).unwrap();
+    pool.create_branch("admin/db", "keep", Some(c)).unwrap();
+    pool.remove_subdot("admin/db", "logs").unwrap();
+    let info = pool.dot("admin/db").unwrap();
+    assert_eq!(info.subdots.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), [DEFAULT_SUBDOT]);
+    assert!(matches!(pool.dot_volume("admin/db", Some("logs")), Err(Error::NoSuchVolume(_))));
+    // the commit and the other branch keep their copies
+    assert_eq!(read_commit(&pool, "admin/db", c, Some("logs"), 64 << 10), pattern(3, 64 << 10));
+    // refusals: unknown subdot, the last one
+    assert!(matches!(pool.remove_subdot("admin/db", "logs"), Err(Error::NoSuchVolume(_))));
+    assert!(matches!(pool.remove_subdot("admin/db", DEFAULT_SUBDOT), Err(Error::InvalidArgument(_))));
+    // a subdot of the same name can come back, empty
+    pool.add_subdot("admin/db", "logs", 1 << 20).unwrap();
+    assert_eq!(read(&pool, "admin/db", Some("logs"), 0, 4096), vec![0u8; 4096]);
+    pool.remove_subdot("admin/db", "logs").unwrap();
+    pool.flush().unwrap();
+    // replayed after a crash, then through a checkpoint
+    let crashed = dev.crash_losing_all_unsynced();
+    drop(pool);
+    let pool = Pool::open(crashed.clone(), small_opts(11)).unwrap();
+    assert_eq!(pool.dot("admin/db").unwrap().subdots.len(), 1);
+    pool.checkout("admin/db", "keep").unwrap();
+    assert_eq!(read(&pool, "admin/db", Some("logs"), 0, 64 << 10), pattern(3, 64 << 10));
+    pool.close().unwrap();
+    let pool = Pool::open(crashed, small_opts(11)).unwrap();
+    assert_eq!(pool.dot("admin/db").unwrap().subdots.len(), 2, "branch keep has both");
+    let report = pool.check().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+}

@@ -88,6 +88,8 @@ pub(crate) enum DotOp {
     /// A property of the dot is set (`Some`) or removed (`None`): opaque key/value pairs for the dot's owner (the
     /// daemon keeps quality-of-service limits there). Format version 4.
     SetProperty { key: String, value: Option<String> },
+    /// A subdot's head on the current branch is gone (other branches and commits keep theirs). Format version 4.
+    RemoveSubdot { subdot: String },
 }
 
 /// Most volumes one snapshot op covers (so the op fits in one batch header).
@@ -116,6 +118,7 @@ const DOT_DELETE: u8 = 9;
 const DOT_CLONE: u8 = 10;
 const DOT_RECEIVE: u8 = 11;
 const DOT_SET_PROPERTY: u8 = 12;
+const DOT_REMOVE_SUBDOT: u8 = 13;
 
 impl Op {
     /// Encoded size in bytes.
@@ -373,6 +376,10 @@ impl DotOp {
                 }
                 put_pairs(e, heads);
             }
+            DotOp::RemoveSubdot { subdot } => {
+                e.u8(DOT_REMOVE_SUBDOT);
+                put_name(e, subdot);
+            }
             DotOp::SetProperty { key, value } => {
                 e.u8(DOT_SET_PROPERTY);
                 put_name(e, key);
@@ -455,7 +462,8 @@ impl DotOp {
                 };
                 DotOp::SetProperty { key, value }
             }
-            other => return Err(d.bad("a dot op tag 1..=12", other)),
+            DOT_REMOVE_SUBDOT => DotOp::RemoveSubdot { subdot: name(d)? },
+            other => return Err(d.bad("a dot op tag 1..=13", other)),
         })
     }
 }
@@ -514,6 +522,7 @@ mod tests {
             Op::Dot { dot: 3, change: DotOp::Delete },
             Op::Dot { dot: 3, change: DotOp::SetProperty { key: "qos.s".into(), value: Some("read_iops=5".into()) } },
             Op::Dot { dot: 3, change: DotOp::SetProperty { key: "qos.s".into(), value: None } },
+            Op::Dot { dot: 3, change: DotOp::RemoveSubdot { subdot: "logs".into() } },
             Op::Dot {
                 dot: 5,
                 change: DotOp::Receive {
