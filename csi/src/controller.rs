@@ -467,13 +467,18 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let pvcs = self.pvcs.clone();
         let (name, params, range) = (r.name.clone(), r.parameters.clone(), r.capacity_range);
+        let mutable = r.mutable_parameters.clone();
         let _guard = self.changes.lock().await;
         let (id, size) = self
             .daemon
             .run(move |d| {
                 let annotations = pvc::pvc_annotations(&pvcs, &params)?;
                 let target = pvc::placement(&name, &params, &annotations)?;
-                let qos = pvc::qos_limits(&params, &annotations)?;
+                let mut qos = pvc::qos_limits(&params, &annotations)?;
+                // a VolumeAttributesClass named at creation: its parameters on top
+                if !mutable.is_empty() {
+                    qos = Some(pvc::modify_qos(&qos.unwrap_or_default(), &mutable)?);
+                }
                 let (id, size) = Self::create(d, &target, size, range.as_ref(), source.as_ref())?;
                 // Limits asked for apply to the volume made (or found again: a retried call sets the same ones).
                 if let Some(limits) = qos {
@@ -596,6 +601,7 @@ impl pb::controller_server::Controller for ControllerService {
             T::ExpandVolume,
             T::ListVolumes,
             T::GetCapacity,
+            T::ModifyVolume,
         ]
         .into_iter()
         .map(rpc_cap)
@@ -754,11 +760,33 @@ impl pb::controller_server::Controller for ControllerService {
         Err(Error::Unimplemented("ControllerGetVolume is not offered (no GET_VOLUME capability)".into()).into())
     }
 
+    /// Changes a volume's QoS limits live (a VolumeAttributesClass's parameters: the StorageClass's QoS parameter
+    /// names); the daemon applies them to open NBD connections at once.
     async fn controller_modify_volume(
         &self,
-        _: Request<pb::ControllerModifyVolumeRequest>,
+        request: Request<pb::ControllerModifyVolumeRequest>,
     ) -> Result<Response<pb::ControllerModifyVolumeResponse>, Status> {
-        Err(Error::Unimplemented("ControllerModifyVolume is not offered (no MODIFY_VOLUME capability)".into()).into())
+        let r = request.into_inner();
+        required("volume_id", &r.volume_id)?;
+        if r.mutable_parameters.is_empty() {
+            return Err(Error::InvalidArgument("mutable_parameters are required".into()).into());
+        }
+        let id = VolumeId::parse(&r.volume_id)
+            .map_err(|_| Error::NotFound(format!("volume {:?} does not exist", r.volume_id)))?;
+        let _guard = self.changes.lock().await;
+        self.daemon
+            .run(move |d| {
+                let dot = id.dot_name();
+                let missing = || Error::NotFound(format!("volume {id} does not exist"));
+                if d.dot(&dot)?.is_none() {
+                    return Err(missing());
+                }
+                let current = d.qos(&dot, &id.subdot)?.ok_or_else(missing)?;
+                let limits = pvc::modify_qos(&current, &r.mutable_parameters)?;
+                d.set_qos(&dot, &id.subdot, &limits)
+            })
+            .await?;
+        Ok(Response::new(pb::ControllerModifyVolumeResponse {}))
     }
 
     async fn get_snapshot(

@@ -190,6 +190,14 @@ impl DaemonClient {
         )
     }
 
+    /// A subdot's quality-of-service limits (the daemon's `GET .../qos`; empty: none), `None` when the dot does not
+    /// have the subdot.
+    pub fn qos(&self, dot: &str, subdot: &str) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
+        let mut all: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
+            self.get(&format!("{}/qos", Self::dot_path(dot)))?;
+        Ok(all.remove(subdot))
+    }
+
     /// Replaces a subdot's quality-of-service limits (the daemon's `PUT .../qos`; an empty map removes them).
     pub fn set_qos(&self, dot: &str, subdot: &str, limits: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
         let _: serde_json::Value =

@@ -89,6 +89,32 @@ pub fn qos_limits(
     Ok(asked.then_some(limits))
 }
 
+/// The limits a `ControllerModifyVolume` (a VolumeAttributesClass's parameters, spelt as the StorageClass's QoS
+/// parameters) makes of the volume's `current` ones: each key given replaces that limit (`none` removes it), the
+/// others stay. Any other key is refused, and so are limits the daemon would refuse.
+pub fn modify_qos(
+    current: &serde_json::Map<String, serde_json::Value>,
+    mutable: &HashMap<String, String>,
+) -> Result<serde_json::Map<String, serde_json::Value>> {
+    let mut limits = current.clone();
+    for (key, value) in mutable {
+        let Some((_, _, field, bytes)) = QOS_KEYS.iter().find(|(param, ..)| param == key) else {
+            let known: Vec<&str> = QOS_KEYS.iter().map(|(p, ..)| *p).collect();
+            return Err(Error::InvalidArgument(format!(
+                "mutable parameter {key:?} is not one this driver changes ({})",
+                known.join(", ")
+            )));
+        };
+        if value.trim() == "none" {
+            limits.remove(*field);
+        } else {
+            limits.insert(field.to_string(), limit_value(key, value, *bytes)?.into());
+        }
+    }
+    check_limits(&limits)?;
+    Ok(limits)
+}
+
 /// Refuses limits the daemon would refuse, before anything is made.
 fn check_limits(limits: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
     let get = |field: &str| limits.get(field).and_then(serde_json::Value::as_u64);
@@ -263,6 +289,22 @@ mod tests {
             matches!(qos_limits(&params(&[("iops", "0")]), &none), Err(Error::InvalidArgument(_))),
             "the daemon's minimum"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn modify_replaces_the_limits_named_and_keeps_the_others() -> Result<()> {
+        let current = match serde_json::json!({"iops": 5, "write_bytes_per_sec": 8192}) {
+            serde_json::Value::Object(m) => m,
+            _ => unreachable!(),
+        };
+        let got = modify_qos(&current, &params(&[("iops", "none"), ("readBytesPerSec", "1M")]))?;
+        assert_eq!(
+            serde_json::Value::Object(got),
+            serde_json::json!({"write_bytes_per_sec": 8192, "read_bytes_per_sec": 1 << 20})
+        );
+        assert!(matches!(modify_qos(&current, &params(&[("size", "5")])), Err(Error::InvalidArgument(_))));
+        assert!(matches!(modify_qos(&current, &params(&[("iops", "0")])), Err(Error::InvalidArgument(_))));
         Ok(())
     }
 

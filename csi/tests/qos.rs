@@ -6,6 +6,7 @@
 
 mod common;
 
+use blockmesh_csi::pb;
 use common::{code, create_req, Driver};
 use tonic::Code;
 
@@ -50,4 +51,42 @@ async fn storage_class_parameters_and_pvc_annotations_set_the_limits() {
         assert_eq!(code(d.controller.create_volume(create_req("pvc-bad", 4 * MIB, &bad)).await), Code::InvalidArgument);
     }
     assert!(d.daemon.client().dot("admin/pvc-bad").unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modify_volume_changes_the_limits_live() {
+    let mut d = Driver::start().await;
+    let caps = d.controller.controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}).await.unwrap();
+    let modify = pb::controller_service_capability::rpc::Type::ModifyVolume as i32;
+    let offered = caps
+        .into_inner()
+        .capabilities
+        .iter()
+        .any(|c| matches!(&c.r#type, Some(pb::controller_service_capability::Type::Rpc(r)) if r.r#type == modify));
+    assert!(offered, "MODIFY_VOLUME is advertised");
+    // a VolumeAttributesClass at creation goes on top of the StorageClass's limits
+    let mut req = create_req("pvc-m", 4 * MIB, &[("iops", "300")]);
+    req.mutable_parameters = [("writeIops".to_string(), "40".to_string())].into();
+    let id = d.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap().volume_id;
+    assert_eq!(limits(&d, "admin/pvc-m", "__default__"), serde_json::json!({"iops": 300, "write_iops": 40}));
+    let change = |pairs: &[(&str, &str)], volume: &str| pb::ControllerModifyVolumeRequest {
+        volume_id: volume.to_string(),
+        mutable_parameters: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    d.controller.controller_modify_volume(change(&[("iops", "none"), ("readBytesPerSec", "2M")], &id)).await.unwrap();
+    assert_eq!(
+        limits(&d, "admin/pvc-m", "__default__"),
+        serde_json::json!({"write_iops": 40, "read_bytes_per_sec": 2 << 20})
+    );
+    // refusals: unknown key, a value the daemon refuses, no parameters, an unknown volume; nothing changes
+    for bad in [change(&[("color", "red")], &id), change(&[("writeIops", "0")], &id), change(&[], &id)] {
+        assert_eq!(code(d.controller.controller_modify_volume(bad).await), Code::InvalidArgument);
+    }
+    let gone = change(&[("iops", "5")], "admin/nope/__default__");
+    assert_eq!(code(d.controller.controller_modify_volume(gone).await), Code::NotFound);
+    assert_eq!(
+        limits(&d, "admin/pvc-m", "__default__"),
+        serde_json::json!({"write_iops": 40, "read_bytes_per_sec": 2 << 20})
+    );
 }
