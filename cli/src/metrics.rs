@@ -13,10 +13,14 @@
 //!   `blockmesh_volume_throttled_seconds_total` and `blockmesh_volume_throttled_requests_total` (time requests waited
 //!   for the volume's limits, and how many waited);
 //! - `blockmesh_pool_*`: the pool's size, used bytes, segments, dots, volumes, commit snapshots, blocks written since
-//!   start, index memory; read when scraped.
+//!   start, index memory; read when scraped;
+//! - space (as `blockmesh list` and `pool status` show it): `blockmesh_pool_logical_bytes`,
+//!   `blockmesh_pool_written_bytes`, `blockmesh_pool_commits_only_bytes`, and per dot `blockmesh_dot_logical_bytes`,
+//!   `blockmesh_dot_written_bytes`, `blockmesh_dot_commits_only_bytes` (label `dot`); these need a walk of every tree,
+//!   so a scrape reuses the last walk when it is younger than [`SPACE_REFRESH_INTERVAL`].
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blockmesh_engine::Pool;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -27,6 +31,26 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::qos::QosRegistry;
+
+/// How old the space figures of a scrape may be (they cost a walk of every volume's and commit's tree).
+pub const SPACE_REFRESH_INTERVAL: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DotLabels {
+    dot: String,
+}
+
+/// Space gauges, with the walk they were last set from.
+#[derive(Default)]
+struct SpaceGauges {
+    logical: Gauge,
+    written: Gauge,
+    commits_only: Gauge,
+    dot_logical: Family<DotLabels, Gauge>,
+    dot_written: Family<DotLabels, Gauge>,
+    dot_commits_only: Family<DotLabels, Gauge>,
+    walked: parking_lot::Mutex<Option<Instant>>,
+}
 
 /// Buckets of the request duration histogram: 10 us doubling 20 times (to about 5 s).
 const LATENCY_BUCKET_START_SECONDS: f64 = 1e-5;
@@ -154,6 +178,7 @@ pub struct Metrics {
     connections: Gauge,
     pool: PoolGauges,
     volumes: VolumeFamilies,
+    space: SpaceGauges,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -254,7 +279,27 @@ impl Metrics {
             "Requests that waited for the volume's QoS limits",
             volumes.throttled_requests.clone(),
         );
-        Self { registry, ops, connections, pool, volumes }
+        let space = SpaceGauges::default();
+        let pool_space: [(&str, &str, &Gauge); 3] = [
+            (
+                "blockmesh_pool_logical_bytes",
+                "The sizes of every dot's heads and plain volumes, added up",
+                &space.logical,
+            ),
+            ("blockmesh_pool_written_bytes", "Data the heads and volumes map, each block once", &space.written),
+            ("blockmesh_pool_commits_only_bytes", "Data only commits hold", &space.commits_only),
+        ];
+        for (name, help, g) in pool_space {
+            registry.register(name, help, g.clone());
+        }
+        registry.register("blockmesh_dot_logical_bytes", "The sizes of a dot's heads", space.dot_logical.clone());
+        registry.register("blockmesh_dot_written_bytes", "Data a dot's heads map", space.dot_written.clone());
+        registry.register(
+            "blockmesh_dot_commits_only_bytes",
+            "Data only a dot's commits hold: what deleting them would give back",
+            space.dot_commits_only.clone(),
+        );
+        Self { registry, ops, connections, pool, volumes, space }
     }
 
     /// The per-volume metrics of a subdot of a dot (`dot` empty: a plain volume).
@@ -311,6 +356,39 @@ impl Metrics {
         self.connections.inc_by(n);
     }
 
+    /// Sets the space gauges from a new walk, unless the last one is younger than [`SPACE_REFRESH_INTERVAL`].
+    fn refresh_space(&self, pool: &Pool) {
+        let sp = &self.space;
+        let mut walked = sp.walked.lock();
+        if walked.is_some_and(|at| at.elapsed() < SPACE_REFRESH_INTERVAL) {
+            return;
+        }
+        let usage = match pool.usage() {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "space figures for /metrics");
+                return;
+            }
+        };
+        let set = |g: &Gauge, v: u64| {
+            g.set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&sp.logical, usage.pool.logical_bytes);
+        set(&sp.written, usage.pool.written_bytes);
+        set(&sp.commits_only, usage.pool.commits_only_bytes);
+        // deleted dots drop out
+        sp.dot_logical.clear();
+        sp.dot_written.clear();
+        sp.dot_commits_only.clear();
+        for d in &usage.dots {
+            let l = DotLabels { dot: d.dot.clone() };
+            set(&sp.dot_logical.get_or_create(&l), d.usage.logical_bytes);
+            set(&sp.dot_written.get_or_create(&l), d.usage.written_bytes);
+            set(&sp.dot_commits_only.get_or_create(&l), d.usage.commits_only_bytes);
+        }
+        *walked = Some(Instant::now());
+    }
+
     /// Everything, as OpenMetrics text, with the pool's figures and the volumes' throttling read now.
     pub fn render(&self, pool: &Pool, qos: &QosRegistry) -> String {
         for (dot, subdot, q) in qos.volumes() {
@@ -338,6 +416,7 @@ impl Metrics {
         set(&p.snapshots, st.snapshots);
         set(&p.blocks_written, st.blocks_written);
         set(&p.index_memory_bytes, st.index_memory_bytes);
+        self.refresh_space(pool);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed");
@@ -380,6 +459,9 @@ mod tests {
             "blockmesh_nbd_request_duration_seconds_count{op=\"write\"} 1",
             "blockmesh_nbd_connections 1",
             "blockmesh_pool_dots 1",
+            "blockmesh_pool_logical_bytes 1048576",
+            "blockmesh_dot_logical_bytes{dot=\"admin/db\"} 1048576",
+            "blockmesh_dot_written_bytes{dot=\"admin/db\"} 0",
             "blockmesh_volume_requests_total{dot=\"admin/db\",subdot=\"__default__\",op=\"write\"} 2",
             "blockmesh_volume_bytes_total{dot=\"admin/db\",subdot=\"__default__\",op=\"write\"} 12288",
             "blockmesh_volume_request_duration_seconds_count{dot=\"admin/db\",subdot=\"__default__\",op=\"other\"} 1",
@@ -395,6 +477,7 @@ mod tests {
             .contains("blockmesh_volume_throttled_requests_total{dot=\"admin/db\",subdot=\"__default__\"} 1"));
         m.forget_dot("admin/db");
         qos.forget_dot("admin/db");
-        assert!(!m.render(&pool, &qos).contains("admin/db"));
+        let text = m.render(&pool, &qos);
+        assert!(!text.lines().any(|l| l.starts_with("blockmesh_volume") && l.contains("admin/db")), "{text}");
     }
 }

@@ -31,6 +31,12 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     let size = sample(&text, "blockmesh_pool_size_bytes");
     assert!(size > 0.9 * f64::from(1u32 << 30) && size <= f64::from(1u32 << 30), "the 1 GiB pool file: {size}");
     assert_eq!(sample(&text, "blockmesh_pool_dots"), 1.0);
+    // space, as `blockmesh list` shows it
+    let written = f64::from((1 << 20) + (64 << 10));
+    assert_eq!(sample(&text, "blockmesh_dot_written_bytes{dot=\"admin/db\"}"), written);
+    assert_eq!(sample(&text, "blockmesh_dot_logical_bytes{dot=\"admin/db\"}"), f64::from(64 << 20));
+    assert_eq!(sample(&text, "blockmesh_pool_written_bytes"), written);
+    assert_eq!(sample(&text, "blockmesh_pool_commits_only_bytes"), 0.0);
     assert!(sample(&text, "blockmesh_pool_used_bytes") >= f64::from((1 << 20) + (64 << 10)));
     // the cleaner on demand: overwrites leave dead blocks that it gives back
     qemu_ok(&uri, &["write -P 9 0 1M", "write -P 10 0 1M", "flush"]);

@@ -37,7 +37,9 @@ fn fio(uri: &str, rw: &str, bs: &str, iodepth: u32) -> (f64, f64) {
     let j: serde_json::Value = serde_json::from_str(&text[text.find('{').unwrap()..]).unwrap();
     let k = if rw.contains("write") { "write" } else { "read" };
     let job = &j["jobs"][0][k];
-    (job["iops"].as_f64().unwrap(), job["bw_bytes"].as_f64().unwrap())
+    let (iops, bps) = (job["iops"].as_f64().unwrap(), job["bw_bytes"].as_f64().unwrap());
+    eprintln!("fio {rw} bs={bs} qd{iodepth}: {iops:.1} IOPS, {:.3} MiB/s", bps / f64::from(1 << 20));
+    (iops, bps)
 }
 
 fn within(actual: f64, target: f64, tolerance: f64) -> bool {
