@@ -16,6 +16,12 @@ const API_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once a handler asks for more of a request body, the next bytes must arrive within this, or the request fails and
 /// the connection is closed (a stream may pause longer only while the daemon is busy with what it already has).
 const API_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The same for a streamed receive (`POST /v1/receive`), whose sender may be a pipeline (`send | ssh | receive`)
+/// that pauses longer; as long as the client's own stream idle timeout. Only authenticated requests get this far
+/// (the key is checked before a handler reads the body).
+const RECEIVE_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// The route that gets [`RECEIVE_BODY_IDLE_TIMEOUT`].
+const RECEIVE_PATH: &str = "/v1/receive";
 /// Most control API connections served at once; further ones are accepted and closed at once.
 const MAX_API_CONNECTIONS: usize = 4096;
 /// Connections the kernel queues for the control API before it accepts them (capped by `net.core.somaxconn`): room
@@ -87,12 +93,15 @@ pub async fn serve(
 }
 
 async fn body_with_idle_timeout(req: axum::extract::Request) -> axum::extract::Request {
-    req.map(|body| axum::body::Body::new(IdleTimeoutBody { inner: body, sleep: None }))
+    let timeout = if req.uri().path() == RECEIVE_PATH { RECEIVE_BODY_IDLE_TIMEOUT } else { API_BODY_IDLE_TIMEOUT };
+    req.map(|body| axum::body::Body::new(IdleTimeoutBody { inner: body, timeout, sleep: None }))
 }
 
-/// A request body that fails when its next bytes take longer than [`API_BODY_IDLE_TIMEOUT`] to arrive.
+/// A request body that fails when its next bytes take longer than its timeout ([`API_BODY_IDLE_TIMEOUT`], or
+/// [`RECEIVE_BODY_IDLE_TIMEOUT`] for receives) to arrive.
 struct IdleTimeoutBody {
     inner: axum::body::Body,
+    timeout: Duration,
     /// Armed while the handler waits for bytes; disarmed when they come.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
@@ -112,11 +121,10 @@ impl axum::body::HttpBody for IdleTimeoutBody {
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(API_BODY_IDLE_TIMEOUT)));
+                let timeout = this.timeout;
+                let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match std::future::Future::poll(sleep.as_mut(), cx) {
-                    Poll::Ready(()) => {
-                        Poll::Ready(Some(Err(format!("no request body data for {API_BODY_IDLE_TIMEOUT:?}").into())))
-                    }
+                    Poll::Ready(()) => Poll::Ready(Some(Err(format!("no request body data for {timeout:?}").into()))),
                     Poll::Pending => Poll::Pending,
                 }
             }

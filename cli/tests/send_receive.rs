@@ -140,3 +140,34 @@ fn resize_grows_a_dot_and_shrinks_only_over_zeroes() {
     assert!(err.contains("no subdot nope"), "{err}");
     qemu_ok(&uri, &["read -P 0x44 15M 1M"]);
 }
+
+/// A `send | ssh | receive` pipeline may stall longer than other API requests are allowed to (15 s between body
+/// bytes): a receive that pauses 20 s mid-stream still lands.
+#[test]
+fn a_receive_that_pauses_mid_stream_still_lands() {
+    if !have("qemu-io") || !have("qemu-img") {
+        return;
+    }
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let (a, c1, _) = source(&dir.path().join("a"));
+    let stream = dir.path().join("full.stream");
+    a.ok(&["send", "db", &c1.id, "--file", stream.to_str().unwrap()]);
+    let bytes = std::fs::read(&stream).unwrap();
+    let b = Daemon::start(&dir.path().join("b"));
+    let mut recv = b.command(&["receive"]);
+    recv.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = recv.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let cut = 256 << 10;
+    stdin.write_all(&bytes[..cut]).unwrap();
+    stdin.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(20));
+    // (a client whose receive the daemon gave up on has exited: the write then fails and the status says why)
+    let rest = stdin.write_all(&bytes[cut..]);
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && rest.is_ok(), "{rest:?} {text}");
+    same_export(&format!("nbd://{}/admin/db@{}", a.nbd, c1.id), &format!("nbd://{}/admin/db@{}", b.nbd, c1.id));
+}
