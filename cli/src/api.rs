@@ -1192,7 +1192,7 @@ async fn change_qos(
     let req: QosRequest = parse(&body)?;
     let dot = format!("{ns}/{name}");
     let qos = s.qos.clone();
-    with_pool(s, move |pool| {
+    with_pool_durable(s, move |pool| {
         let subdot = req.subdot.as_deref().unwrap_or(DEFAULT_SUBDOT);
         set_qos(&qos, pool, &dot, subdot, req.limits)?;
         Ok(Json(qos_map(pool, &dot)?))

@@ -157,11 +157,12 @@ impl VolumeExport {
     }
 
     fn count(&self, op: NbdOp, bytes: u64, started: Instant, ok: bool) {
-        if let Some(m) = &self.metrics {
-            m.request(op, bytes, started, ok);
-        }
+        let Some(m) = &self.metrics else { return };
+        // one clock read for both the daemon's and the volume's histogram
+        let elapsed = started.elapsed();
+        m.request(op, bytes, elapsed, ok);
         if let Some(v) = &self.volume_metrics {
-            v.request(op, bytes, started);
+            v.request(op, bytes, elapsed);
         }
     }
 }

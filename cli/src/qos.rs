@@ -5,8 +5,8 @@
 //! volume). Every connection to a subdot, to its head and to its commits alike, shares one
 //! [`blockmesh_nbd::Qos`] from the [`QosRegistry`], so the limits cover the volume however many connections a
 //! client opens, and the NBD server's fair queue sees the volume as one flow. Changing the limits through the API
-//! writes the property, flushes the pool, then updates the shared buckets: connections feel it at their next
-//! request.
+//! writes the property, updates the shared buckets (connections feel it at their next request) and flushes the pool
+//! before answering.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -156,7 +156,8 @@ impl QosRegistry {
         q
     }
 
-    /// Keeps new limits for a subdot in the pool (durably) and applies them to its connections at once.
+    /// Keeps new limits for a subdot in the pool and applies them to its connections at once (the caller flushes the
+    /// pool to make them durable, as for every API change).
     pub fn set(&self, pool: &Pool, dot: &str, subdot: &str, limits: QosLimits) -> Result<(), SetError> {
         limits.validate().map_err(SetError::Invalid)?;
         let info = pool.dot(dot)?;
@@ -169,7 +170,6 @@ impl QosRegistry {
             Some(serde_json::to_string(&limits).map_err(|e| SetError::Invalid(e.to_string()))?)
         };
         pool.set_dot_property(dot, &property_key(subdot), value.as_deref())?;
-        pool.flush()?;
         if let Some(q) = self.volumes.lock().get(&(dot.to_string(), subdot.to_string())) {
             q.set_limits(limits.to_limits());
         }

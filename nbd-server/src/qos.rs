@@ -25,7 +25,7 @@
 //! second flow is active.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,8 +49,6 @@ pub const DEFAULT_FAIR_SLOTS: usize = 8;
 pub const MAX_FAIR_SLOTS: usize = 1024;
 /// A flow that asked for a slot this recently counts as active: with two active flows the shared slots bind.
 pub const FLOW_ACTIVE_WINDOW: Duration = Duration::from_millis(20);
-/// Most flows remembered as recently active (more count as contention, which only makes the queue stricter).
-pub const MAX_RECENT_FLOWS: usize = 4096;
 
 /// An export's limits. `None` is no limit; `burst_ms` is the burst allowance of every bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,8 +298,10 @@ struct FairState {
     /// Shared slots in use (above `slots` only while one flow was alone).
     shared_in_use: usize,
     free_express: usize,
-    /// Flows that asked for a slot within [`FLOW_ACTIVE_WINDOW`], by address, with when they last asked.
-    recent: HashMap<usize, Instant>,
+    /// The flow that asked last (by address) and when.
+    last_asker: Option<(usize, Instant)>,
+    /// When a flow other than the last asker last asked: every ask since then was the last asker's.
+    other_asked_at: Option<Instant>,
     virtual_time: u64,
     next_seq: u64,
     waiting: BinaryHeap<Reverse<Waiter>>,
@@ -328,7 +328,8 @@ impl FairQueue {
             state: Mutex::new(FairState {
                 shared_in_use: 0,
                 free_express: slots,
-                recent: HashMap::new(),
+                last_asker: None,
+                other_asked_at: None,
                 virtual_time: 0,
                 next_seq: 0,
                 waiting: BinaryHeap::new(),
@@ -415,14 +416,17 @@ impl FairQueue {
 }
 
 impl FairState {
-    /// Records that `flow` asks now; true when no other flow asked within `window`.
+    /// Records that `flow` asks now; true when no other flow asked within `window`. Constant time: when the asker
+    /// changes, the previous asker's last ask is the latest ask of any flow but the new one.
     fn note_active(&mut self, flow: &Arc<Flow>, now: Instant, window: Duration) -> bool {
         let me = Arc::as_ptr(flow) as usize;
-        self.recent.retain(|_, at| now.saturating_duration_since(*at) < window);
-        if self.recent.len() < MAX_RECENT_FLOWS || self.recent.contains_key(&me) {
-            self.recent.insert(me, now);
+        if let Some((last, at)) = self.last_asker {
+            if last != me {
+                self.other_asked_at = Some(at);
+            }
         }
-        self.recent.keys().all(|&k| k == me)
+        self.last_asker = Some((me, now));
+        self.other_asked_at.is_none_or(|at| now.saturating_duration_since(at) >= window)
     }
 }
 
