@@ -41,6 +41,9 @@ pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 1 << 30;
 /// memory anyway; this bounds one checkpoint's size (and the space reserved for it). At 4096 blocks, checkpoints came
 /// so often after a snapshot (old blocks' table entries are spread thin) that random writes ran at 0.59x.
 pub const MAX_DIRTY_METADATA_BLOCKS: u64 = 16384;
+/// Blocks a checkpoint record may need beyond the last one's payload: its header, growth of the catalog since, and
+/// the headers of the node and page records before it.
+const CHECKPOINT_RECORD_SLACK_BLOCKS: u64 = 8;
 /// Checkpoints also clean when fewer than 1/this of the segments (beyond the reserve) are free.
 pub const CLEAN_START_FREE_SHARE: u64 = 8;
 
@@ -425,7 +428,14 @@ impl Pool {
         pinned.extend([end.cursor.segment, end.cursor.next_segment, state.checkpoint_segment, cursor.segment]);
         state.segs.rebuild_free(&pinned);
         let reuse_gate = RwLock::new(());
-        state.checkpoint(&*dev, &reuse_gate)?;
+        if end.records == 0 && sb.version == FORMAT_VERSION {
+            // Nothing to roll forward: the state is the checkpoint's, and only the replay cursor's numbering must
+            // change [I3]. Writing just the superblock takes no log space, so reopening a full pool, however
+            // often, never eats into the checkpoint reserve [I14].
+            state.renumber_cursor(&*dev)?;
+        } else {
+            state.checkpoint(&*dev, &reuse_gate)?;
+        }
         Ok(Pool { inner: Arc::new(Inner { dev, state: Mutex::new(state), reuse_gate }) })
     }
 
@@ -618,7 +628,7 @@ impl Pool {
                     }
                 }
             }
-            st.ensure_room(dev, &self.inner.reuse_gate, 4)?;
+            st.ensure_room_to_free(dev, &self.inner.reuse_gate, 4)?;
             // Bytes past the end inside the last block always read as zero: a later grow shows zeroes there.
             if size_bytes % BLOCK_SIZE != 0 {
                 let end = vol.size_bytes.min(keep_blocks * BLOCK_SIZE);
@@ -1010,9 +1020,14 @@ impl State {
         self.apply(dev, &op, pba)
     }
 
-    /// Log and apply a metadata op (no data block), after making room for it.
+    /// Log and apply a metadata op (no data block), after making room for it: an op that gives space back may use
+    /// the checkpoint reserve beyond what the next checkpoint needs [I14].
     pub(crate) fn log_meta(&mut self, dev: &dyn Device, gate: &RwLock<()>, op: Op) -> Result<()> {
-        self.ensure_room(dev, gate, 2)?;
+        if op.frees_space() {
+            self.ensure_room_to_free(dev, gate, 2)?;
+        } else {
+            self.ensure_room(dev, gate, 2)?;
+        }
         self.log_apply(dev, op, None)
     }
 
@@ -1086,7 +1101,42 @@ impl State {
     /// Make sure `blocks` blocks of log fit without touching the reserve: a checkpoint may free dead segments, and
     /// if that is not enough the cleaner copies the live blocks out of the emptiest ones (greedy, as space is short).
     pub(crate) fn ensure_room(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
-        let enough = |st: &State| st.log.data_room_blocks(&st.segs) >= blocks;
+        self.make_room(dev, gate, blocks, |st| st.log.data_room_blocks(&st.segs))
+    }
+
+    /// As [`State::ensure_room`], for an op that gives space back (deletes, trims, shrinks): it may use the
+    /// checkpoint reserve beyond what the next checkpoint needs, since refusing it could leave a full pool with no
+    /// way out [I14].
+    pub(crate) fn ensure_room_to_free(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
+        self.make_room(dev, gate, blocks, State::freeing_room_blocks)
+    }
+
+    /// Blocks the next checkpoint may need for what is dirty now: each dirty node and table page, as many directory
+    /// pages at most and a record header for each, the checkpoint record (a little more than the last one), and a
+    /// segment for records that do not fit the rest of the open one [I14].
+    pub(crate) fn checkpoint_need_blocks(&self) -> u64 {
+        let dirty = (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64;
+        3 * dirty
+            + u64::from(self.sb.checkpoint_payload_blocks)
+            + CHECKPOINT_RECORD_SLACK_BLOCKS
+            + self.segs.blocks_per_segment
+    }
+
+    /// Blocks an op that gives space back may take: all that is free (the reserve included) beyond what the next
+    /// checkpoint needs, with the nodes and table pages the op itself dirties (a path of the tallest tree) [I14].
+    fn freeing_room_blocks(&self) -> u64 {
+        let own = 3 * (u64::from(crate::index::MAX_HEIGHT) + 1);
+        self.log.free_blocks(&self.segs).saturating_sub(self.checkpoint_need_blocks() + own)
+    }
+
+    fn make_room(
+        &mut self,
+        dev: &dyn Device,
+        gate: &RwLock<()>,
+        blocks: u64,
+        room: impl Fn(&State) -> u64,
+    ) -> Result<()> {
+        let enough = |st: &State| room(st) >= blocks;
         if enough(self) {
             return Ok(());
         }
@@ -1116,7 +1166,7 @@ impl State {
         }
         Err(Error::NoSpace(format!(
             "{blocks} blocks needed, {} available outside the checkpoint reserve ({} blocks in use hold live data)",
-            self.log.data_room_blocks(&self.segs),
+            room(self),
             self.segs.live_total()
         )))
     }
@@ -1149,10 +1199,32 @@ impl State {
     /// then the superblock; sync; then free the segments no longer referenced [I1][I4].
     pub(crate) fn checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
         self.check_writable()?;
-        match self.checkpoint_steps(dev, gate) {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.fail(e)),
+        if let Err(e) = self.checkpoint_steps(dev, gate) {
+            return Err(self.fail(e));
         }
+        self.restore_reserve(dev, gate)
+    }
+
+    /// A checkpoint may take some of the segments kept for checkpoints; moving passes give them back at once, when
+    /// the live data allows, so that checkpoints with no op between them (explicit ones, cleaning passes) cannot
+    /// use up the reserve one after another [I14].
+    fn restore_reserve(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+        if self.log.reserve_intact(&self.segs) {
+            return Ok(());
+        }
+        self.move_until(dev, gate, 1.0, |st| st.log.reserve_intact(&st.segs))?;
+        Ok(())
+    }
+
+    /// Write only a superblock that carries the log's cursor (with its renumbering [I3]), the checkpoint unchanged.
+    /// Used at open when replay found no record: the state is exactly the checkpoint's. A crash before the
+    /// superblock is synced leaves the previous one, whose replay still finds nothing.
+    fn renumber_cursor(&mut self, dev: &dyn Device) -> Result<()> {
+        let sb = Superblock { generation: self.sb.generation + 1, replay: self.log.cursor(), ..self.sb.clone() };
+        dev.write_at(&sb.encode(), SUPERBLOCK_OFFSETS[(sb.generation % 2) as usize])?;
+        dev.sync()?;
+        self.sb = sb;
+        Ok(())
     }
 
     pub(crate) fn write_pages(

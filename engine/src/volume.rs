@@ -267,7 +267,7 @@ impl Volume {
         let end = offset + len;
         let whole_lo = offset.div_ceil(BLOCK_SIZE);
         let whole_hi = end / BLOCK_SIZE;
-        st.ensure_room(dev, gate, 8)?;
+        st.ensure_room_to_free(dev, gate, 8)?;
         if kind == MappingKind::Zero {
             if whole_lo > whole_hi {
                 // inside one block

@@ -393,3 +393,68 @@ proptest! {
         let _ = BS;
     }
 }
+
+/// Found by `engine_matches_model_in_a_tight_pool` (CI, 2026-12-01): checkpoints (at reopens and explicit ones) each
+/// took a little of the checkpoint reserve while writes kept filling the open segment, until cleaning (which starts
+/// with a checkpoint) found no free segment ("no free segment left for the log to continue"); in CI the open after
+/// a crash failed the same way, leaving a pool that could not be opened [I14].
+#[test]
+fn reopen_after_cleaning_a_full_pool() {
+    let actions = [
+        Action::Create { vol: 1, size_sectors: 756 },
+        Action::Write { vol: 2, off: 0, len: 1, seed: 0 },
+        Action::Delete { vol: 0 },
+        Action::Create { vol: 3, size_sectors: 432 },
+        Action::Write { vol: 3, off: 1792415640, len: 13, seed: 0 },
+        Action::Write { vol: 1, off: 4920874, len: 7, seed: 0 },
+        Action::Checkpoint,
+        Action::Create { vol: 0, size_sectors: 860 },
+        Action::Zero { vol: 0, off: 6048, len: 1 },
+        Action::Checkpoint,
+        Action::Create { vol: 2, size_sectors: 131 },
+        Action::Flush,
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Flush,
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Write { vol: 0, off: 0, len: 1, seed: 0 },
+        Action::Write { vol: 1, off: 0, len: 33, seed: 0 },
+        Action::Checkpoint,
+        Action::Write { vol: 0, off: 680105735, len: 2, seed: 0 },
+        Action::Write { vol: 1, off: 2363519592, len: 193, seed: 0 },
+        Action::Write { vol: 0, off: 0, len: 257, seed: 0 },
+        Action::Flush,
+        Action::Write { vol: 0, off: 3015360, len: 25, seed: 0 },
+        Action::Write { vol: 3, off: 15839444, len: 97, seed: 0 },
+        Action::Reopen,
+        Action::Write { vol: 0, off: 108864, len: 9, seed: 0 },
+        Action::Write { vol: 0, off: 3596215790, len: 27, seed: 3818963641193 },
+        Action::Write { vol: 0, off: 4189128479, len: 443, seed: 9539887209286494735 },
+        Action::Flush,
+        Action::Write { vol: 1, off: 1307402172, len: 5, seed: 9377158605781196591 },
+        Action::Create { vol: 4, size_sectors: 152 },
+        Action::Write { vol: 3, off: 394526963, len: 32, seed: 4971496422074906095 },
+        Action::Write { vol: 3, off: 337025430, len: 4, seed: 13475875390645200644 },
+        Action::Write { vol: 2, off: 629778748, len: 28, seed: 15762232579853209769 },
+        Action::Checkpoint,
+        Action::Write { vol: 4, off: 2958858985, len: 25, seed: 6698672176535627934 },
+        Action::PowerCutWrite { after_ios: 11, vol: 4, off: 3443734661, len: 23, seed: 4517745230606747118 },
+        Action::Write { vol: 2, off: 2702313795, len: 25, seed: 3253321247242383130 },
+        Action::Zero { vol: 1, off: 3803493305, len: 5 },
+        Action::Trim { vol: 0, off: 2613377235, len: 46 },
+        Action::PowerCutWrite { after_ios: 2, vol: 4, off: 1654919005, len: 23, seed: 2907804872479113960 },
+        Action::Write { vol: 1, off: 1386813923, len: 7, seed: 9484304523787888513 },
+        Action::Write { vol: 3, off: 3450684469, len: 2, seed: 15089829640639334714 },
+        Action::Trim { vol: 3, off: 2072560938, len: 22 },
+        Action::Write { vol: 0, off: 2595343143, len: 432, seed: 17841915833307269794 },
+        Action::Crash { seed: 13336353868906349175 },
+        Action::Write { vol: 3, off: 1537889375, len: 8, seed: 9298123240804699927 },
+        Action::Write { vol: 2, off: 3418323276, len: 10, seed: 11058704245083132101 },
+        Action::Write { vol: 3, off: 1906446233, len: 1, seed: 1559186367209580314 },
+        Action::Write { vol: 4, off: 2156643075, len: 9, seed: 1923071310697303446 },
+        Action::Write { vol: 3, off: 1604507655, len: 32, seed: 2683429832675184178 },
+        Action::PowerCutWrite { after_ios: 9, vol: 3, off: 3625237328, len: 29, seed: 11780659464242694129 },
+        Action::Write { vol: 3, off: 3111281570, len: 32, seed: 11599796457674564532 },
+        Action::Clean,
+    ];
+    run_case(TIGHT_POOL_BYTES, small_opts, 0, &actions);
+}

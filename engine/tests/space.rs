@@ -185,3 +185,126 @@ fn a_grown_device_gives_a_full_pool_room() {
         assert_eq!(p.stats().segments, segments + added);
     }
 }
+
+/// Fill a tight pool (12 segments of 128 KiB) until writes are refused, overwriting as it goes so that dead blocks
+/// are scattered over every segment; returns the pool and what the volume holds.
+fn nearly_full_pool(pool_id: u64) -> (std::sync::Arc<blockmesh_engine::io::SimDevice>, Pool, Vec<u8>) {
+    let (dev, pool) = sim_pool((64 << 10) + 12 * (128 << 10), pool_id);
+    let v = pool.create_volume("v", 1 << 20).unwrap();
+    let mut model = vec![0u8; 1 << 20];
+    for i in 0..4096u64 {
+        let off = (i * 7919 % 250) * 4096;
+        let data = pattern(i, 4096);
+        match v.write(off, &data) {
+            Ok(()) => model[off as usize..off as usize + 4096].copy_from_slice(&data),
+            Err(Error::NoSpace(_)) => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    pool.flush().unwrap();
+    (dev, pool, model)
+}
+
+fn assert_holds(pool: &Pool, model: &[u8]) {
+    assert!(pool.check().unwrap().is_ok());
+    let mut back = vec![0u8; model.len()];
+    pool.volume("v").unwrap().read(0, &mut back).unwrap();
+    assert!(back == model, "the volume changed");
+}
+
+/// Regression (found by the model test in CI): every open wrote a checkpoint, taking log space that nothing gave
+/// back, so a nearly full pool reopened again and again (a daemon in a crash loop) ran out of segments and could no
+/// longer be opened at all ("no free segment left for the log to continue").
+#[test]
+fn a_full_pool_reopens_after_any_number_of_crashes_and_restarts() {
+    let (mut dev, pool, model) = nearly_full_pool(5);
+    drop(pool);
+    for round in 0..300u64 {
+        let pool = Pool::open(dev.clone(), small_opts(5)).unwrap_or_else(|e| panic!("open {round}: {e}"));
+        if round % 50 == 0 {
+            assert_holds(&pool, &model);
+        }
+        if round % 2 == 0 {
+            pool.close().unwrap();
+        } else {
+            drop(pool);
+            dev = dev.crash(round);
+        }
+    }
+    let pool = Pool::open(dev, small_opts(5)).unwrap();
+    assert_holds(&pool, &model);
+}
+
+/// Regression (found by the model test in CI): checkpoints with no write between them each took a little of the
+/// segments kept for checkpoints, and nothing gave it back until a write needed room, so explicit checkpoints (and
+/// cleaning, which starts with one) failed for lack of a free segment and left the pool failed.
+#[test]
+fn checkpoints_in_a_full_pool_keep_the_reserve() {
+    let (dev, pool, model) = nearly_full_pool(6);
+    for i in 0..300 {
+        pool.checkpoint().unwrap_or_else(|e| panic!("checkpoint {i}: {e}"));
+        if i % 20 == 0 {
+            pool.clean().unwrap_or_else(|e| panic!("clean {i}: {e}"));
+        }
+    }
+    let v = pool.volume("v").unwrap();
+    // a small write still goes in, or is refused cleanly
+    match v.write(0, &pattern(99, 4096)) {
+        Ok(()) | Err(Error::NoSpace(_)) => {}
+        Err(e) => panic!("write: {e}"),
+    }
+    drop(pool);
+    let image = dev.crash_losing_all_unsynced();
+    let pool = Pool::open(image, small_opts(6)).unwrap();
+    assert!(pool.check().unwrap().is_ok());
+    let mut back = vec![0u8; model.len()];
+    pool.volume("v").unwrap().read(4096, &mut back[4096..]).unwrap();
+    assert!(back[4096..] == model[4096..], "the volume changed");
+}
+
+/// A pool filled until writes are refused, then put through checkpoints, trims and crashes: whatever else is
+/// refused, the ops that give space back (trim, delete) still go in, every checkpoint and reopen succeeds, and the
+/// space they give back can be written again.
+#[test]
+fn a_pool_short_of_space_can_always_be_relieved() {
+    let (dev, pool) = sim_pool((64 << 10) + 12 * (128 << 10), 7);
+    let v = pool.create_volume("v", 4 << 20).unwrap();
+    let mut blocks = 0u64;
+    loop {
+        match v.write(blocks * 4096, &pattern(blocks, 4096)) {
+            Ok(()) => blocks += 1,
+            Err(Error::NoSpace(_)) => break,
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    assert!(blocks > 100, "only {blocks} blocks fit");
+    for i in 0..100 {
+        pool.checkpoint().unwrap_or_else(|e| panic!("checkpoint {i}: {e}"));
+    }
+    // trims and checkpoints, with writes that may be refused, then a crash
+    for b in (0..blocks).step_by(3) {
+        v.trim(b * 4096, 4096).unwrap_or_else(|e| panic!("trim {b}: {e}"));
+        pool.checkpoint().unwrap_or_else(|e| panic!("checkpoint after trim {b}: {e}"));
+        match v.write(b * 4096, &pattern(b + 1000, 4096)) {
+            Ok(()) | Err(Error::NoSpace(_)) => {}
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    pool.flush().unwrap();
+    drop(pool);
+    let dev = dev.crash(7);
+    let pool = Pool::open(dev.clone(), small_opts(7)).unwrap();
+    assert!(pool.check().unwrap().is_ok());
+    // deleting gives everything back: a new volume takes most of what the old one held
+    pool.delete_volume("v").unwrap();
+    let w = pool.create_volume("w", 4 << 20).unwrap();
+    for b in 0..blocks * 3 / 4 {
+        w.write(b * 4096, &pattern(b, 4096)).unwrap_or_else(|e| panic!("write {b} after the delete: {e}"));
+    }
+    pool.close().unwrap();
+    let pool = Pool::open(dev, small_opts(7)).unwrap();
+    assert!(pool.check().unwrap().is_ok());
+    let mut back = vec![0u8; 4096];
+    pool.volume("w").unwrap().read(4096 * 5, &mut back).unwrap();
+    assert!(back == pattern(5, 4096));
+}

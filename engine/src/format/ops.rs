@@ -121,6 +121,24 @@ const DOT_SET_PROPERTY: u8 = 12;
 const DOT_REMOVE_SUBDOT: u8 = 13;
 
 impl Op {
+    /// Whether the op gives space back rather than taking more (deletes, trims, resizes, resets): such an op may
+    /// still be logged while the checkpoint reserve is short [I14].
+    pub(crate) fn frees_space(&self) -> bool {
+        match self {
+            Op::Zero { .. } | Op::Trim { .. } | Op::ResizeVolume { .. } | Op::DeleteVolume { .. } => true,
+            Op::DeleteSnapshot { .. } => true,
+            Op::Dot { change, .. } => matches!(
+                change,
+                DotOp::Reset { .. }
+                    | DotOp::DeleteBranch { .. }
+                    | DotOp::DeleteCommit { .. }
+                    | DotOp::Delete
+                    | DotOp::RemoveSubdot { .. }
+            ),
+            Op::Write { .. } | Op::CreateVolume { .. } | Op::Snapshot { .. } | Op::CloneSnapshot { .. } => false,
+        }
+    }
+
     /// Encoded size in bytes.
     pub(crate) fn encoded_len(&self) -> usize {
         if let Op::Dot { .. } = self {

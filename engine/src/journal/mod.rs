@@ -31,6 +31,9 @@ pub(crate) enum Purpose {
     Data,
     /// Checkpoint records, which may use the reserved segments.
     Checkpoint,
+    /// Ops that give space back (deletes, trims), which may use the reserved segments beyond what the next
+    /// checkpoint needs; the caller checked that they fit [I14].
+    Freeing,
 }
 
 #[derive(Debug)]
@@ -128,12 +131,17 @@ impl Log {
         }
     }
 
-    /// Blocks the log can still take for user data without touching the reserve.
+    /// Blocks the log can still take for user data without touching the reserve. A reserve a checkpoint dipped into
+    /// counts against the open segment's room, so the next op cleans it back before it logs anything [I14].
     pub(crate) fn data_room_blocks(&self, segs: &Segments) -> u64 {
         let in_seg = segs.end_pba(self.seg).saturating_sub(self.tail_pba());
-        let spare = segs.free_count().saturating_sub(self.reserve_segments);
-        // the reserved next segment counts as room, a new reservation replaces it
-        in_seg + spare * segs.blocks_per_segment
+        (in_seg + segs.free_count() * segs.blocks_per_segment)
+            .saturating_sub(self.reserve_segments * segs.blocks_per_segment)
+    }
+
+    /// Whether the free segments cover the checkpoint reserve [I14].
+    pub(crate) fn reserve_intact(&self, segs: &Segments) -> bool {
+        segs.free_count() >= self.reserve_segments
     }
 
     /// Blocks the log can still take, the checkpoint reserve included.
@@ -177,7 +185,8 @@ impl Log {
         }
         if self.batch.is_none() {
             if self.room_in_segment(segs) < 2 {
-                self.switch_segment(segs, Purpose::Data)?;
+                let purpose = if op.frees_space() { Purpose::Freeing } else { Purpose::Data };
+                self.switch_segment(segs, purpose)?;
             }
             self.batch = Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), n_data: 0 });
         }
