@@ -16,6 +16,10 @@ const API_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Once a handler asks for more of a request body, the next bytes must arrive within this, or the request fails and
 /// the connection is closed (a stream may pause longer only while the daemon is busy with what it already has).
 const API_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A whole request body (other than a streamed receive) must arrive within this, counted from the handler's first
+/// read: a client trickling a byte now and then, inside the idle timeout, is still cut off. Control bodies are small
+/// JSON (at most `MAX_API_BODY_BYTES`), so this asks for no more than about 50 KiB/s of the largest.
+const API_BODY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The same for a streamed receive (`POST /v1/receive`), whose sender may be a pipeline (`send | ssh | receive`)
 /// that pauses longer; as long as the client's own stream idle timeout. Only authenticated requests get this far
 /// (the key is checked before a handler reads the body).
@@ -93,17 +97,26 @@ pub async fn serve(
 }
 
 async fn body_with_idle_timeout(req: axum::extract::Request) -> axum::extract::Request {
-    let timeout = if req.uri().path() == RECEIVE_PATH { RECEIVE_BODY_IDLE_TIMEOUT } else { API_BODY_IDLE_TIMEOUT };
-    req.map(|body| axum::body::Body::new(IdleTimeoutBody { inner: body, timeout, sleep: None }))
+    // a streamed receive may run for hours at any rate: it gets a longer idle timeout and no overall one
+    let (timeout, total) = if req.uri().path() == RECEIVE_PATH {
+        (RECEIVE_BODY_IDLE_TIMEOUT, None)
+    } else {
+        (API_BODY_IDLE_TIMEOUT, Some(API_BODY_TIMEOUT))
+    };
+    req.map(|body| axum::body::Body::new(IdleTimeoutBody { inner: body, timeout, sleep: None, total, deadline: None }))
 }
 
 /// A request body that fails when its next bytes take longer than its timeout ([`API_BODY_IDLE_TIMEOUT`], or
-/// [`RECEIVE_BODY_IDLE_TIMEOUT`] for receives) to arrive.
+/// [`RECEIVE_BODY_IDLE_TIMEOUT`] for receives) to arrive, or when the whole of it takes longer than `total`
+/// ([`API_BODY_TIMEOUT`]).
 struct IdleTimeoutBody {
     inner: axum::body::Body,
     timeout: Duration,
     /// Armed while the handler waits for bytes; disarmed when they come.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    total: Option<Duration>,
+    /// Armed at the handler's first read when `total` is set; never disarmed.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl axum::body::HttpBody for IdleTimeoutBody {
@@ -115,6 +128,12 @@ impl axum::body::HttpBody for IdleTimeoutBody {
         cx: &mut TaskContext<'_>,
     ) -> Poll<Option<std::result::Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let this = &mut *self;
+        if let Some(total) = this.total {
+            let deadline = this.deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(total)));
+            if std::future::Future::poll(deadline.as_mut(), cx).is_ready() && !this.inner.is_end_stream() {
+                return Poll::Ready(Some(Err(format!("the request body took longer than {total:?}").into())));
+            }
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.sleep = None;
