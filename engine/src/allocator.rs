@@ -13,6 +13,8 @@ use crate::format::{BLOCK_SIZE, SEGMENT_AREA_OFFSET};
 pub(crate) struct Segments {
     pub(crate) count: u64,
     pub(crate) blocks_per_segment: u64,
+    /// log2 of `blocks_per_segment` (segment sizes are powers of two): a segment number is a shift away.
+    segment_shift: u32,
     live: Vec<u32>,
     free: BTreeSet<u64>,
     /// When each segment was last taken by the log, counted in segments taken since the pool was opened (0: before
@@ -27,9 +29,12 @@ pub(crate) struct Segments {
 impl Segments {
     pub(crate) fn new(count: u64, segment_size_bytes: u64, live: Vec<u32>) -> Self {
         assert_eq!(live.len() as u64, count, "segment usage table length");
+        let blocks_per_segment = segment_size_bytes / BLOCK_SIZE;
+        assert!(blocks_per_segment.is_power_of_two(), "segment of {blocks_per_segment} blocks");
         Self {
             count,
-            blocks_per_segment: segment_size_bytes / BLOCK_SIZE,
+            blocks_per_segment,
+            segment_shift: blocks_per_segment.trailing_zeros(),
             live,
             free: BTreeSet::new(),
             taken_at: vec![0; count as usize],
@@ -87,7 +92,7 @@ impl Segments {
         if pba < first {
             return None;
         }
-        let seg = (pba - first) / self.blocks_per_segment;
+        let seg = (pba - first) >> self.segment_shift;
         (seg < self.count).then_some(seg)
     }
 
@@ -115,6 +120,11 @@ impl Segments {
     /// Live blocks in all segments.
     pub(crate) fn live_total(&self) -> u64 {
         self.live.iter().map(|&n| u64::from(n)).sum()
+    }
+
+    /// When segment `seg` was last taken by the log (see `taken_at`): it changes whenever the segment is reused.
+    pub(crate) fn taken_at(&self, seg: u64) -> u64 {
+        self.taken_at[seg as usize]
     }
 
     pub(crate) fn is_free(&self, seg: u64) -> bool {

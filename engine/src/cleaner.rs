@@ -18,8 +18,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::allocator::Segments;
-use crate::format::record::{RecordKind, BODY_CAPACITY_BYTES};
+use crate::format::record::RecordKind;
 use crate::format::BLOCK;
 use crate::io::{read_blocks, Device};
 use crate::pool::{Pool, State};
@@ -37,6 +36,12 @@ pub const AUTO_CLEAN_MAX_UTILIZATION: f64 = 0.8;
 const CLEAN_SLACK_SEGMENTS: u64 = 3;
 /// Most passes one call makes (each pass is one checkpoint).
 pub const MAX_CLEAN_PASSES: usize = 1024;
+/// Blocks of room a moving pass made for a write frees beyond what the write needs: one, so a pass takes a victim
+/// or two. Cleaning just in time keeps the spare space in the segments in use, where it makes the next victims
+/// emptier: uniform random overwrites at 80% copied 2.59 blocks per block written with 16 victims a pass, 2.16 with
+/// one at a time (1 GiB pool; benches/RESULTS.md has the 2 GiB figures). The passes' fixed costs (a scan of the block
+/// table, a sync) are what kept them large; the scan cache ([`ScanCache`]) takes most of the first away.
+pub const CLEAN_AHEAD_BLOCKS: u64 = 1;
 
 /// What cleaning did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,6 +60,16 @@ impl CleanStats {
         self.segments_freed += o.segments_freed;
         self.blocks_moved += o.blocks_moved;
     }
+}
+
+/// Live blocks that the last scan of the block table found in the candidate segments, `(pba, vbn)` by segment, with
+/// each segment's `taken_at` at the time. A segment the log is not writing only loses blocks until it is freed and
+/// taken again (which changes its `taken_at`), so a kept list still holds every block live there, and some that
+/// died since (each is checked again when used). Passes that take a victim or two at a time thus scan the table once
+/// in several passes, not once each. Bounded: one scan's candidates, at most [`MAX_CLEAN_SEGMENTS_PER_PASS`].
+#[derive(Debug, Default)]
+pub(crate) struct ScanCache {
+    lists: HashMap<u64, (u64, Vec<(u64, u64)>)>,
 }
 
 /// What a pass cleans: its victim segments and the blocks it copies out of them, `(pba, vbn)`.
@@ -81,7 +96,8 @@ impl State {
             return Ok(CleanStats::default());
         }
         // nodes the checkpoint rewrites anyway are not copied
-        let Some(Plan { victims, mut moves }) = self.plan(candidates, |st, vbn| !st.index.is_dirty(vbn)) else {
+        let Some(Plan { victims, mut moves }) = self.plan(candidates, u64::MAX, |st, vbn| !st.index.is_dirty(vbn))
+        else {
             return Ok(CleanStats::default());
         };
         let mut is_victim = vec![false; self.segs.count as usize];
@@ -106,12 +122,14 @@ impl State {
     /// before the last checkpoint that hold no table or directory page (the last checkpoint and replay read
     /// nothing else from them); every live vbn stored in them, dirty nodes' written copies included, is copied
     /// into `Moved` records, which replay applies before the log's ops. Once the records are synced the victims
-    /// are free. A pass costs its copies and one sync, not a checkpoint's metadata.
+    /// are free. A pass costs its copies and one sync, not a checkpoint's metadata. It takes victims until they free
+    /// `want_blocks` (at least one victim).
     pub(crate) fn move_pass(
         &mut self,
         dev: &dyn Device,
         gate: &RwLock<()>,
         max_utilization: f64,
+        want_blocks: u64,
     ) -> Result<CleanStats> {
         self.check_writable()?;
         let mut excluded: Vec<bool> = (0..self.segs.count).map(|s| !self.segs.written_before_checkpoint(s)).collect();
@@ -129,7 +147,7 @@ impl State {
             return Ok(CleanStats::default());
         }
         // every live vbn in a victim is moved, dirty nodes' written copies too [I13]
-        let Some(Plan { victims, mut moves }) = self.plan(candidates, |_, _| true) else {
+        let Some(Plan { victims, mut moves }) = self.plan(candidates, want_blocks, |_, _| true) else {
             return Ok(CleanStats::default());
         };
         moves.sort_unstable();
@@ -183,55 +201,57 @@ impl State {
     ) -> Result<u64> {
         self.log.seal()?;
         self.log.drain()?;
-        for chunk in moves.chunks(per_record_blocks(&self.segs) as usize) {
-            let pbas: Vec<u64> = chunk.iter().map(|(pba, _)| *pba).collect();
-            let mut bytes = vec![0u8; chunk.len() * BLOCK];
-            read_blocks(dev, &pbas, &mut bytes)?;
-            let blocks: Vec<(u64, Vec<u8>)> =
-                chunk.iter().zip(bytes.chunks(BLOCK)).map(|((_, vbn), b)| (*vbn, b.to_vec())).collect();
-            self.write_pages(dev, kind, blocks, |st, vbn, loc| relocate(st, vbn, loc.pba))?;
+        let per_record = self.per_record_blocks() as usize;
+        // one buffer for every record of the pass: read into, written from, never copied between
+        let mut payload = vec![0u8; moves.len().min(per_record) * BLOCK];
+        let (mut pbas, mut vbns) = (Vec::with_capacity(per_record), Vec::with_capacity(per_record));
+        for chunk in moves.chunks(per_record) {
+            pbas.clear();
+            vbns.clear();
+            for &(pba, vbn) in chunk {
+                pbas.push(pba);
+                vbns.push(vbn);
+            }
+            let bytes = &mut payload[..chunk.len() * BLOCK];
+            read_blocks(dev, &pbas, bytes)?;
+            // the entries keep their checksums: no crc to compute for the copies
+            self.write_record(dev, kind, &vbns, bytes, false, |st, vbn, loc| relocate(st, vbn, loc.pba))?;
         }
         Ok(moves.len() as u64)
     }
 
-    /// Moving passes until `enough` holds or nothing more can be cleaned (see [`State::passes_until`]).
+    /// Moving passes, each freeing about `want_blocks`, until `enough` holds or nothing more can be cleaned (see
+    /// [`State::passes_until`]).
     pub(crate) fn move_until(
         &mut self,
         dev: &dyn Device,
         gate: &RwLock<()>,
         max_utilization: f64,
+        want_blocks: u64,
         enough: impl Fn(&State) -> bool,
     ) -> Result<CleanStats> {
-        self.passes_until(enough, |st| st.move_pass(dev, gate, max_utilization))
+        self.passes_until(enough, |st| st.move_pass(dev, gate, max_utilization, want_blocks))
     }
 
     /// Which of `candidates` (best first) a pass takes, and the blocks it copies, `(pba, vbn)`: one scan of the block
     /// table finds the live vbns stored in them (those `copy` accepts); then the candidates are taken in order while
     /// the copies, their record headers, a checkpoint of everything then dirty (twice: the pages the checkpoint's
     /// own writes dirty) and a slack still fit in the free blocks, the checkpoint reserve included (it is kept for
-    /// that checkpoint). `None` when none fits.
-    fn plan(&self, candidates: Vec<u64>, copy: impl Fn(&State, u64) -> bool) -> Option<Plan> {
-        let mut is_candidate = vec![false; self.segs.count as usize];
-        for &s in &candidates {
-            is_candidate[s as usize] = true;
-        }
-        let mut found: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
-        for (vbn, e) in self.index.bt.live_entries() {
-            // (a node not written yet has pba 0, outside every segment)
-            let Some(seg) = self.segs.segment_of(e.pba).filter(|s| is_candidate[*s as usize]) else { continue };
-            if copy(self, vbn) {
-                found.entry(seg).or_default().push((e.pba, vbn));
-            }
-        }
+    /// that checkpoint), until the victims taken free `want_blocks`. `None` when none fits.
+    fn plan(&mut self, candidates: Vec<u64>, want_blocks: u64, copy: impl Fn(&State, u64) -> bool) -> Option<Plan> {
         let free = self.log.free_blocks(&self.segs);
-        let per_record = per_record_blocks(&self.segs);
+        let per_record = self.per_record_blocks();
         let already_dirty = (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64;
         let slack = CLEAN_SLACK_SEGMENTS * self.segs.blocks_per_segment;
         let mut new_pages: HashSet<u64> = HashSet::new();
         let mut victims = Vec::new();
         let mut moves: Vec<(u64, u64)> = Vec::new();
-        for s in candidates {
-            let blocks = found.remove(&s).unwrap_or_default();
+        let mut freed_blocks = 0u64;
+        for &s in &candidates {
+            if freed_blocks >= want_blocks {
+                break;
+            }
+            let blocks = self.live_blocks_in(s, &candidates, &copy);
             let pages: HashSet<u64> = blocks
                 .iter()
                 .map(|(_, vbn)| vbn >> crate::format::node::FANOUT_BITS)
@@ -244,10 +264,47 @@ impl State {
                 continue;
             }
             new_pages.extend(pages);
+            freed_blocks += self.segs.blocks_per_segment.saturating_sub(blocks.len() as u64);
             moves.extend(blocks);
             victims.push(s);
         }
+        for s in &victims {
+            self.scan_cache.lists.remove(s);
+        }
         (!victims.is_empty()).then_some(Plan { victims, moves })
+    }
+
+    /// The live blocks of candidate segment `seg` that `copy` accepts, `(pba, vbn)`: from the scan cache when it
+    /// holds a list of the segment as it is now, else from a new scan of the block table for every candidate
+    /// ([`ScanCache`]).
+    fn live_blocks_in(&mut self, seg: u64, candidates: &[u64], copy: &impl Fn(&State, u64) -> bool) -> Vec<(u64, u64)> {
+        let current = |st: &State, s: u64| st.scan_cache.lists.get(&s).is_some_and(|(t, _)| *t == st.segs.taken_at(s));
+        if !current(self, seg) {
+            let mut is_candidate = vec![false; self.segs.count as usize];
+            for &s in candidates {
+                is_candidate[s as usize] = true;
+            }
+            let mut found: HashMap<u64, (u64, Vec<(u64, u64)>)> =
+                candidates.iter().map(|&s| (s, (self.segs.taken_at(s), Vec::new()))).collect();
+            let segs = &self.segs;
+            self.index.bt.for_each_live(|vbn, pba| {
+                // (a node not written yet has pba 0, outside every segment)
+                if let Some(s) = segs.segment_of(pba).filter(|s| is_candidate[*s as usize]) {
+                    if let Some((_, list)) = found.get_mut(&s) {
+                        list.push((pba, vbn));
+                    }
+                }
+            });
+            self.scan_cache.lists = found;
+        }
+        let Some((_, list)) = self.scan_cache.lists.get(&seg) else { return Vec::new() };
+        list.iter()
+            .copied()
+            .filter(|&(pba, vbn)| {
+                let e = self.index.bt.get(vbn);
+                e.refcount > 0 && e.pba == pba && copy(self, vbn)
+            })
+            .collect()
     }
 
     /// Passes ending in a checkpoint until `enough` holds or nothing more can be cleaned (see
@@ -287,11 +344,6 @@ impl State {
     }
 }
 
-/// Blocks per copy record: as many vbns as the record body lists, and what fits in a segment.
-fn per_record_blocks(segs: &Segments) -> u64 {
-    ((BODY_CAPACITY_BYTES / 8) as u64).min(segs.blocks_per_segment - 1)
-}
-
 impl Pool {
     /// Clean every segment that is at most [`CLEAN_MAX_UTILIZATION`] live, in passes of up to
     /// [`MAX_CLEAN_SEGMENTS_PER_PASS`] segments: after one checkpoint, moving passes (each made durable by a sync
@@ -307,7 +359,7 @@ impl Pool {
         // segment written before it may have its blocks moved
         st.checkpoint(dev, gate)?;
         // moving passes (a sync each), then passes ending in a checkpoint for segments that hold table pages
-        let mut stats = st.move_until(dev, gate, CLEAN_MAX_UTILIZATION, |_| false)?;
+        let mut stats = st.move_until(dev, gate, CLEAN_MAX_UTILIZATION, u64::MAX, |_| false)?;
         stats.add(st.clean_until(dev, gate, false, CLEAN_MAX_UTILIZATION, |_| false)?);
         Ok(stats)
     }

@@ -16,7 +16,7 @@ use crate::format::superblock::{LogCursor, SlotContents, Superblock};
 use crate::format::{crc32, BLOCK, BLOCK_SIZE, FORMAT_VERSION, SEGMENT_AREA_OFFSET, SUPERBLOCK_OFFSETS};
 use crate::index::{BlockTable, Extent, Index, Mapping, MappingKind, Root};
 use crate::io::{Device, FileDevice, SECTOR_SIZE};
-use crate::journal::{self, Log, DEFAULT_LOG_WRITER_THREADS, MAX_BATCH_DATA_BLOCKS};
+use crate::journal::{self, Log, Purpose, DEFAULT_LOG_WRITER_THREADS, MAX_BATCH_DATA_BLOCKS};
 use crate::volume::{Target, Volume};
 use crate::{Error, Result};
 
@@ -177,6 +177,8 @@ pub(crate) struct State {
     pub(crate) counters: Counters,
     /// Commits whose stream is being received now: a second receive of one waits its turn (is refused).
     pub(crate) receiving: std::collections::HashSet<[u8; 16]>,
+    /// Live blocks the cleaner's last scan found in its candidate segments.
+    pub(crate) scan_cache: crate::cleaner::ScanCache,
 }
 
 /// Work done since the pool was opened, for statistics.
@@ -823,6 +825,7 @@ impl State {
             replayed_records: 0,
             counters: Counters::default(),
             receiving: std::collections::HashSet::new(),
+            scan_cache: crate::cleaner::ScanCache::default(),
         }
     }
 
@@ -1101,14 +1104,14 @@ impl State {
     /// Make sure `blocks` blocks of log fit without touching the reserve: a checkpoint may free dead segments, and
     /// if that is not enough the cleaner copies the live blocks out of the emptiest ones (greedy, as space is short).
     pub(crate) fn ensure_room(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
-        self.make_room(dev, gate, blocks, |st| st.log.data_room_blocks(&st.segs))
+        self.make_room(dev, gate, blocks, Purpose::Data, |st| st.log.data_room_blocks(&st.segs))
     }
 
     /// As [`State::ensure_room`], for an op that gives space back (deletes, trims, shrinks): it may use the
     /// checkpoint reserve beyond what the next checkpoint needs, since refusing it could leave a full pool with no
     /// way out [I14].
     pub(crate) fn ensure_room_to_free(&mut self, dev: &dyn Device, gate: &RwLock<()>, blocks: u64) -> Result<()> {
-        self.make_room(dev, gate, blocks, State::freeing_room_blocks)
+        self.make_room(dev, gate, blocks, Purpose::Freeing, State::freeing_room_blocks)
     }
 
     /// Blocks the next checkpoint may need for what is dirty now: each dirty node and table page, as many directory
@@ -1134,14 +1137,18 @@ impl State {
         dev: &dyn Device,
         gate: &RwLock<()>,
         blocks: u64,
+        purpose: Purpose,
         room: impl Fn(&State) -> u64,
     ) -> Result<()> {
+        self.log.admitted = purpose;
         let enough = |st: &State| room(st) >= blocks;
+        // each moving pass frees what is missing and a little ahead, no more: cleaning late keeps victims empty
+        let want = blocks.saturating_sub(room(self)) + crate::cleaner::CLEAN_AHEAD_BLOCKS;
         if enough(self) {
             return Ok(());
         }
         // Moving passes first: they cost their copies and a sync, where a checkpoint rewrites every dirty page [I13].
-        self.move_until(dev, gate, 1.0, enough)?;
+        self.move_until(dev, gate, 1.0, want, enough)?;
         if enough(self) {
             return Ok(());
         }
@@ -1154,7 +1161,7 @@ impl State {
             if enough(self) {
                 return Ok(());
             }
-            self.move_until(dev, gate, 1.0, enough)?;
+            self.move_until(dev, gate, 1.0, want, enough)?;
             if enough(self) {
                 return Ok(());
             }
@@ -1212,7 +1219,8 @@ impl State {
         if self.log.reserve_intact(&self.segs) {
             return Ok(());
         }
-        self.move_until(dev, gate, 1.0, |st| st.log.reserve_intact(&st.segs))?;
+        let want = (self.log.reserve_segments - self.segs.free_count()) * self.segs.blocks_per_segment;
+        self.move_until(dev, gate, 1.0, want, |st| st.log.reserve_intact(&st.segs))?;
         Ok(())
     }
 
@@ -1234,29 +1242,54 @@ impl State {
         pages: Vec<(u64, Vec<u8>)>,
         mut written: impl FnMut(&mut Self, u64, PageLoc) -> u64,
     ) -> Result<()> {
-        let per_record = ((BODY_CAPACITY_BYTES / 8) as u64).min(self.segs.blocks_per_segment - 1) as usize;
+        let per_record = self.per_record_blocks() as usize;
+        let mut payload = Vec::with_capacity(pages.len().min(per_record) * BLOCK);
         for chunk in pages.chunks(per_record) {
-            let mut body = Vec::with_capacity(chunk.len() * 8);
-            let mut payload = Vec::with_capacity(chunk.len() * BLOCK);
-            for (id, buf) in chunk {
-                body.extend_from_slice(&id.to_le_bytes());
+            let ids: Vec<u64> = chunk.iter().map(|(id, _)| *id).collect();
+            payload.clear();
+            for (_, buf) in chunk {
                 payload.extend_from_slice(buf);
             }
-            // a Moved record's payload is checksummed in its header, so replay can tell a torn copy [I13]; the other
-            // kinds' blocks are checksummed where they are referenced [I6]
-            let payload_crc = if kind == RecordKind::Moved { crc32(&payload) } else { 0 };
-            let first = self.log.append_record(dev, &mut self.segs, kind, body, &payload, payload_crc)?;
-            if kind == RecordKind::Moved {
-                // replayed at open like the ops, so they count toward the replay the checkpoint interval bounds
-                self.log.blocks_since_checkpoint += 1 + chunk.len() as u64;
-            }
-            for (i, (id, buf)) in chunk.iter().enumerate() {
-                let pba = first + i as u64;
-                self.segs.add_live(pba);
-                let old = written(self, *id, PageLoc { pba, crc: crc32(buf) });
-                if old != 0 {
-                    self.segs.release(old);
-                }
+            self.write_record(dev, kind, &ids, &payload, true, &mut written)?;
+        }
+        Ok(())
+    }
+
+    /// Blocks one record of named blocks (pages, nodes, copies) holds: as many ids as its body lists, and what fits
+    /// in a segment.
+    pub(crate) fn per_record_blocks(&self) -> u64 {
+        ((BODY_CAPACITY_BYTES / 8) as u64).min(self.segs.blocks_per_segment - 1)
+    }
+
+    /// Append one record of `kind` holding the blocks `payload` named by `ids` (at most
+    /// [`State::per_record_blocks`]), and tell `written` where each went (with its crc32 when `crc_each`, else 0),
+    /// releasing the block it returns.
+    pub(crate) fn write_record(
+        &mut self,
+        dev: &dyn Device,
+        kind: RecordKind,
+        ids: &[u64],
+        payload: &[u8],
+        crc_each: bool,
+        mut written: impl FnMut(&mut Self, u64, PageLoc) -> u64,
+    ) -> Result<()> {
+        assert_eq!(payload.len(), ids.len() * BLOCK, "one block of payload per id");
+        let body: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+        // a Moved record's payload is checksummed in its header, so replay can tell a torn copy [I13]; the other
+        // kinds' blocks are checksummed where they are referenced [I6]
+        let payload_crc = if kind == RecordKind::Moved { crc32(payload) } else { 0 };
+        let first = self.log.append_record(dev, &mut self.segs, kind, body, payload, payload_crc)?;
+        if kind == RecordKind::Moved {
+            // replayed at open like the ops, so they count toward the replay the checkpoint interval bounds
+            self.log.blocks_since_checkpoint += 1 + ids.len() as u64;
+        }
+        for (i, (id, buf)) in ids.iter().zip(payload.chunks(BLOCK)).enumerate() {
+            let pba = first + i as u64;
+            self.segs.add_live(pba);
+            let crc = if crc_each { crc32(buf) } else { 0 };
+            let old = written(self, *id, PageLoc { pba, crc });
+            if old != 0 {
+                self.segs.release(old);
             }
         }
         Ok(())

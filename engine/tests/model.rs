@@ -458,3 +458,75 @@ fn reopen_after_cleaning_a_full_pool() {
     ];
     run_case(TIGHT_POOL_BYTES, small_opts, 0, &actions);
 }
+
+/// Found by `engine_matches_model_in_a_tight_pool` (2026-12-01, after [I14]): a write-zeroes admitted as an op that
+/// gives space back (it may use the checkpoint reserve) logged its whole blocks, then its partial last block, a data
+/// write, was refused a segment of the reserve: the op failed half done ("a refused operation changed the pool").
+/// Every record of an op now switches segments as the op was admitted.
+#[test]
+fn a_zero_range_let_into_the_reserve_finishes_its_partial_blocks() {
+    let actions = [
+        Action::Create { vol: 1, size_sectors: 586 },
+        Action::Flush,
+        Action::Checkpoint,
+        Action::Write { vol: 1, off: 99651590, len: 9, seed: 0 },
+        Action::Flush,
+        Action::Create { vol: 2, size_sectors: 237 },
+        Action::Create { vol: 3, size_sectors: 450 },
+        Action::Flush,
+        Action::Write { vol: 3, off: 0, len: 1, seed: 0 },
+        Action::Zero { vol: 2, off: 1437949395, len: 1 },
+        Action::Create { vol: 0, size_sectors: 612 },
+        Action::Snapshot { vol: 0, other: Some(1), snap: 2 },
+        Action::Checkpoint,
+        Action::Resize { vol: 2, size_sectors: 629, force: false },
+        Action::DeleteSnapshot { snap: 3 },
+        Action::Flush,
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Create { vol: 0, size_sectors: 1 },
+        Action::Checkpoint,
+        Action::Write { vol: 0, off: 20231904, len: 33, seed: 0 },
+        Action::Snapshot { vol: 1, other: None, snap: 0 },
+        Action::Flush,
+        Action::Write { vol: 2, off: 3019838565, len: 105, seed: 5881473614 },
+        Action::Write { vol: 0, off: 3177098271, len: 11, seed: 6632024082938570689 },
+        Action::Write { vol: 1, off: 2899961287, len: 2, seed: 10347735175566110372 },
+        Action::Write { vol: 2, off: 2714036999, len: 35, seed: 7097884198168941855 },
+        Action::Flush,
+        Action::Create { vol: 4, size_sectors: 1196 },
+        Action::Flush,
+        Action::Zero { vol: 4, off: 142159952, len: 55 },
+        Action::Flush,
+        Action::Delete { vol: 4 },
+        Action::Flush,
+        Action::Write { vol: 3, off: 1633992922, len: 28, seed: 16564936871738074518 },
+        Action::Write { vol: 3, off: 467993815, len: 34, seed: 6190565307385387486 },
+        Action::Write { vol: 2, off: 4113705158, len: 24, seed: 17874350805630025732 },
+        Action::Write { vol: 3, off: 1358084021, len: 22, seed: 2616802317012156983 },
+        Action::Write { vol: 0, off: 3938874889, len: 8, seed: 2889871899384101691 },
+        Action::Delete { vol: 0 },
+        Action::Write { vol: 3, off: 2370164027, len: 34, seed: 18389625884219326697 },
+        Action::Create { vol: 4, size_sectors: 598 },
+        Action::Write { vol: 4, off: 2621288628, len: 477, seed: 538461500884417223 },
+        Action::Clean,
+        Action::Write { vol: 2, off: 2508785866, len: 11, seed: 8109007066147024203 },
+        Action::Checkpoint,
+        Action::Zero { vol: 3, off: 132659062, len: 6 },
+        Action::Write { vol: 2, off: 400723985, len: 34, seed: 7239782124729267950 },
+        Action::Clean,
+        Action::PowerCutWrite { after_ios: 6, vol: 2, off: 486021572, len: 16, seed: 10464292943070649621 },
+        Action::Write { vol: 2, off: 3460266229, len: 27, seed: 3261943429771572300 },
+        Action::Zero { vol: 4, off: 2705218945, len: 11 },
+        Action::Checkpoint,
+        Action::Checkpoint,
+        Action::Write { vol: 3, off: 936298351, len: 150, seed: 7412843358874390632 },
+        Action::Write { vol: 1, off: 3877425249, len: 30, seed: 11188793580951954033 },
+        Action::PowerCutWrite { after_ios: 6, vol: 2, off: 1660566719, len: 6, seed: 16388677776137322522 },
+        Action::PowerCutWrite { after_ios: 4, vol: 4, off: 138264756, len: 17, seed: 2548076319741578033 },
+        Action::Zero { vol: 4, off: 1977108931, len: 10 },
+    ];
+    run_case(TIGHT_POOL_BYTES, small_opts, 0, &actions);
+}

@@ -201,6 +201,20 @@ impl BlockTable {
         self.dirty_pages.contains(&page)
     }
 
+    /// `f(vbn, pba)` for every allocated entry (refcount > 0), in vbn order: the cleaner's scan, a plain loop over
+    /// the pages (it runs over the whole table once a pass).
+    pub(crate) fn for_each_live(&self, mut f: impl FnMut(u64, u64)) {
+        for (i, page) in self.pages.iter().enumerate() {
+            let Some(page) = page else { continue };
+            let base = (i as u64) << FANOUT_BITS;
+            for (j, slot) in page.iter().enumerate() {
+                if BtEntry::from_slot(*slot).refcount > 0 {
+                    f(base + j as u64, slot.a);
+                }
+            }
+        }
+    }
+
     /// Every allocated entry (refcount > 0), in vbn order.
     pub(crate) fn live_entries(&self) -> impl Iterator<Item = (u64, BtEntry)> + '_ {
         self.pages.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|p| (i, p))).flat_map(|(i, p)| {

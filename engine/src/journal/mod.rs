@@ -63,6 +63,9 @@ pub(crate) struct Log {
     pipeline: Pipeline,
     /// Segments left free for checkpoints: user data fails with "out of space" rather than take them.
     pub(crate) reserve_segments: u64,
+    /// What the op being logged was admitted as (by the room check before it): every record it appends, its
+    /// partial-block writes included, may switch segments as that allows [I14].
+    pub(crate) admitted: Purpose,
     /// Blocks written to the log since the last checkpoint.
     pub(crate) blocks_since_checkpoint: u64,
     /// Blocks written to the device in all (records, headers, checkpoints), for write-amplification figures.
@@ -91,6 +94,7 @@ impl Log {
             buf: AlignedBuf::zeroed(BATCH_BUFFER_BYTES),
             pipeline: Pipeline::new(dev, writer_threads, BATCH_BUFFER_BYTES),
             reserve_segments,
+            admitted: Purpose::Data,
             blocks_since_checkpoint: 0,
             blocks_written: 0,
             synced_below: 0,
@@ -185,8 +189,7 @@ impl Log {
         }
         if self.batch.is_none() {
             if self.room_in_segment(segs) < 2 {
-                let purpose = if op.frees_space() { Purpose::Freeing } else { Purpose::Data };
-                self.switch_segment(segs, purpose)?;
+                self.switch_segment(segs, self.admitted)?;
             }
             self.batch = Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), n_data: 0 });
         }
@@ -282,10 +285,13 @@ impl Log {
             synced_below: self.synced_below,
             body,
         };
-        let mut buf = header.encode();
-        buf.extend_from_slice(payload);
         let at = self.pos;
-        dev.write_at(&buf, at * BLOCK_SIZE)?;
+        // header and payload in two writes: the payload (up to a segment) is not copied to join them; a crash
+        // between them leaves a record replay rejects or skips, as a torn one [I2][I13]
+        dev.write_at(&header.encode(), at * BLOCK_SIZE)?;
+        if !payload.is_empty() {
+            dev.write_at(payload, (at + 1) * BLOCK_SIZE)?;
+        }
         self.seq += 1;
         self.pos = at + 1 + n;
         self.blocks_written += 1 + n;
