@@ -1,5 +1,5 @@
 //! `GET /metrics` of the real daemon: Prometheus text with the NBD requests a real client (qemu-io) made, their
-//! bytes and latency histogram, and the pool's figures; 401 without the API key.
+//! bytes and latency histogram, and the pool's figures; 401 without the API key; the key-less health route.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -48,9 +48,19 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     let scrub: blockmesh::api::ScrubResult = d.json(&["pool", "scrub"]);
     assert!(scrub.bad.is_empty() && scrub.blocks_checked >= 256 + 16, "{scrub:?}");
     assert!(d.ok(&["pool", "scrub"]).contains(", 0 bad"));
-    // the key is needed, as everywhere
+    // the key is needed, as everywhere but the health route
     match ureq::get(&url).call() {
         Err(ureq::Error::Status(401, _)) => {}
         other => panic!("metrics without the key: {other:?}"),
+    }
+    let health = ureq::get(&format!("{}{}", d.api, blockmesh::api::HEALTH_PATH)).call().unwrap();
+    assert_eq!(health.status(), 200);
+    let body = health.into_string().unwrap();
+    assert!(body.contains("serving") && !body.contains(&d.nbd), "the health route says no more than that: {body}");
+    for path in ["/healthz/", "/healthzz", "/v1/healthz"] {
+        match ureq::get(&format!("{}{path}", d.api)).call() {
+            Err(ureq::Error::Status(401, _)) => {}
+            other => panic!("{path} without the key: {other:?}"),
+        }
     }
 }

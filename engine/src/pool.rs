@@ -663,6 +663,17 @@ impl Pool {
         st.checkpoint(&*self.inner.dev, &self.inner.reuse_gate)
     }
 
+    /// `Ok` while the pool takes changes; [`Error::Failed`] (saying why) once a failed device write or sync has put
+    /// it in the failed state, which only a reopen clears (reads keep working meanwhile); closed pools too. For
+    /// health checks: a daemon whose pool failed should be restarted. Never waits: while another call holds the pool
+    /// (a long cleaning, a big checkpoint), the pool is at work and this says `Ok`.
+    pub fn health(&self) -> Result<()> {
+        match self.inner.state.try_lock() {
+            Some(st) => st.check_writable(),
+            None => Ok(()),
+        }
+    }
+
     /// Checkpoint and close. Volume handles fail afterwards.
     pub fn close(self) -> Result<()> {
         let mut st = self.inner.state.lock();

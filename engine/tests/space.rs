@@ -108,14 +108,17 @@ fn a_failed_flush_fails_the_pool_until_reopened() {
     pool.flush().unwrap();
     v.write(4096, &pattern(2, 4096)).unwrap();
     dev.set_fault(SimFault::FailOnce(1)); // the seal's write succeeds, the sync fails
+    assert!(pool.health().is_ok());
     assert!(matches!(pool.flush(), Err(Error::Io { .. })));
     assert!(matches!(v.write(8192, &[1u8; 512]), Err(Error::Failed(_))), "no more changes after a failed flush");
+    assert!(matches!(pool.health(), Err(Error::Failed(_))), "a health check sees the failure");
     let mut buf = vec![0u8; 4096];
     v.read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(1, 4096), "reads keep working");
     drop(pool);
     let pool = Pool::open(dev.crash_losing_all_unsynced(), small_opts(5)).unwrap();
     assert!(pool.check().unwrap().is_ok());
+    assert!(pool.health().is_ok(), "a reopen clears the failure");
     pool.volume("v").unwrap().read(0, &mut buf).unwrap();
     assert_eq!(buf, pattern(1, 4096), "flushed data survives");
 }

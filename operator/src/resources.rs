@@ -55,6 +55,9 @@ pub const PVC_HEADROOM_PERCENT: u64 = 5;
 pub const PVC_MIN_HEADROOM_BYTES: u64 = 64 << 20;
 /// Seconds a server pod has to flush its pool when stopped.
 pub const TERMINATION_GRACE_SECONDS: i64 = 60;
+/// The daemon's health route, the one API route answered without the key (`blockmesh::api::HEALTH_PATH`; the
+/// operator talks to daemons over their API and imports none of their code).
+pub const HEALTH_PATH: &str = "/healthz";
 /// Startup probe: period and failures allowed (10 minutes to open and recover a large pool).
 pub const STARTUP_PROBE_PERIOD_SECONDS: i32 = 5;
 /// See [`STARTUP_PROBE_PERIOD_SECONDS`].
@@ -199,6 +202,7 @@ fn server_pod_unhashed(settings: &Settings, config: &ClusterConfig, server: &Ser
         ),
     };
     let tcp = |port: &str| json!({ "port": port });
+    let health = json!({ "path": HEALTH_PATH, "port": "api", "scheme": "HTTP" });
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -252,12 +256,12 @@ fn server_pod_unhashed(settings: &Settings, config: &ClusterConfig, server: &Ser
                     { "name": "api", "containerPort": API_PORT, "protocol": "TCP" },
                     { "name": "nbd", "containerPort": NBD_PORT, "protocol": "TCP" },
                 ],
-                // Every API route needs the key (GET /v1/info too), and an httpGet probe would carry it in the pod
-                // spec in clear. The daemon binds its ports only once the pool is open and recovered, so a TCP
-                // connect says the pool is being served.
-                "startupProbe": { "tcpSocket": tcp("api"), "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
+                // The daemon binds its ports only once the pool is open and recovered. Its health route needs no
+                // key and fails (503) once a device error has failed the pool, which a restart reopens: so the
+                // kubelet restarts a server whose pool failed, not only one that stopped listening.
+                "startupProbe": { "httpGet": health, "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
                     "failureThreshold": STARTUP_PROBE_FAILURES, "timeoutSeconds": PROBE_TIMEOUT_SECONDS },
-                "livenessProbe": { "tcpSocket": tcp("api"), "periodSeconds": LIVENESS_PROBE_PERIOD_SECONDS,
+                "livenessProbe": { "httpGet": health, "periodSeconds": LIVENESS_PROBE_PERIOD_SECONDS,
                     "failureThreshold": LIVENESS_PROBE_FAILURES, "timeoutSeconds": PROBE_TIMEOUT_SECONDS },
                 "readinessProbe": { "tcpSocket": tcp("nbd"), "periodSeconds": READINESS_PROBE_PERIOD_SECONDS,
                     "failureThreshold": READINESS_PROBE_FAILURES, "timeoutSeconds": PROBE_TIMEOUT_SECONDS },

@@ -97,6 +97,8 @@ async fn fresh_cluster_local_mode_exact_calls_then_a_pass_that_changes_nothing()
     );
     assert_eq!(spec.pointer("/containers/0/volumeMounts/1/subPath"), Some(&Value::from("api-key")));
     assert_eq!(spec.pointer("/containers/0/readinessProbe/tcpSocket/port"), Some(&Value::from("nbd")));
+    assert_eq!(spec.pointer("/containers/0/livenessProbe/httpGet/path"), Some(&Value::from("/healthz")));
+    assert_eq!(spec.pointer("/containers/0/startupProbe/httpGet/port"), Some(&Value::from("api")));
     let args: Vec<&str> =
         spec["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(
