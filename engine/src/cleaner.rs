@@ -5,10 +5,11 @@
 //! so moving one changes exactly one entry: the vbn's block-table entry (its checksum stays), or the page's location.
 //! No tree shared by snapshots is touched, whatever the number of commits. A pass:
 //!
-//! 1. picks victims ([`Segments::victims`]: cost-benefit, or greedy when space is short), as many as the free space
-//!    outside the checkpoint reserve can take in copies;
-//! 2. finds their live vbns with one scan of the block table (in memory), skipping nodes that the checkpoint rewrites
-//!    anyway, and copies them in `Nodes` records (blocks named by vbn), updating each entry and the live counts;
+//! 1. picks victims ([`crate::allocator::Segments::victims`]: cost-benefit, or greedy when space is short), as many
+//!    as the free space outside the checkpoint reserve can take in copies;
+//! 2. finds their live vbns with one scan of the block table (in memory; kept for the other candidates, see
+//!    [`ScanCache`]), skipping nodes that the checkpoint rewrites anyway, and copies them in `Nodes` records (blocks
+//!    named by vbn), updating each entry and the live counts;
 //! 3. marks the block-table and directory pages stored in the victims for rewriting;
 //! 4. checkpoints: the new locations become durable with the superblock, and only then are the victims, now without
 //!    live blocks, free.
@@ -233,8 +234,9 @@ impl State {
         self.passes_until(enough, |st| st.move_pass(dev, gate, max_utilization, want_blocks))
     }
 
-    /// Which of `candidates` (best first) a pass takes, and the blocks it copies, `(pba, vbn)`: one scan of the block
-    /// table finds the live vbns stored in them (those `copy` accepts); then the candidates are taken in order while
+    /// Which of `candidates` (best first) a pass takes, and the blocks it copies, `(pba, vbn)`: the live vbns stored
+    /// in them (those `copy` accepts) come from the scan cache or one scan of the block table
+    /// ([`State::live_blocks_in`]); the candidates are taken in order while
     /// the copies, their record headers, a checkpoint of everything then dirty (twice: the pages the checkpoint's
     /// own writes dirty) and a slack still fit in the free blocks, the checkpoint reserve included (it is kept for
     /// that checkpoint), until the victims taken free `want_blocks`. `None` when none fits.
