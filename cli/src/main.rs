@@ -20,7 +20,12 @@ use blockmesh_nbd::{Server, ServerConfig, TlsMode};
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Pool file name inside the data directory.
-const POOL_FILE: &str = "pool.bm";
+/// The pool file's name in DATA_DIR when `--pool` is not given: `<pool name>.bm`.
+const DEFAULT_POOL_NAME: &str = "pool";
+/// See [`DEFAULT_POOL_NAME`].
+const POOL_FILE_SUFFIX: &str = ".bm";
+/// Longest pool name (as the operator's `poolName`).
+const MAX_POOL_NAME_LEN: usize = 63;
 /// Unix socket name inside the data directory.
 const NBD_SOCKET: &str = "nbd.sock";
 #[derive(Parser, Debug)]
@@ -51,9 +56,14 @@ struct ServeArgs {
     /// Where the pool, socket and keys live [default: ./blockmesh-data, or /var/lib/blockmesh as root].
     #[arg(long, env = "BLOCKMESH_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The pool: a block device or an existing pool file [default: DATA_DIR/pool.bm, created sparse when missing].
+    /// The pool: a block device or an existing pool file [default: DATA_DIR/<pool name>.bm, created sparse when
+    /// missing].
     #[arg(long)]
     pool: Option<PathBuf>,
+    /// Name of the pool file made in DATA_DIR when --pool is not given (the operator's `poolName`): 1 to 63 letters,
+    /// digits, '-', '_' or '.', starting with a letter.
+    #[arg(long, env = "BLOCKMESH_POOL_NAME", default_value = DEFAULT_POOL_NAME, value_parser = parse_pool_name)]
+    pool_name: String,
     /// Size of a newly created pool file [default: 10G]; given for an existing pool file that is smaller, the file
     /// is enlarged and the pool grows into it. (A block device or file enlarged by other means is taken at start.)
     #[arg(long, value_parser = parse_size)]
@@ -168,12 +178,26 @@ async fn shutdown_signal() -> Result<()> {
     Ok(())
 }
 
+fn parse_pool_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= MAX_POOL_NAME_LEN
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && s.as_bytes().first().is_some_and(u8::is_ascii_alphabetic);
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: a pool name is 1 to {MAX_POOL_NAME_LEN} letters, digits, '-', '_' or '.', starting with a letter"
+        ))
+    }
+}
+
 async fn serve(args: ServeArgs) -> Result<()> {
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating data directory {}", data_dir.display()))?;
     let (pool_path, default_pool) = match args.pool {
         Some(p) => (p, false),
-        None => (data_dir.join(POOL_FILE), true),
+        None => (data_dir.join(format!("{}{POOL_FILE_SUFFIX}", args.pool_name)), true),
     };
     let pool = Arc::new(open_or_create_pool(&pool_path, args.pool_size, default_pool, args.direct_io)?);
     let tls = match (&args.tls_cert, &args.tls_key) {

@@ -279,3 +279,32 @@ fn serve_direct_io_opens_the_pool_with_o_direct() {
     assert!(pool_is_direct(&d));
     qemu_ok(&format!("nbd://{}/admin/db", d.nbd), &["read -P 5 0 1M", "read -P 6 1M 1M"]);
 }
+
+/// `serve --pool-name` (or `BLOCKMESH_POOL_NAME`, as the operator passes its `poolName`) names the pool file in the
+/// data directory; a name that is not a plain file name is refused before anything is made.
+#[test]
+fn the_pool_name_names_the_pool_file() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let d = Daemon::start_with(dir.path(), &["--pool-size", "1G", "--pool-name", "tank-1"]);
+        d.ok(&["init", "db", "--size", "16M"]);
+    }
+    assert!(dir.path().join("tank-1.bm").exists());
+    assert!(!dir.path().join("pool.bm").exists());
+    let d = Daemon::start_with(dir.path(), &["--pool-name", "tank-1"]);
+    assert!(d.ok(&["list"]).contains("db"), "the pool reopened by its name");
+    drop(d);
+    let long = "p".repeat(64);
+    for bad in ["../x", "", "1pool", "a/b", ".hidden", long.as_str()] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_blockmesh"))
+            .args(["serve", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .env("BLOCKMESH_POOL_NAME", bad)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("a pool name is"), "pool name {bad:?}: {err}");
+    }
+    let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(!files.iter().any(|f| f.to_string_lossy().ends_with(".bm") && f != "tank-1.bm"), "{files:?}");
+}

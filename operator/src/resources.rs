@@ -43,7 +43,7 @@ pub const POOL_PVC_SELECTOR: &str = "app.kubernetes.io/managed-by=blockmesh-oper
 pub const API_PORT: u16 = 32607;
 /// Port of NBD in the server pods (and the Service).
 pub const NBD_PORT: u16 = 10809;
-/// The data directory inside server pods: the pool file (`pool.bm`), the NBD socket and the API key live there.
+/// The data directory inside server pods: the pool file (`<poolName>.bm`), the NBD socket and the API key live there.
 pub const DATA_DIR: &str = "/var/lib/blockmesh";
 /// Key of the admin API key in the Secret.
 pub const API_KEY_SECRET_KEY: &str = "api-key";
