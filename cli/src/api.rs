@@ -482,15 +482,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/receives/{commit}", axum::routing::delete(abort_receive))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such API route; see GET /v1/info") })
         .layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
-        // the one route without a key (added after the authentication layer): health probes carry no secret
-        .route(HEALTH_PATH, get(health))
         .layer(DefaultBodyLimit::max(MAX_API_BODY_BYTES))
         .with_state(state)
 }
 
-/// The health route, the only one answered without the API key: 200 while the pool takes changes, 503 once a failed
-/// device write or sync has put it in the failed state (a restart reopens it; reads still work meanwhile). It says
-/// nothing about the pool's contents, so probes (Kubernetes `httpGet`) need no key in the pod spec.
+/// The health endpoint's one route, served on its own listener (`serve --health-listen`), not on the control API,
+/// whose every call needs the key: 200 while the pool takes changes, 503 once a failed device write or sync has put
+/// it in the failed state (a restart reopens it; reads still work meanwhile). It says nothing about the pool's
+/// contents, so probes (Kubernetes `httpGet`) need no key in the pod spec.
 pub const HEALTH_PATH: &str = "/healthz";
 
 #[derive(Serialize)]
@@ -498,8 +497,16 @@ struct Health {
     status: &'static str,
 }
 
-async fn health(State(s): State<Arc<ApiState>>) -> Result<Json<Health>, ApiError> {
-    match s.pool.health() {
+/// The health endpoint: [`HEALTH_PATH`] and nothing else (404 elsewhere).
+pub fn health_router(pool: Arc<Pool>) -> Router {
+    Router::new()
+        .route(HEALTH_PATH, get(health))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, format!("only {HEALTH_PATH} is served here")) })
+        .with_state(pool)
+}
+
+async fn health(State(pool): State<Arc<Pool>>) -> Result<Json<Health>, ApiError> {
+    match pool.health() {
         Ok(()) => Ok(Json(Health { status: "serving" })),
         Err(e) => {
             Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("{e}; restart the daemon to reopen the pool")))

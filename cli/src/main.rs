@@ -98,6 +98,10 @@ struct ServeArgs {
     /// TCP address of the HTTP+JSON control API.
     #[arg(long, default_value = api::DEFAULT_API_LISTEN)]
     api_listen: SocketAddr,
+    /// TCP address of a health endpoint for probes (plain HTTP, `GET /healthz` only, no key: 200 while the pool takes
+    /// changes, 503 once a device error has failed it) [default: none].
+    #[arg(long, env = "BLOCKMESH_HEALTH_LISTEN")]
+    health_listen: Option<SocketAddr>,
 }
 
 pub(crate) fn default_data_dir() -> PathBuf {
@@ -231,6 +235,21 @@ async fn serve(args: ServeArgs) -> Result<()> {
         .with_context(|| format!("binding {} (is another daemon running? use --nbd-listen)", args.nbd_listen))?;
     let api_tcp = api_server::bind(args.api_listen)
         .with_context(|| format!("binding {} (is another daemon running? use --api-listen)", args.api_listen))?;
+    let health_tcp = match args.health_listen {
+        Some(addr) => Some(api_server::bind(addr).with_context(|| format!("binding {addr} (--health-listen)"))?),
+        None => None,
+    };
+    let health_at = match &health_tcp {
+        Some(l) => format!(", health at http://{}{}", l.local_addr()?, api::HEALTH_PATH),
+        None => String::new(),
+    };
+    let health_pool = pool.clone();
+    let health = async move {
+        match health_tcp {
+            Some(l) => api_server::serve(l, api::health_router(health_pool), None).await,
+            None => std::future::pending().await,
+        }
+    };
     let info = ServerInfo {
         version: env!("CARGO_PKG_VERSION").to_string(),
         nbd_listen: tcp.local_addr()?.to_string(),
@@ -244,7 +263,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         _ => None,
     };
     println!(
-        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at {}://{} \
+        "blockmesh serving pool {} over NBD at nbd://{} and nbd+unix:///?socket={}, control API at {}://{}{health_at} \
          (Ctrl-C to stop)",
         pool_path.display(),
         tcp.local_addr()?,
@@ -257,6 +276,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         r = async move { s1.serve_tcp(tcp).await } => r?,
         r = async move { s2.serve_unix(unix).await } => r?,
         r = api_server::serve(api_tcp, api_router, api_tls) => r.context("control API")?,
+        r = health => r.context("health endpoint")?,
         r = shutdown_signal() => r?,
     }
     tracing::info!("shutting down: flushing the pool");

@@ -298,6 +298,7 @@ fn a_daemon_out_of_file_descriptors_keeps_running_and_serves_again() {
         data: dir.path().to_path_buf(),
         api: format!("http://{}", after("http://")),
         nbd: after("nbd://"),
+        health: None,
     };
     let key = d.key();
     served_promptly(&d, &key);

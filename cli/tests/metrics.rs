@@ -1,5 +1,5 @@
 //! `GET /metrics` of the real daemon: Prometheus text with the NBD requests a real client (qemu-io) made, their
-//! bytes and latency histogram, and the pool's figures; 401 without the API key; the key-less health route.
+//! bytes and latency histogram, and the pool's figures; 401 without the API key; the key-less health endpoint on its own listener.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -12,7 +12,7 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let d = Daemon::start(dir.path());
+    let d = Daemon::start_with(dir.path(), &["--pool-size", "1G", "--health-listen", "127.0.0.1:0"]);
     d.ok(&["init", "db", "--size", "64M"]);
     let uri = format!("nbd://{}/admin/db", d.nbd);
     qemu_ok(&uri, &["write -P 7 0 1M", "write -P 8 4M 64k", "flush", "read -P 7 0 1M"]);
@@ -48,19 +48,24 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     let scrub: blockmesh::api::ScrubResult = d.json(&["pool", "scrub"]);
     assert!(scrub.bad.is_empty() && scrub.blocks_checked >= 256 + 16, "{scrub:?}");
     assert!(d.ok(&["pool", "scrub"]).contains(", 0 bad"));
-    // the key is needed, as everywhere but the health route
-    match ureq::get(&url).call() {
-        Err(ureq::Error::Status(401, _)) => {}
-        other => panic!("metrics without the key: {other:?}"),
-    }
-    let health = ureq::get(&format!("{}{}", d.api, blockmesh::api::HEALTH_PATH)).call().unwrap();
-    assert_eq!(health.status(), 200);
-    let body = health.into_string().unwrap();
-    assert!(body.contains("serving") && !body.contains(&d.nbd), "the health route says no more than that: {body}");
-    for path in ["/healthz/", "/healthzz", "/v1/healthz"] {
+    // the key is needed, as everywhere on the control API (its health route too)
+    for path in ["/metrics", "/healthz"] {
         match ureq::get(&format!("{}{path}", d.api)).call() {
             Err(ureq::Error::Status(401, _)) => {}
             other => panic!("{path} without the key: {other:?}"),
+        }
+    }
+    // the health endpoint, on its own listener, needs none and serves nothing else
+    let health_url = d.health.clone().expect("--health-listen prints the health endpoint");
+    let health = ureq::get(&health_url).call().unwrap();
+    assert_eq!(health.status(), 200);
+    let body = health.into_string().unwrap();
+    assert!(body.contains("serving") && !body.contains(&d.nbd), "the health route says no more than that: {body}");
+    let base = health_url.trim_end_matches(blockmesh::api::HEALTH_PATH);
+    for path in ["/metrics", "/v1/info", "/v1/dots", "/healthz/x"] {
+        match ureq::get(&format!("{base}{path}")).set("Authorization", &format!("Bearer {}", d.key())).call() {
+            Err(ureq::Error::Status(404, _)) => {}
+            other => panic!("{path} on the health endpoint: {other:?}"),
         }
     }
 }

@@ -43,6 +43,8 @@ pub const POOL_PVC_SELECTOR: &str = "app.kubernetes.io/managed-by=blockmesh-oper
 pub const API_PORT: u16 = 32607;
 /// Port of NBD in the server pods (and the Service).
 pub const NBD_PORT: u16 = 10809;
+/// Port of the server's health endpoint (`serve --health-listen`): probes only, not in the Service.
+pub const HEALTH_PORT: u16 = 32608;
 /// The data directory inside server pods: the pool file (`<poolName>.bm`), the NBD socket and the API key live there.
 pub const DATA_DIR: &str = "/var/lib/blockmesh";
 /// Key of the admin API key in the Secret.
@@ -55,8 +57,8 @@ pub const PVC_HEADROOM_PERCENT: u64 = 5;
 pub const PVC_MIN_HEADROOM_BYTES: u64 = 64 << 20;
 /// Seconds a server pod has to flush its pool when stopped.
 pub const TERMINATION_GRACE_SECONDS: i64 = 60;
-/// The daemon's health route, the one API route answered without the key (`blockmesh::api::HEALTH_PATH`; the
-/// operator talks to daemons over their API and imports none of their code).
+/// The daemon's health route on its health endpoint (`blockmesh::api::HEALTH_PATH`; the operator talks to daemons
+/// over their API and imports none of their code).
 pub const HEALTH_PATH: &str = "/healthz";
 /// Startup probe: period and failures allowed (10 minutes to open and recover a large pool).
 pub const STARTUP_PROBE_PERIOD_SECONDS: i32 = 5;
@@ -202,7 +204,7 @@ fn server_pod_unhashed(settings: &Settings, config: &ClusterConfig, server: &Ser
         ),
     };
     let tcp = |port: &str| json!({ "port": port });
-    let health = json!({ "path": HEALTH_PATH, "port": "api", "scheme": "HTTP" });
+    let health = json!({ "path": HEALTH_PATH, "port": "health", "scheme": "HTTP" });
     json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -243,6 +245,7 @@ fn server_pod_unhashed(settings: &Settings, config: &ClusterConfig, server: &Ser
                     "--pool-size", pool_size.to_string(),
                     "--nbd-listen", format!("0.0.0.0:{NBD_PORT}"),
                     "--api-listen", format!("0.0.0.0:{API_PORT}"),
+                    "--health-listen", format!("0.0.0.0:{HEALTH_PORT}"),
                 ],
                 "env": [
                     { "name": "BLOCKMESH_DATA_DIR", "value": DATA_DIR },
@@ -255,10 +258,12 @@ fn server_pod_unhashed(settings: &Settings, config: &ClusterConfig, server: &Ser
                 "ports": [
                     { "name": "api", "containerPort": API_PORT, "protocol": "TCP" },
                     { "name": "nbd", "containerPort": NBD_PORT, "protocol": "TCP" },
+                    { "name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP" },
                 ],
-                // The daemon binds its ports only once the pool is open and recovered. Its health route needs no
-                // key and fails (503) once a device error has failed the pool, which a restart reopens: so the
-                // kubelet restarts a server whose pool failed, not only one that stopped listening.
+                // The daemon binds its ports only once the pool is open and recovered. Its health endpoint (its own
+                // port: every control API call needs the key) fails (503) once a device error has failed the pool,
+                // which a restart reopens: so the kubelet restarts a server whose pool failed, not only one that
+                // stopped listening.
                 "startupProbe": { "httpGet": health, "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
                     "failureThreshold": STARTUP_PROBE_FAILURES, "timeoutSeconds": PROBE_TIMEOUT_SECONDS },
                 "livenessProbe": { "httpGet": health, "periodSeconds": LIVENESS_PROBE_PERIOD_SECONDS,

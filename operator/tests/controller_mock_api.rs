@@ -98,12 +98,22 @@ async fn fresh_cluster_local_mode_exact_calls_then_a_pass_that_changes_nothing()
     assert_eq!(spec.pointer("/containers/0/volumeMounts/1/subPath"), Some(&Value::from("api-key")));
     assert_eq!(spec.pointer("/containers/0/readinessProbe/tcpSocket/port"), Some(&Value::from("nbd")));
     assert_eq!(spec.pointer("/containers/0/livenessProbe/httpGet/path"), Some(&Value::from("/healthz")));
-    assert_eq!(spec.pointer("/containers/0/startupProbe/httpGet/port"), Some(&Value::from("api")));
+    assert_eq!(spec.pointer("/containers/0/startupProbe/httpGet/port"), Some(&Value::from("health")));
     let args: Vec<&str> =
         spec["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     assert_eq!(
         args,
-        ["serve", "--pool-size", "10737418240", "--nbd-listen", "0.0.0.0:10809", "--api-listen", "0.0.0.0:32607"]
+        [
+            "serve",
+            "--pool-size",
+            "10737418240",
+            "--nbd-listen",
+            "0.0.0.0:10809",
+            "--api-listen",
+            "0.0.0.0:32607",
+            "--health-listen",
+            "0.0.0.0:32608"
+        ]
     );
     assert_eq!(event_reasons(&bodies), vec![("Normal".into(), "NodeWithoutServer".into()); 2]);
     let status: Value = bodies.iter().find(|(c, _)| c.starts_with("PATCH")).map(|(_, b)| b.clone()).unwrap();

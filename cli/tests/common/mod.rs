@@ -27,6 +27,8 @@ pub struct Daemon {
     pub data: PathBuf,
     pub api: String,
     pub nbd: String,
+    /// The health endpoint's URL, when started with `--health-listen`.
+    pub health: Option<String>,
 }
 
 impl Daemon {
@@ -58,8 +60,10 @@ impl Daemon {
         std::thread::spawn(move || for _ in lines {});
         let after = |marker: &str| line.split(marker).nth(1).unwrap().split([' ', ',']).next().unwrap().to_string();
         // "control API at http://ADDR" (https:// when the daemon has a certificate)
-        let api = line.split("control API at ").nth(1).unwrap().split(' ').next().unwrap().to_string();
-        Daemon { child, data: data.to_path_buf(), api, nbd: after("nbd://") }
+        let api = line.split("control API at ").nth(1).unwrap().split([' ', ',']).next().unwrap().to_string();
+        // "health at http://ADDR/healthz" with --health-listen
+        let health = line.split("health at ").nth(1).map(|h| h.split(' ').next().unwrap().to_string());
+        Daemon { child, data: data.to_path_buf(), api, nbd: after("nbd://"), health }
     }
 
     /// A client subcommand aimed at this daemon, not started yet (standard input: nothing).
