@@ -14,3 +14,4 @@ pub mod nbd_export;
 pub mod qos;
 pub mod remotes;
 pub mod size;
+pub mod syslog;

@@ -102,6 +102,11 @@ struct ServeArgs {
     /// changes, 503 once a device error has failed it) [default: none].
     #[arg(long, env = "BLOCKMESH_HEALTH_LISTEN")]
     health_listen: Option<SocketAddr>,
+    /// A syslog server (UDP; `HOST`, `HOST:PORT`, `IP`, `IP:PORT`, port 514 by default) that gets the daemon's logs
+    /// too, one RFC 5424 datagram per event (the operator's `logAddress`; empty: none) [default: standard error
+    /// only].
+    #[arg(long, env = "BLOCKMESH_LOG_ADDRESS")]
+    log_address: Option<String>,
 }
 
 pub(crate) fn default_data_dir() -> PathBuf {
@@ -286,13 +291,30 @@ async fn serve(args: ServeArgs) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "blockmesh=info,warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let filter =
+        || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "blockmesh=info,warn".into());
+    // the daemon's logs also go to a syslog server when given one (the operator's logAddress; empty: none)
+    let log_address = match &cli.command {
+        Command::Serve(ServeArgs { log_address: Some(a), .. }) if !a.trim().is_empty() => {
+            Some(blockmesh::syslog::parse_address(a).map_err(|e| anyhow::anyhow!("--log-address: {e}"))?)
+        }
+        _ => None,
+    };
+    match log_address {
+        Some(addr) => {
+            use tracing_subscriber::fmt::writer::MakeWriterExt;
+            let syslog = blockmesh::syslog::Syslog::connect(addr)
+                .with_context(|| format!("opening a UDP socket to the log address {addr}"))?;
+            // no colour codes: they would reach the syslog server as text
+            tracing_subscriber::fmt()
+                .with_env_filter(filter())
+                .with_ansi(false)
+                .with_writer(std::io::stderr.and(syslog))
+                .init();
+        }
+        None => tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init(),
+    }
     match cli.command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args)),
         Command::Client(c) => {

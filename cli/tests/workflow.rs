@@ -308,3 +308,42 @@ fn the_pool_name_names_the_pool_file() {
     let files: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(!files.iter().any(|f| f.to_string_lossy().ends_with(".bm") && f != "tank-1.bm"), "{files:?}");
 }
+
+/// `serve --log-address` (or `BLOCKMESH_LOG_ADDRESS`, the operator's `logAddress`) sends the daemon's logs to a
+/// syslog server over UDP as well, one RFC 5424 datagram per event, without colour codes; empty means none.
+#[test]
+fn the_log_address_gets_the_daemons_logs() {
+    let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    receiver.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let addr = receiver.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(dir.path(), &["--pool-size", "1G", "--log-address", &addr]);
+    let mut buf = [0u8; 4096];
+    let n = receiver.recv(&mut buf).expect("a log datagram");
+    let got = String::from_utf8_lossy(&buf[..n]).into_owned();
+    // facility daemon (3) * 8 + informational (6); then version 1, a UTC time, the host, the app, the pid
+    assert!(got.starts_with("<30>1 ") && got.contains(" blockmesh ") && got.contains("creating a new pool"), "{got}");
+    assert!(!got.contains('\u{1b}'), "no colour codes: {got:?}");
+    drop(d);
+    // an empty address (the operator's default) is none
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blockmesh"))
+        .args(["serve", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .args(["--log-address", "no.such.host.invalid"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--log-address"));
+    let mut empty = std::process::Command::new(env!("CARGO_BIN_EXE_blockmesh"))
+        .args(["serve", "--nbd-listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("BLOCKMESH_LOG_ADDRESS", "")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(empty.stdout.take().unwrap()));
+    let serving = lines.any(|l| l.is_ok_and(|l| l.starts_with("blockmesh serving")));
+    let _ = empty.kill();
+    let _ = empty.wait();
+    assert!(serving, "an empty log address starts the daemon");
+}
