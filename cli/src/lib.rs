@@ -15,3 +15,4 @@ pub mod qos;
 pub mod remotes;
 pub mod size;
 pub mod syslog;
+pub mod utc;
