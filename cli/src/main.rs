@@ -294,6 +294,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter =
         || tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "blockmesh=info,warn".into());
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
     // the daemon's logs also go to a syslog server when given one (the operator's logAddress; empty: none)
     let log_address = match &cli.command {
         Command::Serve(ServeArgs { log_address: Some(a), .. }) if !a.trim().is_empty() => {
@@ -301,20 +302,17 @@ fn main() -> Result<()> {
         }
         _ => None,
     };
-    match log_address {
+    let writer = match log_address {
         Some(addr) => {
             use tracing_subscriber::fmt::writer::MakeWriterExt;
             let syslog = blockmesh::syslog::Syslog::connect(addr)
                 .with_context(|| format!("opening a UDP socket to the log address {addr}"))?;
-            // no colour codes: they would reach the syslog server as text
-            tracing_subscriber::fmt()
-                .with_env_filter(filter())
-                .with_ansi(false)
-                .with_writer(std::io::stderr.and(syslog))
-                .init();
+            BoxMakeWriter::new(std::io::stderr.and(syslog))
         }
-        None => tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr).init(),
-    }
+        None => BoxMakeWriter::new(std::io::stderr),
+    };
+    // no colour codes when logging to syslog: they would reach the server as text
+    tracing_subscriber::fmt().with_env_filter(filter()).with_ansi(log_address.is_none()).with_writer(writer).init();
     match cli.command {
         Command::Serve(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve(args)),
         Command::Client(c) => {

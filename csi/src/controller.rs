@@ -777,11 +777,8 @@ impl pb::controller_server::Controller for ControllerService {
         self.daemon
             .run(move |d| {
                 let dot = id.dot_name();
-                let missing = || Error::NotFound(format!("volume {id} does not exist"));
-                if d.dot(&dot)?.is_none() {
-                    return Err(missing());
-                }
-                let current = d.qos(&dot, &id.subdot)?.ok_or_else(missing)?;
+                let current =
+                    d.qos(&dot, &id.subdot)?.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
                 let limits = pvc::modify_qos(&current, &r.mutable_parameters)?;
                 d.set_qos(&dot, &id.subdot, &limits)
             })

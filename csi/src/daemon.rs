@@ -191,11 +191,16 @@ impl DaemonClient {
     }
 
     /// A subdot's quality-of-service limits (the daemon's `GET .../qos`; empty: none), `None` when the dot does not
-    /// have the subdot.
+    /// exist or does not have the subdot.
     pub fn qos(&self, dot: &str, subdot: &str) -> Result<Option<serde_json::Map<String, serde_json::Value>>> {
-        let mut all: BTreeMap<String, serde_json::Map<String, serde_json::Value>> =
-            self.get(&format!("{}/qos", Self::dot_path(dot)))?;
-        Ok(all.remove(subdot))
+        match self.get::<BTreeMap<String, serde_json::Map<String, serde_json::Value>>>(&format!(
+            "{}/qos",
+            Self::dot_path(dot)
+        )) {
+            Ok(mut all) => Ok(all.remove(subdot)),
+            Err(Error::Daemon { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Replaces a subdot's quality-of-service limits (the daemon's `PUT .../qos`; an empty map removes them).

@@ -1153,11 +1153,11 @@ impl State {
     ) -> Result<()> {
         self.log.admitted = purpose;
         let enough = |st: &State| room(st) >= blocks;
-        // each moving pass frees what is missing and a little ahead, no more: cleaning late keeps victims empty
-        let want = blocks.saturating_sub(room(self)) + crate::cleaner::CLEAN_AHEAD_BLOCKS;
         if enough(self) {
             return Ok(());
         }
+        // each moving pass frees what is missing and a little ahead, no more: cleaning late keeps victims empty
+        let want = blocks.saturating_sub(room(self)) + crate::cleaner::CLEAN_AHEAD_BLOCKS;
         // Moving passes first: they cost their copies and a sync, where a checkpoint rewrites every dirty page [I13].
         self.move_until(dev, gate, 1.0, want, enough)?;
         if enough(self) {
