@@ -47,6 +47,26 @@ const CHECKPOINT_RECORD_SLACK_BLOCKS: u64 = 8;
 /// Checkpoints also clean when fewer than 1/this of the segments (beyond the reserve) are free.
 pub const CLEAN_START_FREE_SHARE: u64 = 8;
 
+/// What a whole-block write logs: a zero mapping when every byte is zero, else the data with its checksum. Pure, so
+/// writers compute it before they take the pool's lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockSum {
+    /// Every byte is zero: no data block is written.
+    Zero,
+    /// CRC-32 of the block.
+    Crc(u32),
+}
+
+impl BlockSum {
+    pub(crate) fn of(block: &[u8]) -> Self {
+        if block.iter().all(|&b| b == 0) {
+            Self::Zero
+        } else {
+            Self::Crc(crc32(block))
+        }
+    }
+}
+
 /// Options for creating or opening a pool.
 #[derive(Debug, Clone)]
 pub struct PoolOptions {
@@ -1047,11 +1067,26 @@ impl State {
 
     /// Log and apply a write of one whole block.
     pub(crate) fn write_block(&mut self, dev: &dyn Device, volume: u64, block: u64, data: &[u8]) -> Result<()> {
-        if data.iter().all(|&b| b == 0) {
-            return self.log_apply(dev, Op::Zero { volume, block, count: 1 }, None);
+        self.write_summed_block(dev, volume, block, data, BlockSum::of(data))
+    }
+
+    /// Log and apply a write of one whole block whose [`BlockSum`] the caller computed (before taking the lock).
+    pub(crate) fn write_summed_block(
+        &mut self,
+        dev: &dyn Device,
+        volume: u64,
+        block: u64,
+        data: &[u8],
+        sum: BlockSum,
+    ) -> Result<()> {
+        debug_assert_eq!(sum, BlockSum::of(data), "a block's sum is computed from its bytes");
+        match sum {
+            BlockSum::Zero => self.log_apply(dev, Op::Zero { volume, block, count: 1 }, None),
+            BlockSum::Crc(crc) => {
+                let op = Op::Write { volume, block, vbn: self.index.next_vbn, crc };
+                self.log_apply(dev, op, Some(data))
+            }
         }
-        let op = Op::Write { volume, block, vbn: self.index.next_vbn, crc: crc32(data) };
-        self.log_apply(dev, op, Some(data))
     }
 
     /// Read one whole block of a volume (under the lock; used for read-modify-write).

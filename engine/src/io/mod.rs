@@ -38,6 +38,19 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()>;
     /// Return once every write completed before the call is on stable storage.
     fn sync(&self) -> Result<()>;
+    /// Start writing `[offset, offset + len)` back to stable storage without waiting for it. A hint for devices that
+    /// cache writes (a file through the page cache): the log gives it for every batch it wrote, so dirty data never
+    /// piles up for the next sync, and a checkpoint's or flush's sync (which writers wait behind) has little left to
+    /// do. No durability promise: only [`Device::sync`] makes writes durable. The default does nothing.
+    fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Ok(())
+    }
+    /// Whether [`Device::start_writeback`] does something: the log's io_uring writer then submits the same hint
+    /// (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`) on [`Device::raw_fd`] after each of its writes.
+    fn caches_writes(&self) -> bool {
+        false
+    }
     /// The open file behind the device, for the log's io_uring writer, which submits several writes at once. Only
     /// devices whose `write_at` is a plain positioned write of the same bytes may return one (the writer's buffers
     /// are aligned for O_DIRECT). `None`: writes go through `write_at`.

@@ -144,6 +144,14 @@ impl Device for UringDevice {
         Some(self.file.as_raw_fd())
     }
 
+    fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
+        super::file::start_writeback(&self.file, offset, len)
+    }
+
+    fn caches_writes(&self) -> bool {
+        true
+    }
+
     fn sync(&self) -> Result<()> {
         let fd = types::Fd(self.file.as_raw_fd());
         let entry = opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build();
@@ -161,5 +169,7 @@ mod tests {
         let path = dir.path().join("dev");
         let dev = UringDevice::create(&path, 4 << 20).expect("io_uring must be available on the CI kernel");
         super::super::tests::device_contract(&dev);
+        assert!(dev.caches_writes());
+        dev.start_writeback(0, 4 << 20).expect("a writeback hint");
     }
 }
