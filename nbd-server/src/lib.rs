@@ -28,7 +28,10 @@ pub use export::{
 };
 pub use handshake::{BASE_ALLOCATION_ID, MAX_META_QUERIES, MAX_OPTIONS_PER_HANDSHAKE, MAX_OPTION_BYTES};
 pub use qos::{Direction, FairQueue, Limits, Qos, DEFAULT_FAIR_SLOTS};
-pub use server::{Server, ServerConfig, Stream, ACCEPT_ERROR_BACKOFF, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS};
+pub use server::{
+    Server, ServerConfig, Stream, ACCEPT_ERROR_BACKOFF, DEFAULT_HANDSHAKE_TIMEOUT, MAX_CONNECTIONS,
+    UNIX_SEND_BUFFER_BYTES,
+};
 pub use tls::TlsMode;
 pub use transmission::{
     HOLE_CHUNK_MIN_BYTES, MAX_BLOCK_STATUS_DESCRIPTORS, MAX_INFLIGHT_BUFFER_BYTES, MAX_INFLIGHT_REQUESTS,
