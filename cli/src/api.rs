@@ -114,6 +114,12 @@ pub struct PoolStatus {
     /// Bytes that cleaning (`pool gc`) would give back: dead blocks in segments in use.
     #[serde(default)]
     pub reclaimable_bytes: u64,
+    /// Free segments the pool keeps, when it can, by cleaning at checkpoints and in the background.
+    #[serde(default)]
+    pub clean_target_free_segments: u64,
+    /// Steps the background cleaner took since the daemon opened the pool.
+    #[serde(default)]
+    pub background_clean_steps: u64,
     pub dots: u64,
     pub volumes: u64,
     pub snapshots: u64,
@@ -701,6 +707,8 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             used_bytes: st.live_blocks * blockmesh_engine::BLOCK_SIZE,
             free_bytes: st.free_bytes,
             reclaimable_bytes: st.reclaimable_bytes,
+            clean_target_free_segments: st.clean_target_free_segments,
+            background_clean_steps: st.background_clean_steps,
             dots: st.dots,
             volumes: st.volumes,
             snapshots: st.snapshots,

@@ -1310,6 +1310,10 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                     format_size(p.space.commits_only_bytes)
                 );
                 println!("reclaimable by `blockmesh pool gc`: {}", format_size(p.reclaimable_bytes));
+                println!(
+                    "cleaner:   keeps {} segments free when it can; {} background steps",
+                    p.clean_target_free_segments, p.background_clean_steps
+                );
                 println!("dots:      {}", p.dots);
                 println!("volumes:   {} (and {} commit snapshots)", p.volumes, p.snapshots);
                 for r in &p.pending_receives {

@@ -13,7 +13,7 @@
 //!   `blockmesh_volume_throttled_seconds_total` and `blockmesh_volume_throttled_requests_total` (time requests waited
 //!   for the volume's limits, and how many waited);
 //! - `blockmesh_pool_*`: the pool's size, used bytes, segments, dots, volumes, commit snapshots, blocks written since
-//!   start, index memory; read when scraped;
+//!   start, index memory, background cleaner steps; read when scraped;
 //! - space (as `blockmesh list` and `pool status` show it): `blockmesh_pool_logical_bytes`,
 //!   `blockmesh_pool_written_bytes`, `blockmesh_pool_commits_only_bytes`, and per dot `blockmesh_dot_logical_bytes`,
 //!   `blockmesh_dot_written_bytes`, `blockmesh_dot_commits_only_bytes` (label `dot`); these need a walk of every tree,
@@ -132,6 +132,7 @@ struct PoolGauges {
     snapshots: Gauge,
     blocks_written: Gauge,
     index_memory_bytes: Gauge,
+    background_clean_steps: Gauge,
 }
 
 /// The NBD operations counted (the `op` label).
@@ -217,7 +218,7 @@ impl Metrics {
         );
         registry.register("blockmesh_nbd_connections", "Open NBD exports (one per connection)", connections.clone());
         let pool = PoolGauges::default();
-        let gauges: [(&str, &str, &Gauge); 9] = [
+        let gauges: [(&str, &str, &Gauge); 10] = [
             ("blockmesh_pool_size_bytes", "Size of the pool", &pool.size_bytes),
             ("blockmesh_pool_used_bytes", "Bytes of blocks that volumes, commits and metadata hold", &pool.used_bytes),
             ("blockmesh_pool_segments", "Segments of the pool", &pool.segments),
@@ -231,6 +232,11 @@ impl Metrics {
                 &pool.blocks_written,
             ),
             ("blockmesh_pool_index_memory_bytes", "Memory the index uses", &pool.index_memory_bytes),
+            (
+                "blockmesh_pool_background_clean_steps",
+                "Steps the background cleaner took since the pool was opened",
+                &pool.background_clean_steps,
+            ),
         ];
         for (name, help, g) in gauges {
             registry.register(name, help, g.clone());
@@ -416,6 +422,7 @@ impl Metrics {
         set(&p.snapshots, st.snapshots);
         set(&p.blocks_written, st.blocks_written);
         set(&p.index_memory_bytes, st.index_memory_bytes);
+        set(&p.background_clean_steps, st.background_clean_steps);
         self.refresh_space(pool);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

@@ -31,6 +31,8 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     let size = sample(&text, "blockmesh_pool_size_bytes");
     assert!(size > 0.9 * f64::from(1u32 << 30) && size <= f64::from(1u32 << 30), "the 1 GiB pool file: {size}");
     assert_eq!(sample(&text, "blockmesh_pool_dots"), 1.0);
+    // an almost empty pool: nothing for the background cleaner to do
+    assert_eq!(sample(&text, "blockmesh_pool_background_clean_steps"), 0.0);
     // space, as `blockmesh list` shows it
     let written = f64::from((1 << 20) + (64 << 10));
     assert_eq!(sample(&text, "blockmesh_dot_written_bytes{dot=\"admin/db\"}"), written);
@@ -43,6 +45,7 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     let g: blockmesh::api::GcResult = d.json(&["pool", "gc"]);
     let status: blockmesh::api::PoolStatus = d.json(&["pool", "status"]);
     assert!(g.free_bytes > 0 && status.free_bytes == g.free_bytes, "{g:?} {status:?}");
+    assert!(status.clean_target_free_segments > 0 && status.clean_target_free_segments < status.segments, "{status:?}");
     assert!(d.ok(&["pool", "status"]).contains("reclaimable"));
     qemu_ok(&uri, &["read -P 10 0 1M", "read -P 8 4M 64k"]);
     let scrub: blockmesh::api::ScrubResult = d.json(&["pool", "scrub"]);

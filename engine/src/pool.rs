@@ -79,6 +79,10 @@ pub struct PoolOptions {
     pub pool_id: Option<u64>,
     /// Background threads writing the log (0: writes happen in the calling thread, in a deterministic order).
     pub log_writer_threads: usize,
+    /// A background thread cleans segments between client writes, within a bounded share of the time
+    /// ([`crate::cleaner::background`]). Off: cleaning happens only when writes need room and at checkpoints, so
+    /// I/O follows the calls alone (deterministic test harnesses turn it off).
+    pub background_cleaning: bool,
 }
 
 impl Default for PoolOptions {
@@ -88,6 +92,7 @@ impl Default for PoolOptions {
             checkpoint_interval_bytes: DEFAULT_CHECKPOINT_INTERVAL_BYTES,
             pool_id: None,
             log_writer_threads: DEFAULT_LOG_WRITER_THREADS,
+            background_cleaning: true,
         }
     }
 }
@@ -140,6 +145,12 @@ pub struct PoolStats {
     pub moving_passes: u64,
     /// Blocks the cleaner copied since the pool was opened.
     pub cleaned_blocks: u64,
+    /// Steps the background cleaner took since the pool was opened (moving passes and checkpoints; also counted
+    /// above).
+    pub background_clean_steps: u64,
+    /// Free segments the pool keeps by cleaning at checkpoints and in the background, when it can (the checkpoint
+    /// reserve and 1/[`CLEAN_START_FREE_SHARE`] of the segments).
+    pub clean_target_free_segments: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +215,10 @@ pub(crate) struct State {
 /// Work done since the pool was opened, for statistics.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
+    /// Ops logged (client writes, zeroes, trims, metadata changes): the background cleaner tells busy from idle.
+    pub(crate) ops: u64,
+    /// Steps the background cleaner took (moving passes and checkpoints).
+    pub(crate) background_steps: u64,
     pub(crate) checkpoints: u64,
     pub(crate) clean_passes: u64,
     pub(crate) moving_passes: u64,
@@ -227,6 +242,8 @@ pub(crate) struct Inner {
 #[derive(Debug)]
 pub struct Pool {
     pub(crate) inner: Arc<Inner>,
+    /// The background cleaner, when the options ask for one; stops when the pool is dropped.
+    _cleaner: Option<crate::cleaner::background::Background>,
 }
 
 /// Names of volumes and snapshots the dot layer owns start with this (user names cannot).
@@ -300,7 +317,14 @@ impl Pool {
         let mut state = State::new(dev.clone(), sb, segs, Index::new(BlockTable::default(), 1), cursor, &opts);
         let reuse_gate = RwLock::new(());
         state.checkpoint(&*dev, &reuse_gate)?;
-        Ok(Pool { inner: Arc::new(Inner { dev, state: Mutex::new(state), reuse_gate }) })
+        Ok(Pool::start(Inner { dev, state: Mutex::new(state), reuse_gate }, &opts))
+    }
+
+    fn start(inner: Inner, opts: &PoolOptions) -> Pool {
+        let inner = Arc::new(inner);
+        let cleaner =
+            if opts.background_cleaning { crate::cleaner::background::Background::start(&inner) } else { None };
+        Pool { inner, _cleaner: cleaner }
     }
 
     /// Create a pool in a new sparse file of `size_bytes`.
@@ -458,7 +482,7 @@ impl Pool {
         } else {
             state.checkpoint(&*dev, &reuse_gate)?;
         }
-        Ok(Pool { inner: Arc::new(Inner { dev, state: Mutex::new(state), reuse_gate }) })
+        Ok(Pool::start(Inner { dev, state: Mutex::new(state), reuse_gate }, &opts))
     }
 
     /// Create a volume.
@@ -727,6 +751,8 @@ impl Pool {
             clean_passes: st.counters.clean_passes,
             moving_passes: st.counters.moving_passes,
             cleaned_blocks: st.counters.cleaned_blocks,
+            background_clean_steps: st.counters.background_steps,
+            clean_target_free_segments: st.clean_start_free_segments,
         }
     }
 }
@@ -1047,6 +1073,7 @@ impl State {
 
     /// Log an op (with its data block) and apply it.
     pub(crate) fn log_apply(&mut self, dev: &dyn Device, op: Op, data: Option<&[u8]>) -> Result<()> {
+        self.counters.ops += 1;
         let pba = match self.log.append_op(&mut self.segs, &op, data) {
             Ok(p) => p,
             Err(e) => return Err(self.fail(e)),

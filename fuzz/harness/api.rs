@@ -30,6 +30,7 @@ fn opts() -> PoolOptions {
         checkpoint_interval_bytes: 512 << 10,
         pool_id: Some(21),
         log_writer_threads: 0,
+        background_cleaning: false,
     }
 }
 

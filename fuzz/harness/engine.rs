@@ -32,6 +32,7 @@ pub fn opts(pool_id: u64) -> PoolOptions {
         checkpoint_interval_bytes: 512 << 10,
         pool_id: Some(pool_id),
         log_writer_threads: 0,
+        background_cleaning: false,
     }
 }
 

@@ -15,6 +15,8 @@
 //!   amplification (device blocks / client blocks) and IOPS of the measured phase.
 //!   `--anchor`: the same pool and volume, empty, written at random for half a volume-size (no cleaning needed), as
 //!   the anchor for IOPS. `--existing FILE`: over a written file of the pool's size (no file-system allocation).
+//!   `--idle-ms N`: after the warm-up, N ms without writes, then a burst of 1/16 volume-size is the measured phase;
+//!   `--background 0`: without the background cleaner.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -509,7 +511,11 @@ fn cleaning(args: &[String]) -> Result<()> {
     if dev.size_bytes() < pool_bytes {
         bail!("the device has {} bytes, the pool needs {pool_bytes}", dev.size_bytes());
     }
-    let pool = Pool::create(dev, PoolOptions::default())?;
+    // `--idle-ms N`: after the warm-up, no writes for N ms, then a burst of 1/16 volume-size measured instead
+    // (`--background 0` turns the background cleaner off)
+    let idle_ms = arg(args, "--idle-ms").map(|v| v.parse::<u64>()).transpose()?;
+    let background = num(args, "--background", 1)? != 0;
+    let pool = Pool::create(dev, PoolOptions { background_cleaning: background, ..PoolOptions::default() })?;
     let vol = pool.create_volume("v", vol_bytes)?;
     let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 251) as u8 | 1).collect();
     if !anchor {
@@ -558,19 +564,35 @@ fn cleaning(args: &[String]) -> Result<()> {
         blocks / 2
     } else {
         phase(blocks)?; // warm-up: every block overwritten about once, the cleaner in its steady state
-        blocks * passes
+        match idle_ms {
+            Some(ms) => {
+                let before = pool.stats();
+                std::thread::sleep(Duration::from_millis(ms));
+                let after = pool.stats();
+                eprintln!(
+                    "idle {ms} ms: free segments {} -> {} (level {}), {} background steps",
+                    before.free_segments,
+                    after.free_segments,
+                    after.clean_target_free_segments,
+                    after.background_clean_steps - before.background_clean_steps
+                );
+                blocks / 16
+            }
+            None => blocks * passes,
+        }
     };
     let (device_blocks, secs, moved) = phase(measured)?;
     let st = pool.stats();
     let data_blocks = (st.segments * st.segment_size_bytes) / 4096;
     println!(
-        "{{\"pool_mib\":{},\"target_util\":{util},\"commits\":{commits},\"volume_mib\":{},\"live_util\":{:.3},\"client_blocks\":{measured},\"device_blocks\":{device_blocks},\"wa\":{:.3},\"moved_per_client_block\":{:.3},\"iops\":{:.0},\"seconds\":{secs:.2}}}",
+        "{{\"pool_mib\":{},\"target_util\":{util},\"commits\":{commits},\"volume_mib\":{},\"live_util\":{:.3},\"client_blocks\":{measured},\"device_blocks\":{device_blocks},\"wa\":{:.3},\"moved_per_client_block\":{:.3},\"iops\":{:.0},\"seconds\":{secs:.2},\"idle_ms\":{},\"background\":{background}}}",
         pool_bytes >> 20,
         vol_bytes >> 20,
         st.live_blocks as f64 / data_blocks as f64,
         device_blocks as f64 / measured as f64,
         moved as f64 / measured as f64,
         measured as f64 / secs,
+        idle_ms.map_or("null".to_string(), |m| m.to_string()),
     );
     drop(pool);
     if arg(args, "--existing").is_none() {

@@ -17,6 +17,7 @@ pub fn small_opts(pool_id: u64) -> PoolOptions {
         checkpoint_interval_bytes: 512 << 10,
         pool_id: Some(pool_id),
         log_writer_threads: 0,
+        background_cleaning: false,
     }
 }
 

@@ -17,6 +17,8 @@
 //! A crash before the superblock lands leaves the previous checkpoint, which still points into the victims; they
 //! were not reused, and replay skips the copies (they are not batches).
 
+pub mod background;
+
 use std::collections::{HashMap, HashSet};
 
 use crate::format::record::RecordKind;
