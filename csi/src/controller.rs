@@ -602,6 +602,8 @@ impl pb::controller_server::Controller for ControllerService {
             T::ListVolumes,
             T::GetCapacity,
             T::ModifyVolume,
+            T::GetVolume,
+            T::GetSnapshot,
         ]
         .into_iter()
         .map(rpc_cap)
@@ -755,9 +757,27 @@ impl pb::controller_server::Controller for ControllerService {
 
     async fn controller_get_volume(
         &self,
-        _: Request<pb::ControllerGetVolumeRequest>,
+        request: Request<pb::ControllerGetVolumeRequest>,
     ) -> Result<Response<pb::ControllerGetVolumeResponse>, Status> {
-        Err(Error::Unimplemented("ControllerGetVolume is not offered (no GET_VOLUME capability)".into()).into())
+        let r = request.into_inner();
+        required("volume_id", &r.volume_id)?;
+        let missing = || Error::NotFound(format!("volume {:?} does not exist", r.volume_id));
+        let id = VolumeId::parse(&r.volume_id).map_err(|_| missing())?;
+        let dot = id.dot_name();
+        let subdot = id.subdot.clone();
+        let size = self
+            .daemon
+            .run(move |d| Ok(DotView::load(d, &dot)?.and_then(|v| v.live_subdot(&subdot))))
+            .await?
+            .ok_or_else(missing)?;
+        // No controller publishing (NBD exports are attached by the node plugin), no volume condition offered: the
+        // status says nothing more than that the volume exists.
+        let status =
+            pb::controller_get_volume_response::VolumeStatus { published_node_ids: Vec::new(), volume_condition: None };
+        Ok(Response::new(pb::ControllerGetVolumeResponse {
+            volume: Some(self.volume(&id, size, None)),
+            status: Some(status),
+        }))
     }
 
     /// Changes a volume's QoS limits live (a VolumeAttributesClass's parameters: the StorageClass's QoS parameter
@@ -788,9 +808,22 @@ impl pb::controller_server::Controller for ControllerService {
 
     async fn get_snapshot(
         &self,
-        _: Request<pb::GetSnapshotRequest>,
+        request: Request<pb::GetSnapshotRequest>,
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
-        Err(Error::Unimplemented("GetSnapshot is not offered (no GET_SNAPSHOT capability)".into()).into())
+        let r = request.into_inner();
+        required("snapshot_id", &r.snapshot_id)?;
+        let missing = || Error::NotFound(format!("snapshot {:?} does not exist", r.snapshot_id));
+        let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| missing())?;
+        let snapshot_id = r.snapshot_id.clone();
+        let found = self
+            .daemon
+            .run(move |d| {
+                let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(None) };
+                Ok(v.snapshots().into_iter().find(|s| s.snapshot_id == snapshot_id))
+            })
+            .await?;
+        let snapshot = found.ok_or_else(missing)?;
+        Ok(Response::new(pb::GetSnapshotResponse { snapshot: Some(snapshot) }))
     }
 }
 

@@ -150,6 +150,24 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
         token = page.next_token;
     }
     assert_eq!(seen, ["admin/db/data", "admin/db/logs", "team/web/__default__"]);
+
+    // one volume by id (GET_VOLUME): as listed; an unknown or malformed id is NOT_FOUND
+    let caps = d.controller.controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}).await.unwrap();
+    let get_volume = pb::controller_service_capability::rpc::Type::GetVolume as i32;
+    assert!(caps.into_inner().capabilities.iter().any(|c| matches!(
+        &c.r#type,
+        Some(pb::controller_service_capability::Type::Rpc(r)) if r.r#type == get_volume
+    )));
+    let get = |id: &str| pb::ControllerGetVolumeRequest { volume_id: id.into() };
+    let got = d.controller.controller_get_volume(get("admin/db/logs")).await.unwrap().into_inner();
+    let vol = got.volume.unwrap();
+    assert_eq!((vol.volume_id.as_str(), vol.capacity_bytes), ("admin/db/logs", 4 * MIB));
+    assert_eq!(vol, b, "as CreateVolume returned it");
+    assert!(got.status.unwrap().published_node_ids.is_empty(), "no controller publishing");
+    assert_eq!(code(d.controller.controller_get_volume(get("admin/db/nope")).await), Code::NotFound);
+    assert_eq!(code(d.controller.controller_get_volume(get("admin/nodot/data")).await), Code::NotFound);
+    assert_eq!(code(d.controller.controller_get_volume(get("not an id")).await), Code::NotFound);
+    assert_eq!(code(d.controller.controller_get_volume(get("")).await), Code::InvalidArgument);
     let bad = d.controller.list_volumes(pb::ListVolumesRequest { max_entries: 1, starting_token: "zz".into() }).await;
     assert_eq!(code(bad), Code::Aborted);
 

@@ -137,6 +137,15 @@ async fn deleted_snapshots_in_a_chain_go_when_free_and_lists_page() {
         .unwrap()
         .into_inner();
     assert_eq!(one.entries.len(), 1);
+    // one snapshot by id (GET_SNAPSHOT): as listed; unknown ids are NOT_FOUND
+    let get = |id: &str| pb::GetSnapshotRequest { snapshot_id: id.into(), ..Default::default() };
+    let got = c.get_snapshot(get(&ids[1])).await.unwrap().into_inner().snapshot.unwrap();
+    assert_eq!(Some(&got), one.entries[0].snapshot.as_ref());
+    let last = if ids[1].ends_with('0') { '1' } else { '0' };
+    let unknown = format!("{}{last}", &ids[1][..ids[1].len() - 1]); // well formed, no such commit
+    assert_eq!(code(c.get_snapshot(get(&unknown)).await), Code::NotFound);
+    assert_eq!(code(c.get_snapshot(get("not a snapshot id")).await), Code::NotFound);
+    assert_eq!(code(c.get_snapshot(get("")).await), Code::InvalidArgument);
     let by_source = c
         .list_snapshots(pb::ListSnapshotsRequest { source_volume_id: v.volume_id.clone(), ..Default::default() })
         .await
