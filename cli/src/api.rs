@@ -97,6 +97,12 @@ pub struct ServerInfo {
     pub nbd_listen: String,
     /// Path of the NBD Unix socket.
     pub nbd_socket: String,
+    /// A newer version than `version`, when the daemon checks for upgrades (`--upgrades-url`) and found one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_version: Option<String>,
+    /// Where that version can be had, when the upgrades server said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest_download_url: Option<String>,
 }
 
 /// Space and counts of the pool.
@@ -381,6 +387,8 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Every served volume's limits (shared with the NBD exports).
     pub qos: Arc<QosRegistry>,
+    /// What the upgrade checks found (nothing when the daemon does not check).
+    pub upgrades: Arc<crate::upgrades::Upgrades>,
 }
 
 /// An error on its way to the client.
@@ -693,7 +701,12 @@ async fn metrics(State(s): State<Arc<ApiState>>) -> Result<Response, ApiError> {
 }
 
 async fn info(State(s): State<Arc<ApiState>>) -> ApiResult<ServerInfo> {
-    Ok(Json(s.info.clone()))
+    let mut info = s.info.clone();
+    if let Some(latest) = s.upgrades.newer_than(&info.version) {
+        info.latest_version = Some(latest.version);
+        info.latest_download_url = latest.download_url;
+    }
+    Ok(Json(info))
 }
 
 async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {

@@ -167,6 +167,11 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// This client's version and the daemon's, and a newer one when the daemon checks for upgrades and found one.
+    Version {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Commit every subdot of a dot at once.
     Commit {
         dot: String,
@@ -1016,6 +1021,24 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
             let mine = all.get(&subdot_name).copied().unwrap_or_default();
             if !api.json(&mine)? {
                 println!("{}.{subdot_name}: {}", dot.name, mine.describe());
+            }
+        }
+        ClientCommand::Version { conn } => {
+            let api = Api::new(&conn)?;
+            let info: ServerInfo = api.get("/v1/info")?;
+            #[derive(Serialize)]
+            struct Versions<'a> {
+                client: &'a str,
+                server: &'a ServerInfo,
+            }
+            let mine = env!("CARGO_PKG_VERSION");
+            if !api.json(&Versions { client: mine, server: &info })? {
+                println!("client: {mine}");
+                println!("server: {}", info.version);
+                if let Some(v) = &info.latest_version {
+                    let at = info.latest_download_url.as_deref().map(|u| format!(": {u}")).unwrap_or_default();
+                    println!("a newer version is available: {v}{at}");
+                }
             }
         }
         ClientCommand::List { conn } => {

@@ -7,6 +7,7 @@
 //! - [`qos`]: per-volume limits kept in the pool and shared by every connection to a volume.
 //! - [`remotes`]: the client's named daemons and their keys.
 //! - [`size`]: human sizes on the command line (`10G`, `512M`).
+//! - [`upgrades`]: the daemon's checks for a newer version (`--upgrades-url`).
 
 pub mod api;
 pub mod metrics;
@@ -15,4 +16,5 @@ pub mod qos;
 pub mod remotes;
 pub mod size;
 pub mod syslog;
+pub mod upgrades;
 pub mod utc;

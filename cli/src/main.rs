@@ -107,6 +107,18 @@ struct ServeArgs {
     /// only].
     #[arg(long, env = "BLOCKMESH_LOG_ADDRESS")]
     log_address: Option<String>,
+    /// Where to check for newer versions (the operator's `upgradesUrl`; http or https): the daemon asks it every
+    /// --upgrades-interval-seconds, and `blockmesh version` says when one is out. Empty: never [default: never].
+    #[arg(long, env = "BLOCKMESH_UPGRADES_URL")]
+    upgrades_url: Option<String>,
+    /// Seconds between two upgrade checks (the operator's `upgradesIntervalSeconds`).
+    #[arg(
+        long,
+        env = "BLOCKMESH_UPGRADES_INTERVAL_SECONDS",
+        default_value_t = blockmesh::upgrades::DEFAULT_UPGRADES_INTERVAL_SECONDS,
+        value_parser = clap::value_parser!(u64).range(1..=blockmesh::upgrades::MAX_UPGRADES_INTERVAL_SECONDS)
+    )]
+    upgrades_interval_seconds: u64,
 }
 
 pub(crate) fn default_data_dir() -> PathBuf {
@@ -259,8 +271,20 @@ async fn serve(args: ServeArgs) -> Result<()> {
         version: env!("CARGO_PKG_VERSION").to_string(),
         nbd_listen: tcp.local_addr()?.to_string(),
         nbd_socket: socket.display().to_string(),
+        latest_version: None,
+        latest_download_url: None,
     };
-    let api_router = api::router(Arc::new(ApiState { pool: pool.clone(), key, info, sessions, metrics, qos }));
+    let upgrades = Arc::new(blockmesh::upgrades::Upgrades::default());
+    if let Some(url) = args.upgrades_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--upgrades-url {url:?}: an http:// or https:// URL, or empty for none");
+        }
+        let every = std::time::Duration::from_secs(args.upgrades_interval_seconds);
+        blockmesh::upgrades::start(url.to_string(), every, env!("CARGO_PKG_VERSION"), upgrades.clone())
+            .context("starting the upgrade checks")?;
+    }
+    let state = ApiState { pool: pool.clone(), key, info, sessions, metrics, qos, upgrades };
+    let api_router = api::router(Arc::new(state));
     // With a certificate the control API speaks HTTPS only (API keys never cross in the clear); it authenticates
     // clients by their key, not by client certificates.
     let api_tls = match (&args.tls_cert, &args.tls_key) {

@@ -388,10 +388,17 @@ pub fn check_api_requests(data: &[u8]) {
     let state = Arc::new(ApiState {
         pool: pool.clone(),
         key: KEY.to_string(),
-        info: ServerInfo { version: "fuzz".into(), nbd_listen: "none".into(), nbd_socket: "none".into() },
+        info: ServerInfo {
+            version: "fuzz".into(),
+            nbd_listen: "none".into(),
+            nbd_socket: "none".into(),
+            latest_version: None,
+            latest_download_url: None,
+        },
         sessions: Sessions::new(),
         metrics: Arc::new(Metrics::new()),
         qos: blockmesh::qos::QosRegistry::new(),
+        upgrades: Arc::default(),
     });
     let n = 1 + u.u8() % MAX_REQUESTS;
     let reqs: Vec<Req> = (0..n).map(|_| request(&mut u, f)).collect();
