@@ -126,6 +126,10 @@ pub struct PoolStatus {
     /// Steps the background cleaner took since the daemon opened the pool.
     #[serde(default)]
     pub background_clean_steps: u64,
+    /// Why the pool takes no more changes (a device write or sync failed; a restart reopens it); absent while it
+    /// serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
     pub dots: u64,
     pub volumes: u64,
     pub snapshots: u64,
@@ -722,6 +726,7 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             reclaimable_bytes: st.reclaimable_bytes,
             clean_target_free_segments: st.clean_target_free_segments,
             background_clean_steps: st.background_clean_steps,
+            failed: pool.health().err().map(|e| e.to_string()),
             dots: st.dots,
             volumes: st.volumes,
             snapshots: st.snapshots,

@@ -443,6 +443,18 @@ fn rpc_cap(t: pb::controller_service_capability::rpc::Type) -> pb::ControllerSer
     }
 }
 
+/// A volume's condition as its server's pool makes it: abnormal once the pool has failed (it then serves reads only,
+/// until its server restarts and reopens it).
+fn pool_condition(pool: &crate::daemon::PoolStatus) -> pb::VolumeCondition {
+    match &pool.failed {
+        Some(why) => pb::VolumeCondition {
+            abnormal: true,
+            message: format!("the blockmesh pool holding it takes no writes ({why}); restarting its server reopens it"),
+        },
+        None => pb::VolumeCondition { abnormal: false, message: "its blockmesh pool is serving".into() },
+    }
+}
+
 fn required(what: &str, v: &str) -> Result<()> {
     if v.is_empty() {
         Err(Error::InvalidArgument(format!("{what} is required")))
@@ -604,6 +616,7 @@ impl pb::controller_server::Controller for ControllerService {
             T::ModifyVolume,
             T::GetVolume,
             T::GetSnapshot,
+            T::VolumeCondition,
         ]
         .into_iter()
         .map(rpc_cap)
@@ -765,15 +778,16 @@ impl pb::controller_server::Controller for ControllerService {
         let id = VolumeId::parse(&r.volume_id).map_err(|_| missing())?;
         let dot = id.dot_name();
         let subdot = id.subdot.clone();
-        let size = self
+        let (size, pool) = self
             .daemon
-            .run(move |d| Ok(DotView::load(d, &dot)?.and_then(|v| v.live_subdot(&subdot))))
-            .await?
-            .ok_or_else(missing)?;
-        // No controller publishing (NBD exports are attached by the node plugin), no volume condition offered: the
-        // status says nothing more than that the volume exists.
-        let status =
-            pb::controller_get_volume_response::VolumeStatus { published_node_ids: Vec::new(), volume_condition: None };
+            .run(move |d| Ok((DotView::load(d, &dot)?.and_then(|v| v.live_subdot(&subdot)), d.pool()?)))
+            .await?;
+        let size = size.ok_or_else(missing)?;
+        // No controller publishing (NBD exports are attached by the node plugin); the condition is the pool's.
+        let status = pb::controller_get_volume_response::VolumeStatus {
+            published_node_ids: Vec::new(),
+            volume_condition: Some(pool_condition(&pool)),
+        };
         Ok(Response::new(pb::ControllerGetVolumeResponse {
             volume: Some(self.volume(&id, size, None)),
             status: Some(status),
@@ -946,6 +960,18 @@ impl pb::group_controller_server::GroupController for ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_pool_makes_its_volumes_abnormal() {
+        let pool = |failed: Option<&str>| crate::daemon::PoolStatus {
+            pool_size_bytes: 1 << 30,
+            free_bytes: 1 << 29,
+            failed: failed.map(str::to_string),
+        };
+        assert!(!pool_condition(&pool(None)).abnormal);
+        let c = pool_condition(&pool(Some("I/O error: write at 4096")));
+        assert!(c.abnormal && c.message.contains("write at 4096") && c.message.contains("restarting"), "{c:?}");
+    }
 
     #[test]
     fn sizes_round_up_and_ranges_are_checked() {

@@ -55,11 +55,14 @@ pub struct Commit {
 }
 
 /// The pool's space, as `GET /v1/pool` gives it (the fields the driver reads).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PoolStatus {
     pub pool_size_bytes: u64,
     #[serde(default)]
     pub free_bytes: u64,
+    /// Why the pool takes no more changes; absent while it serves.
+    #[serde(default)]
+    pub failed: Option<String>,
 }
 
 /// Where the daemon serves NBD.

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::ids::VolumeId;
-use crate::node::Attacher;
+use crate::node::{Attacher, Condition};
 use crate::{Error, Result};
 
 /// How long the kernel holds I/O on a dead connection, waiting for a reconnect, before failing it.
@@ -389,6 +389,8 @@ impl Netlink {
 #[derive(Debug)]
 struct Device {
     stop: Arc<AtomicBool>,
+    /// Set by the monitor while the server is gone and it reconnects.
+    lost: Arc<AtomicBool>,
 }
 
 /// Attaches volumes to `/dev/nbdN` through the kernel's NBD driver.
@@ -421,7 +423,14 @@ impl KernelNbdAttacher {
     }
 
     /// Watches `conn` of device `index`; reconnects when the server goes away, until `stop`.
-    fn monitor(target: NbdTarget, export: String, index: u32, mut conn: Conn, stop: Arc<AtomicBool>) {
+    fn monitor(
+        target: NbdTarget,
+        export: String,
+        index: u32,
+        mut conn: Conn,
+        stop: Arc<AtomicBool>,
+        lost: Arc<AtomicBool>,
+    ) {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let me = KernelNbdAttacher::new(target);
         let wait = Timespec { tv_sec: MONITOR_INTERVAL.as_secs() as i64, tv_nsec: 0 };
@@ -436,6 +445,7 @@ impl KernelNbdAttacher {
                 continue;
             }
             tracing::warn!(device = index, export, "NBD server went away; reconnecting");
+            lost.store(true, Ordering::Relaxed);
             while !stop.load(Ordering::Relaxed) {
                 let again = me.connect(&export).and_then(|(c, _)| {
                     let fd = c.fd().as_raw_fd() as u32;
@@ -454,6 +464,7 @@ impl KernelNbdAttacher {
                 match again {
                     Ok(c) => {
                         conn = c;
+                        lost.store(false, Ordering::Relaxed);
                         tracing::info!(device = index, export, "NBD device reconnected");
                         break;
                     }
@@ -492,12 +503,14 @@ impl Attacher for KernelNbdAttacher {
             .ok_or_else(|| Error::Internal("the kernel named no NBD device for the connection".into()))?;
         let device = PathBuf::from(format!("/dev/nbd{index}"));
         let stop = Arc::new(AtomicBool::new(false));
-        let (target, flag) = (self.target.clone(), stop.clone());
+        let lost = Arc::new(AtomicBool::new(false));
+        let (target, flag, gone) = (self.target.clone(), stop.clone(), lost.clone());
         std::thread::Builder::new()
             .name(format!("nbd{index}-monitor"))
-            .spawn(move || Self::monitor(target, export, index, conn, flag))
+            .spawn(move || Self::monitor(target, export, index, conn, flag, gone))
             .map_err(|e| Error::io("starting an NBD monitor thread", e))?;
-        self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(device.clone(), Device { stop });
+        let mut devices = self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        devices.insert(device.clone(), Device { stop, lost });
         Ok(device)
     }
 
@@ -526,6 +539,25 @@ impl Attacher for KernelNbdAttacher {
             m.u32(NBD_ATTR_INDEX, index).u64(NBD_ATTR_SIZE_BYTES, info.size_bytes)
         })?;
         Ok(info.size_bytes)
+    }
+
+    fn condition(&self, device: &Path) -> Result<Condition> {
+        let index = index_of(device)?;
+        let devices = self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // the kernel keeps the pid attribute while the device is set up with a connection
+        let configured = Path::new(&format!("/sys/block/nbd{index}/pid")).exists();
+        Ok(match (devices.get(device), configured) {
+            (_, false) => Condition { abnormal: true, message: format!("{} is not connected", device.display()) },
+            (Some(d), true) if d.lost.load(Ordering::Relaxed) => Condition {
+                abnormal: true,
+                message: "the connection to the blockmesh server is lost; reconnecting".into(),
+            },
+            (Some(_), true) => Condition { abnormal: false, message: "connected, watched for reconnects".into() },
+            (None, true) => Condition {
+                abnormal: false,
+                message: "connected (attached before the node plugin restarted: not watched for reconnects)".into(),
+            },
+        })
     }
 }
 

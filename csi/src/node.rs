@@ -28,6 +28,16 @@ pub trait Attacher: Send + Sync + std::fmt::Debug {
     fn detach(&self, device: &Path) -> Result<()>;
     /// Makes the device take the volume's current size (after a controller expansion); returns it.
     fn refresh_size(&self, volume: &VolumeId, device: &Path) -> Result<u64>;
+    /// The device's condition: abnormal (with why) when it is not connected to its server, or lost the connection
+    /// and is reconnecting; normal (with what is known) otherwise.
+    fn condition(&self, device: &Path) -> Result<Condition>;
+}
+
+/// What [`Attacher::condition`] tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
 }
 
 /// File systems and mounts.
@@ -296,7 +306,8 @@ impl NodeService {
         removed.map_err(|e| Error::io(format!("removing {}", target.display()), e))
     }
 
-    fn stats(&self, volume_id: &str, path: &Path) -> Result<Vec<pb::VolumeUsage>> {
+    /// The volume's usage, and its device's condition.
+    fn stats(&self, volume_id: &str, path: &Path) -> Result<(Vec<pb::VolumeUsage>, Condition)> {
         let s =
             self.staged(volume_id)?.ok_or_else(|| Error::NotFound(format!("volume {volume_id} is not staged here")))?;
         if !path.exists() {
@@ -308,14 +319,17 @@ impl NodeService {
             used: i64::try_from(total.saturating_sub(available)).unwrap_or(i64::MAX),
             unit: u as i32,
         };
+        let condition = self.attacher.condition(&s.device)?;
         if s.block {
-            return Ok(vec![unit(pb::volume_usage::Unit::Bytes, self.mounter.device_size(&s.device)?, 0)]);
+            let usage = vec![unit(pb::volume_usage::Unit::Bytes, self.mounter.device_size(&s.device)?, 0)];
+            return Ok((usage, condition));
         }
         let st = rustix::fs::statvfs(path).map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;
-        Ok(vec![
+        let usage = vec![
             unit(pb::volume_usage::Unit::Bytes, st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize),
             unit(pb::volume_usage::Unit::Inodes, st.f_files, st.f_favail),
-        ])
+        ];
+        Ok((usage, condition))
     }
 
     fn expand(&self, volume_id: &str, path: &Path) -> Result<u64> {
@@ -403,8 +417,9 @@ impl pb::node_server::Node for NodeServer {
         let r = request.into_inner();
         required("volume_id", &r.volume_id)?;
         required("volume_path", &r.volume_path)?;
-        let usage = self.0.blocking(move |n| n.stats(&r.volume_id, Path::new(&r.volume_path))).await?;
-        Ok(Response::new(pb::NodeGetVolumeStatsResponse { usage, volume_condition: None }))
+        let (usage, c) = self.0.blocking(move |n| n.stats(&r.volume_id, Path::new(&r.volume_path))).await?;
+        let volume_condition = Some(pb::VolumeCondition { abnormal: c.abnormal, message: c.message });
+        Ok(Response::new(pb::NodeGetVolumeStatsResponse { usage, volume_condition }))
     }
 
     async fn node_expand_volume(
@@ -423,7 +438,7 @@ impl pb::node_server::Node for NodeServer {
         _: Request<pb::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<pb::NodeGetCapabilitiesResponse>, Status> {
         use pb::node_service_capability::{rpc::Type as T, Rpc, Type};
-        let capabilities = [T::StageUnstageVolume, T::GetVolumeStats, T::ExpandVolume]
+        let capabilities = [T::StageUnstageVolume, T::GetVolumeStats, T::ExpandVolume, T::VolumeCondition]
             .into_iter()
             .map(|t| pb::NodeServiceCapability { r#type: Some(Type::Rpc(Rpc { r#type: t as i32 })) })
             .collect();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use crate::ids::VolumeId;
-use crate::node::{Attacher, Mounter};
+use crate::node::{Attacher, Condition, Mounter};
 use crate::{Error, Result};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -28,6 +28,7 @@ struct FakeAttached {
     next: u32,
     attached: BTreeMap<PathBuf, String>,
     missing: BTreeSet<String>,
+    lost: BTreeSet<PathBuf>,
 }
 
 impl FakeAttacher {
@@ -42,6 +43,15 @@ impl FakeAttacher {
     /// Makes attaching `volume` fail as an unknown export.
     pub fn set_missing(&self, volume: &str) {
         lock(&self.state).missing.insert(volume.to_string());
+    }
+    /// Makes `device` lose its connection to the server (`false`: get it back).
+    pub fn set_lost(&self, device: &Path, lost: bool) {
+        let mut st = lock(&self.state);
+        if lost {
+            st.lost.insert(device.to_path_buf());
+        } else {
+            st.lost.remove(device);
+        }
     }
 }
 
@@ -68,6 +78,17 @@ impl Attacher for FakeAttacher {
 
     fn refresh_size(&self, _: &VolumeId, _: &Path) -> Result<u64> {
         Ok(FAKE_DEVICE_BYTES)
+    }
+
+    fn condition(&self, device: &Path) -> Result<Condition> {
+        let st = lock(&self.state);
+        Ok(if !st.attached.contains_key(device) {
+            Condition { abnormal: true, message: format!("{} is not attached", device.display()) }
+        } else if st.lost.contains(device) {
+            Condition { abnormal: true, message: "connection to the server lost; reconnecting".into() }
+        } else {
+            Condition { abnormal: false, message: "connected".into() }
+        })
     }
 }
 

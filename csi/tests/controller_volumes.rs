@@ -163,7 +163,10 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
     let vol = got.volume.unwrap();
     assert_eq!((vol.volume_id.as_str(), vol.capacity_bytes), ("admin/db/logs", 4 * MIB));
     assert_eq!(vol, b, "as CreateVolume returned it");
-    assert!(got.status.unwrap().published_node_ids.is_empty(), "no controller publishing");
+    let status = got.status.unwrap();
+    assert!(status.published_node_ids.is_empty(), "no controller publishing");
+    let condition = status.volume_condition.unwrap();
+    assert!(!condition.abnormal && condition.message.contains("serving"), "{condition:?}");
     assert_eq!(code(d.controller.controller_get_volume(get("admin/db/nope")).await), Code::NotFound);
     assert_eq!(code(d.controller.controller_get_volume(get("admin/nodot/data")).await), Code::NotFound);
     assert_eq!(code(d.controller.controller_get_volume(get("not an id")).await), Code::NotFound);

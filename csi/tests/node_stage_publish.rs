@@ -92,6 +92,26 @@ async fn stage_publish_unpublish_unstage_are_idempotent() {
         .unwrap()
         .into_inner();
     assert!(stats.usage.iter().any(|u| u.unit == pb::volume_usage::Unit::Bytes as i32 && u.total > 0));
+    assert!(!stats.volume_condition.unwrap().abnormal, "a connected device");
+    // the device loses its server: abnormal, with why; back: normal again (VOLUME_CONDITION)
+    let device = d.attacher.attached().into_keys().next().unwrap();
+    let stats_req = || pb::NodeGetVolumeStatsRequest {
+        volume_id: vol.into(),
+        volume_path: target.display().to_string(),
+        ..Default::default()
+    };
+    d.attacher.set_lost(&device, true);
+    let lost = n.node_get_volume_stats(stats_req()).await.unwrap().into_inner().volume_condition.unwrap();
+    assert!(lost.abnormal && lost.message.contains("reconnecting"), "{lost:?}");
+    d.attacher.set_lost(&device, false);
+    let back = n.node_get_volume_stats(stats_req()).await.unwrap().into_inner().volume_condition.unwrap();
+    assert!(!back.abnormal, "{back:?}");
+    let caps = n.node_get_capabilities(pb::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let volume_condition = pb::node_service_capability::rpc::Type::VolumeCondition as i32;
+    assert!(caps.capabilities.iter().any(|c| matches!(
+        &c.r#type,
+        Some(pb::node_service_capability::Type::Rpc(r)) if r.r#type == volume_condition
+    )));
     let missing = pb::NodeGetVolumeStatsRequest {
         volume_id: vol.into(),
         volume_path: "/nonexistent/x".into(),
