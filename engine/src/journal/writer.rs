@@ -116,6 +116,8 @@ impl Pipeline {
     pub(crate) fn submit(&mut self, pba: u64, buf: AlignedBuf, len: usize) -> Result<AlignedBuf> {
         let Some(jobs) = &self.jobs else {
             self.dev.write_at(&buf.as_slice()[..len], pba * BLOCK_SIZE)?;
+            // only a hint: its failure is not the write's
+            let _ = self.dev.start_writeback(pba * BLOCK_SIZE, len as u64);
             return Ok(buf);
         };
         let id = self.next_id;
@@ -395,6 +397,14 @@ mod tests {
         let mut back = vec![0u8; BLOCK];
         dev.read_at(&mut back, (10 + 4 * 5) * BLOCK_SIZE).expect("read");
         assert!(back.iter().all(|&b| b == 6));
+    }
+
+    #[test]
+    fn writes_in_the_caller_hint_writeback_too() {
+        let dev = Arc::new(Hinted { inner: SimDevice::new(16 << 20), hints: Mutex::new(Vec::new()) });
+        let mut p = Pipeline::new(dev.clone(), 0, 4 * BLOCK);
+        drop(p.submit(12, batch(3, 2), 2 * BLOCK).expect("submit"));
+        assert_eq!(*dev.hints.lock(), [(12 * BLOCK_SIZE, 2 * BLOCK_SIZE)]);
     }
 
     #[test]
