@@ -410,6 +410,13 @@ impl ControllerService {
         Ok(None)
     }
 
+    /// The live snapshot named `snapshot_id`, if there is one (a malformed id names none).
+    fn snapshot_by_id(d: &DaemonClient, snapshot_id: &str) -> Result<Option<pb::Snapshot>> {
+        let Ok(id) = SnapshotId::parse(snapshot_id) else { return Ok(None) };
+        let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(None) };
+        Ok(v.snapshots().into_iter().find(|s| s.snapshot_id == snapshot_id))
+    }
+
     fn all_snapshots(d: &DaemonClient) -> Result<Vec<pb::Snapshot>> {
         let mut out = Vec::new();
         let mut names: Vec<String> = d.dots()?.into_iter().map(|x| x.name).collect();
@@ -715,9 +722,7 @@ impl pb::controller_server::Controller for ControllerService {
             .daemon
             .run(move |d| {
                 if !snapshot_id.is_empty() {
-                    let Ok(id) = SnapshotId::parse(&snapshot_id) else { return Ok(Vec::new()) };
-                    let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(Vec::new()) };
-                    return Ok(v.snapshots().into_iter().filter(|s| s.snapshot_id == snapshot_id).collect());
+                    return Ok(Self::snapshot_by_id(d, &snapshot_id)?.into_iter().collect());
                 }
                 if !source.is_empty() {
                     let Ok(id) = VolumeId::parse(&source) else { return Ok(Vec::new()) };
@@ -826,17 +831,9 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let r = request.into_inner();
         required("snapshot_id", &r.snapshot_id)?;
-        let missing = || Error::NotFound(format!("snapshot {:?} does not exist", r.snapshot_id));
-        let id = SnapshotId::parse(&r.snapshot_id).map_err(|_| missing())?;
         let snapshot_id = r.snapshot_id.clone();
-        let found = self
-            .daemon
-            .run(move |d| {
-                let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(None) };
-                Ok(v.snapshots().into_iter().find(|s| s.snapshot_id == snapshot_id))
-            })
-            .await?;
-        let snapshot = found.ok_or_else(missing)?;
+        let found = self.daemon.run(move |d| Self::snapshot_by_id(d, &snapshot_id)).await?;
+        let snapshot = found.ok_or_else(|| Error::NotFound(format!("snapshot {:?} does not exist", r.snapshot_id)))?;
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: Some(snapshot) }))
     }
 }

@@ -62,17 +62,15 @@ impl State {
             return Step::Nothing;
         }
         let max_utilization = if busy { BACKGROUND_BUSY_MAX_UTILIZATION } else { AUTO_CLEAN_MAX_UTILIZATION };
-        match self.move_pass(dev, gate, max_utilization, self.segs.blocks_per_segment) {
-            Ok(s) if s.passes > 0 => {
-                self.counters.background_steps += 1;
-                return Step::Cleaned { busy };
-            }
-            Ok(_) => {}
-            Err(_) => return Step::Stop, // the pool failed; its next op reports why
-        }
-        // Nothing movable (every candidate was written since the last checkpoint, or holds table pages): a pass
-        // that ends in a checkpoint may take those.
-        match self.clean_pass(dev, gate, false, max_utilization) {
+        // A moving pass; when nothing is movable (every candidate was written since the last checkpoint, or holds
+        // table pages), a pass that ends in a checkpoint, which may take those. An error has failed the pool; its
+        // next op reports why.
+        let pass = match self.move_pass(dev, gate, max_utilization, self.segs.blocks_per_segment) {
+            Ok(s) if s.passes > 0 => Ok(s),
+            Ok(_) => self.clean_pass(dev, gate, false, max_utilization),
+            Err(e) => Err(e),
+        };
+        match pass {
             Ok(s) if s.passes > 0 => {
                 self.counters.background_steps += 1;
                 Step::Cleaned { busy }
