@@ -6,7 +6,8 @@
 //! - `recovery --path F --gib N`: writes N GiB with no checkpoint, stops without closing, times the reopen.
 //! - `idle-memory --path F --volumes N`: resident memory per idle volume of a reopened pool of N volumes.
 //! - `versioning --path F --gib N`: snapshot latency at 1 and N GiB written, diff of 1 MiB changed in N GiB, 4K
-//!   random writes right after a snapshot against before, 4K random reads at the head of 32 snapshots against none.
+//!   random writes right after a snapshot against none, 4K random reads at the head of 32 snapshots against none (each
+//!   comparison alternates its two sides in rounds and compares medians).
 //! - `streams --path F --gib N --full-gib M`: incremental send of 1 MiB changed in an N GiB dot; full send and
 //!   receive of an M GiB dot against `cp --sparse=always` of a raw file of M GiB.
 //! - `cleaning --path F --pool-mib N --util U [--commits C] [--passes P]`: a volume filling share U of the pool's
@@ -269,7 +270,7 @@ fn versioning(args: &[String]) -> Result<()> {
     if let Some(mib) = arg(args, "--checkpoint-mib") {
         opts.checkpoint_interval_bytes = mib.parse::<u64>()? << 20;
     }
-    let pool = Pool::create(device(&path, size * 2 + (2 << 30), "file")?, opts)?;
+    let pool = Pool::create(device(&path, size * 2 + (8 << 30), "file")?, opts)?;
     let vol = pool.create_volume("v", size)?;
     let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8 | 1).collect();
     let mut snap_1g = Vec::new();
@@ -317,32 +318,64 @@ fn versioning(args: &[String]) -> Result<()> {
     };
     let (diff_contig_ms, contig_bytes) = time_diff("base", "contiguous")?;
     let (diff_scatter_ms, scatter_bytes) = time_diff("contiguous", "scattered")?;
-    // 4K random writes before and right after a snapshot, on a fresh 1 GiB volume written whole
-    let w = pool.create_volume("w", 1 << 30)?;
-    for off in (0..(1u64 << 30)).step_by(1 << 20) {
-        w.write(off, &chunk)?;
+    // Both comparisons below run the two sides alternately, ROUNDS times each, and compare the medians, so drift in
+    // the machine (writeback, page cache, other load) hits both alike; one run measured the sides one after the
+    // other and drifted by up to +-30%.
+    const ROUNDS: usize = 10;
+    let round_secs = secs / ROUNDS as f64;
+    // 4K random writes with no snapshot against right after one: two fresh 1 GiB volumes written whole; `w1` never
+    // has a snapshot, `w2` takes a new one before each of its rounds, so each of its rounds starts right after it.
+    let w1 = pool.create_volume("w1", 1 << 30)?;
+    let w2 = pool.create_volume("w2", 1 << 30)?;
+    for v in [&w1, &w2] {
+        for off in (0..(1u64 << 30)).step_by(1 << 20) {
+            v.write(off, &chunk)?;
+        }
     }
-    pool.checkpoint()?;
-    let before = rand_ops(&w, 1 << 30, secs, true, 1)?;
-    // each phase starts from a clean checkpoint, so neither pays for the other's dirty metadata
-    pool.checkpoint()?;
-    pool.snapshot(&[("w", "w0")])?;
-    let after = rand_ops(&w, 1 << 30, secs, true, 2)?;
-    // 4K random reads at the head of 32 snapshots (each followed by writes) against no history
+    let (mut before_iops, mut after_iops) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        // each round starts from a clean checkpoint, so neither side pays for the other's dirty metadata
+        pool.checkpoint()?;
+        before_iops.push(rand_ops(&w1, 1 << 30, round_secs, true, 1 + round as u64)?);
+        pool.checkpoint()?;
+        if round > 0 {
+            pool.delete_snapshot(&format!("ws{}", round - 1))?;
+        }
+        pool.snapshot(&[("w2", &format!("ws{round}"))])?;
+        after_iops.push(rand_ops(&w2, 1 << 30, round_secs, true, 1 + round as u64)?);
+    }
+    let (before, after) = (median(before_iops), median(after_iops));
+    pool.delete_volume("w1")?;
+    pool.delete_volume("w2")?;
+    // 4K random reads at the head of 32 snapshots against no history. Both volumes get the same writes (written whole,
+    // then 32 rounds of 2048 random 4K overwrites from the same seed), so their data lies alike in the log; only `r`
+    // takes a snapshot before each round.
+    let plain = pool.create_volume("p", 1 << 30)?;
     let r = pool.create_volume("r", 1 << 30)?;
-    for off in (0..(1u64 << 30)).step_by(1 << 20) {
-        r.write(off, &chunk)?;
+    for v in [&plain, &r] {
+        for off in (0..(1u64 << 30)).step_by(1 << 20) {
+            v.write(off, &chunk)?;
+        }
     }
-    pool.checkpoint()?;
-    let reads_plain = rand_ops(&r, 1 << 30, secs, false, 3)?;
-    for i in 0..32 {
-        pool.snapshot(&[("r", &format!("r{i}"))])?;
-        for _ in 0..2048 {
-            r.write(rng.random_range(0..(1u64 << 30) / 4096) * 4096, &chunk[..4096])?;
+    for (history, v) in [(false, &plain), (true, &r)] {
+        let mut rng = SmallRng::seed_from_u64(11);
+        for i in 0..32 {
+            if history {
+                pool.snapshot(&[("r", &format!("r{i}"))])?;
+            }
+            for _ in 0..2048 {
+                v.write(rng.random_range(0..(1u64 << 30) / 4096) * 4096, &chunk[..4096])?;
+            }
         }
     }
     pool.checkpoint()?;
-    let reads_chain = rand_ops(&r, 1 << 30, secs, false, 3)?;
+    let (mut plain_iops, mut chain_iops) = (Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let seed = 3 + round as u64;
+        plain_iops.push(rand_ops(&plain, 1 << 30, round_secs, false, seed)?);
+        chain_iops.push(rand_ops(&r, 1 << 30, round_secs, false, seed)?);
+    }
+    let (reads_plain, reads_chain) = (median(plain_iops), median(chain_iops));
     println!(
         "{{\"gib\":{gib},\"snapshot_us_at_1gib_median\":{:.1},\"snapshot_us_at_1gib_max\":{:.1},\"snapshot_us_at_full_median\":{:.1},\"snapshot_us_at_full_max\":{:.1},\"diff_1mib_contiguous_ms\":{diff_contig_ms:.3},\"diff_contiguous_bytes\":{contig_bytes},\"diff_1mib_scattered_ms\":{diff_scatter_ms:.3},\"diff_scattered_bytes\":{scatter_bytes},\"randwrite_before_iops\":{before:.0},\"randwrite_after_snapshot_iops\":{after:.0},\"randread_no_history_iops\":{reads_plain:.0},\"randread_32_snapshots_iops\":{reads_chain:.0}}}",
         median(snap_1g.clone()),
