@@ -4,7 +4,7 @@
 //! block-table or directory page through the directory. A segment whose live count is zero becomes free only when a
 //! checkpoint completes, because until then the previous checkpoint or the replay window may still need it [I4].
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::format::{BLOCK_SIZE, SEGMENT_AREA_OFFSET};
 
@@ -24,6 +24,10 @@ pub(crate) struct Segments {
     /// `taken_at` of the segment the log was writing when the last checkpoint completed: segments taken before it
     /// hold no record of the log tail that replay reads [I13]. 0 until the first checkpoint since the open.
     checkpoint_mark: u64,
+    /// Segments that moving passes emptied, each free once a sync covers its copies (the log records below the
+    /// number kept with it) [I13]: counted as free space, never victims, but the log takes one only after that sync
+    /// ([`Segments::take_free`] leaves them to the log's own fallback), so one sync frees many.
+    moved: BTreeMap<u64, u64>,
 }
 
 impl Segments {
@@ -40,6 +44,7 @@ impl Segments {
             taken_at: vec![0; count as usize],
             taken: 0,
             checkpoint_mark: 0,
+            moved: BTreeMap::new(),
         }
     }
 
@@ -50,7 +55,7 @@ impl Segments {
     pub(crate) fn victims(&self, excluded: impl Fn(u64) -> bool, max: usize, greedy: bool, max_live: u64) -> Vec<u64> {
         let bps = self.blocks_per_segment as f64;
         let mut c: Vec<(f64, u64)> = (0..self.count)
-            .filter(|s| !self.free.contains(s) && !excluded(*s))
+            .filter(|s| !self.is_free(*s) && !excluded(*s))
             .filter(|s| {
                 let live = u64::from(self.live[*s as usize]);
                 live < self.blocks_per_segment && live <= max_live
@@ -73,7 +78,7 @@ impl Segments {
     /// Blocks in segments in use that nothing references any more: space a cleaning would give back.
     pub(crate) fn dead_blocks(&self, pinned: &[u64]) -> u64 {
         (0..self.count)
-            .filter(|s| !self.free.contains(s) && !pinned.contains(s))
+            .filter(|s| !self.is_free(*s) && !pinned.contains(s))
             .map(|s| self.blocks_per_segment.saturating_sub(u64::from(self.live[s as usize])))
             .sum()
     }
@@ -127,12 +132,14 @@ impl Segments {
         self.taken_at[seg as usize]
     }
 
+    /// Whether segment `seg` is free, or emptied by a moving pass and free after a sync (see `moved`).
     pub(crate) fn is_free(&self, seg: u64) -> bool {
-        self.free.contains(&seg)
+        self.free.contains(&seg) || self.moved.contains_key(&seg)
     }
 
+    /// Free segments, those free after a sync included (see `moved`).
     pub(crate) fn free_count(&self) -> u64 {
-        self.free.len() as u64
+        (self.free.len() + self.moved.len()) as u64
     }
 
     /// Add segments (empty, not free yet: the checkpoint that records them frees them) up to `count`.
@@ -143,7 +150,7 @@ impl Segments {
         self.count = count;
     }
 
-    /// Take the lowest free segment.
+    /// Take the lowest free segment; `None` when only segments free after a sync are left ([`Segments::free_moved`]).
     pub(crate) fn take_free(&mut self) -> Option<u64> {
         let s = self.free.pop_first()?;
         self.taken += 1;
@@ -161,22 +168,97 @@ impl Segments {
         self.taken_at[seg as usize] < self.checkpoint_mark
     }
 
-    /// Free segment `seg` now, outside a checkpoint: it holds no live block and nothing replay or the last
-    /// checkpoint reads from it [I13]. The caller holds the reuse gate exclusively.
-    pub(crate) fn free_moved(&mut self, seg: u64) {
-        assert_eq!(self.live[seg as usize], 0, "freeing segment {seg} with live blocks");
-        assert!(self.written_before_checkpoint(seg), "freeing segment {seg} of the log tail");
-        self.free.insert(seg);
+    /// Note that a moving pass emptied segment `seg`, its copies being records below `below`: it holds no live
+    /// block and nothing replay or the last checkpoint reads from it, and is free once a sync covers those records
+    /// [I13]. The caller holds the reuse gate exclusively, so no read of a block it held is still in flight [I4].
+    pub(crate) fn mark_moved(&mut self, seg: u64, below: u64) {
+        assert_eq!(self.live[seg as usize], 0, "segment {seg} emptied with live blocks");
+        assert!(self.written_before_checkpoint(seg), "segment {seg} of the log tail emptied");
+        assert!(!self.is_free(seg), "segment {seg} emptied while free");
+        self.moved.insert(seg, below);
+    }
+
+    /// Segments emptied by moving passes and free after a sync (see `moved`).
+    pub(crate) fn moved_count(&self) -> u64 {
+        self.moved.len() as u64
+    }
+
+    /// A sync after every record below this one was written lets every emptied segment be free (see `moved`).
+    pub(crate) fn moved_below(&self) -> u64 {
+        self.moved.values().copied().max().unwrap_or(0)
+    }
+
+    /// Make the segments moving passes emptied free for the log where a sync completed after every record below
+    /// `synced_below` was written, their copies included [I13]. Returns how many.
+    pub(crate) fn free_moved(&mut self, synced_below: u64) -> u64 {
+        let ready: Vec<u64> = self.moved.iter().filter(|(_, below)| **below <= synced_below).map(|(s, _)| *s).collect();
+        for &seg in &ready {
+            assert_eq!(self.live[seg as usize], 0, "freeing segment {seg} with live blocks");
+            self.moved.remove(&seg);
+            self.free.insert(seg);
+        }
+        ready.len() as u64
     }
 
     /// Segments with no live block that are not yet free: a checkpoint would free them.
     pub(crate) fn reclaimable_count(&self, pinned: &[u64]) -> u64 {
-        (0..self.count).filter(|s| self.live[*s as usize] == 0 && !self.free.contains(s) && !pinned.contains(s)).count()
+        (0..self.count).filter(|s| self.live[*s as usize] == 0 && !self.is_free(*s) && !pinned.contains(s)).count()
             as u64
     }
 
     /// Make every segment with no live block free, except the `pinned` ones [I4].
     pub(crate) fn rebuild_free(&mut self, pinned: &[u64]) {
         self.free = (0..self.count).filter(|s| self.live[*s as usize] == 0 && !pinned.contains(s)).collect();
+        // the emptied segments are free now too (none is pinned: the log never writes into one)
+        debug_assert!(self.moved.keys().all(|s| self.free.contains(s)), "an emptied segment stays in use");
+        self.moved.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four segments of 8 blocks: 0 and 1 emptied by moving passes (records below 10 and 20), 2 free, 3 in use.
+    fn segments() -> Segments {
+        let mut s = Segments::new(4, 8 * BLOCK_SIZE, vec![0, 0, 0, 3]);
+        s.taken_at = vec![0, 0, 0, 1];
+        s.checkpoint_mark = 1; // segments 0..3 were filled before the last checkpoint
+        s.free.insert(2);
+        s.mark_moved(0, 10);
+        s.mark_moved(1, 20);
+        s
+    }
+
+    #[test]
+    fn emptied_segments_count_as_free_but_are_taken_only_after_a_sync() {
+        let mut s = segments();
+        assert_eq!((s.free_count(), s.moved_count(), s.moved_below()), (3, 2, 20));
+        assert!(s.is_free(0) && s.is_free(1) && s.is_free(2) && !s.is_free(3));
+        assert!(s.victims(|_| false, 4, true, 8).iter().all(|v| *v == 3), "an emptied segment is no victim");
+        assert_eq!(s.take_free(), Some(2));
+        assert_eq!(s.take_free(), None, "the emptied ones wait for a sync");
+        // a sync that covered the records below 15 frees segment 0 only
+        assert_eq!(s.free_moved(15), 1);
+        assert_eq!((s.moved_count(), s.moved_below()), (1, 20));
+        assert_eq!(s.take_free(), Some(0));
+        assert_eq!(s.free_moved(20), 1);
+        assert_eq!(s.take_free(), Some(1));
+        assert_eq!(s.free_count(), 0);
+    }
+
+    #[test]
+    fn a_checkpoint_frees_the_emptied_segments() {
+        let mut s = segments();
+        s.rebuild_free(&[3]);
+        assert_eq!((s.free_count(), s.moved_count()), (3, 0));
+        assert_eq!(s.take_free(), Some(0));
+    }
+
+    #[test]
+    #[should_panic(expected = "emptied with live blocks")]
+    fn a_segment_with_live_blocks_is_not_emptied() {
+        let mut s = segments();
+        s.mark_moved(3, 30);
     }
 }

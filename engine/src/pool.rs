@@ -141,8 +141,14 @@ pub struct PoolStats {
     pub checkpoints: u64,
     /// Cleaning passes since the pool was opened (moving passes included).
     pub clean_passes: u64,
-    /// Of those, moving passes: blocks moved between checkpoints, made durable by a sync, not a checkpoint.
+    /// Of those, moving passes: blocks moved between checkpoints, made durable by a later sync, not a checkpoint.
     pub moving_passes: u64,
+    /// Segments moving passes emptied that wait for a sync before the log writes over them (counted in
+    /// `free_segments`) [I13].
+    pub emptied_segments: u64,
+    /// Syncs the log took itself, since the pool was opened, because only emptied segments were left to write into
+    /// (no flush, checkpoint or background sync had covered them yet).
+    pub emptied_segment_syncs: u64,
     /// Blocks the cleaner copied since the pool was opened.
     pub cleaned_blocks: u64,
     /// Steps the background cleaner took since the pool was opened (moving passes and checkpoints; also counted
@@ -750,6 +756,8 @@ impl Pool {
             checkpoints: st.counters.checkpoints,
             clean_passes: st.counters.clean_passes,
             moving_passes: st.counters.moving_passes,
+            emptied_segments: st.segs.moved_count(),
+            emptied_segment_syncs: st.log.emptied_segment_syncs,
             cleaned_blocks: st.counters.cleaned_blocks,
             background_clean_steps: st.counters.background_steps,
             clean_target_free_segments: st.clean_start_free_segments,
@@ -771,7 +779,11 @@ pub(crate) fn flush(inner: &Inner) -> Result<()> {
         let mut st = inner.state.lock();
         return Err(st.fail(e));
     }
-    inner.state.lock().log.synced(below);
+    let mut st = inner.state.lock();
+    st.log.synced(below);
+    // segments emptied by moving passes before this flush need no sync of their own now [I13]
+    let synced_below = st.log.synced_below;
+    st.segs.free_moved(synced_below);
     Ok(())
 }
 
@@ -1074,7 +1086,7 @@ impl State {
     /// Log an op (with its data block) and apply it.
     pub(crate) fn log_apply(&mut self, dev: &dyn Device, op: Op, data: Option<&[u8]>) -> Result<()> {
         self.counters.ops += 1;
-        let pba = match self.log.append_op(&mut self.segs, &op, data) {
+        let pba = match self.log.append_op(dev, &mut self.segs, &op, data) {
             Ok(p) => p,
             Err(e) => return Err(self.fail(e)),
         };

@@ -248,3 +248,84 @@ fn a_power_cut_anywhere_in_a_moving_pass_loses_nothing() {
         assert_eq!(State::of_pool(&pool), model.current, "cut at I/O {k}, then more writes, reopened");
     }
 }
+
+/// Segments that moving passes empty are written over only after a sync covers the copies [I13]; with no flush and
+/// rare checkpoints, the log takes that sync itself when only emptied segments are left. A power cut at every I/O
+/// around the first such sync and the writes into the segment after it: the pool reopens whole, holding the data
+/// written before the overwrites (the moved blocks among it) and a prefix of the later writes.
+#[test]
+fn emptied_segments_are_written_over_only_after_a_sync() {
+    use blockmesh_engine::PoolOptions;
+    use common::{Model, State};
+    const WRITES: usize = 6000;
+    let opts = PoolOptions { checkpoint_interval_bytes: 1 << 30, ..small_opts(6) };
+    let vol_bytes: u64 = 4 << 20;
+    let run = |cut: Option<u64>| -> (Arc<SimDevice>, Model, (u64, u64)) {
+        let dev = SimDevice::new(8 << 20);
+        let pool = Pool::create(dev.clone(), opts.clone()).unwrap();
+        let v = pool.create_volume("v", vol_bytes).unwrap();
+        let mut model = Model::default();
+        model.create("v", vol_bytes);
+        let data = pattern(6, vol_bytes as usize);
+        v.write(0, &data).unwrap();
+        model.write("v", 0, &data);
+        pool.checkpoint().unwrap();
+        model.flushed();
+        let mut rng = SmallRng::seed_from_u64(6);
+        let start = dev.io_count();
+        if let Some(k) = cut {
+            dev.set_fault(SimFault::PowerCutAfter(k));
+        }
+        let mut window = (0, 0);
+        for i in 0..WRITES {
+            let b = rng.random_range(0..vol_bytes / BS as u64);
+            let d = pattern(6_000 + i as u64, BS);
+            let (io_before, syncs_before) = (dev.io_count(), pool.stats().emptied_segment_syncs);
+            if v.write(b * BS as u64, &d).is_err() {
+                break;
+            }
+            model.write("v", b * BS as u64, &d);
+            if window == (0, 0) && pool.stats().emptied_segment_syncs > syncs_before {
+                // the sync, and the writes of the next few hundred blocks (into the segment after it)
+                window = (io_before - start, dev.io_count() - start + 64);
+            }
+        }
+        match cut {
+            None => {
+                let s = pool.stats();
+                assert!(
+                    s.emptied_segment_syncs > 0 && s.moving_passes > 0,
+                    "the log waits for emptied segments: {s:?}"
+                );
+                assert!(s.emptied_segment_syncs * 4 <= s.moving_passes, "one sync serves several moving passes: {s:?}");
+                v.flush().unwrap();
+                model.flushed();
+                pool.close().unwrap();
+                let pool = Pool::open(dev.clone(), opts.clone()).unwrap();
+                let report = pool.check().unwrap();
+                assert!(report.is_ok(), "{:?}", report.problems);
+                assert_eq!(State::of_pool(&pool), model.current, "after reopen");
+                (dev, model, window)
+            }
+            Some(k) => {
+                let image = dev.crash(k);
+                drop(pool);
+                (image, model, window)
+            }
+        }
+    };
+    let (_, _, (from, to)) = run(None);
+    eprintln!("first sync for emptied segments: I/O {from}..{to}");
+    for k in from.saturating_sub(4)..to {
+        let (image, mut model, _) = run(Some(k));
+        let pool =
+            Pool::open(image.clone(), opts.clone()).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
+        let report = pool.check().unwrap();
+        assert!(report.is_ok(), "cut at I/O {k}: {:?}", report.problems);
+        model.recovered(&pool);
+        pool.close().unwrap();
+        let pool = Pool::open(image, opts.clone()).unwrap();
+        let report = pool.check().unwrap();
+        assert!(report.is_ok(), "cut at I/O {k}, reopened: {:?}", report.problems);
+    }
+}

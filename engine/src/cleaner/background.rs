@@ -35,6 +35,12 @@ pub const BACKGROUND_CLEAN_IDLE_SHARE_PERCENT: u32 = 50;
 pub const BACKGROUND_CLEAN_BUSY_SHARE_PERCENT: u32 = 10;
 /// While clients are busy, the background cleaner only takes segments at most this share live.
 pub const BACKGROUND_BUSY_MAX_UTILIZATION: f64 = 0.5;
+/// Segments emptied by moving passes (free once a sync covers their copies [I13]) at which the background cleaner
+/// takes that sync itself, outside the pool lock, so that the log seldom has to take it under the lock when it
+/// runs out of other free segments.
+pub const BACKGROUND_SYNC_MOVED_SEGMENTS: u64 = 4;
+/// How soon the background cleaner looks again while emptied segments wait for a sync.
+pub const BACKGROUND_SYNC_TICK: Duration = Duration::from_millis(10);
 /// Longest pause after a step (a slow device makes long steps; the cleaner still looks again this soon).
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
@@ -129,6 +135,41 @@ fn run(pool: &Weak<Inner>, stopped: &mpsc::Receiver<()>) {
             Step::Nothing => BACKGROUND_CLEAN_TICK,
             Step::Cleaned { busy } => pause_after(spent, busy),
         };
+        if sync_moved(&inner) && step == Step::Nothing {
+            pause = BACKGROUND_SYNC_TICK;
+        }
+    }
+}
+
+/// Sync for the segments that moving passes emptied, outside the pool lock, once at least
+/// [`BACKGROUND_SYNC_MOVED_SEGMENTS`] wait for it, and free them [I13]; a failed sync fails the pool, as a failed
+/// flush does. Returns whether emptied segments still wait (fewer than that many, or moved meanwhile).
+fn sync_moved(inner: &Inner) -> bool {
+    let below = {
+        let st = inner.state.lock();
+        let waiting = st.segs.moved_count();
+        if waiting == 0 || st.check_writable().is_err() {
+            return false;
+        }
+        if waiting < BACKGROUND_SYNC_MOVED_SEGMENTS {
+            return true;
+        }
+        // every record below this was written: the moving passes drained the log and wrote their own records
+        st.segs.moved_below()
+    };
+    let synced = inner.dev.sync();
+    let mut st = inner.state.lock();
+    match synced {
+        Ok(()) => {
+            st.log.synced(below);
+            let synced_below = st.log.synced_below;
+            st.segs.free_moved(synced_below);
+            st.segs.moved_count() > 0
+        }
+        Err(e) => {
+            st.fail(e);
+            false
+        }
     }
 }
 

@@ -72,19 +72,44 @@ pub(crate) fn check_range(size_bytes: u64, op: &'static str, offset: u64, len: u
     }
 }
 
-/// Read the 4 KiB blocks at `pbas` (sorted, so neighbours coalesce) into `out`, one block after another: each run of
-/// consecutive blocks is one device read.
+/// Most unwanted blocks [`read_blocks`] reads to join two runs of wanted ones in one device read: reading 32 KiB
+/// more from the page cache costs less than another call (the cleaner's victims hold live blocks one to three in a
+/// row between dead ones; joining them cut its reads by about 10x).
+pub const MAX_READ_GAP_BLOCKS: u64 = 8;
+/// Longest span (blocks) one joined read of [`read_blocks`] covers: bounds its scratch buffer.
+pub const MAX_READ_SPAN_BLOCKS: u64 = 256;
+
+/// Read the 4 KiB blocks at `pbas` into `out`, one block after another. Blocks in ascending order that lie close
+/// together are one device read: runs of consecutive blocks, and runs at most [`MAX_READ_GAP_BLOCKS`] apart (read
+/// through a scratch buffer, within [`MAX_READ_SPAN_BLOCKS`]).
 pub(crate) fn read_blocks(dev: &dyn Device, pbas: &[u64], out: &mut [u8]) -> Result<()> {
     let block = crate::format::BLOCK;
     assert_eq!(out.len(), pbas.len() * block, "one block of buffer per pba");
+    let mut scratch = Vec::new();
     let mut i = 0;
     while i < pbas.len() {
-        let mut run = 1;
-        while i + run < pbas.len() && pbas[i + run] == pbas[i] + run as u64 {
-            run += 1;
+        let first = pbas[i];
+        let mut j = i + 1;
+        while j < pbas.len()
+            && pbas[j] > pbas[j - 1]
+            && pbas[j] - pbas[j - 1] <= MAX_READ_GAP_BLOCKS + 1
+            && pbas[j] - first < MAX_READ_SPAN_BLOCKS
+        {
+            j += 1;
         }
-        dev.read_at(&mut out[i * block..(i + run) * block], pbas[i] * crate::format::BLOCK_SIZE)?;
-        i += run;
+        let span = (pbas[j - 1] - first + 1) as usize;
+        let offset = first * crate::format::BLOCK_SIZE;
+        if span == j - i {
+            dev.read_at(&mut out[i * block..j * block], offset)?;
+        } else {
+            scratch.resize(span * block, 0);
+            dev.read_at(&mut scratch, offset)?;
+            for k in i..j {
+                let at = (pbas[k] - first) as usize * block;
+                out[k * block..(k + 1) * block].copy_from_slice(&scratch[at..at + block]);
+            }
+        }
+        i = j;
     }
     Ok(())
 }

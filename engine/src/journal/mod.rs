@@ -72,6 +72,8 @@ pub(crate) struct Log {
     pub(crate) blocks_written: u64,
     /// Every record with a lower sequence number is on stable storage (a sync covered it); carried in every header.
     pub(crate) synced_below: u64,
+    /// Syncs taken in [`Log::switch_segment`] to write over segments the cleaner emptied [I13].
+    pub(crate) emptied_segment_syncs: u64,
 }
 
 impl Log {
@@ -98,6 +100,7 @@ impl Log {
             blocks_since_checkpoint: 0,
             blocks_written: 0,
             synced_below: 0,
+            emptied_segment_syncs: 0,
         }
     }
 
@@ -115,6 +118,11 @@ impl Log {
     /// Record that a sync completed after every record below `seq` had been written.
     pub(crate) fn synced(&mut self, seq: u64) {
         self.synced_below = self.synced_below.max(seq);
+    }
+
+    /// Whether a sync completed after every record below `seq` had been written.
+    pub(crate) fn synced_through(&self, seq: u64) -> bool {
+        self.synced_below >= seq
     }
 
     /// The sequence number the next record gets.
@@ -158,13 +166,25 @@ impl Log {
     }
 
     /// Move to the reserved next segment and reserve another.
-    fn switch_segment(&mut self, segs: &mut Segments, purpose: Purpose) -> Result<()> {
+    fn switch_segment(&mut self, dev: &dyn Device, segs: &mut Segments, purpose: Purpose) -> Result<()> {
         if purpose == Purpose::Data && segs.free_count() <= self.reserve_segments {
             return Err(Error::NoSpace(format!(
                 "{} free segments left, {} reserved for checkpoints",
                 segs.free_count(),
                 self.reserve_segments
             )));
+        }
+        if segs.moved_count() > 0 && segs.free_count() == segs.moved_count() {
+            // only segments the cleaner emptied are left: a sync makes the copies of their blocks durable before
+            // the log writes over them [I13] (every record below moved_below was written: the cleaner drains the
+            // log before it copies, and writes its records in the caller)
+            let below = segs.moved_below();
+            if !self.synced_through(below) {
+                dev.sync()?;
+                self.synced(below);
+                self.emptied_segment_syncs += 1;
+            }
+            segs.free_moved(below);
         }
         let new_next = segs
             .take_free()
@@ -176,7 +196,13 @@ impl Log {
     }
 
     /// Append one op to the open batch (opening one if needed); returns the physical block given to `data`.
-    pub(crate) fn append_op(&mut self, segs: &mut Segments, op: &Op, data: Option<&[u8]>) -> Result<Option<u64>> {
+    pub(crate) fn append_op(
+        &mut self,
+        dev: &dyn Device,
+        segs: &mut Segments,
+        op: &Op,
+        data: Option<&[u8]>,
+    ) -> Result<Option<u64>> {
         let need_body = op.encoded_len();
         assert!(need_body <= BODY_CAPACITY_BYTES);
         if let Some(b) = &self.batch {
@@ -189,7 +215,7 @@ impl Log {
         }
         if self.batch.is_none() {
             if self.room_in_segment(segs) < 2 {
-                self.switch_segment(segs, self.admitted)?;
+                self.switch_segment(dev, segs, self.admitted)?;
             }
             self.batch = Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), n_data: 0 });
         }
@@ -273,7 +299,7 @@ impl Log {
             )));
         }
         if self.room_in_segment(segs) < n + 1 {
-            self.switch_segment(segs, Purpose::Checkpoint)?;
+            self.switch_segment(dev, segs, Purpose::Checkpoint)?;
         }
         let header = RecordHeader {
             kind,
@@ -292,6 +318,8 @@ impl Log {
         if !payload.is_empty() {
             dev.write_at(payload, (at + 1) * BLOCK_SIZE)?;
         }
+        // only a hint, as for batches: the next sync (a moving pass's, a checkpoint's) finds the record written
+        let _ = dev.start_writeback(at * BLOCK_SIZE, (1 + n) * BLOCK_SIZE);
         self.seq += 1;
         self.pos = at + 1 + n;
         self.blocks_written += 1 + n;
