@@ -154,77 +154,97 @@ fn a_power_cut_anywhere_in_a_cleaning_pass_loses_nothing() {
     }
 }
 
-/// Random overwrites in a pool whose checkpoints are rare, so space comes back by moving passes (blocks moved between
-/// checkpoints, made durable by a sync) [I13]; a power cut at every I/O around the first of them: the pool reopens
-/// whole, holding every flushed write and a prefix of the later ones, and goes on.
-#[test]
-fn a_power_cut_anywhere_in_a_moving_pass_loses_nothing() {
-    use blockmesh_engine::PoolOptions;
-    use common::Model;
+/// The workload of the moving-pass power-cut tests: a 4 MiB volume in an 8 MiB pool whose checkpoints are rare, so
+/// space comes back by moving passes [I13], written whole and checkpointed, then `WRITES` random 4 KiB overwrites,
+/// flushed every `flush_every` writes if given. With `cut`, the power fails at that I/O (counted from the start of
+/// the overwrites) and the crashed image comes back; without, the pool is flushed, reopened and checked against the
+/// model. Also returns the I/O window of the first write during which `event` (a count in the pool's stats) grew,
+/// widened by `after` I/Os, and the stats at the end of the overwrites.
+fn overwrites_in_a_rarely_checkpointed_pool(
+    seed: u64,
+    flush_every: Option<usize>,
+    cut: Option<u64>,
+    event: fn(&blockmesh_engine::PoolStats) -> u64,
+    after: u64,
+) -> (Arc<SimDevice>, common::Model, (u64, u64), blockmesh_engine::PoolStats) {
+    use common::{Model, State};
     const WRITES: usize = 6000;
-    let opts = PoolOptions { checkpoint_interval_bytes: 1 << 30, ..small_opts(5) };
+    let opts = rare_checkpoints(seed);
     let vol_bytes: u64 = 4 << 20;
-    // Runs the workload; with `cut`, the power fails at that I/O (counted from the start of the overwrites).
-    // Returns the device (crashed image with a cut), the model, and the I/O window of the first moving pass.
-    let run = |cut: Option<u64>| -> (Arc<SimDevice>, Model, (u64, u64)) {
-        let dev = SimDevice::new(8 << 20);
-        let pool = Pool::create(dev.clone(), opts.clone()).unwrap();
-        let v = pool.create_volume("v", vol_bytes).unwrap();
-        let mut model = Model::default();
-        model.create("v", vol_bytes);
-        let data = pattern(5, vol_bytes as usize);
-        v.write(0, &data).unwrap();
-        model.write("v", 0, &data);
-        pool.checkpoint().unwrap();
-        model.flushed();
-        let mut rng = SmallRng::seed_from_u64(5);
-        let start = dev.io_count();
-        if let Some(k) = cut {
-            dev.set_fault(SimFault::PowerCutAfter(k));
+    let dev = SimDevice::new(8 << 20);
+    let pool = Pool::create(dev.clone(), opts.clone()).unwrap();
+    let v = pool.create_volume("v", vol_bytes).unwrap();
+    let mut model = Model::default();
+    model.create("v", vol_bytes);
+    let data = pattern(seed, vol_bytes as usize);
+    v.write(0, &data).unwrap();
+    model.write("v", 0, &data);
+    pool.checkpoint().unwrap();
+    model.flushed();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let start = dev.io_count();
+    if let Some(k) = cut {
+        dev.set_fault(SimFault::PowerCutAfter(k));
+    }
+    let mut window = (0, 0);
+    for i in 0..WRITES {
+        let b = rng.random_range(0..vol_bytes / BS as u64);
+        let d = pattern(seed * 1000 + i as u64, BS);
+        let (io_before, events_before) = (dev.io_count(), event(&pool.stats()));
+        if v.write(b * BS as u64, &d).is_err() {
+            break;
         }
-        let mut window = (0, 0);
-        for i in 0..WRITES {
-            let b = rng.random_range(0..vol_bytes / BS as u64);
-            let d = pattern(5_000 + i as u64, BS);
-            let (io_before, passes_before) = (dev.io_count(), pool.stats().moving_passes);
-            if v.write(b * BS as u64, &d).is_err() {
+        model.write("v", b * BS as u64, &d);
+        if window == (0, 0) && event(&pool.stats()) > events_before {
+            window = (io_before - start, dev.io_count() - start + after);
+        }
+        if flush_every.is_some_and(|n| i % n == n - 1) {
+            if v.flush().is_err() {
                 break;
             }
-            model.write("v", b * BS as u64, &d);
-            if window == (0, 0) && pool.stats().moving_passes > passes_before {
-                window = (io_before - start, dev.io_count() - start);
-            }
-            if i % 64 == 63 {
-                if v.flush().is_err() {
-                    break;
-                }
-                model.flushed();
-            }
+            model.flushed();
         }
-        match cut {
-            None => {
-                let s = pool.stats();
-                assert!(s.moving_passes > 0 && window.1 > window.0, "the workload runs moving passes: {s:?}");
-                pool.close().unwrap();
-                let pool = Pool::open(dev.clone(), opts.clone()).unwrap();
-                let report = pool.check().unwrap();
-                assert!(report.is_ok(), "{:?}", report.problems);
-                assert_eq!(State::of_pool(&pool), model.current, "after reopen");
-                (dev, model, window)
-            }
-            Some(k) => {
-                let image = dev.crash(k);
-                drop(pool);
-                (image, model, window)
-            }
+    }
+    let stats = pool.stats();
+    match cut {
+        None => {
+            let s = &stats;
+            assert!(s.moving_passes > 0 && window.1 > window.0, "the workload runs moving passes: {s:?}");
+            v.flush().unwrap();
+            model.flushed();
+            pool.close().unwrap();
+            let pool = Pool::open(dev.clone(), opts).unwrap();
+            let report = pool.check().unwrap();
+            assert!(report.is_ok(), "{:?}", report.problems);
+            assert_eq!(State::of_pool(&pool), model.current, "after reopen");
+            (dev, model, window, stats)
         }
-    };
+        Some(k) => {
+            let image = dev.crash(k);
+            drop(pool);
+            (image, model, window, stats)
+        }
+    }
+}
+
+fn rare_checkpoints(seed: u64) -> blockmesh_engine::PoolOptions {
+    blockmesh_engine::PoolOptions { checkpoint_interval_bytes: 1 << 30, ..small_opts(seed) }
+}
+
+/// Random overwrites in a pool whose checkpoints are rare, so space comes back by moving passes (blocks moved between
+/// checkpoints, made durable by a later sync) [I13]; a power cut at every I/O around the first of them: the pool
+/// reopens whole, holding every flushed write and a prefix of the later ones, and goes on.
+#[test]
+fn a_power_cut_anywhere_in_a_moving_pass_loses_nothing() {
     use common::State;
-    let (_, _, (from, to)) = run(None);
+    let moving_passes = |s: &blockmesh_engine::PoolStats| s.moving_passes;
+    let (_, _, (from, to), _) = overwrites_in_a_rarely_checkpointed_pool(5, Some(64), None, moving_passes, 0);
     eprintln!("moving pass window: I/O {from}..{to}");
+    let opts = rare_checkpoints(5);
+    let vol_bytes: u64 = 4 << 20;
     // the flush before the pass too, and a little after it
     for k in from.saturating_sub(4)..to + 4 {
-        let (image, mut model, _) = run(Some(k));
+        let (image, mut model, ..) = overwrites_in_a_rarely_checkpointed_pool(5, Some(64), Some(k), moving_passes, 0);
         let pool =
             Pool::open(image.clone(), opts.clone()).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
         let report = pool.check().unwrap();
@@ -250,74 +270,20 @@ fn a_power_cut_anywhere_in_a_moving_pass_loses_nothing() {
 }
 
 /// Segments that moving passes empty are written over only after a sync covers the copies [I13]; with no flush and
-/// rare checkpoints, the log takes that sync itself when only emptied segments are left. A power cut at every I/O
-/// around the first such sync and the writes into the segment after it: the pool reopens whole, holding the data
-/// written before the overwrites (the moved blocks among it) and a prefix of the later writes.
+/// rare checkpoints, the log takes that sync itself when only emptied segments are left, one for several passes. A
+/// power cut at every I/O around the first such sync and the writes into the segment after it: the pool reopens
+/// whole, holding the data written before the overwrites (the moved blocks among it) and a prefix of the later
+/// writes. (Without that sync, this test finds moved blocks lost.)
 #[test]
 fn emptied_segments_are_written_over_only_after_a_sync() {
-    use blockmesh_engine::PoolOptions;
-    use common::{Model, State};
-    const WRITES: usize = 6000;
-    let opts = PoolOptions { checkpoint_interval_bytes: 1 << 30, ..small_opts(6) };
-    let vol_bytes: u64 = 4 << 20;
-    let run = |cut: Option<u64>| -> (Arc<SimDevice>, Model, (u64, u64)) {
-        let dev = SimDevice::new(8 << 20);
-        let pool = Pool::create(dev.clone(), opts.clone()).unwrap();
-        let v = pool.create_volume("v", vol_bytes).unwrap();
-        let mut model = Model::default();
-        model.create("v", vol_bytes);
-        let data = pattern(6, vol_bytes as usize);
-        v.write(0, &data).unwrap();
-        model.write("v", 0, &data);
-        pool.checkpoint().unwrap();
-        model.flushed();
-        let mut rng = SmallRng::seed_from_u64(6);
-        let start = dev.io_count();
-        if let Some(k) = cut {
-            dev.set_fault(SimFault::PowerCutAfter(k));
-        }
-        let mut window = (0, 0);
-        for i in 0..WRITES {
-            let b = rng.random_range(0..vol_bytes / BS as u64);
-            let d = pattern(6_000 + i as u64, BS);
-            let (io_before, syncs_before) = (dev.io_count(), pool.stats().emptied_segment_syncs);
-            if v.write(b * BS as u64, &d).is_err() {
-                break;
-            }
-            model.write("v", b * BS as u64, &d);
-            if window == (0, 0) && pool.stats().emptied_segment_syncs > syncs_before {
-                // the sync, and the writes of the next few hundred blocks (into the segment after it)
-                window = (io_before - start, dev.io_count() - start + 64);
-            }
-        }
-        match cut {
-            None => {
-                let s = pool.stats();
-                assert!(
-                    s.emptied_segment_syncs > 0 && s.moving_passes > 0,
-                    "the log waits for emptied segments: {s:?}"
-                );
-                assert!(s.emptied_segment_syncs * 4 <= s.moving_passes, "one sync serves several moving passes: {s:?}");
-                v.flush().unwrap();
-                model.flushed();
-                pool.close().unwrap();
-                let pool = Pool::open(dev.clone(), opts.clone()).unwrap();
-                let report = pool.check().unwrap();
-                assert!(report.is_ok(), "{:?}", report.problems);
-                assert_eq!(State::of_pool(&pool), model.current, "after reopen");
-                (dev, model, window)
-            }
-            Some(k) => {
-                let image = dev.crash(k);
-                drop(pool);
-                (image, model, window)
-            }
-        }
-    };
-    let (_, _, (from, to)) = run(None);
+    let log_syncs = |s: &blockmesh_engine::PoolStats| s.emptied_segment_syncs;
+    let (_, _, (from, to), s) = overwrites_in_a_rarely_checkpointed_pool(6, None, None, log_syncs, 64);
     eprintln!("first sync for emptied segments: I/O {from}..{to}");
+    assert!(s.emptied_segment_syncs > 0, "the log waited for emptied segments: {s:?}");
+    assert!(s.emptied_segment_syncs * 4 <= s.moving_passes, "one sync serves several moving passes: {s:?}");
+    let opts = rare_checkpoints(6);
     for k in from.saturating_sub(4)..to {
-        let (image, mut model, _) = run(Some(k));
+        let (image, mut model, ..) = overwrites_in_a_rarely_checkpointed_pool(6, None, Some(k), log_syncs, 64);
         let pool =
             Pool::open(image.clone(), opts.clone()).unwrap_or_else(|e| panic!("open after a cut at I/O {k}: {e}"));
         let report = pool.check().unwrap();
