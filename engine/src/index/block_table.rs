@@ -38,13 +38,68 @@ pub(crate) struct BlockTable {
     /// Where each table page lives on disk (the contents of the directory pages).
     page_locs: Vec<PageLoc>,
     /// Table pages changed since the last checkpoint.
-    dirty_pages: BTreeSet<u64>,
+    dirty_pages: PageSet,
     /// Where each directory page lives on disk (stored in the checkpoint).
     dir_locs: Vec<PageLoc>,
     /// Directory pages changed since the last checkpoint.
     dirty_dirs: BTreeSet<u64>,
     /// Pages of dropped (all-free) table pages kept for reuse, at most [`SPARE_PAGES`].
     spare: Vec<Box<Page>>,
+}
+
+/// A set of table page numbers, one bit each: every block-table change marks its page dirty, so this is on the
+/// path of every write (an ordered tree set took a tenth of the time of writes under rolling commits). Page numbers
+/// are dense (vbns / 256), so the bits take a 32,768th of the table's own memory.
+#[derive(Debug, Default)]
+struct PageSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl PageSet {
+    fn insert(&mut self, page: u64) {
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
+        }
+        if self.words[w] & bit == 0 {
+            self.words[w] |= bit;
+            self.len += 1;
+        }
+    }
+
+    fn remove(&mut self, page: u64) {
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        if let Some(word) = self.words.get_mut(w) {
+            if *word & bit != 0 {
+                *word &= !bit;
+                self.len -= 1;
+            }
+        }
+    }
+
+    fn contains(&self, page: u64) -> bool {
+        self.words.get((page / 64) as usize).is_some_and(|w| w & (1u64 << (page % 64)) != 0)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The pages, in ascending order.
+    fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            let mut rest = w;
+            std::iter::from_fn(move || {
+                if rest == 0 {
+                    return None;
+                }
+                let b = rest.trailing_zeros();
+                rest &= rest - 1;
+                Some(i as u64 * 64 + u64::from(b))
+            })
+        })
+    }
 }
 
 /// Dropped table pages kept for the next new ones: the vbns of new blocks always grow, so every page the table ever
@@ -84,7 +139,7 @@ impl BlockTable {
         Ok(Self {
             pages,
             page_locs,
-            dirty_pages: BTreeSet::new(),
+            dirty_pages: PageSet::default(),
             dir_locs,
             dirty_dirs: BTreeSet::new(),
             spare: Vec::new(),
@@ -120,7 +175,7 @@ impl BlockTable {
     pub(crate) fn dirty_pages(&self) -> Vec<(u64, Box<Page>)> {
         self.dirty_pages
             .iter()
-            .map(|&p| {
+            .map(|p| {
                 let page = self.pages.get(p as usize).and_then(|x| x.clone());
                 (p, page.unwrap_or_else(|| Box::new([Slot::default(); FANOUT])))
             })
@@ -138,7 +193,7 @@ impl BlockTable {
             self.page_locs.resize(i + 1, PageLoc::default());
         }
         let old = std::mem::replace(&mut self.page_locs[i], loc);
-        self.dirty_pages.remove(&page);
+        self.dirty_pages.remove(page);
         self.dirty_dirs.insert(page >> FANOUT_BITS);
         old.pba
     }
@@ -153,7 +208,7 @@ impl BlockTable {
             }
         }
         let old = self.page_locs.get_mut(i).map(std::mem::take).unwrap_or_default();
-        self.dirty_pages.remove(&page);
+        self.dirty_pages.remove(page);
         if old.pba != 0 {
             self.dirty_dirs.insert(page >> FANOUT_BITS);
         }
@@ -220,7 +275,7 @@ impl BlockTable {
 
     /// Whether table page `page` will be written at the next checkpoint anyway.
     pub(crate) fn is_page_dirty(&self, page: u64) -> bool {
-        self.dirty_pages.contains(&page)
+        self.dirty_pages.contains(page)
     }
 
     /// `f(vbn, pba)` for every allocated entry (refcount > 0), in vbn order: the cleaner's scan, a plain loop over
@@ -257,6 +312,30 @@ impl BlockTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn a_page_set_is_an_ordered_set() {
+        let mut s = PageSet::default();
+        let mut model = BTreeSet::new();
+        let mut x = 7u64;
+        for i in 0..5000u64 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let page = (x >> 33) % 3000;
+            if i % 3 == 0 {
+                s.remove(page);
+                model.remove(&page);
+            } else {
+                s.insert(page);
+                model.insert(page);
+            }
+            assert_eq!(s.len(), model.len());
+            assert_eq!(s.contains(page), model.contains(&page));
+        }
+        assert!(s.iter().eq(model.iter().copied()), "ascending, the same pages");
+        s.remove(1 << 40); // beyond the bits: nothing
+        assert!(!s.contains(1 << 40));
+    }
 
     #[test]
     fn a_page_reused_after_a_drop_starts_empty() {
