@@ -19,17 +19,24 @@ use common::have;
 struct Link {
     ns: [String; 2],
     addr: [String; 2],
+    veth: [String; 2],
 }
+
+/// Links made by this process (the tests of this file run in parallel).
+static LINKS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Link {
     fn new() -> Link {
+        let n = LINKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < 4, "at most four links per test process");
         let id = std::process::id();
-        let ns = [format!("bm-{id}-a"), format!("bm-{id}-b")];
-        // a /24 of 10.0.0.0/8 picked from the process id, so parallel runs do not collide
-        let net = format!("10.{}.{}", 100 + (id >> 8) % 100, id % 256);
+        let ns = [format!("bm-{id}-{n}-a"), format!("bm-{id}-{n}-b")];
+        // a /24 of 10.0.0.0/8 picked from the process id and the link's number, so parallel runs do not collide
+        let k = id * 4 + n;
+        let net = format!("10.{}.{}", 100 + (k >> 8) % 150, k % 256);
         let addr = [format!("{net}.1"), format!("{net}.2")];
-        let link = Link { ns: ns.clone(), addr: addr.clone() };
-        let veth = [format!("bmv{}a", id % 100_000), format!("bmv{}b", id % 100_000)];
+        let veth = [format!("bmv{}{n}a", id % 100_000), format!("bmv{}{n}b", id % 100_000)];
+        let link = Link { ns: ns.clone(), addr: addr.clone(), veth: veth.clone() };
         ip(&["netns", "add", &ns[0]]);
         ip(&["netns", "add", &ns[1]]);
         ip(&["link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]]);
@@ -40,6 +47,11 @@ impl Link {
             ip(&["-n", &ns[i], "link", "set", "lo", "up"]);
         }
         link
+    }
+
+    /// Take namespace `i`'s end of the link down (`false`) or up again.
+    fn set_up(&self, i: usize, up: bool) {
+        ip(&["-n", &self.ns[i], "link", "set", &self.veth[i], if up { "up" } else { "down" }]);
     }
 
     /// `cmd args` run inside namespace `i`.
@@ -134,14 +146,19 @@ fn qemu_io(link: &Link, i: usize, uri: &str, cmds: &[&str]) {
     assert!(out.status.success() && !text.contains("Pattern verification failed"), "qemu-io {cmds:?} {uri}: {text}");
 }
 
-#[test]
-fn push_and_pull_cross_a_link_between_two_network_namespaces() {
+/// Whether this run can make network namespaces and has the tools (under CI=true, as root, a missing tool fails).
+fn can_run(tools: &[&str]) -> bool {
     let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
     if !root {
         eprintln!("skipping: network namespaces need root");
-        return;
+        return false;
     }
-    if !have("ip") || !have("qemu-io") {
+    tools.iter().all(|t| have(t))
+}
+
+#[test]
+fn push_and_pull_cross_a_link_between_two_network_namespaces() {
+    if !can_run(&["ip", "qemu-io"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -174,4 +191,113 @@ fn push_and_pull_cross_a_link_between_two_network_namespaces() {
     assert!(pulled["bytes"].as_u64().unwrap() < 2 << 20, "an incremental pull: {pulled}");
     let on_a = format!("nbd://{}/admin/db@{}", a.nbd, c2.id);
     qemu_io(&link, 0, &on_a, &["read -P 0x31 0 4M", "read -P 0x33 8M 1M", "read -P 0x32 32M 1M"]);
+}
+
+/// A push cut by a link failure (the link between the daemons goes down mid-stream and the client is killed while it
+/// is down, as a user would stop a push that hangs): once the link is back, the receiver keeps what arrived of the
+/// commit in flight, and the next push sends neither the commit that was complete nor that commit's part again.
+#[test]
+fn a_push_cut_by_a_link_failure_resumes_where_it_stopped() {
+    if !can_run(&["ip", "tc", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let link = Link::new();
+    let (a, b) = (start(&link, 0, &dir.path().join("a")), start(&link, 1, &dir.path().join("b")));
+    let (config, config_b) = (dir.path().join("remotes.json"), dir.path().join("remotes-b.json"));
+    client(&link, 0, &a, &config, &["init", "big", "--size", "64M"]);
+    let uri = format!("nbd://{}/admin/big", a.nbd);
+    let mut commits = Vec::new();
+    for (k, pattern) in [0x41u8, 0x42, 0x43].into_iter().enumerate() {
+        qemu_io(&link, 0, &uri, &[&format!("write -P {pattern:#x} {}M 16M", 16 * k)]);
+        let c: Commit =
+            serde_json::from_str(&client(&link, 0, &a, &config, &["commit", "big", "-m", "c", "-o", "json"])).unwrap();
+        commits.push(c.id);
+    }
+    // the size of the second commit's stream, as the push sends it (incremental from the first)
+    let stream = link
+        .exec(0, env!("CARGO_BIN_EXE_blockmesh"))
+        .args(["send", "big", &commits[1], "--from", &commits[0]])
+        .env("BLOCKMESH_SERVER", &a.api)
+        .env("BLOCKMESH_DATA_DIR", &a.data)
+        .env_remove("BLOCKMESH_API_KEY")
+        .output()
+        .unwrap();
+    assert!(stream.status.success(), "send: {}", String::from_utf8_lossy(&stream.stderr));
+    let second_stream_bytes = stream.stdout.len() as u64;
+    let key_b = b.data.join("api-key");
+    client(&link, 0, &a, &config, &["remote", "add", "b", &b.api, "--key-file", key_b.to_str().unwrap()]);
+
+    // about 12 MB/s from a to b, so the push takes seconds
+    let tc = link
+        .exec(0, "tc")
+        .args(["qdisc", "add", "dev", &link.veth[0], "root", "tbf"])
+        .args(["rate", "100mbit", "burst", "256kbit", "latency", "500ms"])
+        .status()
+        .unwrap();
+    assert!(tc.success(), "tc");
+    let mut push = link
+        .exec(0, env!("CARGO_BIN_EXE_blockmesh"))
+        .args(["push", "b", "big", "-o", "json"])
+        .env("BLOCKMESH_SERVER", &a.api)
+        .env("BLOCKMESH_DATA_DIR", &a.data)
+        .env("BLOCKMESH_CONFIG", &config)
+        .env_remove("BLOCKMESH_API_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // once b holds the first commit, a moment into the second: the link goes down, the client is stopped
+    // (b has no dot `big` before the first commit arrives: the log then fails)
+    let b_has = |id: &str| {
+        let out = link
+            .exec(1, env!("CARGO_BIN_EXE_blockmesh"))
+            .args(["log", "big", "-o", "json"])
+            .env("BLOCKMESH_SERVER", &b.api)
+            .env("BLOCKMESH_DATA_DIR", &b.data)
+            .env("BLOCKMESH_CONFIG", &config_b)
+            .env_remove("BLOCKMESH_API_KEY")
+            .output()
+            .unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id)
+    };
+    let started = Instant::now();
+    while !b_has(&commits[0]) {
+        assert!(started.elapsed() < Duration::from_secs(60), "the first commit did not arrive");
+        assert!(push.try_wait().unwrap().is_none(), "the push ended before the link went down");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(400));
+    link.set_up(0, false);
+    let _ = push.kill();
+    let _ = push.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    link.set_up(0, true);
+
+    // b notices the cut (what the killed client's socket still held arrives, then its end) and keeps the part
+    let started = Instant::now();
+    let kept = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&client(&link, 1, &b, &config_b, &["pool", "status", "-o", "json"])).unwrap();
+        let pending = status["pending_receives"].as_array().cloned().unwrap_or_default();
+        if let Some(p) = pending.iter().find(|p| p["commit"] == commits[1].as_str()) {
+            break p["resume_at_bytes"].as_u64().unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "b kept no part of the second commit: {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(kept > 0 && kept < second_stream_bytes, "kept {kept} of {second_stream_bytes}");
+    assert!(!b_has(&commits[1]), "the second commit is not visible half-received");
+
+    let pushed: serde_json::Value =
+        serde_json::from_str(&client(&link, 0, &a, &config, &["push", "b", "big", "-o", "json"])).unwrap();
+    let sent: Vec<&str> = pushed["commits"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    assert_eq!(sent, [commits[1].as_str(), commits[2].as_str()], "the complete commit is not sent again: {pushed}");
+    // the third commit's stream is about as long as the second's; the second resumed at `kept`
+    let bytes = pushed["bytes"].as_u64().unwrap();
+    eprintln!("second commit's stream {second_stream_bytes} bytes, {kept} kept by b; the next push sent {bytes}");
+    assert!(bytes < 2 * second_stream_bytes - kept + (1 << 20), "{bytes} bytes, {kept} kept: {pushed}");
+    let on_b = format!("nbd://{}/admin/big@{}", b.nbd, commits[2]);
+    qemu_io(&link, 1, &on_b, &["read -P 0x41 0 16M", "read -P 0x42 16M 16M", "read -P 0x43 32M 16M"]);
 }
