@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 # command:package pairs for the third-party tools the tests run for real.
 tools=(fio:fio nbdkit:nbdkit nbdinfo:libnbd-bin nbdcopy:libnbd-bin nbdsh:python3-libnbd
-       qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils ip:iproute2)
+       qemu-io:qemu-utils qemu-img:qemu-utils qemu-nbd:qemu-utils ip:iproute2 tc:iproute2)
 missing=()
 for pair in "${tools[@]}"; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
