@@ -353,8 +353,8 @@ impl State {
 
 impl Pool {
     /// Clean every segment that is at most [`CLEAN_MAX_UTILIZATION`] live, in passes of up to
-    /// [`MAX_CLEAN_SEGMENTS_PER_PASS`] segments: after one checkpoint, moving passes (each made durable by a sync
-    /// [I13]), then passes ending with a checkpoint for the segments that hold block-table pages. Space freed by
+    /// [`MAX_CLEAN_SEGMENTS_PER_PASS`] segments: after one checkpoint, moving passes (their copies made durable by
+    /// one sync, invariant I13), then passes ending with a checkpoint for the segments that hold block-table pages. Space freed by
     /// deletions, trims and overwrites comes back to the free pool. The pool also cleans by itself when free
     /// segments run low.
     pub fn clean(&self) -> Result<CleanStats> {
