@@ -320,7 +320,7 @@ impl Pool {
             checkpoint_crc: 0,
             replay: cursor,
         };
-        let mut state = State::new(dev.clone(), sb, segs, Index::new(BlockTable::default(), 1), cursor, &opts);
+        let mut state = State::new(dev.clone(), sb, segs, Index::new(BlockTable::default(), 1, true), cursor, &opts);
         let reuse_gate = RwLock::new(());
         state.checkpoint(&*dev, &reuse_gate)?;
         Ok(Pool::start(Inner { dev, state: Mutex::new(state), reuse_gate }, &opts))
@@ -391,7 +391,8 @@ impl Pool {
         }
         let bt = BlockTable::load(&*dev, cp.dir_pages.clone())?;
         let segs = Segments::new(sb.segment_count, seg, cp.segment_live_blocks.clone());
-        let index = Index::new(bt, cp.next_vbn);
+        // the log of a pool written before format 5 replays with the allocation that wrote it: no vbn reused [I9]
+        let index = Index::new(bt, cp.next_vbn, sb.version >= 5);
         let cursor = sb.replay;
         if cursor.segment >= sb.segment_count || cursor.next_segment >= sb.segment_count {
             return Err(Error::corrupt("superblock", 0, "a replay cursor inside the pool", format!("{cursor:?}")));
@@ -1122,7 +1123,7 @@ impl State {
         match sum {
             BlockSum::Zero => self.log_apply(dev, Op::Zero { volume, block, count: 1 }, None),
             BlockSum::Crc(crc) => {
-                let op = Op::Write { volume, block, vbn: self.index.next_vbn, crc };
+                let op = Op::Write { volume, block, vbn: self.index.peek_vbn(), crc };
                 self.log_apply(dev, op, Some(data))
             }
         }
@@ -1460,6 +1461,7 @@ impl State {
         let pinned = self.pinned();
         let _exclusive = gate.write();
         self.segs.rebuild_free(&pinned);
+        self.index.checkpoint_completed();
         let heads: Vec<Root> = self.volumes.values().map(|v| v.root).collect();
         self.index.evict_unreachable(&heads);
         Ok(())

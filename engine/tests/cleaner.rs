@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use blockmesh_engine::io::{SimDevice, SimFault};
 use blockmesh_engine::{Pool, Volume};
-use common::{pattern, sim_pool, small_opts};
+use common::{pattern, reopen_checked, sim_pool, small_opts};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -33,14 +33,6 @@ fn same(v: &Volume, model: &[u8], what: &str) {
     let mut back = vec![0u8; model.len()];
     v.read(0, &mut back).unwrap();
     assert!(back == model, "{what}: contents differ from the model");
-}
-
-fn reopen_checked(dev: Arc<SimDevice>, pool: Pool, id: u64) -> Pool {
-    pool.close().unwrap();
-    let pool = Pool::open(dev, small_opts(id)).unwrap();
-    let report = pool.check().unwrap();
-    assert!(report.is_ok(), "{:?}", report.problems);
-    pool
 }
 
 #[test]

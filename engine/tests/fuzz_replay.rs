@@ -154,16 +154,13 @@ proptest! {
     }
 }
 
-/// Known, not fixed (issue #6, "vbns are never reused"): the block table keeps a slot per 256 vbns ever named, so a
-/// resealed checkpoint with a huge `next_vbn` opens, and the first write then asks for memory in proportion to it. No
-/// bound on `next_vbn` is safe to check at open (a pool that names and frees blocks for years legitimately reaches
-/// large values with nothing live near the top); the fix is a table that reuses vbns or stores pages sparsely.
+/// Found by `pool_open` (was known and not fixed until vbns were reused): a resealed checkpoint with a huge
+/// `next_vbn` opened, and the first write then asked for memory in proportion to it, since the block table kept a
+/// slot per 256 vbns ever named. An open now takes `next_vbn` from the table itself [I9].
 #[test]
-#[ignore = "known: block-table memory grows with next_vbn (vbns are never reused)"]
-fn known_huge_next_vbn_allocates_in_proportion() {
-    let data = std::fs::read(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus/known/pool_open-huge-next-vbn"),
-    )
-    .unwrap();
+fn regression_huge_next_vbn_costs_nothing() {
+    let data =
+        std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus/pool_open/bug-huge-next-vbn"))
+            .unwrap();
     harness::check_pool_open(&data);
 }

@@ -292,6 +292,34 @@ impl BlockTable {
         }
     }
 
+    /// The free vbns below the highest allocated one, as a set, and one past that highest one (1 when none is:
+    /// vbn 0 names nothing): what the vbn allocator reuses after an open or a checkpoint [I9]. A dropped page's
+    /// vbns are one range.
+    pub(crate) fn free_vbns(&self) -> (roaring::RoaringTreemap, u64) {
+        let mut free = roaring::RoaringTreemap::new();
+        let mut high = 1u64;
+        for (i, page) in self.pages.iter().enumerate() {
+            let base = (i as u64) << FANOUT_BITS;
+            match page {
+                None => {
+                    free.insert_range(base..base + FANOUT as u64);
+                }
+                Some(p) => {
+                    for (j, slot) in p.iter().enumerate() {
+                        if BtEntry::from_slot(*slot).refcount > 0 {
+                            high = base + j as u64 + 1;
+                        } else {
+                            free.insert(base + j as u64);
+                        }
+                    }
+                }
+            }
+        }
+        free.remove(0);
+        free.remove_range(high..);
+        (free, high)
+    }
+
     /// Every allocated entry (refcount > 0), in vbn order.
     pub(crate) fn live_entries(&self) -> impl Iterator<Item = (u64, BtEntry)> + '_ {
         self.pages.iter().enumerate().filter_map(|(i, p)| p.as_ref().map(|p| (i, p))).flat_map(|(i, p)| {

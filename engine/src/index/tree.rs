@@ -122,23 +122,90 @@ pub(crate) struct Index {
     nodes: VbnMap<Box<Page>>,
     /// Nodes changed since the last checkpoint: written by the next one.
     dirty_nodes: BTreeSet<u64>,
-    /// The next vbn to hand out; vbns are never reused [I9].
+    /// One past the highest vbn in use (or freed since the last checkpoint): where new vbns start once no free one
+    /// is left [I9].
     pub(crate) next_vbn: u64,
+    /// Free vbns below `next_vbn` that were free at the last checkpoint: handed out again, lowest first [I9].
+    free_vbns: roaring::RoaringTreemap,
+    /// vbns freed since the last checkpoint: not reused before the next one completes [I9].
+    freed_vbns: roaring::RoaringTreemap,
+    /// Whether free vbns are reused: not while the log of a pool written before format 5 (which never reused them)
+    /// is replayed, from its first checkpoint on [I9].
+    reuse_vbns: bool,
     /// Physical blocks that lost their last reference; the pool's space accounting drains this.
     pub(crate) released: Vec<u64>,
 }
 
 impl Index {
-    pub(crate) fn new(bt: BlockTable, next_vbn: u64) -> Self {
-        Self { bt, nodes: VbnMap::default(), dirty_nodes: BTreeSet::new(), next_vbn, released: Vec::new() }
+    /// The index of a checkpoint: its block table and `next_vbn`. With `reuse_vbns` (format 5 on), the free vbns
+    /// are those of the table and `next_vbn` is one past its highest allocated vbn, whatever the checkpoint says
+    /// (a checkpoint naming a huge `next_vbn` costs nothing): exactly what the pool that wrote the checkpoint had
+    /// once it completed [I9].
+    pub(crate) fn new(bt: BlockTable, next_vbn: u64, reuse_vbns: bool) -> Self {
+        let (free_vbns, next_vbn) =
+            if reuse_vbns { bt.free_vbns() } else { (roaring::RoaringTreemap::new(), next_vbn) };
+        Self {
+            bt,
+            nodes: VbnMap::default(),
+            dirty_nodes: BTreeSet::new(),
+            next_vbn,
+            free_vbns,
+            freed_vbns: roaring::RoaringTreemap::new(),
+            reuse_vbns,
+            released: Vec::new(),
+        }
+    }
+
+    /// The vbn the next allocation hands out: the lowest free one, else `next_vbn` [I9]. Replay allocates in the
+    /// same order from the same free set, so a logged `Write` names the vbn replay hands out too.
+    pub(crate) fn peek_vbn(&self) -> u64 {
+        if self.reuse_vbns {
+            self.free_vbns.min().unwrap_or(self.next_vbn)
+        } else {
+            self.next_vbn
+        }
     }
 
     /// A new vbn with one reference.
     fn alloc(&mut self, pba: u64, crc: u32) -> u64 {
-        let vbn = self.next_vbn;
-        self.next_vbn += 1;
+        let vbn = self.peek_vbn();
+        if vbn == self.next_vbn {
+            self.next_vbn += 1;
+        } else {
+            self.free_vbns.remove(vbn);
+        }
+        debug_assert_eq!(self.bt.get(vbn).refcount, 0, "vbn {vbn} handed out while in use");
         self.bt.set(vbn, BtEntry { pba, crc, refcount: 1 });
         vbn
+    }
+
+    /// A checkpoint completed: the vbns freed since the last one may be handed out again, and `next_vbn` comes down
+    /// to one past the highest vbn in use, as an open of this checkpoint computes them [I9].
+    pub(crate) fn checkpoint_completed(&mut self) {
+        if !self.reuse_vbns {
+            // a pool of an older format: its log is replayed no more, this build's allocation starts here
+            self.reuse_vbns = true;
+            (self.free_vbns, self.next_vbn) = self.bt.free_vbns();
+            self.freed_vbns.clear();
+            return;
+        }
+        let freed = std::mem::take(&mut self.freed_vbns);
+        self.free_vbns |= freed;
+        // vbn 0 names nothing and is never handed out
+        while self.next_vbn > 1 && self.free_vbns.max() == Some(self.next_vbn - 1) {
+            // a run of free vbns at the top: come down past it at once
+            let top = self.next_vbn - 1;
+            let mut low = top;
+            while low > 1 && self.free_vbns.contains(low - 1) {
+                low -= 1;
+            }
+            self.free_vbns.remove_range(low..=top);
+            self.next_vbn = low;
+        }
+        debug_assert!(
+            self.next_vbn > 1 << 20 || (self.free_vbns.clone(), self.next_vbn) == self.bt.free_vbns(),
+            "the vbn allocator matches what an open of this checkpoint computes"
+        );
     }
 
     /// Name a data block just appended to the log.
@@ -232,6 +299,7 @@ impl Index {
                 self.released.push(e.pba);
             }
             self.bt.set(vbn, BtEntry::default());
+            self.freed_vbns.insert(vbn);
         }
         Ok(())
     }

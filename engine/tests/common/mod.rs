@@ -32,6 +32,15 @@ pub fn sim_pool(size_bytes: u64, pool_id: u64) -> (Arc<SimDevice>, Pool) {
     (dev, pool)
 }
 
+/// Close `pool`, open its device again with [`small_opts`]`(id)`, and check it: the end of every storage test.
+pub fn reopen_checked(dev: Arc<SimDevice>, pool: Pool, id: u64) -> Pool {
+    pool.close().unwrap();
+    let pool = Pool::open(dev, small_opts(id)).unwrap();
+    let report = pool.check().unwrap();
+    assert!(report.is_ok(), "{:?}", report.problems);
+    pool
+}
+
 /// Deterministic bytes for a write: `len` bytes from a seed (never all zero).
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
