@@ -102,8 +102,8 @@ impl PageSet {
     }
 }
 
-/// Dropped table pages kept for the next new ones: the vbns of new blocks always grow, so every page the table ever
-/// needs is new, and reusing memory that is already mapped spares a page fault per 256 blocks written.
+/// Dropped table pages kept for the next new ones: once the free vbns run out, new blocks take vbns above every one
+/// in use, on new pages, and reusing memory that is already mapped spares a page fault per 256 blocks written.
 const SPARE_PAGES: usize = 1024;
 
 fn read_page(dev: &dyn Device, loc: PageLoc, what: &'static str) -> Result<Box<Page>> {
