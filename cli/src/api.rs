@@ -126,6 +126,13 @@ pub struct PoolStatus {
     /// Steps the background cleaner took since the daemon opened the pool.
     #[serde(default)]
     pub background_clean_steps: u64,
+    /// Of the free segments, those the cleaner emptied that wait for a sync before the log writes over them.
+    #[serde(default)]
+    pub emptied_segments: u64,
+    /// Syncs the log took itself, since the daemon opened the pool, to write over emptied segments (the background
+    /// cleaner takes most of them outside the pool lock).
+    #[serde(default)]
+    pub emptied_segment_syncs: u64,
     /// Why the pool takes no more changes (a device write or sync failed; a restart reopens it); absent while it
     /// serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -726,6 +733,8 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             reclaimable_bytes: st.reclaimable_bytes,
             clean_target_free_segments: st.clean_target_free_segments,
             background_clean_steps: st.background_clean_steps,
+            emptied_segments: st.emptied_segments,
+            emptied_segment_syncs: st.emptied_segment_syncs,
             failed: pool.health().err().map(|e| e.to_string()),
             dots: st.dots,
             volumes: st.volumes,

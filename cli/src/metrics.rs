@@ -133,6 +133,8 @@ struct PoolGauges {
     blocks_written: Gauge,
     index_memory_bytes: Gauge,
     background_clean_steps: Gauge,
+    emptied_segments: Gauge,
+    emptied_segment_syncs: Gauge,
 }
 
 /// The NBD operations counted (the `op` label).
@@ -218,7 +220,7 @@ impl Metrics {
         );
         registry.register("blockmesh_nbd_connections", "Open NBD exports (one per connection)", connections.clone());
         let pool = PoolGauges::default();
-        let gauges: [(&str, &str, &Gauge); 10] = [
+        let gauges: [(&str, &str, &Gauge); 12] = [
             ("blockmesh_pool_size_bytes", "Size of the pool", &pool.size_bytes),
             ("blockmesh_pool_used_bytes", "Bytes of blocks that volumes, commits and metadata hold", &pool.used_bytes),
             ("blockmesh_pool_segments", "Segments of the pool", &pool.segments),
@@ -236,6 +238,16 @@ impl Metrics {
                 "blockmesh_pool_background_clean_steps",
                 "Steps the background cleaner took since the pool was opened",
                 &pool.background_clean_steps,
+            ),
+            (
+                "blockmesh_pool_emptied_segments",
+                "Free segments the cleaner emptied that wait for a sync before the log writes over them",
+                &pool.emptied_segments,
+            ),
+            (
+                "blockmesh_pool_emptied_segment_syncs",
+                "Syncs the log took itself to write over emptied segments since the pool was opened",
+                &pool.emptied_segment_syncs,
             ),
         ];
         for (name, help, g) in gauges {
@@ -423,6 +435,8 @@ impl Metrics {
         set(&p.blocks_written, st.blocks_written);
         set(&p.index_memory_bytes, st.index_memory_bytes);
         set(&p.background_clean_steps, st.background_clean_steps);
+        set(&p.emptied_segments, st.emptied_segments);
+        set(&p.emptied_segment_syncs, st.emptied_segment_syncs);
         self.refresh_space(pool);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
