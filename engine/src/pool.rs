@@ -80,7 +80,7 @@ pub struct PoolOptions {
     /// Background threads writing the log (0: writes happen in the calling thread, in a deterministic order).
     pub log_writer_threads: usize,
     /// A background thread cleans segments between client writes, within a bounded share of the time
-    /// ([`crate::cleaner::background`]). Off: cleaning happens only when writes need room and at checkpoints, so
+    /// (`cleaner::background`). Off: cleaning happens only when writes need room and at checkpoints, so
     /// I/O follows the calls alone (deterministic test harnesses turn it off).
     pub background_cleaning: bool,
 }
@@ -144,7 +144,7 @@ pub struct PoolStats {
     /// Of those, moving passes: blocks moved between checkpoints, made durable by a later sync, not a checkpoint.
     pub moving_passes: u64,
     /// Segments moving passes emptied that wait for a sync before the log writes over them (counted in
-    /// `free_segments`) [I13].
+    /// `free_segments`) (invariant I13).
     pub emptied_segments: u64,
     /// Syncs the log took itself, since the pool was opened, because only emptied segments were left to write into
     /// (no flush, checkpoint or background sync had covered them yet).
@@ -155,7 +155,7 @@ pub struct PoolStats {
     /// above).
     pub background_clean_steps: u64,
     /// Free segments the pool keeps by cleaning at checkpoints and in the background, when it can (the checkpoint
-    /// reserve and 1/[`CLEAN_START_FREE_SHARE`] of the segments).
+    /// reserve and 1/`CLEAN_START_FREE_SHARE` of the segments).
     pub clean_target_free_segments: u64,
 }
 
@@ -349,7 +349,7 @@ impl Pool {
     }
 
     /// Open the pool on `dev`: the newest valid superblock, its checkpoint, then replay of the log written since
-    /// [I1][I2]. Ends with a checkpoint, so what was replayed is never replayed again [I3].
+    /// (invariants I1, I2). Ends with a checkpoint, so what was replayed is never replayed again (I3).
     pub fn open(dev: Arc<dyn Device>, opts: PoolOptions) -> Result<Pool> {
         let sb = read_superblock(&*dev)?;
         let seg = sb.segment_size_bytes;
@@ -617,7 +617,7 @@ impl Pool {
 
     /// Use a device that has grown (a file or block device enlarged while the pool was closed): the pool takes every
     /// whole segment that now fits. Returns the segments added (0 when the device is no larger). The new segments
-    /// become usable with the checkpoint that records them; a crash before it leaves the pool as it was [I12].
+    /// become usable with the checkpoint that records them; a crash before it leaves the pool as it was (invariant I12).
     pub fn grow(&self) -> Result<u64> {
         let dev = &*self.inner.dev;
         let mut st = self.inner.state.lock();

@@ -72,12 +72,12 @@ pub(crate) fn check_range(size_bytes: u64, op: &'static str, offset: u64, len: u
     }
 }
 
-/// Most unwanted blocks [`read_blocks`] reads to join two runs of wanted ones in one device read: reading 32 KiB
+/// Most unwanted blocks `read_blocks` reads to join two runs of wanted ones in one device read: reading 32 KiB
 /// more from the page cache costs about what another call does (the cleaner's victims hold live blocks one to three
 /// in a row between dead ones: 474,000 reads for 1.44 million blocks moved in one run of benches/engine/cleaning.sh
 /// before runs were joined).
 pub const MAX_READ_GAP_BLOCKS: u64 = 8;
-/// Longest span (blocks) one joined read of [`read_blocks`] covers: bounds its scratch buffer.
+/// Longest span (blocks) one joined read of `read_blocks` covers: bounds its scratch buffer.
 pub const MAX_READ_SPAN_BLOCKS: u64 = 256;
 
 /// Read the 4 KiB blocks at `pbas` into `out`, one block after another. Blocks in ascending order that lie close
