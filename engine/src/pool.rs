@@ -394,7 +394,11 @@ impl Pool {
         // the log of a pool written before format 5 replays with the allocation that wrote it: no vbn reused [I9]
         let index = Index::new(bt, cp.next_vbn, sb.version >= 5);
         let cursor = sb.replay;
-        if cursor.segment >= sb.segment_count || cursor.next_segment >= sb.segment_count {
+        if cursor.segment >= sb.segment_count
+            || cursor.next_segment >= sb.segment_count
+            || cursor.pba < segs.first_pba(cursor.segment)
+            || cursor.pba > segs.end_pba(cursor.segment)
+        {
             return Err(Error::corrupt("superblock", 0, "a replay cursor inside the pool", format!("{cursor:?}")));
         }
         let mut state = State::new(dev.clone(), sb.clone(), segs, index, cursor, &opts);

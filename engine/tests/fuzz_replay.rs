@@ -119,12 +119,13 @@ fn regression_impossible_segment_usage_is_refused_at_open() {
 #[test]
 fn regression_huge_superblock_and_checkpoint_fields_are_refused_not_overflowed() {
     // (then: a resealed checkpoint naming a tree height above the most a volume needs; a resealed log record sharing
-    // a tree root that is not live)
+    // a tree root that is not live; a resealed superblock whose replay cursor lies outside its segment)
     for bug in [
         "bug-open-geometry-overflow",
         "bug-checkpoint-offset-overflow",
         "bug-tree-height-overflow",
         "bug-share-dead-root",
+        "bug-replay-cursor-outside-segment",
     ] {
         let data =
             std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus/pool_open").join(bug))
