@@ -126,6 +126,7 @@ fn regression_huge_superblock_and_checkpoint_fields_are_refused_not_overflowed()
         "bug-tree-height-overflow",
         "bug-share-dead-root",
         "bug-replay-cursor-outside-segment",
+        "bug-log-position-overflow",
     ] {
         let data =
             std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus/pool_open").join(bug))

@@ -493,6 +493,15 @@ pub(crate) fn replay(
             }
             break;
         };
+        if r.header.next_segment >= segs.count {
+            // (checksummed, so written so or resealed: the log would later switch to a segment that does not exist)
+            return Err(Error::corrupt(
+                "log record",
+                r.pba * BLOCK_SIZE,
+                format!("a next segment below {}", segs.count),
+                r.header.next_segment,
+            ));
+        }
         let n = 1 + u64::from(r.header.payload_blocks);
         visited.insert(seg);
         cursor = LogCursor { segment: seg, pba: r.pba + n, next_segment: r.header.next_segment, seq: cursor.seq + 1 };
