@@ -119,7 +119,8 @@ fn regression_impossible_segment_usage_is_refused_at_open() {
 #[test]
 fn regression_huge_superblock_and_checkpoint_fields_are_refused_not_overflowed() {
     // (then: a resealed checkpoint naming a tree height above the most a volume needs; a resealed log record sharing
-    // a tree root that is not live; a resealed superblock whose replay cursor lies outside its segment)
+    // a tree root that is not live; a resealed superblock whose replay cursor lies outside its segment; a resealed log
+    // record naming a next segment beyond the pool; a resealed tree node naming a free child)
     for bug in [
         "bug-open-geometry-overflow",
         "bug-checkpoint-offset-overflow",
@@ -127,6 +128,7 @@ fn regression_huge_superblock_and_checkpoint_fields_are_refused_not_overflowed()
         "bug-share-dead-root",
         "bug-replay-cursor-outside-segment",
         "bug-log-position-overflow",
+        "bug-node-child-free",
     ] {
         let data =
             std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus/pool_open").join(bug))

@@ -311,6 +311,18 @@ impl Index {
             return Ok(vbn);
         }
         let copy = self.node(vbn).to_owned();
+        // every child gains a reference: one naming a free vbn is a damaged node (a resealed one still matches its
+        // checksum), a corruption error before anything changes, not a failed assertion
+        if let Some(child) =
+            copy.iter().map(|s| s.a).find(|&c| c != 0 && !(1..u32::MAX).contains(&self.bt.get(c).refcount))
+        {
+            return Err(Error::corrupt(
+                "index tree node",
+                self.bt.get(vbn).pba * BLOCK_SIZE,
+                format!("live children (node vbn {vbn})"),
+                format!("child vbn {child} with refcount {}", self.bt.get(child).refcount),
+            ));
+        }
         let new = self.alloc(0, 0);
         for s in copy.iter().filter(|s| s.a != 0) {
             self.incref(s.a);
