@@ -114,19 +114,22 @@ fn start(link: &Link, i: usize, data: &Path) -> NsDaemon {
     NsDaemon { child, data: data.to_path_buf(), api: format!("http://{addr}:32607"), nbd: format!("{addr}:10809") }
 }
 
-/// The client, run in namespace `i` against daemon `d`, with remotes in `config`; returns stdout (must succeed).
-fn client(link: &Link, i: usize, d: &NsDaemon, config: &Path, args: &[&str]) -> String {
-    let out = link
-        .exec(i, env!("CARGO_BIN_EXE_blockmesh"))
-        .args(args)
+/// The client's command line in namespace `i` against daemon `d`, with remotes in `config` (standard input closed).
+fn client_command(link: &Link, i: usize, d: &NsDaemon, config: &Path, args: &[&str]) -> Command {
+    let mut c = link.exec(i, env!("CARGO_BIN_EXE_blockmesh"));
+    c.args(args)
         .env("BLOCKMESH_SERVER", &d.api)
         .env("BLOCKMESH_DATA_DIR", &d.data)
         .env("BLOCKMESH_CONFIG", config)
         .env_remove("BLOCKMESH_API_KEY")
         .env_remove("BLOCKMESH_REMOTE")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+        .stdin(Stdio::null());
+    c
+}
+
+/// The client, run in namespace `i` against daemon `d`, with remotes in `config`; returns stdout (must succeed).
+fn client(link: &Link, i: usize, d: &NsDaemon, config: &Path, args: &[&str]) -> String {
+    let out = client_command(link, i, d, config, args).output().unwrap();
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     assert!(out.status.success(), "blockmesh {args:?} in {}: {}{}", link.ns[i], text(&out.stdout), text(&out.stderr));
     text(&out.stdout)
@@ -215,14 +218,8 @@ fn a_push_cut_by_a_link_failure_resumes_where_it_stopped() {
         commits.push(c.id);
     }
     // the size of the second commit's stream, as the push sends it (incremental from the first)
-    let stream = link
-        .exec(0, env!("CARGO_BIN_EXE_blockmesh"))
-        .args(["send", "big", &commits[1], "--from", &commits[0]])
-        .env("BLOCKMESH_SERVER", &a.api)
-        .env("BLOCKMESH_DATA_DIR", &a.data)
-        .env_remove("BLOCKMESH_API_KEY")
-        .output()
-        .unwrap();
+    let stream =
+        client_command(&link, 0, &a, &config, &["send", "big", &commits[1], "--from", &commits[0]]).output().unwrap();
     assert!(stream.status.success(), "send: {}", String::from_utf8_lossy(&stream.stderr));
     let second_stream_bytes = stream.stdout.len() as u64;
     let key_b = b.data.join("api-key");
@@ -236,14 +233,7 @@ fn a_push_cut_by_a_link_failure_resumes_where_it_stopped() {
         .status()
         .unwrap();
     assert!(tc.success(), "tc");
-    let mut push = link
-        .exec(0, env!("CARGO_BIN_EXE_blockmesh"))
-        .args(["push", "b", "big", "-o", "json"])
-        .env("BLOCKMESH_SERVER", &a.api)
-        .env("BLOCKMESH_DATA_DIR", &a.data)
-        .env("BLOCKMESH_CONFIG", &config)
-        .env_remove("BLOCKMESH_API_KEY")
-        .stdin(Stdio::null())
+    let mut push = client_command(&link, 0, &a, &config, &["push", "b", "big", "-o", "json"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -251,15 +241,7 @@ fn a_push_cut_by_a_link_failure_resumes_where_it_stopped() {
     // once b holds the first commit, a moment into the second: the link goes down, the client is stopped
     // (b has no dot `big` before the first commit arrives: the log then fails)
     let b_has = |id: &str| {
-        let out = link
-            .exec(1, env!("CARGO_BIN_EXE_blockmesh"))
-            .args(["log", "big", "-o", "json"])
-            .env("BLOCKMESH_SERVER", &b.api)
-            .env("BLOCKMESH_DATA_DIR", &b.data)
-            .env("BLOCKMESH_CONFIG", &config_b)
-            .env_remove("BLOCKMESH_API_KEY")
-            .output()
-            .unwrap();
+        let out = client_command(&link, 1, &b, &config_b, &["log", "big", "-o", "json"]).output().unwrap();
         out.status.success() && String::from_utf8_lossy(&out.stdout).contains(id)
     };
     let started = Instant::now();

@@ -784,11 +784,9 @@ pub(crate) fn flush(inner: &Inner) -> Result<()> {
         let mut st = inner.state.lock();
         return Err(st.fail(e));
     }
-    let mut st = inner.state.lock();
-    st.log.synced(below);
-    // segments emptied by moving passes before this flush need no sync of their own now [I13]
-    let synced_below = st.log.synced_below;
-    st.segs.free_moved(synced_below);
+    // (segments emptied by moving passes before this flush need no sync of their own now [I13])
+    let st = &mut *inner.state.lock();
+    st.log.synced(&mut st.segs, below);
     Ok(())
 }
 
@@ -1444,7 +1442,7 @@ impl State {
         self.log.drain()?;
         dev.sync()?;
         let below = self.log.next_seq();
-        self.log.synced(below);
+        self.log.synced(&mut self.segs, below);
         let sb = Superblock {
             generation: self.sb.generation + 1,
             checkpoint_pba: first - 1,

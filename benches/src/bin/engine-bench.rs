@@ -255,6 +255,15 @@ fn rand_ops(vol: &blockmesh_engine::Volume, size: u64, seconds: f64, write: bool
     Ok(ops as f64 / start.elapsed().as_secs_f64())
 }
 
+/// A new volume of `bytes` written whole with `chunk` (1 MiB) at each MiB.
+fn written_whole(pool: &Pool, name: &str, bytes: u64, chunk: &[u8]) -> Result<blockmesh_engine::Volume> {
+    let v = pool.create_volume(name, bytes)?;
+    for off in (0..bytes).step_by(1 << 20) {
+        v.write(off, chunk)?;
+    }
+    Ok(v)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -325,13 +334,8 @@ fn versioning(args: &[String]) -> Result<()> {
     let round_secs = secs / ROUNDS as f64;
     // 4K random writes with no snapshot against right after one: two fresh 1 GiB volumes written whole; `w1` never
     // has a snapshot, `w2` takes a new one before each of its rounds, so each of its rounds starts right after it.
-    let w1 = pool.create_volume("w1", 1 << 30)?;
-    let w2 = pool.create_volume("w2", 1 << 30)?;
-    for v in [&w1, &w2] {
-        for off in (0..(1u64 << 30)).step_by(1 << 20) {
-            v.write(off, &chunk)?;
-        }
-    }
+    let [w1, w2] = ["w1", "w2"].map(|name| written_whole(&pool, name, 1 << 30, &chunk));
+    let (w1, w2) = (w1?, w2?);
     let (mut before_iops, mut after_iops) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         // each round starts from a clean checkpoint, so neither side pays for the other's dirty metadata
@@ -350,13 +354,8 @@ fn versioning(args: &[String]) -> Result<()> {
     // 4K random reads at the head of 32 snapshots against no history. Both volumes get the same writes (written whole,
     // then 32 rounds of 2048 random 4K overwrites from the same seed), so their data lies alike in the log; only `r`
     // takes a snapshot before each round.
-    let plain = pool.create_volume("p", 1 << 30)?;
-    let r = pool.create_volume("r", 1 << 30)?;
-    for v in [&plain, &r] {
-        for off in (0..(1u64 << 30)).step_by(1 << 20) {
-            v.write(off, &chunk)?;
-        }
-    }
+    let [plain, r] = ["p", "r"].map(|name| written_whole(&pool, name, 1 << 30, &chunk));
+    let (plain, r) = (plain?, r?);
     for (history, v) in [(false, &plain), (true, &r)] {
         let mut rng = SmallRng::seed_from_u64(11);
         for i in 0..32 {

@@ -162,12 +162,10 @@ fn sync_moved(inner: &Inner) -> bool {
         st.segs.moved_below()
     };
     let synced = inner.dev.sync();
-    let mut st = inner.state.lock();
+    let st = &mut *inner.state.lock();
     match synced {
         Ok(()) => {
-            st.log.synced(below);
-            let synced_below = st.log.synced_below;
-            st.segs.free_moved(synced_below);
+            st.log.synced(&mut st.segs, below);
             st.segs.moved_count() > 0
         }
         Err(e) => {

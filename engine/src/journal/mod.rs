@@ -115,9 +115,11 @@ impl Log {
         [self.seg, self.next_seg]
     }
 
-    /// Record that a sync completed after every record below `seq` had been written.
-    pub(crate) fn synced(&mut self, seq: u64) {
+    /// Record that a sync completed after every record below `seq` had been written; the segments the cleaner
+    /// emptied whose copies that covers are free for the log from now on [I13].
+    pub(crate) fn synced(&mut self, segs: &mut Segments, seq: u64) {
         self.synced_below = self.synced_below.max(seq);
+        segs.free_moved(self.synced_below);
     }
 
     /// Whether a sync completed after every record below `seq` had been written.
@@ -181,10 +183,9 @@ impl Log {
             let below = segs.moved_below();
             if !self.synced_through(below) {
                 dev.sync()?;
-                self.synced(below);
                 self.emptied_segment_syncs += 1;
             }
-            segs.free_moved(below);
+            self.synced(segs, below);
         }
         let new_next = segs
             .take_free()
