@@ -21,6 +21,8 @@ const KIND_SHIFT: u32 = 62;
 const BIRTH_MASK: u64 = (1 << KIND_SHIFT) - 1;
 /// Most levels a tree may have: 256^5 blocks of 4 KiB = 4 PiB.
 pub(crate) const MAX_HEIGHT: u8 = 5;
+/// Free vbns taken out of the free set at once, lowest first, to be handed out one by one (`Index::free_low`).
+const VBN_REFILL: usize = 1024;
 
 /// What a volume block holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,8 +127,13 @@ pub(crate) struct Index {
     /// One past the highest vbn in use (or freed since the last checkpoint): where new vbns start once no free one
     /// is left [I9].
     pub(crate) next_vbn: u64,
-    /// Free vbns below `next_vbn` that were free at the last checkpoint: handed out again, lowest first [I9].
+    /// Free vbns below `next_vbn` that were free at the last checkpoint: handed out again, lowest first [I9]. The
+    /// lowest of them wait in `free_low`, the rest here.
     free_vbns: roaring::RoaringTreemap,
+    /// The lowest free vbns, ascending, each below every vbn left in `free_vbns`: taken out of the set
+    /// [`VBN_REFILL`] at a time, since finding a set's minimum again for every block written scans its first
+    /// container from the start (a measured 5% of the CPU of sequential NBD writes).
+    free_low: std::collections::VecDeque<u64>,
     /// vbns freed since the last checkpoint: not reused before the next one completes [I9].
     freed_vbns: roaring::RoaringTreemap,
     /// Whether free vbns are reused: not while the log of a pool written before format 5 (which never reused them)
@@ -150,6 +157,7 @@ impl Index {
             dirty_nodes: BTreeSet::new(),
             next_vbn,
             free_vbns,
+            free_low: std::collections::VecDeque::new(),
             freed_vbns: roaring::RoaringTreemap::new(),
             reuse_vbns,
             released: Vec::new(),
@@ -158,12 +166,17 @@ impl Index {
 
     /// The vbn the next allocation hands out: the lowest free one, else `next_vbn` [I9]. Replay allocates in the
     /// same order from the same free set, so a logged `Write` names the vbn replay hands out too.
-    pub(crate) fn peek_vbn(&self) -> u64 {
-        if self.reuse_vbns {
-            self.free_vbns.min().unwrap_or(self.next_vbn)
-        } else {
-            self.next_vbn
+    pub(crate) fn peek_vbn(&mut self) -> u64 {
+        if !self.reuse_vbns {
+            return self.next_vbn;
         }
+        if self.free_low.is_empty() {
+            self.free_low.extend(self.free_vbns.iter().take(VBN_REFILL));
+            if let Some(&last) = self.free_low.back() {
+                self.free_vbns.remove_range(..=last);
+            }
+        }
+        self.free_low.front().copied().unwrap_or(self.next_vbn)
     }
 
     /// A new vbn with one reference.
@@ -172,7 +185,8 @@ impl Index {
         if vbn == self.next_vbn {
             self.next_vbn += 1;
         } else {
-            self.free_vbns.remove(vbn);
+            let taken = self.free_low.pop_front();
+            debug_assert_eq!(taken, Some(vbn), "the lowest free vbn is handed out");
         }
         debug_assert_eq!(self.bt.get(vbn).refcount, 0, "vbn {vbn} handed out while in use");
         self.bt.set(vbn, BtEntry { pba, crc, refcount: 1 });
@@ -186,11 +200,14 @@ impl Index {
             // a pool of an older format: its log is replayed no more, this build's allocation starts here
             self.reuse_vbns = true;
             (self.free_vbns, self.next_vbn) = self.bt.free_vbns();
+            self.free_low.clear();
             self.freed_vbns.clear();
             return;
         }
         let freed = std::mem::take(&mut self.freed_vbns);
         self.free_vbns |= freed;
+        // freed vbns may lie below the waiting ones: they all go back into the set, lowest first again
+        self.free_vbns.extend(self.free_low.drain(..));
         // vbn 0 names nothing and is never handed out
         while self.next_vbn > 1 && self.free_vbns.max() == Some(self.next_vbn - 1) {
             // a run of free vbns at the top: come down past it at once
