@@ -28,6 +28,10 @@ pub(crate) struct Segments {
     /// number kept with it) [I13]: counted as free space, never victims, but the log takes one only after that sync
     /// ([`Segments::take_free`] leaves them to the log's own fallback), so one sync frees many.
     moved: BTreeMap<u64, u64>,
+    /// Segments whose last live block went since the last checkpoint (a moving pass's excepted): what the next
+    /// checkpoint would free, about. Only a trigger for an early checkpoint (`State::maybe_checkpoint`), never
+    /// relied on for space.
+    emptied_since_checkpoint: u64,
 }
 
 impl Segments {
@@ -45,6 +49,7 @@ impl Segments {
             taken: 0,
             checkpoint_mark: 0,
             moved: BTreeMap::new(),
+            emptied_since_checkpoint: 0,
         }
     }
 
@@ -116,6 +121,14 @@ impl Segments {
         let s = self.seg(pba);
         assert!(self.live[s] > 0, "segment {s} live count underflow releasing pba {pba}");
         self.live[s] -= 1;
+        if self.live[s] == 0 {
+            self.emptied_since_checkpoint += 1;
+        }
+    }
+
+    /// Segments emptied since the last checkpoint, about (see `emptied_since_checkpoint`).
+    pub(crate) fn emptied_since_checkpoint(&self) -> u64 {
+        self.emptied_since_checkpoint
     }
 
     pub(crate) fn live(&self) -> &[u32] {
@@ -176,6 +189,8 @@ impl Segments {
         assert!(self.written_before_checkpoint(seg), "segment {seg} of the log tail emptied");
         assert!(!self.is_free(seg), "segment {seg} emptied while free");
         self.moved.insert(seg, below);
+        // a sync frees it, not the next checkpoint
+        self.emptied_since_checkpoint = self.emptied_since_checkpoint.saturating_sub(1);
     }
 
     /// Segments emptied by moving passes and free after a sync (see `moved`).
@@ -209,6 +224,7 @@ impl Segments {
     /// Make every segment with no live block free, except the `pinned` ones [I4].
     pub(crate) fn rebuild_free(&mut self, pinned: &[u64]) {
         self.free = (0..self.count).filter(|s| self.live[*s as usize] == 0 && !pinned.contains(s)).collect();
+        self.emptied_since_checkpoint = 0;
         // the emptied segments are free now too (none is pinned: the log never writes into one)
         debug_assert!(self.moved.keys().all(|s| self.free.contains(s)), "an emptied segment stays in use");
         self.moved.clear();

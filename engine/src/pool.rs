@@ -37,6 +37,11 @@ pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// Log written between two automatic checkpoints when none is given: bounds recovery time (replaying 1 GiB takes
 /// 0.25-0.4 s here; see benches/RESULTS.md).
 pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 1 << 30;
+/// A checkpoint comes early, after 1/this of the checkpoint interval, once the segments emptied since the last one
+/// hold as much: it gives them back to the log while their pages are still in the page cache, where the log writes
+/// over them again (measured: 1 MiB sequential NBD writes over a 1 GiB volume ran ~20% faster with the log's file
+/// footprint about the volume's size instead of twice it).
+pub const EARLY_CHECKPOINT_SHARE: u64 = 4;
 /// Most dirty metadata blocks (tree nodes and table pages) before an automatic checkpoint: 64 MiB. The index is in
 /// memory anyway; this bounds one checkpoint's size (and the space reserved for it). At 4096 blocks, checkpoints came
 /// so often after a snapshot (old blocks' table entries are spread thin) that random writes ran at 0.59x.
@@ -1274,8 +1279,11 @@ impl State {
     /// Checkpoint when the log since the last one, or the dirty metadata, has grown past its bound.
     pub(crate) fn maybe_checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
         let dirty = self.index.dirty_node_count() as u64 + self.index.bt.dirty_page_count() as u64;
+        let early = self.checkpoint_interval_blocks / EARLY_CHECKPOINT_SHARE;
         if self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
             || dirty >= self.max_dirty_metadata_blocks
+            || (self.log.blocks_since_checkpoint >= early
+                && self.segs.emptied_since_checkpoint() * self.segs.blocks_per_segment >= early)
         {
             // When free segments run low, the checkpoint is a cleaning pass (cost-benefit): space comes back a
             // little at a time, before writes have to wait for a greedy clean.
