@@ -419,6 +419,8 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
 struct Api {
     base: String,
     key: String,
+    /// Where the key came from, for the error a wrong one gets (HTTP 401).
+    key_source: String,
     agent: ureq::Agent,
     /// For streams: no limit on the whole call, only on each read and write.
     streaming: ureq::Agent,
@@ -443,39 +445,40 @@ impl Api {
         };
         let (server, remote) = match &conn.server {
             Some(url) => {
-                let r = config.remotes.values().find(|r| r.url.trim_end_matches('/') == url.trim_end_matches('/'));
-                (url.clone(), r.cloned())
+                let r = config.remotes.iter().find(|(_, r)| r.url.trim_end_matches('/') == url.trim_end_matches('/'));
+                (url.clone(), r.map(|(n, r)| (n.clone(), r.clone())))
             }
             None => match config.pick(conn.remote.as_deref()).map_err(|e| anyhow!(e))? {
-                Some((_, r)) => (r.url.clone(), Some(r.clone())),
+                Some((name, r)) => (r.url.clone(), Some((name.to_string(), r.clone()))),
                 None => (DEFAULT_SERVER.to_string(), None),
             },
         };
-        let ca = conn.ca_cert.clone().or_else(|| remote.as_ref().and_then(|r| r.ca_cert.clone()));
-        let remote_key = remote.map(|r| r.key);
+        let ca = conn.ca_cert.clone().or_else(|| remote.as_ref().and_then(|(_, r)| r.ca_cert.clone()));
         // The key: BLOCKMESH_API_KEY, else the remote's, else the local daemon's key file.
-        let key = match std::env::var("BLOCKMESH_API_KEY") {
-            Ok(k) if !k.trim().is_empty() => k.trim().to_string(),
-            _ => match remote_key {
-                Some(k) => k,
+        let (key, source) = match std::env::var("BLOCKMESH_API_KEY") {
+            Ok(k) if !k.trim().is_empty() => (k.trim().to_string(), "BLOCKMESH_API_KEY".to_string()),
+            _ => match remote {
+                Some((name, r)) => (r.key, format!("remote {name}'s stored key (blockmesh remote add {name} ...)")),
                 None => {
                     let dir = conn.data_dir.clone().unwrap_or_else(crate::default_data_dir);
                     let path = api::key_path(&dir);
-                    std::fs::read_to_string(&path).map(|k| k.trim().to_string()).with_context(|| {
+                    let key = std::fs::read_to_string(&path).map(|k| k.trim().to_string()).with_context(|| {
                         format!(
                             "no API key: set BLOCKMESH_API_KEY, add the daemon as a remote (blockmesh remote add), \
                              or point --data-dir at the daemon's data directory (could not read {})",
                             path.display()
                         )
-                    })?
+                    })?;
+                    (key, format!("{} (--data-dir)", path.display()))
                 }
             },
         };
-        Self::with(&server, key, conn.output, ca.as_deref())
+        Self::with(&server, key, &source, conn.output, ca.as_deref())
     }
 
-    /// A client of the API at `server`; `ca`: the PEM file its certificate is trusted by (https).
-    fn with(server: &str, key: String, output: Output, ca: Option<&Path>) -> Result<Self> {
+    /// A client of the API at `server`; `key_source`: where `key` came from; `ca`: the PEM file its certificate is
+    /// trusted by (https).
+    fn with(server: &str, key: String, key_source: &str, output: Output, ca: Option<&Path>) -> Result<Self> {
         let mut agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT);
         let mut streaming = ureq::AgentBuilder::new()
             .timeout_connect(CONNECT_TIMEOUT)
@@ -489,6 +492,7 @@ impl Api {
         Ok(Self {
             base: server.trim_end_matches('/').to_string(),
             key,
+            key_source: key_source.to_string(),
             agent: agent.build(),
             streaming: streaming.build(),
             output,
@@ -505,6 +509,14 @@ impl Api {
             Ok(r) => Ok(r),
             Err(ureq::Error::Status(code, r)) => {
                 let msg = r.into_json::<ErrorBody>().map(|b| b.error).unwrap_or_else(|_| "no message".to_string());
+                if code == 401 {
+                    bail!(
+                        "{msg} (HTTP 401): the daemon at {} refused the key from {}; use the key in that daemon's \
+                         DATA_DIR/api-key (BLOCKMESH_API_KEY, --data-dir, or blockmesh remote add --key-file)",
+                        self.base,
+                        self.key_source
+                    )
+                }
                 bail!("{msg} (HTTP {code})")
             }
             Err(ureq::Error::Transport(t)) => Err(anyhow!(
@@ -743,7 +755,7 @@ fn remote(what: RemoteCommand) -> Result<()> {
                 .map(|f| std::fs::canonicalize(&f).with_context(|| format!("finding {}", f.display())))
                 .transpose()?;
             if !no_check {
-                let api = Api::with(&url, key.clone(), output, ca_cert.as_deref())?;
+                let api = Api::with(&url, key.clone(), "the key given", output, ca_cert.as_deref())?;
                 let _: ServerInfo = api.get("/v1/info").with_context(|| format!("checking {url} with that key"))?;
             }
             let replaced = config.remotes.insert(name.clone(), Remote { url: url.clone(), key, ca_cert }).is_some();
@@ -800,7 +812,10 @@ fn remote(what: RemoteCommand) -> Result<()> {
 fn remote_api(name: &str, output: Output) -> Result<Api> {
     let (_, config) = load_remotes()?;
     match config.pick(Some(name)).map_err(|e| anyhow!(e))? {
-        Some((_, r)) => Api::with(&r.url, r.key.clone(), output, r.ca_cert.as_deref()),
+        Some((n, r)) => {
+            let source = format!("remote {n}'s stored key (blockmesh remote add {n} ...)");
+            Api::with(&r.url, r.key.clone(), &source, output, r.ca_cert.as_deref())
+        }
         None => bail!("{name} means the local daemon; push and pull need a remote (blockmesh remote add)"),
     }
 }

@@ -78,6 +78,8 @@ fn push_and_pull_move_only_missing_commits() {
     let (code, _, err) = a.cli(&["push", "bad", "db"]);
     assert_eq!(code, 1);
     assert!(err.contains("wrong API key"), "{err}");
+    // the error names where the key came from and where the right one is
+    assert!(err.contains("remote bad's stored key") && err.contains("DATA_DIR/api-key"), "{err}");
 }
 
 #[test]
