@@ -8,10 +8,14 @@
 # Workloads: 1M sequential write and read at iodepth 4, 4K random write and read at iodepth 16, over a 1 GiB export
 # (the sequential write fills it first, so reads read data). Ratios are against qemu-nbd raw and nbdkit measured in
 # the same run; the table goes into benches/RESULTS.md.
-# Usage: benches/nbd/compare.sh [seconds per run, default 10]
+# This machine's speed moves by up to 2x between runs a minute apart (one server's 1M writes measured 353 and 1,877 MB/s
+# in two runs), so the servers take turns in rounds: each round runs every server once, and the table compares the
+# medians over the rounds (with each round's own ratio to nbdkit beside them).
+# Usage: benches/nbd/compare.sh [seconds per run, default 10] [rounds, default 3]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 secs=${1:-10}
+rounds=${2:-3}
 work=${BENCH_DIR:-$PWD/target/bench-work}/nbd
 rm -rf "$work"
 mkdir -p "$work"
@@ -28,13 +32,13 @@ stop() { if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/
 trap stop EXIT
 wait_socket() { for _ in $(seq 200); do [ -S "$sock" ] && return 0; sleep 0.05; done; echo "server did not start" >&2; exit 1; }
 
-fio_run() { # who uri name rw bs iodepth
+fio_run() { # who uri name rw bs iodepth (and $round)
   fio --name="$3" --ioengine=nbd --uri="$2" --rw="$4" --bs="$5" --iodepth="$6" --size=1G \
       --time_based --runtime="$secs" --output-format=json 2>"$work/fio.err" |
     python3 -c "
 import json,sys
 t=sys.stdin.read(); j=json.loads(t[t.index('{'):])['jobs'][0]; k='write' if 'write' in '$4' else 'read'
-print(json.dumps({'who':'$1','workload':'$3','iops':j[k]['iops'],'mbps':j[k]['bw_bytes']/1e6,
+print(json.dumps({'round':$round,'who':'$1','workload':'$3','iops':j[k]['iops'],'mbps':j[k]['bw_bytes']/1e6,
                   'lat_us':j[k]['clat_ns']['mean']/1e3}))" >> "$out"
 }
 # Each server starts from a synced and (as root) dropped page cache, so none inherits another's cached or dirty pages.
@@ -47,59 +51,71 @@ suite() { # who uri
   fio_run "$1" "$2" "4K rand read qd16" randread 4k 16
 }
 
-# blockmesh
-target/release/nbd-bench-server "$work/pool.bm" "$sock" --pool-gib 32 --volume-mib 1024 & pid=$!
-wait_socket
-suite blockmesh "nbd+unix:///bench?socket=$sock"
-stop
+for round in $(seq "$rounds"); do
+  # blockmesh
+  target/release/nbd-bench-server "$work/pool.bm" "$sock" --pool-gib 32 --volume-mib 1024 & pid=$!
+  wait_socket
+  suite blockmesh "nbd+unix:///bench?socket=$sock"
+  stop
 
-# qemu-nbd, raw
-truncate -s 1G "$work/disk.raw"
-qemu-nbd -t -f raw -k "$sock" -x bench --discard=unmap "$work/disk.raw" & pid=$!
-wait_socket
-suite "qemu-nbd raw" "nbd+unix:///bench?socket=$sock"
-stop
+  # qemu-nbd, raw
+  truncate -s 1G "$work/disk.raw"
+  qemu-nbd -t -f raw -k "$sock" -x bench --discard=unmap "$work/disk.raw" & pid=$!
+  wait_socket
+  suite "qemu-nbd raw" "nbd+unix:///bench?socket=$sock"
+  stop
 
-# qemu-nbd, qcow2
-qemu-img create -q -f qcow2 "$work/disk.qcow2" 1G
-qemu-nbd -t -f qcow2 -k "$sock" -x bench --discard=unmap "$work/disk.qcow2" & pid=$!
-wait_socket
-suite "qemu-nbd qcow2" "nbd+unix:///bench?socket=$sock"
-stop
+  # qemu-nbd, qcow2
+  qemu-img create -q -f qcow2 "$work/disk.qcow2" 1G
+  qemu-nbd -t -f qcow2 -k "$sock" -x bench --discard=unmap "$work/disk.qcow2" & pid=$!
+  wait_socket
+  suite "qemu-nbd qcow2" "nbd+unix:///bench?socket=$sock"
+  stop
 
-# nbdkit file plugin
-rm -f "$work/disk.raw"
-truncate -s 1G "$work/disk.raw"
-nbdkit -f -U "$sock" -e bench file "$work/disk.raw" & pid=$!
-wait_socket
-suite "nbdkit file" "nbd+unix:///bench?socket=$sock"
-stop
+  # nbdkit file plugin
+  rm -f "$work/disk.raw"
+  truncate -s 1G "$work/disk.raw"
+  nbdkit -f -U "$sock" -e bench file "$work/disk.raw" & pid=$!
+  wait_socket
+  suite "nbdkit file" "nbd+unix:///bench?socket=$sock"
+  stop
+  rm -f "$work/pool.bm" "$work/disk.raw" "$work/disk.qcow2"
+done
 
 commit=$(git rev-parse --short HEAD)
-python3 - "$out" "$secs" "$commit" <<'PY'
-import json, re, sys, datetime
+python3 - "$out" "$secs" "$commit" "$rounds" <<'PY'
+import json, re, sys, datetime, statistics
 rows = [json.loads(l) for l in open(sys.argv[1])]
-secs, commit = sys.argv[2], sys.argv[3]
-by = {(r["who"], r["workload"]): r for r in rows}
+secs, commit, rounds = sys.argv[2], sys.argv[3], int(sys.argv[4])
+def median_row(rs):
+    return {k: statistics.median(r[k] for r in rs) for k in ("iops", "mbps", "lat_us")}
+by = {}
+for key in {(r["who"], r["workload"]) for r in rows}:
+    by[key] = median_row([r for r in rows if (r["who"], r["workload"]) == key])
+per_round = {(r["round"], r["who"], r["workload"]): r for r in rows}
 workloads = ["4K rand write qd16", "4K rand read qd16", "1M seq write qd4", "1M seq read qd4"]
 servers = ["blockmesh", "qemu-nbd raw", "qemu-nbd qcow2", "nbdkit file"]
 def fig(r, w):
     return f"{r['mbps']:.0f} MB/s" if w.startswith("1M") else f"{r['iops']:.0f} IOPS"
 lines = ["## NBD servers side by side (issue #4)", "",
-         f"Command: `benches/nbd/compare.sh {secs}` ({datetime.date.today()}, commit {commit}, 2 cores, ext4 on one "
-         f"virtual disk). fio {secs} s per run, `--ioengine=nbd` (libnbd) over a Unix socket, 1 GiB export filled by "
-         "the sequential write first; every server on a file in the same directory, through the page cache.", "",
-         "| workload | " + " | ".join(servers) + " | blockmesh / qemu-nbd raw | blockmesh / nbdkit | target |",
-         "|---|" + "---|" * (len(servers) + 3)]
+         f"Command: `benches/nbd/compare.sh {secs} {rounds}` ({datetime.date.today()}, commit {commit}, 2 cores, ext4 "
+         f"on one virtual disk). fio {secs} s per run, `--ioengine=nbd` (libnbd) over a Unix socket, 1 GiB export "
+         "filled by the sequential write first; every server on a file in the same directory, through the page "
+         f"cache. {rounds} rounds, each running every server in turn; figures are medians over the rounds, ratios "
+         "are of the medians, and the last column gives each round's own ratio to nbdkit.", "",
+         "| workload | " + " | ".join(servers) + " | blockmesh / qemu-nbd raw | blockmesh / nbdkit | target | per round / nbdkit |",
+         "|---|" + "---|" * (len(servers) + 4)]
 for w in workloads:
     b = by[("blockmesh", w)]
     q = by[("qemu-nbd raw", w)]
     k = by[("nbdkit file", w)]
     target = ">= 1.2x qemu-nbd raw, >= 1.0x nbdkit" if w.startswith("4K") else ">= 1.0x qemu-nbd raw, >= 1.0x nbdkit"
     cells = [fig(by[(s, w)], w) for s in servers]
-    lines.append(f"| {w} | " + " | ".join(cells) + f" | **{b['iops']/q['iops']:.2f}x** | **{b['iops']/k['iops']:.2f}x** | {target} |")
+    each = ", ".join(f"{per_round[(n, 'blockmesh', w)]['iops'] / per_round[(n, 'nbdkit file', w)]['iops']:.2f}x"
+                     for n in range(1, rounds + 1))
+    lines.append(f"| {w} | " + " | ".join(cells) + f" | **{b['iops']/q['iops']:.2f}x** | **{b['iops']/k['iops']:.2f}x** | {target} | {each} |")
 lines.append("")
-lines.append("Mean completion latency (us): " + "; ".join(
+lines.append("Mean completion latency (us, median over the rounds): " + "; ".join(
     f"{w}: " + ", ".join(f"{s} {by[(s, w)]['lat_us']:.0f}" for s in servers) for w in workloads) + ".")
 lines.append("")
 section = "\n".join(lines)
