@@ -51,7 +51,13 @@ fn workload(pool: &Pool, model: &mut Model, seed: u64, ops: usize) -> Result<()>
                 model.flushed();
             }
             17 => {
-                pool.checkpoint()?;
+                // a checkpoint, or a cleaning (a checkpoint, then moving passes that copy live blocks out of
+                // partly dead segments [I13])
+                if rng.random_bool(0.5) {
+                    pool.checkpoint()?;
+                } else {
+                    pool.clean()?;
+                }
                 model.flushed();
             }
             18 => {
@@ -91,8 +97,8 @@ fn open_checked(dev: Arc<SimDevice>, pool_id: u64) -> Pool {
     pool
 }
 
-/// One crash point: returns the I/O count of the uncut workload when `cut` is `None`.
-fn crash_at(seed: u64, ops: usize, cut: Option<u64>) -> u64 {
+/// One crash point; when `cut` is `None`, the uncut workload: returns its I/O count and the moving passes it ran.
+fn crash_at(seed: u64, ops: usize, cut: Option<u64>) -> (u64, u64) {
     let dev = SimDevice::new(POOL_BYTES);
     let pool = Pool::create(dev.clone(), small_opts(seed)).unwrap();
     let start = dev.io_count();
@@ -105,6 +111,7 @@ fn crash_at(seed: u64, ops: usize, cut: Option<u64>) -> u64 {
     if cut.is_none() {
         r.unwrap();
     }
+    let moving = pool.stats().moving_passes;
     let image = dev.crash(seed.wrapping_add(cut.unwrap_or(0)));
     drop(pool); // dropping flushes nothing
     let pool = open_checked(image.clone(), seed);
@@ -129,27 +136,30 @@ fn crash_at(seed: u64, ops: usize, cut: Option<u64>) -> u64 {
     let pool = open_checked(image2, seed);
     model.recovered(&pool);
     pool.close().unwrap();
-    ios
+    (ios, moving)
 }
 
-fn sweep(seeds: std::ops::Range<u64>, ops: usize) -> u64 {
-    let mut points = 0;
+/// Crash points cut, and the moving passes of the uncut workloads (whose I/Os are among those cut).
+fn sweep(seeds: std::ops::Range<u64>, ops: usize) -> (u64, u64) {
+    let (mut points, mut moving) = (0, 0);
     for seed in seeds {
-        let ios = crash_at(seed, ops, None);
+        let (ios, passes) = crash_at(seed, ops, None);
+        moving += passes;
         for k in 0..ios {
             crash_at(seed, ops, Some(k));
             points += 1;
         }
     }
-    points
+    (points, moving)
 }
 
 #[test]
 fn crash_at_every_io_of_seeded_workloads() {
     let seeds: u64 = std::env::var("CRASH_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
-    let points = sweep(0..seeds, 120);
-    eprintln!("crash sweep: {seeds} seeds, {points} crash points, 0 flushed writes lost");
+    let (points, moving) = sweep(0..seeds, 120);
+    eprintln!("crash sweep: {seeds} seeds, {points} crash points ({moving} moving passes), 0 flushed writes lost");
     assert!(points > seeds * 20, "the sweep must cover many crash points, got {points}");
+    assert!(moving > 0, "the workloads must reach moving passes");
 }
 
 /// A crash while the pool is being opened (replay and its checkpoint) must leave it openable, losing nothing flushed.
@@ -199,7 +209,7 @@ fn crash_during_recovery() {
 fn an_io_error_at_every_io_reaches_the_caller_and_the_pool_reopens_whole() {
     let mut points = 0u64;
     for seed in 200..204u64 {
-        let ios = crash_at(seed, 60, None);
+        let (ios, _) = crash_at(seed, 60, None);
         for n in 0..ios {
             for fail_from in [false, true] {
                 let dev = SimDevice::new(POOL_BYTES);
