@@ -35,6 +35,16 @@
 //! | `POST /v1/receive?offset=N` | a stream | [`Received`]; with `offset`, resumes the interrupted receive of the stream's commit |
 //! | `GET /v1/receives` | | `[`[`PendingReceive`]`]`: interrupted receives that can resume |
 //! | `DELETE /v1/receives/{commit}` | | `{}`: drops what an interrupted receive kept |
+//! | `POST /v1/dots/{ns}/{name}/push` | [`TransferRequest`] | newline-delimited JSON [`Event`](crate::transfer::Event)s: this daemon sends the branch's missing commits to the daemon at `url` |
+//! | `POST /v1/dots/{ns}/{name}/pull` | [`TransferRequest`] | the same, the daemon at `url` sending to this one |
+//!
+//! Push and pull run [`crate::transfer::sync`] here, the streams flowing between the two daemons only: this daemon
+//! must reach the other at `url`. What can be checked before any data moves is answered as an error (400 bad body,
+//! 404 unknown dot or branch, 409 diverged histories without `force`, 502 the other daemon unreachable, refusing the
+//! key or failing, 429 when [`MAX_TRANSFERS`] run already); then a 200 answer streams progress lines (at most every
+//! [`PROGRESS_INTERVAL`](crate::transfer::PROGRESS_INTERVAL)) and ends with one `{"summary": ...}` or
+//! `{"error": "..."}` line. A client that goes away stops the transfer at its next chunk; the receiving daemon keeps
+//! what arrived of the commit in flight, and the next push or pull resumes it.
 //!
 //! Checkout, reset and delete are refused (409) while NBD clients are connected to the dot (to its heads; for delete,
 //! to any of its exports), unless forced (`"force": true`, `?force=true`), which closes those connections first: each
@@ -56,9 +66,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use blockmesh_engine::{CommitId, CommitRequest, DotInfo, Error as EngineError, Pool, DEFAULT_SUBDOT};
 
+use crate::api_client::{ApiClient, Hints, Limits};
 use crate::metrics::Metrics;
 use crate::nbd_export::{Sessions, Which};
 use crate::qos::{limited_subdots, limits_of, QosLimits, QosRegistry, SetError};
+use crate::transfer::{self, Direction, Event, Kind, Observer, Side, Stop, Stream};
 use serde::{Deserialize, Serialize};
 
 /// Name of the admin key file in the data directory.
@@ -354,6 +366,38 @@ pub struct PendingReceive {
     pub data_bytes: u64,
 }
 
+/// What `POST /v1/dots/{ns}/{name}/push` and `.../pull` need: the other daemon and what to transfer.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransferRequest {
+    /// The other daemon's control API, `http://host:port` or `https://...`, as this daemon reaches it.
+    pub url: String,
+    /// The other daemon's API key (its DATA_DIR/api-key); never logged nor repeated in an answer.
+    pub api_key: String,
+    /// PEM text of the CA (or self-signed certificate) an https `url` is trusted by [default: the usual web roots].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert_pem: Option<String>,
+    /// The branch [default: the sending side's current branch].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Move the receiving side's branch even when the histories have diverged (closing the NBD connections to its
+    /// head there).
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl std::fmt::Debug for TransferRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // never the key
+        f.debug_struct("TransferRequest")
+            .field("url", &self.url)
+            .field("ca_cert_pem", &self.ca_cert_pem.is_some())
+            .field("branch", &self.branch)
+            .field("force", &self.force)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct SendQuery {
     commit: String,
@@ -502,6 +546,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/dots/{ns}/{name}/resize", post(resize))
         .route("/v1/dots/{ns}/{name}/qos", get(show_qos).put(change_qos))
         .route("/v1/dots/{ns}/{name}/send", get(send))
+        .route("/v1/dots/{ns}/{name}/push", post(push))
+        .route("/v1/dots/{ns}/{name}/pull", post(pull))
         .route("/v1/receive", post(receive))
         .route("/v1/receives", get(pending_receives))
         .route("/v1/receives/{commit}", axum::routing::delete(abort_receive))
@@ -1013,13 +1059,19 @@ async fn reset(
     let dot = format!("{ns}/{name}");
     clear_sessions(&s, &dot, Which::Heads, req.force, "reset it")?;
     with_pool_durable(s, move |pool| {
-        let info = pool.dot(&dot)?;
-        let commit = resolve_commit(pool, &info, &req.commit)?;
-        let branch = req.branch.unwrap_or(info.current_branch);
-        pool.reset_branch(&dot, &branch, commit)?;
+        reset_branch(pool, &dot, req.branch.as_deref(), &req.commit)?;
         Ok(Json(dot_json(pool.dot(&dot)?)))
     })
     .await
+}
+
+/// Moves `dot`'s `branch` (the current one when none) to `commit` (id, prefix or branch name).
+fn reset_branch(pool: &Pool, dot: &str, branch: Option<&str>, commit: &str) -> Result<(), ApiError> {
+    let info = pool.dot(dot)?;
+    let commit = resolve_commit(pool, &info, commit)?;
+    let branch = branch.unwrap_or(&info.current_branch);
+    pool.reset_branch(dot, branch, commit)?;
+    Ok(())
 }
 
 async fn clone_dot(
@@ -1162,26 +1214,11 @@ async fn send(
     let dot = format!("{ns}/{name}");
     let offset = q.offset.unwrap_or(0);
     let d = dot.clone();
-    let (commit, base, size) = with_pool(s.clone(), move |pool| {
-        let info = pool.dot(&d)?;
-        let commit = resolve_commit(pool, &info, &q.commit)?;
-        let base = match &q.from {
-            Some(b) => Some(resolve_commit(pool, &info, b)?),
-            None => None,
-        };
-        Ok((commit, base, pool.send_size(&d, commit, base, offset)?))
-    })
-    .await?;
+    let (commit, base, size) =
+        with_pool(s.clone(), move |pool| send_size(pool, &d, &q.commit, q.from.as_deref(), offset)).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_CHANNEL_CHUNKS);
     let pool = s.pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut w = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_CHUNK_BYTES) };
-        if let Err(e) = pool.send_from(&dot, commit, base, offset, &mut w) {
-            tracing::error!(dot, %commit, error = %e, "send failed part way");
-            // an error chunk aborts the response: the client sees a stream without its trailer
-            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-        }
-    });
+    tokio::task::spawn_blocking(move || send_into(&pool, &dot, commit, base, offset, tx));
     let chunks = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
     Response::builder()
         .header(header::CONTENT_TYPE, "application/octet-stream")
@@ -1189,6 +1226,44 @@ async fn send(
         .header("x-blockmesh-commit", commit.to_string())
         .body(axum::body::Body::from_stream(chunks))
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// The commit (id, prefix or branch name) and base a send of `dot` streams, and the stream's length from `offset` on.
+fn send_size(
+    pool: &Pool,
+    dot: &str,
+    commit: &str,
+    from: Option<&str>,
+    offset: u64,
+) -> Result<(CommitId, Option<CommitId>, u64), ApiError> {
+    let info = pool.dot(dot)?;
+    let commit = resolve_commit(pool, &info, commit)?;
+    let base = match from {
+        Some(b) => Some(resolve_commit(pool, &info, b)?),
+        None => None,
+    };
+    Ok((commit, base, pool.send_size(dot, commit, base, offset)?))
+}
+
+/// Writes the send stream of `commit` (blocking) into `tx`, in chunks of [`STREAM_CHUNK_BYTES`]. A failure part way
+/// ends it with an error chunk, which aborts a response: the reader sees a stream without its trailer.
+fn send_into(
+    pool: &Pool,
+    dot: &str,
+    commit: CommitId,
+    base: Option<CommitId>,
+    offset: u64,
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+) {
+    let mut w = ChannelWriter { tx: tx.clone(), buf: Vec::with_capacity(STREAM_CHUNK_BYTES) };
+    if let Err(e) = pool.send_from(dot, commit, base, offset, &mut w) {
+        if tx.is_closed() {
+            tracing::info!(dot, %commit, "send stopped part way: its reader went away");
+        } else {
+            tracing::error!(dot, %commit, error = %e, "send failed part way");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    }
 }
 
 async fn receive(
@@ -1274,6 +1349,272 @@ async fn abort_receive(State(s): State<Arc<ApiState>>, Path(commit): Path<String
         Ok(Json(serde_json::json!({})))
     })
     .await
+}
+
+/// Pushes and pulls this daemon runs at once, at most; one more is refused at once with 429 (Too Many Requests), not
+/// queued: each holds connections to another daemon and a client for as long as it runs.
+pub const MAX_TRANSFERS: usize = 4;
+/// A push's or pull's connection to the other daemon must be made within this.
+pub const REMOTE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A control call to the other daemon (a listing, a branch, a reset) must be answered within this.
+pub const REMOTE_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// A stream to or from the other daemon may stall this long (no byte read or written) before the transfer fails;
+/// shorter than the client's own idle timeout, so the client hears why.
+pub const REMOTE_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Lines of a push's or pull's answer waiting for the client, at most; progress lines are dropped rather than wait.
+const PROGRESS_CHANNEL_LINES: usize = 16;
+/// Of [`PROGRESS_CHANNEL_LINES`], the room progress lines leave for the last ones (a note, the summary or error).
+const FINAL_LINES: usize = 2;
+
+/// Pushes and pulls running in this process (the daemon).
+static TRANSFERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One of the [`MAX_TRANSFERS`] places, given back when dropped.
+#[derive(Debug)]
+struct TransferSlot;
+
+impl TransferSlot {
+    /// A place, or none when all are taken.
+    fn take() -> Option<Self> {
+        use std::sync::atomic::Ordering::SeqCst;
+        TRANSFERS.fetch_update(SeqCst, SeqCst, |n| (n < MAX_TRANSFERS).then_some(n + 1)).ok().map(|_| TransferSlot)
+    }
+}
+
+impl Drop for TransferSlot {
+    fn drop(&mut self) {
+        TRANSFERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl From<ApiError> for transfer::Error {
+    fn from(e: ApiError) -> Self {
+        let kind = match e.status {
+            StatusCode::BAD_REQUEST => Kind::BadRequest,
+            StatusCode::NOT_FOUND => Kind::NotFound,
+            StatusCode::CONFLICT => Kind::Conflict,
+            _ => Kind::Failed,
+        };
+        transfer::Error::new(kind, e.message)
+    }
+}
+
+impl From<transfer::Error> for ApiError {
+    fn from(e: transfer::Error) -> Self {
+        let status = match e.kind {
+            Kind::BadRequest => StatusCode::BAD_REQUEST,
+            Kind::NotFound => StatusCode::NOT_FOUND,
+            Kind::Conflict => StatusCode::CONFLICT,
+            Kind::Unreachable | Kind::Refused | Kind::Remote => StatusCode::BAD_GATEWAY,
+            Kind::Stopped | Kind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.message)
+    }
+}
+
+/// This daemon's side of a push or pull: its pool, called directly (blocking: run it off the event loop).
+#[derive(Debug)]
+struct PoolSide {
+    state: Arc<ApiState>,
+}
+
+impl PoolSide {
+    /// `f` on the pool; an unknown dot's error lists the names closest to it.
+    fn engine<T>(&self, f: impl FnOnce(&Pool) -> Result<T, ApiError>) -> transfer::Result<T> {
+        let pool = &self.state.pool;
+        f(pool).map_err(|e| e.with_suggestions(pool).into())
+    }
+}
+
+impl Side for PoolSide {
+    fn dot(&self, dot: &str) -> transfer::Result<Dot> {
+        self.engine(|pool| Ok(dot_json(pool.dot(dot)?)))
+    }
+
+    fn log(&self, dot: &str, branch: &str) -> transfer::Result<Vec<Commit>> {
+        self.engine(|pool| Ok(pool.log(dot, Some(branch))?.into_iter().map(commit_json).collect()))
+    }
+
+    fn all_commits(&self, dot: &str) -> transfer::Result<Vec<Commit>> {
+        self.engine(|pool| Ok(pool.commits(dot)?.into_iter().map(commit_json).collect()))
+    }
+
+    fn pending_receives(&self) -> transfer::Result<Vec<PendingReceive>> {
+        self.engine(pending_json)
+    }
+
+    fn send(&self, dot: &str, commit: &str, base: Option<&str>, offset: u64) -> transfer::Result<Stream> {
+        let (commit, base, size) = self.engine(|pool| send_size(pool, dot, commit, base, offset))?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(STREAM_CHANNEL_CHUNKS);
+        let (pool, d) = (self.state.pool.clone(), dot.to_string());
+        std::thread::Builder::new()
+            .name("blockmesh-send".to_string())
+            .spawn(move || send_into(&pool, &d, commit, base, offset, tx))
+            .map_err(|e| transfer::Error::new(Kind::Failed, format!("starting the send of {commit}: {e}")))?;
+        Ok(Stream { reader: Box::new(ChannelReader { rx, cur: Bytes::new() }), len: Some(size) })
+    }
+
+    fn receive(&self, offset: u64, stream: &mut dyn std::io::Read) -> transfer::Result<()> {
+        self.engine(|pool| {
+            match offset {
+                0 => pool.receive(stream)?,
+                _ => pool.resume_receive(stream, offset)?,
+            };
+            Ok(())
+        })
+    }
+
+    fn create_branch(&self, dot: &str, branch: &str, from: &str) -> transfer::Result<()> {
+        self.engine(|pool| {
+            let from = resolve_commit(pool, &pool.dot(dot)?, from)?;
+            pool.create_branch(dot, branch, Some(from))?;
+            Ok(pool.flush()?)
+        })
+    }
+
+    fn reset(&self, dot: &str, branch: &str, commit: &str, force: bool) -> transfer::Result<()> {
+        clear_sessions(&self.state, dot, Which::Heads, force, "reset it")?;
+        self.engine(|pool| {
+            reset_branch(pool, dot, Some(branch), commit)?;
+            Ok(pool.flush()?)
+        })
+    }
+}
+
+/// The other daemon of a push or pull, as `req` names it (400 when it does not make sense).
+fn remote_side(req: &TransferRequest) -> Result<ApiClient, ApiError> {
+    let url = req.url.trim();
+    let host = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    if host.is_none_or(|h| h.is_empty() || h.starts_with('/') || h.contains(char::is_whitespace)) {
+        return Err(ApiError::bad_request(format!(
+            "url {url:?} is not the http:// or https:// URL of a daemon's control API (http://HOST:PORT)"
+        )));
+    }
+    let key = req.api_key.trim();
+    if key.is_empty() {
+        return Err(ApiError::bad_request("api_key is empty: give the other daemon's key (its DATA_DIR/api-key)"));
+    }
+    let tls = match &req.ca_cert_pem {
+        Some(pem) => Some(crate::api_client::trusting(pem.as_bytes(), "ca_cert_pem").map_err(ApiError::bad_request)?),
+        None => None,
+    };
+    let hints = Hints {
+        key_source: "the api_key given for it".to_string(),
+        key_fix: String::new(),
+        unreachable: "; is it running, and can this daemon reach that address (routes, firewalls)? push or pull with \
+                      --relay carries the data through the client instead"
+            .to_string(),
+    };
+    let limits = Limits {
+        connect: REMOTE_CONNECT_TIMEOUT,
+        call: REMOTE_CALL_TIMEOUT,
+        stream_idle: REMOTE_IDLE_TIMEOUT,
+        redirects: 0,
+    };
+    Ok(ApiClient::new(url, key.to_string(), hints, limits, tls))
+}
+
+/// The answer to a push or pull: [`Event`]s as newline-delimited JSON. Watches the client: once it went away (the
+/// answer's body was dropped), the transfer stops.
+#[derive(Debug)]
+struct Lines {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    /// When the last progress line went.
+    last: Option<std::time::Instant>,
+}
+
+impl Lines {
+    fn send(&self, event: &Event) -> Result<(), Stop> {
+        let mut line = serde_json::to_vec(event).map_err(|_| Stop)?;
+        line.push(b'\n');
+        self.tx.try_send(Ok(Bytes::from(line))).map_err(|_| Stop)
+    }
+}
+
+impl Observer for Lines {
+    fn progress(&mut self, p: &transfer::Progress) -> Result<(), Stop> {
+        if self.tx.is_closed() {
+            return Err(Stop);
+        }
+        let due = self.last.is_none_or(|t| t.elapsed() >= transfer::PROGRESS_INTERVAL);
+        // a client slow to read misses progress lines, never the last ones
+        if due && self.tx.capacity() > FINAL_LINES {
+            self.last = Some(std::time::Instant::now());
+            self.send(&Event::Progress(p.clone()))?;
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, text: &str) {
+        let _ = self.send(&Event::Note(text.to_string()));
+    }
+}
+
+async fn push(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    push_or_pull(s, format!("{ns}/{name}"), Direction::Push, &body).await
+}
+
+async fn pull(
+    State(s): State<Arc<ApiState>>,
+    Path((ns, name)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    push_or_pull(s, format!("{ns}/{name}"), Direction::Pull, &body).await
+}
+
+/// Plans the transfer (its refusals are the answer's status), then runs it while streaming its progress.
+async fn push_or_pull(s: Arc<ApiState>, dot: String, direction: Direction, body: &Bytes) -> Result<Response, ApiError> {
+    let req: TransferRequest = parse(body)?;
+    let remote = remote_side(&req)?;
+    let what = direction.verb();
+    let slot = TransferSlot::take().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("this daemon runs {MAX_TRANSFERS} pushes and pulls already, its most at once; try again when one is done"),
+        )
+    })?;
+    let url = remote.base().to_string();
+    let local: Box<dyn Side + Send> = Box::new(PoolSide { state: s });
+    let remote: Box<dyn Side + Send> = Box::new(remote);
+    let (src, dst) = match direction {
+        Direction::Push => (local, remote),
+        Direction::Pull => (remote, local),
+    };
+    let d = dot.clone();
+    let (plan, src, dst) = tokio::task::spawn_blocking(move || {
+        let order = transfer::Order { dot: &d, branch: req.branch.as_deref(), direction, force: req.force };
+        let plan = transfer::plan(&*src, &*dst, order);
+        (plan, src, dst)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{what} task failed: {e}")))?;
+    let plan = plan.inspect_err(|e| tracing::info!(dot, remote = %url, error = %e, "{what} refused"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(PROGRESS_CHANNEL_LINES);
+    tokio::task::spawn_blocking(move || {
+        let _slot = slot;
+        let mut lines = Lines { tx, last: None };
+        let last = match transfer::run(plan, &*src, &*dst, &mut lines) {
+            Ok(summary) => {
+                tracing::info!(dot, remote = %url, commits = summary.commits.len(), bytes = summary.bytes, "{what} done");
+                Event::Summary(summary)
+            }
+            Err(e) => {
+                tracing::warn!(dot, remote = %url, error = %e, "{what} failed");
+                Event::Error(e.message)
+            }
+        };
+        // nobody to tell when the client went away
+        let _ = lines.send(&last);
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(axum::body::Body::from_stream(lines))
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 /// The admin key in `path`, generated (32 random bytes, hex, mode 0600) when the file does not exist. Returns the

@@ -7,21 +7,21 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockmesh::api::{
-    self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, ErrorBody, GcResult,
-    InitRequest, PendingReceive, PoolStatus, QosRequest, Received, ResetRequest, ResizeRequest, ScrubResult,
-    ServerInfo,
+    self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, GcResult, InitRequest,
+    PendingReceive, PoolStatus, QosRequest, Received, ResetRequest, ResizeRequest, ScrubResult, ServerInfo,
+    TransferRequest,
 };
+use blockmesh::api_client::{ApiClient, CallError, Hints, Limits};
 use blockmesh::qos::QosLimits;
 use blockmesh::remotes::{self, Remote, Remotes};
 use blockmesh::size::{format_size, parse_size};
+use blockmesh::transfer::{self, short, Direction, Event, Observer, Progress, Stop, SyncSummary};
 use blockmesh_engine::DEFAULT_SUBDOT;
 use clap::{Subcommand, ValueEnum};
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// How long the client waits for the daemon to answer one call.
@@ -312,8 +312,9 @@ pub enum ClientCommand {
         conn: Conn,
     },
     /// Send a branch's commits that the remote lacks (only those, incrementally, oldest first); the first push of a
-    /// dot sends its first commit whole. Refused when the remote's branch has commits this one lacks, unless
-    /// --force. An interrupted push resumes on the next one.
+    /// dot sends its first commit whole. The local daemon sends them to the remote daemon itself, so it must reach
+    /// the remote's URL (--relay: through this client instead). Refused when the remote's branch has commits this
+    /// one lacks, unless --force. An interrupted push resumes on the next one.
     Push {
         /// The remote daemon (see `blockmesh remote add`).
         #[arg(value_name = "REMOTE")]
@@ -327,10 +328,15 @@ pub enum ClientCommand {
         /// are disconnected.
         #[arg(long)]
         force: bool,
+        /// Carry the data through this client (which must reach both daemons) instead of daemon to daemon: for a
+        /// local daemon that cannot reach the remote.
+        #[arg(long)]
+        relay: bool,
         #[command(flatten)]
         conn: Conn,
     },
-    /// Fetch a branch's commits that this daemon lacks from a remote (the reverse of push).
+    /// Fetch a branch's commits that this daemon lacks from a remote (the reverse of push): the local daemon asks the
+    /// remote daemon for them itself, so it must reach the remote's URL (--relay: through this client instead).
     Pull {
         /// The remote daemon (see `blockmesh remote add`).
         #[arg(value_name = "REMOTE")]
@@ -344,6 +350,10 @@ pub enum ClientCommand {
         /// here are disconnected.
         #[arg(long)]
         force: bool,
+        /// Carry the data through this client (which must reach both daemons) instead of daemon to daemon: for a
+        /// local daemon that cannot reach the remote.
+        #[arg(long)]
+        relay: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -415,17 +425,22 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-/// A connection to the daemon's API.
+/// A connection to the daemon's API, and how to print its answers.
 struct Api {
-    base: String,
-    key: String,
-    /// Where the key came from, for the error a wrong one gets (HTTP 401).
-    key_source: String,
-    agent: ureq::Agent,
-    /// For streams: no limit on the whole call, only on each read and write.
-    streaming: ureq::Agent,
+    http: ApiClient,
     output: Output,
 }
+
+impl std::ops::Deref for Api {
+    type Target = ApiClient;
+
+    fn deref(&self) -> &ApiClient {
+        &self.http
+    }
+}
+
+/// What to check when a daemon named by --server, a remote or the default cannot be reached.
+const LOCAL_UNREACHABLE: &str = "; is `blockmesh serve` running? (--server or BLOCKMESH_SERVER)";
 
 /// Where the daemon is when nothing says otherwise.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:32607";
@@ -473,93 +488,34 @@ impl Api {
                 }
             },
         };
-        Self::with(&server, key, &source, conn.output, ca.as_deref())
+        Self::with(&server, key, &source, conn.output, ca.as_deref(), LOCAL_UNREACHABLE)
     }
 
     /// A client of the API at `server`; `key_source`: where `key` came from; `ca`: the PEM file its certificate is
-    /// trusted by (https).
-    fn with(server: &str, key: String, key_source: &str, output: Output, ca: Option<&Path>) -> Result<Self> {
-        let mut agent = ureq::AgentBuilder::new().timeout_connect(CONNECT_TIMEOUT).timeout(REQUEST_TIMEOUT);
-        let mut streaming = ureq::AgentBuilder::new()
-            .timeout_connect(CONNECT_TIMEOUT)
-            .timeout_read(STREAM_IDLE_TIMEOUT)
-            .timeout_write(STREAM_IDLE_TIMEOUT);
-        if let Some(ca) = ca {
-            let tls = trusting(ca)?;
-            agent = agent.tls_config(tls.clone());
-            streaming = streaming.tls_config(tls);
-        }
-        Ok(Self {
-            base: server.trim_end_matches('/').to_string(),
-            key,
-            key_source: key_source.to_string(),
-            agent: agent.build(),
-            streaming: streaming.build(),
-            output,
-        })
-    }
-
-    fn request(&self, agent: &ureq::Agent, method: &str, path: &str) -> ureq::Request {
-        agent.request(method, &format!("{}{path}", self.base)).set("Authorization", &format!("Bearer {}", self.key))
-    }
-
-    /// The answer, or an error that says what went wrong.
-    fn answer(&self, res: Result<ureq::Response, ureq::Error>) -> Result<ureq::Response> {
-        match res {
-            Ok(r) => Ok(r),
-            Err(ureq::Error::Status(code, r)) => {
-                let msg = r.into_json::<ErrorBody>().map(|b| b.error).unwrap_or_else(|_| "no message".to_string());
-                if code == 401 {
-                    bail!(
-                        "{msg} (HTTP 401): the daemon at {} refused the key from {}; use the key in that daemon's \
-                         DATA_DIR/api-key (BLOCKMESH_API_KEY, --data-dir, or blockmesh remote add --key-file)",
-                        self.base,
-                        self.key_source
-                    )
-                }
-                bail!("{msg} (HTTP {code})")
+    /// trusted by (https); `unreachable`: what to check when it cannot be reached.
+    fn with(
+        server: &str,
+        key: String,
+        key_source: &str,
+        output: Output,
+        ca: Option<&Path>,
+        unreachable: &str,
+    ) -> Result<Self> {
+        let tls = match ca {
+            Some(ca) => {
+                let pem = std::fs::read(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
+                Some(blockmesh::api_client::trusting(&pem, &ca.display().to_string()).map_err(|e| anyhow!(e))?)
             }
-            Err(ureq::Error::Transport(t)) => Err(anyhow!(
-                "cannot reach the blockmesh daemon at {}: {t}; is `blockmesh serve` running? (--server or \
-                 BLOCKMESH_SERVER)",
-                self.base
-            )),
-        }
-    }
-
-    /// A stream from the daemon (no limit on the whole call), and its length when the daemon gives one.
-    fn get_stream(&self, path: &str) -> Result<(ureq::Response, Option<u64>)> {
-        let res = self.answer(self.request(&self.streaming, "GET", path).call())?;
-        let len = res.header("Content-Length").and_then(|v| v.parse().ok());
-        Ok((res, len))
-    }
-
-    /// Send a stream to the daemon; its answer.
-    fn post_stream(&self, path: &str, body: impl std::io::Read) -> Result<ureq::Response> {
-        self.answer(
-            self.request(&self.streaming, "POST", path).set("Content-Type", "application/octet-stream").send(body),
-        )
-    }
-
-    fn call<T: DeserializeOwned>(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Result<T> {
-        let req = self.request(&self.agent, method, path);
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
+            None => None,
         };
-        self.answer(res)?.into_json::<T>().with_context(|| format!("reading the answer to {method} {path}"))
-    }
-
-    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
-        self.call("GET", path, None)
-    }
-
-    fn post<T: DeserializeOwned>(&self, path: &str, body: impl Serialize) -> Result<T> {
-        self.call("POST", path, Some(serde_json::to_value(body)?))
-    }
-
-    fn put<T: DeserializeOwned>(&self, path: &str, body: impl Serialize) -> Result<T> {
-        self.call("PUT", path, Some(serde_json::to_value(body)?))
+        let hints = Hints {
+            key_source: key_source.to_string(),
+            key_fix: " (BLOCKMESH_API_KEY, --data-dir, or blockmesh remote add --key-file)".to_string(),
+            unreachable: unreachable.to_string(),
+        };
+        let limits =
+            Limits { connect: CONNECT_TIMEOUT, call: REQUEST_TIMEOUT, stream_idle: STREAM_IDLE_TIMEOUT, redirects: 5 };
+        Ok(Self { http: ApiClient::new(server, key, hints, limits, tls), output })
     }
 
     /// Prints `value` as JSON under `-o json`; returns true if it did.
@@ -577,10 +533,6 @@ fn dot_path(dot: &str) -> String {
     format!("/v1/dots/{}", api::qualify(dot))
 }
 
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
-}
-
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
 fn format_time(secs: u64) -> String {
     let t = blockmesh::utc::utc(secs);
@@ -593,7 +545,7 @@ fn dot_and_subdot(api: &Api, target: &str) -> Result<(Dot, Option<String>)> {
         Ok(d) => (d, None),
         Err(e) => match target.rsplit_once('.') {
             Some((d, s)) => (api.get::<Dot>(&dot_path(d)).map_err(|_| e)?, Some(s.to_string())),
-            None => return Err(e),
+            None => return Err(e.into()),
         },
     };
     if let Some(s) = &subdot {
@@ -705,13 +657,13 @@ fn receive(api: &Api, file: Option<&std::path::Path>, restart: bool) -> Result<(
             // say where a retry would start, if the daemon kept anything
             let kept: Vec<PendingReceive> = api.get("/v1/receives").unwrap_or_default();
             if let Some(p) = kept.iter().find(|p| p.commit == commit) {
-                return Err(e.context(format!(
+                return Err(anyhow::Error::from(e).context(format!(
                     "the daemon kept the stream up to byte {}: run the same command again to resume, or \
                      `blockmesh receive --abort {commit}` to drop it",
                     p.resume_at_bytes
                 )));
             }
-            return Err(e);
+            return Err(e.into());
         }
     };
     if !api.json(&got)? {
@@ -755,7 +707,7 @@ fn remote(what: RemoteCommand) -> Result<()> {
                 .map(|f| std::fs::canonicalize(&f).with_context(|| format!("finding {}", f.display())))
                 .transpose()?;
             if !no_check {
-                let api = Api::with(&url, key.clone(), "the key given", output, ca_cert.as_deref())?;
+                let api = Api::with(&url, key.clone(), "the key given", output, ca_cert.as_deref(), LOCAL_UNREACHABLE)?;
                 let _: ServerInfo = api.get("/v1/info").with_context(|| format!("checking {url} with that key"))?;
             }
             let replaced = config.remotes.insert(name.clone(), Remote { url: url.clone(), key, ca_cert }).is_some();
@@ -808,163 +760,143 @@ fn remote(what: RemoteCommand) -> Result<()> {
     Ok(())
 }
 
-/// The API of the remote named `name`.
-fn remote_api(name: &str, output: Output) -> Result<Api> {
+/// The remote named `name` (not `local`): its name and configuration.
+fn named_remote(name: &str) -> Result<(String, Remote)> {
     let (_, config) = load_remotes()?;
     match config.pick(Some(name)).map_err(|e| anyhow!(e))? {
-        Some((n, r)) => {
-            let source = format!("remote {n}'s stored key (blockmesh remote add {n} ...)");
-            Api::with(&r.url, r.key.clone(), &source, output, r.ca_cert.as_deref())
-        }
+        Some((n, r)) => Ok((n.to_string(), r.clone())),
         None => bail!("{name} means the local daemon; push and pull need a remote (blockmesh remote add)"),
     }
 }
 
-/// A TLS client configuration trusting the certificates in the PEM file `ca` (a CA, or a daemon's self-signed
-/// certificate).
-fn trusting(ca: &Path) -> Result<Arc<tokio_rustls::rustls::ClientConfig>> {
-    use tokio_rustls::rustls;
-    let pem = std::fs::read(ca).with_context(|| format!("reading the CA certificate {}", ca.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-        let cert = cert.with_context(|| format!("reading a PEM certificate in {}", ca.display()))?;
-        roots.add(cert).with_context(|| format!("a certificate in {}", ca.display()))?;
-    }
-    if roots.is_empty() {
-        bail!("{} holds no PEM certificate", ca.display());
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+/// The API of the remote `name`.
+fn remote_api(name: &str, r: &Remote, output: Output) -> Result<Api> {
+    let source = format!("remote {name}'s stored key (blockmesh remote add {name} ...)");
+    let unreachable = format!(
+        "; is it running, and can this client reach it? (--relay carries the data through this client; without it \
+         the local daemon reaches remote {name} itself)"
+    );
+    Api::with(&r.url, r.key.clone(), &source, output, r.ca_cert.as_deref(), &unreachable)
 }
 
-/// What a push or pull did.
-#[derive(Debug, Serialize)]
-struct SyncSummary {
-    dot: String,
-    branch: String,
-    /// The branch's head on the sending side: where the other side's branch is now.
-    head: String,
-    /// Commits sent, oldest first.
-    commits: Vec<String>,
-    /// Stream bytes that crossed (resumed streams count only what was sent again).
-    bytes: u64,
-    seconds: f64,
-    /// With --force: the other side's branch head that was replaced.
-    forced_from: Option<String>,
-    /// The other side's branch had commits this side's lacks (with --force, they stay only where another branch
-    /// holds them).
-    diverged: bool,
+/// A push or pull as the command line asks for it.
+struct Transfer<'a> {
+    direction: Direction,
+    /// The remote's name.
+    remote: &'a str,
+    dot: &'a str,
+    branch: Option<String>,
+    force: bool,
+    /// Through this client rather than daemon to daemon.
+    relay: bool,
 }
 
-/// Copy the commits of `dot`'s `branch` that `dst` lacks from `src`, oldest first: from the newest commit of the
-/// branch that `dst` has (on any branch), each as an incremental stream from its parent; the branch's first commit
-/// whole when `dst` has none of them. A stream `dst` holds part of resumes. When `dst`'s branch has commits `src`'s
-/// lacks (the histories have diverged) this is refused, unless `force`: then, once the commits are over, `dst`'s
-/// branch is reset to `src`'s head (closing the NBD connections to that head), like `git push --force`.
-fn sync(src: &Api, dst: &Api, dot: &str, branch: Option<&str>, what: &str, force: bool) -> Result<SyncSummary> {
-    let started = std::time::Instant::now();
-    let src_dot: Dot = src.get(&dot_path(dot))?;
-    let branch = branch.map(str::to_string).unwrap_or_else(|| src_dot.current_branch.clone());
-    let mut mine: Vec<Commit> = src.get(&format!("{}/commits?branch={branch}", dot_path(dot)))?;
-    mine.reverse(); // oldest first
-    let Some(head) = mine.last().map(|c| c.id.clone()) else {
-        bail!("branch {branch} of {} has no commits to {what}", src_dot.name);
+/// Push or pull: by the local daemon, the data going daemon to daemon, or with --relay through this client (the
+/// same algorithm, [`transfer::sync`], run here over both daemons' APIs).
+fn push_or_pull(t: &Transfer<'_>, conn: &Conn) -> Result<()> {
+    let local = Api::new(conn)?;
+    let (name, remote) = named_remote(t.remote)?;
+    let mut bars = Bars { direction: t.direction, current: None };
+    let summary = if t.relay {
+        let there = remote_api(&name, &remote, conn.output)?;
+        let (src, dst) = match t.direction {
+            Direction::Push => (&local.http, &there.http),
+            Direction::Pull => (&there.http, &local.http),
+        };
+        let order = transfer::Order { dot: t.dot, branch: t.branch.as_deref(), direction: t.direction, force: t.force };
+        transfer::sync(src, dst, order, &mut bars)?
+    } else {
+        by_the_daemon(&local, t, &name, &remote, &mut bars)?
     };
-    let their_dot: Option<Dot> = match dst.get::<Dot>(&dot_path(dot)) {
-        Ok(d) => Some(d),
-        Err(e) if e.to_string().contains("HTTP 404") => None,
-        Err(e) => return Err(e),
+    bars.clear();
+    let done = match t.direction {
+        Direction::Push => "pushed",
+        Direction::Pull => "pulled",
     };
-    let their_head = |d: &Dot| d.branches.iter().find(|b| b.name == branch).and_then(|b| b.head.clone());
-    let old_head = their_dot.as_ref().and_then(their_head);
-    // their head of the branch must be in our history, or they have commits we lack
-    let diverged = old_head.as_ref().filter(|h| !mine.iter().any(|c| &c.id == *h));
-    if let (Some(h), false) = (diverged, force) {
-        bail!(
-            "the other side's {branch} of {} is at {}, which this side's {branch} does not have: the histories have \
-             diverged; bring that commit over first (the reverse of this {what}), or reset the branch there, or \
-             {what} with --force to move it to this side's {} (its commits there stay only where another branch \
-             holds them)",
-            src_dot.name,
-            short(h),
-            short(&head)
-        );
-    }
-    // the newest commit of our branch they have, on any of their branches or on none (one listing of all of them)
-    let theirs: Vec<Commit> = match &their_dot {
-        Some(_) => dst.get(&format!("{}/commits?all=true", dot_path(dot)))?,
-        None => Vec::new(),
-    };
-    let known: std::collections::HashSet<&str> = theirs.iter().map(|c| c.id.as_str()).collect();
-    let first_missing = mine.iter().rposition(|c| known.contains(c.id.as_str())).map_or(0, |i| i + 1);
-    let pending: Vec<PendingReceive> = dst.get("/v1/receives")?;
-    let mut summary = SyncSummary {
-        dot: src_dot.name.clone(),
-        branch: branch.clone(),
-        head: head.clone(),
-        commits: Vec::new(),
-        bytes: 0,
-        seconds: 0.0,
-        forced_from: None,
-        diverged: diverged.is_some(),
-    };
-    for i in first_missing..mine.len() {
-        let c = &mine[i];
-        let base = (i > 0).then(|| mine[i - 1].id.clone());
-        let offset = pending.iter().find(|p| p.commit == c.id).map_or(0, |p| p.resume_at_bytes);
-        let mut q = format!("{}/send?commit={}", dot_path(dot), c.id);
-        if let Some(b) = &base {
-            q.push_str(&format!("&from={b}"));
-        }
-        if offset > 0 {
-            q.push_str(&format!("&offset={offset}"));
-        }
-        let (res, total) = src.get_stream(&q)?;
-        let bar = progress_bar(total, &format!("{what} {}", short(&c.id)));
-        let path = if offset > 0 { format!("/v1/receive?offset={offset}") } else { "/v1/receive".to_string() };
-        let sent = dst.post_stream(&path, bar.wrap_read(res.into_reader()));
-        bar.finish_and_clear();
-        // the bar counts what passed through it, drawn or hidden
-        summary.bytes += bar.position();
-        sent.with_context(|| {
-            format!("{what} of commit {} stopped; run it again to go on from where it stopped", short(&c.id))
-        })?;
-        summary.commits.push(c.id.clone());
-    }
-    // Where their branch is now: a received commit moves it only when it is the branch's next commit (and the
-    // head there has no uncommitted writes), and creates it only when the commit was made on that branch.
-    let now: Dot = dst.get(&dot_path(dot))?;
-    match their_head(&now) {
-        Some(h) if h == head => {}
-        None if !now.branches.iter().any(|b| b.name == branch) => {
-            let _: Dot = dst.post(
-                &format!("{}/branches", dot_path(dot)),
-                BranchRequest { name: branch.clone(), from: Some(head.clone()) },
-            )?;
-        }
-        at if force => {
-            let _: Dot = dst
-                .post(
-                    &format!("{}/reset", dot_path(dot)),
-                    ResetRequest { branch: Some(branch.clone()), commit: head.clone(), force },
-                )
-                .with_context(|| format!("moving the other side's {branch} to {} (--force)", short(&head)))?;
-            summary.forced_from = at;
-        }
-        at => eprintln!(
-            "note: the other side's {branch} stays at {} (it has uncommitted writes, or it is behind the commits \
-             sent); `blockmesh reset` there, or {what} with --force, moves it to {}",
-            at.as_deref().map_or("no commit", short),
-            short(&head)
+    print_sync(&local, &summary, done, t.remote)
+}
+
+/// Asks the local daemon to push to or pull from `remote` itself (`POST .../push`, `.../pull`), showing its progress
+/// lines on `bars`; its summary.
+fn by_the_daemon(local: &Api, t: &Transfer<'_>, name: &str, remote: &Remote, bars: &mut Bars) -> Result<SyncSummary> {
+    let what = t.direction.verb();
+    let ca_cert_pem = match &remote.ca_cert {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading remote {name}'s CA certificate {}", p.display()))?,
         ),
+        None => None,
+    };
+    let req = TransferRequest {
+        url: remote.url.clone(),
+        api_key: remote.key.clone(),
+        ca_cert_pem,
+        branch: t.branch.clone(),
+        force: t.force,
+    };
+    let res = local.post_long(&format!("{}/{what}", dot_path(t.dot)), Some(&req)).map_err(|e| match e {
+        // the remote could not be reached, refused the key or failed: what the local daemon was given for it
+        CallError::Status { status: 502, text } => anyhow!(
+            "{text}; the local daemon at {} used remote {name}'s URL ({}) and remote {name}'s stored key \
+             (`blockmesh remote add {name} URL --key-file FILE` replaces them)",
+            local.base(),
+            remote.url
+        ),
+        e => e.into(),
+    })?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(res.into_reader())) {
+        let line = line.with_context(|| {
+            format!("the local daemon's answer broke off; run the {what} again to go on from where it stopped")
+        })?;
+        match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Progress(p)) => {
+                let _ = bars.progress(&p);
+            }
+            Ok(Event::Note(text)) => bars.note(&text),
+            Ok(Event::Summary(s)) => return Ok(s),
+            Ok(Event::Error(e)) => bail!("{e}"),
+            // a line only a newer daemon sends
+            Err(_) => {}
+        }
     }
-    summary.seconds = started.elapsed().as_secs_f64();
-    Ok(summary)
+    bail!("the local daemon's answer ended before the {what} did (see its log); run it again to go on from where it stopped")
+}
+
+/// Progress bars of a push or pull on a terminal, one per commit.
+struct Bars {
+    direction: Direction,
+    /// The commit shown, and its bar.
+    current: Option<(String, indicatif::ProgressBar)>,
+}
+
+impl Bars {
+    fn clear(&mut self) {
+        if let Some((_, bar)) = self.current.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Bars {
+    fn progress(&mut self, p: &Progress) -> Result<(), Stop> {
+        if self.current.as_ref().is_none_or(|(c, _)| *c != p.commit) {
+            self.clear();
+            let bar = progress_bar(p.total, &format!("{} {}", self.direction.verb(), short(&p.commit)));
+            self.current = Some((p.commit.clone(), bar));
+        }
+        if let Some((_, bar)) = &self.current {
+            bar.set_position(p.bytes);
+        }
+        if p.done {
+            self.clear();
+        }
+        Ok(())
+    }
+
+    fn note(&mut self, text: &str) {
+        self.clear();
+        eprintln!("note: {text}");
+    }
 }
 
 fn print_sync(api: &Api, s: &SyncSummary, what: &str, remote: &str) -> Result<()> {
@@ -1273,23 +1205,19 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
             }
         }
         ClientCommand::Remote { what } => remote(what)?,
-        ClientCommand::Push { to, dot, branch, force, conn } => {
-            let local = Api::new(&conn)?;
-            let there = remote_api(&to, conn.output)?;
-            let s = sync(&local, &there, &dot, branch.as_deref(), "push", force)?;
-            print_sync(&local, &s, "pushed", &to)?;
+        ClientCommand::Push { to, dot, branch, force, relay, conn } => {
+            let how = Transfer { direction: Direction::Push, remote: &to, dot: &dot, branch, force, relay };
+            push_or_pull(&how, &conn)?;
         }
-        ClientCommand::Pull { from, dot, branch, force, conn } => {
-            let local = Api::new(&conn)?;
-            let there = remote_api(&from, conn.output)?;
-            let s = sync(&there, &local, &dot, branch.as_deref(), "pull", force)?;
-            print_sync(&local, &s, "pulled", &from)?;
+        ClientCommand::Pull { from, dot, branch, force, relay, conn } => {
+            let how = Transfer { direction: Direction::Pull, remote: &from, dot: &dot, branch, force, relay };
+            push_or_pull(&how, &conn)?;
         }
         ClientCommand::Pool { what: PoolCommand::Scrub { conn } } => {
             let api = Api::new(&conn)?;
             let bar = progress_bar(None, "scrub");
             bar.enable_steady_tick(Duration::from_millis(200));
-            let res = api.answer(api.request(&api.streaming, "POST", "/v1/pool/scrub").call());
+            let res = api.post_long("/v1/pool/scrub", None::<&()>);
             bar.finish_and_clear();
             let r: ScrubResult = res?.into_json().context("reading the scrub report")?;
             if !api.json(&r)? {

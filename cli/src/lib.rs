@@ -2,6 +2,8 @@
 //! benchmarks can use it without starting a process.
 //!
 //! - [`api`]: the HTTP+JSON control API (routes, key handling) and the JSON types its client shares.
+//! - [`api_client`]: a blocking client of that API (the CLI's, and the daemon's when it pushes or pulls).
+//! - [`transfer`]: push and pull, one algorithm over two sides (a daemon's API, or the daemon's own pool).
 //! - [`nbd_export`]: engine volumes, dot heads and commits as NBD exports.
 //! - [`metrics`]: Prometheus metrics (`GET /metrics`).
 //! - [`qos`]: per-volume limits kept in the pool and shared by every connection to a volume.
@@ -10,11 +12,13 @@
 //! - [`upgrades`]: the daemon's checks for a newer version (`--upgrades-url`).
 
 pub mod api;
+pub mod api_client;
 pub mod metrics;
 pub mod nbd_export;
 pub mod qos;
 pub mod remotes;
 pub mod size;
 pub mod syslog;
+pub mod transfer;
 pub mod upgrades;
 pub mod utc;

@@ -1,8 +1,10 @@
 //! Push and pull between two daemons in two network namespaces joined by a veth pair (created by the test; root
 //! only), so the transfer really crosses a network link between separate network stacks: each daemon listens only on
 //! its own namespace's address, the client runs beside the first daemon, and the second daemon's data is checked
-//! byte for byte over NBD from inside its own namespace. Needs root and `ip` (iproute2); under CI=true, when run as
-//! root, a missing tool is a failure.
+//! byte for byte over NBD from inside its own namespace. A third namespace, linked to the first daemon's only, holds a
+//! client that reaches that daemon but not the other: its push and pull work (the daemons move the data between
+//! themselves), its `--relay` ones cannot. Needs root and `ip` (iproute2); under CI=true, when run as root, a missing
+//! tool is a failure.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -15,11 +17,15 @@ use std::time::{Duration, Instant};
 use blockmesh::api::Commit;
 use common::have;
 
-/// Two network namespaces joined by a veth pair; removed on drop.
+/// Two network namespaces joined by a veth pair (and maybe more namespaces joined to one of them, see
+/// [`Link::add_namespace`]); removed on drop.
 struct Link {
-    ns: [String; 2],
-    addr: [String; 2],
-    veth: [String; 2],
+    /// Namespace `i`'s name, its address on its link, and its end of that link.
+    ns: Vec<String>,
+    addr: Vec<String>,
+    veth: Vec<String>,
+    /// The link's number in this process.
+    n: u32,
 }
 
 /// Links made by this process (the tests of this file run in parallel).
@@ -36,7 +42,7 @@ impl Link {
         let net = format!("10.{}.{}", 100 + (k >> 8) % 150, k % 256);
         let addr = [format!("{net}.1"), format!("{net}.2")];
         let veth = [format!("bmv{}{n}a", id % 100_000), format!("bmv{}{n}b", id % 100_000)];
-        let link = Link { ns: ns.clone(), addr: addr.clone(), veth: veth.clone() };
+        let link = Link { ns: ns.to_vec(), addr: addr.to_vec(), veth: veth.to_vec(), n };
         ip(&["netns", "add", &ns[0]]);
         ip(&["netns", "add", &ns[1]]);
         ip(&["link", "add", &veth[0], "type", "veth", "peer", "name", &veth[1]]);
@@ -47,6 +53,30 @@ impl Link {
             ip(&["-n", &ns[i], "link", "set", "lo", "up"]);
         }
         link
+    }
+
+    /// Adds a namespace joined to namespace `to` only, by a veth pair on a subnet of its own (172.16.0.0/12, apart
+    /// from the links' 10.0.0.0/8 ones); nothing forwards between the subnets, so from it only `to` can be reached,
+    /// at `to`'s address on that subnet. Returns the new namespace's index and that address.
+    fn add_namespace(&mut self, to: usize) -> (usize, String) {
+        let (id, n, i) = (std::process::id(), self.n, self.ns.len());
+        let ns = format!("bm-{id}-{n}-{i}");
+        let k = id * 4 + n;
+        let net = format!("172.{}.{}", 16 + (k >> 8) % 16, k % 256);
+        let (near, far) = (format!("{net}.1"), format!("{net}.2"));
+        let (veth_to, veth) = (format!("bmv{}{n}{i}t", id % 100_000), format!("bmv{}{n}{i}n", id % 100_000));
+        ip(&["netns", "add", &ns]);
+        self.ns.push(ns.clone());
+        ip(&["link", "add", &veth_to, "type", "veth", "peer", "name", &veth]);
+        for (dev, netns, addr) in [(&veth_to, &self.ns[to], &near), (&veth, &ns, &far)] {
+            ip(&["link", "set", dev, "netns", netns]);
+            ip(&["-n", netns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", netns, "link", "set", dev, "up"]);
+        }
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        self.addr.push(far);
+        self.veth.push(veth);
+        (i, near)
     }
 
     /// Take namespace `i`'s end of the link down (`false`) or up again.
@@ -91,12 +121,17 @@ impl Drop for NsDaemon {
 }
 
 fn start(link: &Link, i: usize, data: &Path) -> NsDaemon {
+    start_with_api(link, i, data, &link.addr[i])
+}
+
+/// [`start`], its control API listening on `api_ip` (of namespace `i`: `0.0.0.0` for all its addresses).
+fn start_with_api(link: &Link, i: usize, data: &Path, api_ip: &str) -> NsDaemon {
     let addr = &link.addr[i];
     let mut child = link
         .exec(i, env!("CARGO_BIN_EXE_blockmesh"))
         .args(["serve", "--pool-size", "1G", "--data-dir"])
         .arg(data)
-        .args(["--nbd-listen", &format!("{addr}:10809"), "--api-listen", &format!("{addr}:32607")])
+        .args(["--nbd-listen", &format!("{addr}:10809"), "--api-listen", &format!("{api_ip}:32607")])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -282,4 +317,73 @@ fn a_push_cut_by_a_link_failure_resumes_where_it_stopped() {
     assert!(bytes < 2 * second_stream_bytes - kept + (1 << 20), "{bytes} bytes, {kept} kept: {pushed}");
     let on_b = format!("nbd://{}/admin/big@{}", b.nbd, commits[2]);
     qemu_io(&link, 1, &on_b, &["read -P 0x41 0 16M", "read -P 0x42 16M 16M", "read -P 0x43 32M 16M"]);
+}
+
+/// The client, run in namespace `i` against daemon `d`, must fail; returns its standard error.
+fn client_fails(link: &Link, i: usize, d: &NsDaemon, config: &Path, args: &[&str]) -> String {
+    let out = client_command(link, i, d, config, args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "blockmesh {args:?} in {} did not fail: {err}", link.ns[i]);
+    err
+}
+
+/// The data goes from daemon to daemon, not through the client: a client in a third namespace, linked to the first
+/// daemon's namespace only (no forwarding), reaches that daemon but not the second. Its push and pull work, and the
+/// far side reads back byte for byte inside its own namespace; the same push and pull with --relay, which carry the
+/// data through the client, cannot reach the second daemon and change nothing.
+#[test]
+fn push_and_pull_go_daemon_to_daemon_from_a_client_that_reaches_only_one_daemon() {
+    if !can_run(&["ip", "qemu-io"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut link = Link::new();
+    let (c, a_seen_from_c) = link.add_namespace(0);
+    let mut a = start_with_api(&link, 0, &dir.path().join("a"), "0.0.0.0");
+    let b = start(&link, 1, &dir.path().join("b"));
+    // the client in c talks to a at a's address on c's link
+    a.api = format!("http://{a_seen_from_c}:32607");
+    let (config, config_b) = (dir.path().join("remotes.json"), dir.path().join("remotes-b.json"));
+
+    client(&link, c, &a, &config, &["init", "db", "--size", "64M"]);
+    qemu_io(&link, 0, &format!("nbd://{}/admin/db", a.nbd), &["write -P 0x51 0 4M", "write -P 0x52 40M 2M"]);
+    let c1: Commit =
+        serde_json::from_str(&client(&link, c, &a, &config, &["commit", "db", "-m", "one", "-o", "json"])).unwrap();
+    // b cannot be reached from c: adding it as a remote needs --no-check
+    let key_b = b.data.join("api-key");
+    let add_b = ["remote", "add", "b", &b.api, "--key-file", key_b.to_str().unwrap()];
+    let err = client_fails(&link, c, &a, &config, &add_b);
+    assert!(err.contains("cannot reach") && err.contains(&b.api), "{err}");
+    client(&link, c, &a, &config, &[&add_b[..], &["--no-check"]].concat());
+
+    // through the client: it cannot reach b, says so, and nothing reaches b
+    let err = client_fails(&link, c, &a, &config, &["push", "b", "db", "--relay"]);
+    assert!(err.contains("cannot reach") && err.contains(&b.api), "{err}");
+    let listed = client(&link, 1, &b, &config_b, &["list", "-o", "json"]);
+    assert_eq!(serde_json::from_str::<Vec<serde_json::Value>>(&listed).unwrap().len(), 0, "{listed}");
+
+    // daemon to daemon: a reaches b
+    let pushed: serde_json::Value =
+        serde_json::from_str(&client(&link, c, &a, &config, &["push", "b", "db", "-o", "json"])).unwrap();
+    assert_eq!(pushed["commits"], serde_json::json!([c1.id]), "{pushed}");
+    let on_b = format!("nbd://{}/admin/db@{}", b.nbd, c1.id);
+    qemu_io(&link, 1, &on_b, &["read -P 0x51 0 4M", "read -P 0 4M 36M", "read -P 0x52 40M 2M", "read -P 0 42M 22M"]);
+
+    // a commit made on b, pulled into a by the client that cannot reach b: not with --relay, daemon to daemon yes
+    qemu_io(&link, 1, &format!("nbd://{}/admin/db", b.nbd), &["write -P 0x53 8M 1M"]);
+    let c2: Commit =
+        serde_json::from_str(&client(&link, 1, &b, &config_b, &["commit", "db", "-m", "two", "-o", "json"])).unwrap();
+    let err = client_fails(&link, c, &a, &config, &["pull", "b", "db", "--relay"]);
+    assert!(err.contains("cannot reach") && err.contains(&b.api), "{err}");
+    let log: Vec<Commit> = serde_json::from_str(&client(&link, c, &a, &config, &["log", "db", "-o", "json"])).unwrap();
+    assert_eq!(log.len(), 1, "the relayed pull changed nothing");
+    let pulled: serde_json::Value =
+        serde_json::from_str(&client(&link, c, &a, &config, &["pull", "b", "db", "-o", "json"])).unwrap();
+    assert_eq!(pulled["commits"], serde_json::json!([c2.id]), "{pulled}");
+    assert!(pulled["bytes"].as_u64().unwrap() < 2 << 20, "an incremental pull: {pulled}");
+    let on_a = format!("nbd://{}/admin/db@{}", a.nbd, c2.id);
+    qemu_io(&link, 0, &on_a, &["read -P 0x51 0 4M", "read -P 0x53 8M 1M", "read -P 0x52 40M 2M", "read -P 0 42M 22M"]);
+    // and a's branch moved to it
+    let log: Vec<Commit> = serde_json::from_str(&client(&link, c, &a, &config, &["log", "db", "-o", "json"])).unwrap();
+    assert_eq!(log.first().map(|x| x.id.clone()), Some(c2.id));
 }

@@ -78,7 +78,8 @@ fn remotes_name_daemons_and_their_keys() {
 }
 
 /// A daemon with a certificate serves its control API over HTTPS only: a client trusting its certificate (by
-/// --ca-cert, or a remote added with one) works, one that does not is refused, and plain HTTP gets no answer.
+/// --ca-cert, or a remote added with one) works, one that does not is refused, and plain HTTP gets no answer. Another
+/// daemon pulls from it by itself, trusting the certificate the client sends with the remote (and not without).
 #[test]
 fn the_api_speaks_https_when_the_daemon_has_a_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -120,11 +121,30 @@ fn the_api_speaks_https_when_the_daemon_has_a_certificate() {
     ok(&config, &["remote", "add", "secure", &d.api, "--key-file", key_file.to_str().unwrap(), "--ca-cert", c]);
     let log: Vec<Commit> =
         serde_json::from_str(&ok(&config, &["log", "db", "--remote", "secure", "-o", "json"])).unwrap();
-    assert_eq!(log.first().map(|x| x.id.clone()), Some(commit.id));
+    assert_eq!(log.first().map(|x| x.id.clone()), Some(commit.id.clone()));
     let dots: Vec<Dot> = serde_json::from_str(&ok(&config, &["list", "--remote", "secure", "-o", "json"])).unwrap();
     assert_eq!(dots.len(), 1);
     // without it, adding the remote fails its check
     let (code, _, err) =
         client(&config, &["remote", "add", "nocert", &d.api, "--key-file", key_file.to_str().unwrap()]);
     assert_ne!(code, 0, "{err}");
+
+    // a plain daemon pulls from the https one by itself, trusting the certificate the client sends it (the remote's)
+    let local = Daemon::start(&dir.path().join("local"));
+    let pull = |remote: &str| {
+        let mut p = local.command(&["pull", remote, "db", "-o", "json"]);
+        p.env("BLOCKMESH_CONFIG", &config);
+        local.run(p)
+    };
+    let (code, out, err) = pull("secure");
+    assert_eq!(code, 0, "{out}{err}");
+    let pulled: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pulled["commits"], serde_json::json!([commit.id]), "{pulled}");
+    // without the certificate the local daemon does not trust the remote: nothing moves
+    ok(&config, &["remote", "add", "nocert", &d.api, "--key-file", key_file.to_str().unwrap(), "--no-check"]);
+    local.ok(&["delete", "db", "--yes"]);
+    let (code, _, err) = pull("nocert");
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach") && err.to_lowercase().contains("certificate"), "{err}");
+    assert!(local.json::<Vec<Dot>>(&["list"]).is_empty());
 }
