@@ -89,7 +89,8 @@ pub struct PassOutcome {
     pub requeue_after: Duration,
 }
 
-fn api_code(e: &kube::Error) -> Option<u16> {
+/// The HTTP code of an API server's error answer (`None` for transport and other errors).
+pub(crate) fn api_code(e: &kube::Error) -> Option<u16> {
     match e {
         kube::Error::Api(s) => Some(s.code),
         _ => None,

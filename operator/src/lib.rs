@@ -15,12 +15,14 @@
 //! | [`report`] | the status and the events a plan leads to (pure) |
 //! | [`crd`] | the `BlockmeshCluster` resource whose status reports what the operator did and why |
 //! | [`controller`] | the kube-rs controller: reconcile, error policy with backoff, events |
+//! | [`leader`] | leader election on a `Lease`: only the holder runs the controller |
 //! | [`metrics`] | Prometheus metrics |
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod controller;
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod plan;
 pub mod report;
@@ -50,6 +52,9 @@ pub enum Error {
     /// The operator's own settings (flags, environment) are unusable.
     #[error("invalid operator setting: {0}")]
     Settings(String),
+    /// This replica stopped leading (it could not renew the leader lease in time, or another holder took it).
+    #[error("lost the leader lease: {0}")]
+    LeadershipLost(String),
 }
 
 /// The library's result type.

@@ -1,5 +1,6 @@
-//! `blockmesh-operator`: runs the controller (`blockmesh-operator run`, the default) with its metrics and health
-//! endpoints, or prints the CustomResourceDefinition generated from the Rust types (`blockmesh-operator crd`).
+//! `blockmesh-operator`: runs the controller (`blockmesh-operator run`, the default; the controller only while this
+//! replica holds the leader lease) with its metrics and health endpoints, or prints the CustomResourceDefinition
+//! generated from the Rust types (`blockmesh-operator crd`).
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use blockmesh_operator::controller::{self, Context};
+use blockmesh_operator::leader::{self, Elector, LeaseTimings};
 use blockmesh_operator::metrics::Metrics;
 use blockmesh_operator::resources::{self, Settings};
 use clap::{Parser, Subcommand};
@@ -50,15 +52,34 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "BLOCKMESH_OPERATOR_METRICS_LISTEN", default_value = "0.0.0.0:8080")]
     metrics_listen: SocketAddr,
-    /// Name of this operator pod (reported in events).
+    /// Name of this operator pod (reported in events, and its identity in the leader lease; without it, the
+    /// hostname and a random suffix).
     #[arg(long, env = "POD_NAME")]
     pod_name: Option<String>,
+    /// Seconds the leader lease holds without a renewal (how long a successor waits for a leader that vanished).
+    #[arg(long, env = "BLOCKMESH_OPERATOR_LEASE_DURATION_SECONDS")]
+    #[arg(default_value_t = leader::DEFAULT_LEASE_DURATION_SECONDS)]
+    lease_duration_seconds: u32,
+    /// Seconds between the leader's renewals (shorter than the lease duration).
+    #[arg(long, env = "BLOCKMESH_OPERATOR_LEASE_RENEW_INTERVAL_SECONDS")]
+    #[arg(default_value_t = leader::DEFAULT_RENEW_INTERVAL_SECONDS)]
+    lease_renew_interval_seconds: u32,
+    /// Seconds between a follower's tries to take the lease (and the leader's retries of a failed renewal).
+    #[arg(long, env = "BLOCKMESH_OPERATOR_LEASE_RETRY_INTERVAL_SECONDS")]
+    #[arg(default_value_t = leader::DEFAULT_RETRY_INTERVAL_SECONDS)]
+    lease_retry_interval_seconds: u32,
     /// Log as JSON lines.
     #[arg(long, env = "BLOCKMESH_OPERATOR_LOG_JSON")]
     log_json: bool,
 }
 
+/// `/readyz`: every replica is ready (a follower is a healthy standby); the body says whether this one leads.
+async fn readyz(metrics: Arc<Metrics>) -> (StatusCode, &'static str) {
+    (StatusCode::OK, if metrics.is_leader() { "ok: leader" } else { "ok: follower" })
+}
+
 async fn serve_http(listen: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let leading = metrics.clone();
     let app = Router::new()
         .route(
             "/metrics",
@@ -71,14 +92,46 @@ async fn serve_http(listen: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
             }),
         )
         .route("/healthz", get(|| async { (StatusCode::OK, "ok") }))
-        .route("/readyz", get(|| async { (StatusCode::OK, "ok") }));
+        .route("/readyz", get(move || readyz(leading.clone())));
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "metrics and health endpoints");
     // Plain axum::serve: the endpoint answers scrapes and probes on the cluster network, nothing else.
     axum::serve(listener, app).await.context("metrics endpoint")
 }
 
+/// Completes on SIGTERM or Ctrl-C (what stops a follower; the controller watches for the same signals itself).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            futures::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch for SIGTERM");
+                futures::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = futures::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
 async fn run(args: RunArgs) -> Result<()> {
+    let timings = LeaseTimings::from_seconds(
+        args.lease_duration_seconds,
+        args.lease_renew_interval_seconds,
+        args.lease_retry_interval_seconds,
+    )?;
     let settings = Settings {
         namespace: args.namespace,
         server_image: args.server_image,
@@ -87,11 +140,14 @@ async fn run(args: RunArgs) -> Result<()> {
     };
     let client = kube::Client::try_default().await.context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::new());
+    let identity = args.pod_name.clone().unwrap_or_else(leader::default_identity);
+    let elector = Elector::new(client.clone(), &settings.namespace, identity, timings, metrics.clone());
     let ctx = Arc::new(Context::new(client, settings, metrics.clone(), args.pod_name));
     tracing::info!(namespace = %ctx.settings.namespace, image = %ctx.settings.server_image, "blockmesh operator starting");
+    // A lost lease ends `lead` with an error: the process exits non-zero and restarts as a follower.
     tokio::select! {
         r = serve_http(args.metrics_listen, metrics) => r,
-        r = controller::run(ctx) => r.context("controller"),
+        r = elector.lead(controller::run(ctx), shutdown_signal()) => r.context("controller"),
     }
 }
 

@@ -6,7 +6,9 @@
 //! - `blockmesh_operator_config_valid`: 1 when the ConfigMap is valid and in force, 0 when it is refused;
 //! - `blockmesh_operator_mode_switch_refused`: 1 while the ConfigMap asks for another storage mode;
 //! - `blockmesh_operator_nodes`, `..._servers`, `..._ready_servers`, `..._orphaned_pvcs`: the status's figures;
-//! - `blockmesh_operator_consecutive_failures`: failed passes in a row (what the backoff grows with).
+//! - `blockmesh_operator_consecutive_failures`: failed passes in a row (what the backoff grows with);
+//! - `blockmesh_operator_leader`: 1 while this replica holds the leader lease (and runs the controller), else 0;
+//! - `blockmesh_operator_leadership_transitions_total{event}`: this replica's lease `acquired`, `lost` or `released`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +27,22 @@ const DURATION_BUCKETS: u16 = 16;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeadershipLabels {
+    event: &'static str,
+}
+
+/// A change of this replica's leadership ([`Metrics::leadership`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeadershipEvent {
+    /// It took the lease and started the controller.
+    Acquired,
+    /// It could not renew the lease in time, or saw another holder: it stopped the controller.
+    Lost,
+    /// It gave the lease up on shutdown.
+    Released,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +72,9 @@ pub struct Metrics {
     pub orphaned_pvcs: Gauge,
     /// Failed passes in a row.
     pub consecutive_failures: Gauge,
+    /// 1 while this replica leads (also what `/readyz` reports).
+    pub leader: Gauge,
+    leadership: Family<LeadershipLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -90,6 +111,13 @@ impl Metrics {
         let ready_servers = gauge(&mut registry, "ready_servers", "Server pods ready");
         let orphaned_pvcs = gauge(&mut registry, "orphaned_pvcs", "PVCs served by no node");
         let consecutive_failures = gauge(&mut registry, "consecutive_failures", "Failed reconcile passes in a row");
+        let leader = gauge(&mut registry, "leader", "1 while this replica holds the leader lease and reconciles");
+        let leadership = Family::<LeadershipLabels, Counter>::default();
+        registry.register(
+            "leadership_transitions",
+            "This replica's leader lease acquired, lost or released",
+            leadership.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -102,7 +130,25 @@ impl Metrics {
             ready_servers,
             orphaned_pvcs,
             consecutive_failures,
+            leader,
+            leadership,
         }
+    }
+
+    /// Counts a leadership change and sets `leader` to match.
+    pub fn leadership(&self, event: LeadershipEvent) {
+        let (label, leading) = match event {
+            LeadershipEvent::Acquired => ("acquired", 1),
+            LeadershipEvent::Lost => ("lost", 0),
+            LeadershipEvent::Released => ("released", 0),
+        };
+        self.leadership.get_or_create(&LeadershipLabels { event: label }).inc();
+        self.leader.set(leading);
+    }
+
+    /// Whether this replica leads (the `leader` gauge).
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
     }
 
     /// Counts a pass.

@@ -1,7 +1,10 @@
 //! An in-process fake of the Kubernetes API server for the controller tests: it keeps objects (JSON, by collection
 //! path and name), serves get, list (label and field selectors of the `a=b` form), watch (an open stream that sends
-//! nothing), create (409 when the name is taken), delete (404 when missing) and patch (a status apply replaces the
-//! status; other patches merge), and records every call as `METHOD /path`. Errors can be injected per call.
+//! nothing), create (409 when the name is taken), replace (`PUT`: 404 when missing, 409 Conflict when the body's
+//! `resourceVersion` is not the stored one, as a real API server does; used for leases), delete (404 when missing)
+//! and patch (a status apply replaces the status; other patches merge), and records every call as `METHOD /path`.
+//! Every write gives the object a new `resourceVersion`. Errors can be injected per call, or for every call until
+//! healed.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -27,7 +30,11 @@ pub struct State {
     pub bodies: Vec<(String, Value)>,
     /// (METHOD, path prefix) -> HTTP code answered instead, once
     pub inject: Vec<(Method, String, u16)>,
+    /// (METHOD, path prefix) -> HTTP code answered instead, every time until [`FakeApi::heal`]
+    pub failing: Vec<(Method, String, u16)>,
     next_uid: u64,
+    /// the last resourceVersion given out (one counter for every object, as etcd's revision)
+    revision: u64,
 }
 
 #[derive(Clone, Default)]
@@ -42,6 +49,7 @@ pub const NODES: &str = "/api/v1/nodes";
 pub const CONFIGMAPS: &str = "/api/v1/namespaces/blockmesh/configmaps";
 pub const CLUSTERS: &str = "/apis/blockmesh.io/v1alpha1/namespaces/blockmesh/blockmeshclusters";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/blockmesh/events";
+pub const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/blockmesh/leases";
 
 fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
@@ -115,6 +123,8 @@ fn kind_of_list(coll: &str) -> &'static str {
         "NodeList"
     } else if coll.ends_with("/configmaps") {
         "ConfigMapList"
+    } else if coll.ends_with("/leases") {
+        "LeaseList"
     } else {
         "List"
     }
@@ -132,6 +142,14 @@ fn merge(target: &mut Value, patch: &Value) {
             }
         }
         (t, p) => *t = p.clone(),
+    }
+}
+
+impl State {
+    /// The next resourceVersion.
+    fn next_revision(&mut self) -> String {
+        self.revision += 1;
+        self.revision.to_string()
     }
 }
 
@@ -169,11 +187,13 @@ impl FakeApi {
         self.state.lock().unwrap().objects.get(coll).map(|c| c.keys().cloned().collect()).unwrap_or_default()
     }
 
-    /// Sets a stored object's field (a pod's status, say).
+    /// Sets a stored object's field (a pod's status, say), giving it a new resourceVersion.
     pub fn patch(&self, coll: &str, name: &str, patch: Value) {
         let mut st = self.state.lock().unwrap();
+        let rv = st.next_revision();
         if let Some(o) = st.objects.get_mut(coll).and_then(|c| c.get_mut(name)) {
             merge(o, &patch);
+            merge(o, &json!({ "metadata": { "resourceVersion": rv } }));
         }
     }
 
@@ -188,6 +208,16 @@ impl FakeApi {
 
     pub fn inject(&self, method: Method, path_prefix: &str, code: u16) {
         self.state.lock().unwrap().inject.push((method, path_prefix.to_string(), code));
+    }
+
+    /// Answers `code` to every `method` call under `path_prefix` until [`FakeApi::heal`].
+    pub fn fail(&self, method: Method, path_prefix: &str, code: u16) {
+        self.state.lock().unwrap().failing.push((method, path_prefix.to_string(), code));
+    }
+
+    /// Ends every [`FakeApi::fail`].
+    pub fn heal(&self) {
+        self.state.lock().unwrap().failing.clear();
     }
 
     async fn handle(&self, req: Request<kube::client::Body>) -> Response<BoxBody<Bytes, Infallible>> {
@@ -208,6 +238,10 @@ impl FakeApi {
         if let Some(i) = st.inject.iter().position(|(m, p, _)| *m == method && path.starts_with(p.as_str())) {
             let (_, _, code) = st.inject.remove(i);
             return full(code, &status(code, "Injected", "injected by the test"));
+        }
+        if let Some((_, _, code)) = st.failing.iter().find(|(m, p, _)| *m == method && path.starts_with(p.as_str())) {
+            let code = *code;
+            return full(code, &status(code, "Injected", "failing until healed by the test"));
         }
         let (coll, name, sub) = split(&path);
         if watch {
@@ -250,15 +284,37 @@ impl FakeApi {
                 }
                 st.next_uid += 1;
                 let uid = format!("uid-{}", st.next_uid);
+                let rv = st.next_revision();
                 merge(
                     &mut obj,
-                    &json!({ "metadata": { "uid": uid, "resourceVersion": "1", "creationTimestamp": CREATED_AT } }),
+                    &json!({ "metadata": { "uid": uid, "resourceVersion": rv, "creationTimestamp": CREATED_AT } }),
                 );
                 if let Some(ns) = coll.split('/').skip_while(|s| *s != "namespaces").nth(1) {
                     merge(&mut obj, &json!({ "metadata": { "namespace": ns } }));
                 }
                 st.objects.entry(coll).or_default().insert(n, obj.clone());
                 full(201, &obj)
+            }
+            (Method::PUT, Some(n)) => {
+                let rv = st.next_revision();
+                let Some(stored) = st.objects.get_mut(&coll).and_then(|c| c.get_mut(&n)) else {
+                    return full(404, &status(404, "NotFound", &format!("{n} not found")));
+                };
+                let sent = body.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+                let current = stored.pointer("/metadata/resourceVersion").and_then(Value::as_str);
+                if sent.is_some_and(|s| Some(s) != current) {
+                    let message = format!(
+                        "Operation cannot be fulfilled on {n}: the object has been modified; please apply your changes \
+                         to the latest version and try again"
+                    );
+                    return full(409, &status(409, "Conflict", &message));
+                }
+                let mut obj = body;
+                let keep = json!({ "metadata": { "uid": stored.pointer("/metadata/uid").cloned().unwrap_or(Value::Null),
+                                   "creationTimestamp": CREATED_AT, "resourceVersion": rv } });
+                merge(&mut obj, &keep);
+                *stored = obj.clone();
+                full(200, &obj)
             }
             (Method::DELETE, Some(n)) => match st.objects.get_mut(&coll).and_then(|c| c.remove(&n)) {
                 Some(o) => full(200, &o),
