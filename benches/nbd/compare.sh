@@ -10,7 +10,7 @@
 # the same run; the table goes into benches/RESULTS.md.
 # This machine's speed moves by up to 2x between runs a minute apart (one server's 1M writes measured 353 and 1,877 MB/s
 # in two runs), so the servers take turns in rounds: each round runs every server once, and the table compares the
-# medians over the rounds (with each round's own ratio to nbdkit beside them).
+# medians over the rounds (with each round's own ratio to nbdkit beside them); the order rotates from round to round.
 # Usage: benches/nbd/compare.sh [seconds per run, default 10] [rounds, default 3]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -51,35 +51,43 @@ suite() { # who uri
   fio_run "$1" "$2" "4K rand read qd16" randread 4k 16
 }
 
-for round in $(seq "$rounds"); do
-  # blockmesh
+server_blockmesh() {
   target/release/nbd-bench-server "$work/pool.bm" "$sock" --pool-gib 32 --volume-mib 1024 & pid=$!
   wait_socket
   suite blockmesh "nbd+unix:///bench?socket=$sock"
   stop
-
-  # qemu-nbd, raw
+  rm -f "$work/pool.bm"
+}
+server_qemu_raw() {
   truncate -s 1G "$work/disk.raw"
   qemu-nbd -t -f raw -k "$sock" -x bench --discard=unmap "$work/disk.raw" & pid=$!
   wait_socket
   suite "qemu-nbd raw" "nbd+unix:///bench?socket=$sock"
   stop
-
-  # qemu-nbd, qcow2
+  rm -f "$work/disk.raw"
+}
+server_qemu_qcow2() {
   qemu-img create -q -f qcow2 "$work/disk.qcow2" 1G
   qemu-nbd -t -f qcow2 -k "$sock" -x bench --discard=unmap "$work/disk.qcow2" & pid=$!
   wait_socket
   suite "qemu-nbd qcow2" "nbd+unix:///bench?socket=$sock"
   stop
-
-  # nbdkit file plugin
-  rm -f "$work/disk.raw"
+  rm -f "$work/disk.qcow2"
+}
+server_nbdkit() {
   truncate -s 1G "$work/disk.raw"
   nbdkit -f -U "$sock" -e bench file "$work/disk.raw" & pid=$!
   wait_socket
   suite "nbdkit file" "nbd+unix:///bench?socket=$sock"
   stop
-  rm -f "$work/pool.bm" "$work/disk.raw" "$work/disk.qcow2"
+  rm -f "$work/disk.raw"
+}
+# The order rotates from round to round, so no server always runs first (on a machine just settled) or last.
+servers=(server_blockmesh server_qemu_raw server_qemu_qcow2 server_nbdkit)
+for round in $(seq "$rounds"); do
+  for i in 0 1 2 3; do
+    "${servers[$(( (i + round - 1) % 4 ))]}"
+  done
 done
 
 commit=$(git rev-parse --short HEAD)
@@ -101,7 +109,8 @@ lines = ["## NBD servers side by side (issue #4)", "",
          f"Command: `benches/nbd/compare.sh {secs} {rounds}` ({datetime.date.today()}, commit {commit}, 2 cores, ext4 "
          f"on one virtual disk). fio {secs} s per run, `--ioengine=nbd` (libnbd) over a Unix socket, 1 GiB export "
          "filled by the sequential write first; every server on a file in the same directory, through the page "
-         f"cache. {rounds} rounds, each running every server in turn; figures are medians over the rounds, ratios "
+         f"cache. {rounds} rounds, each running every server in turn (the order rotating from round to round); "
+         "figures are medians over the rounds, ratios "
          "are of the medians, and the last column gives each round's own ratio to nbdkit.", "",
          "| workload | " + " | ".join(servers) + " | blockmesh / qemu-nbd raw | blockmesh / nbdkit | target | per round / nbdkit |",
          "|---|" + "---|" * (len(servers) + 4)]
