@@ -57,32 +57,40 @@ fn exports() -> Arc<ExportMap> {
     map
 }
 
+thread_local! {
+    /// One runtime for every input (building one per input took a large share of each execution); every session
+    /// ends, with its tasks, before the next starts.
+    static RUNTIME: tokio::runtime::Runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, rest)) = data.split_first() else { return };
     let mut input = if mode & 1 == 1 { canned_handshake() } else { Vec::new() };
     input.extend_from_slice(rest);
 
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async move {
-        let server = Server::new(exports(), ServerConfig::default()).expect("server");
-        let (client, server_side) = tokio::io::duplex(PIPE_BYTES);
-        let serving = tokio::spawn(async move { server.serve_stream(server_side).await });
-        let (mut rd, mut wr) = tokio::io::split(client);
-        let writer = tokio::spawn(async move {
-            // The server may close first; a failed write is expected then.
-            let _ = wr.write_all(&input).await;
-            let _ = wr.shutdown().await;
-        });
-        let mut sink = vec![0u8; 64 << 10];
-        let drain = async {
-            while let Ok(n) = rd.read(&mut sink).await {
-                if n == 0 {
-                    break;
+    RUNTIME.with(|rt| {
+        rt.block_on(async move {
+            let server = Server::new(exports(), ServerConfig::default()).expect("server");
+            let (client, server_side) = tokio::io::duplex(PIPE_BYTES);
+            let serving = tokio::spawn(async move { server.serve_stream(server_side).await });
+            let (mut rd, mut wr) = tokio::io::split(client);
+            let writer = tokio::spawn(async move {
+                // The server may close first; a failed write is expected then.
+                let _ = wr.write_all(&input).await;
+                let _ = wr.shutdown().await;
+            });
+            let mut sink = vec![0u8; 64 << 10];
+            let drain = async {
+                while let Ok(n) = rd.read(&mut sink).await {
+                    if n == 0 {
+                        break;
+                    }
                 }
-            }
-        };
-        tokio::time::timeout(SESSION_DEADLINE, drain).await.expect("server hung");
-        let _ = tokio::time::timeout(SESSION_DEADLINE, serving).await.expect("server task hung");
-        let _ = writer.await;
+            };
+            tokio::time::timeout(SESSION_DEADLINE, drain).await.expect("server hung");
+            let _ = tokio::time::timeout(SESSION_DEADLINE, serving).await.expect("server task hung");
+            let _ = writer.await;
+        })
     });
 });
