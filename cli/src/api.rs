@@ -95,6 +95,11 @@ pub fn qualify(dot: &str) -> String {
     }
 }
 
+/// `/v1/dots/ns/name`, the route of a dot (namespace `admin` when none).
+pub fn dot_path(dot: &str) -> String {
+    format!("/v1/dots/{}", qualify(dot))
+}
+
 /// An error answer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {

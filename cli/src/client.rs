@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use blockmesh::api::{
-    self, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, GcResult, InitRequest,
-    PendingReceive, PoolStatus, QosRequest, Received, ResetRequest, ResizeRequest, ScrubResult, ServerInfo,
-    TransferRequest,
+    self, dot_path, BranchRequest, CheckoutRequest, CloneRequest, Commit, CommitBody, DiffExtent, Dot, GcResult,
+    InitRequest, PendingReceive, PoolStatus, QosRequest, Received, ResetRequest, ResizeRequest, ScrubResult,
+    ServerInfo, TransferRequest,
 };
 use blockmesh::api_client::{ApiClient, CallError, Hints, Limits};
 use blockmesh::qos::QosLimits;
@@ -473,7 +473,7 @@ impl Api {
         let (key, source) = match std::env::var("BLOCKMESH_API_KEY") {
             Ok(k) if !k.trim().is_empty() => (k.trim().to_string(), "BLOCKMESH_API_KEY".to_string()),
             _ => match remote {
-                Some((name, r)) => (r.key, format!("remote {name}'s stored key (blockmesh remote add {name} ...)")),
+                Some((name, r)) => (r.key, remote_key_source(&name)),
                 None => {
                     let dir = conn.data_dir.clone().unwrap_or_else(crate::default_data_dir);
                     let path = api::key_path(&dir);
@@ -528,9 +528,9 @@ impl Api {
     }
 }
 
-/// `/v1/dots/ns/name` for a dot name (namespace `admin` when none).
-fn dot_path(dot: &str) -> String {
-    format!("/v1/dots/{}", api::qualify(dot))
+/// Where a remote's key comes from, for the error a wrong one gets.
+fn remote_key_source(name: &str) -> String {
+    format!("remote {name}'s stored key (blockmesh remote add {name} ...)")
 }
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -771,7 +771,7 @@ fn named_remote(name: &str) -> Result<(String, Remote)> {
 
 /// The API of the remote `name`.
 fn remote_api(name: &str, r: &Remote, output: Output) -> Result<Api> {
-    let source = format!("remote {name}'s stored key (blockmesh remote add {name} ...)");
+    let source = remote_key_source(name);
     let unreachable = format!(
         "; is it running, and can this client reach it? (--relay carries the data through this client; without it \
          the local daemon reaches remote {name} itself)"

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{qualify, BranchRequest, Commit, Dot, PendingReceive, ResetRequest};
+use crate::api::{dot_path, qualify, BranchRequest, Commit, Dot, PendingReceive, ResetRequest};
 use crate::api_client::{ApiClient, CallError};
 
 /// Progress lines of a push or pull run by the daemon come at most this often.
@@ -136,11 +136,6 @@ pub trait Side {
     fn create_branch(&self, dot: &str, branch: &str, from: &str) -> Result<()>;
     /// Moves `branch` to `commit`; `force` closes the NBD connections to the dot's heads instead of refusing.
     fn reset(&self, dot: &str, branch: &str, commit: &str, force: bool) -> Result<()>;
-}
-
-/// `/v1/dots/ns/name`.
-fn dot_path(dot: &str) -> String {
-    format!("/v1/dots/{}", qualify(dot))
 }
 
 impl Side for ApiClient {
