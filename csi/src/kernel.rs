@@ -4,8 +4,21 @@
 //! server goes away (a restarted server pod), connects again and gives the kernel the new socket
 //! (`NBD_CMD_RECONFIGURE`).
 //!
+//! A device attached before the node plugin restarted is *adopted* ([`Attacher::adopt`]): the kernel still holds
+//! its socket, the plugin no longer does. The kernel cannot tell us whether that socket is alive: `NBD_CMD_STATUS`
+//! reports a device "connected" while it has a configuration (`config_refs` in drivers/block/nbd.c), which it keeps
+//! through a dead connection until `NBD_CMD_DISCONNECT`. But `NBD_CMD_RECONFIGURE` with a socket only replaces a
+//! *dead* one (with none dead the kernel drops the socket and still answers success). So adoption hands the kernel
+//! a fresh connection at once (taken when the old one died while nobody watched, dropped otherwise) and then
+//! watches that connection like any other: it is to the same server, so it hangs up when the server goes away,
+//! which is when the kernel's does. One monitor and one reconnect loop serve attached and adopted devices.
+//! `NBD_CMD_STATUS` tells whether the device is still configured (adoption refuses a device that is not; a
+//! monitor stops when its device goes), and the backend identifier the kernel keeps for a device
+//! (`NBD_ATTR_BACKEND_IDENTIFIER`, the export name; `/sys/block/nbdN/backend`) tells whose it is, so a device
+//! index reused by another volume is never adopted nor reconnected to the wrong export.
+//!
 //! The generic netlink messages are written here (a header, a command, a few attributes; about a hundred lines)
-//! rather than with a netlink crate: the whole exchange is three commands, and rustix's safe socket calls keep the
+//! rather than with a netlink crate: the whole exchange is four commands, and rustix's safe socket calls keep the
 //! crate free of `unsafe`. The kernel takes a socket by its descriptor number in our process (`NBD_SOCK_FD`), so
 //! no descriptor passing is needed.
 
@@ -27,6 +40,9 @@ pub const DEAD_CONN_TIMEOUT: Duration = Duration::from_secs(120);
 pub const DEVICE_BLOCK_BYTES: u64 = 4096;
 /// How often a device's monitor looks at its socket, and retries a reconnect.
 pub const MONITOR_INTERVAL: Duration = Duration::from_secs(1);
+/// How long after a reconnect a monitor hands the kernel a second connection, in case its first came before the
+/// kernel had seen its own socket die (see `Monitor::confirm`).
+pub const RECONNECT_CONFIRM_DELAY: Duration = MONITOR_INTERVAL;
 /// Longest wait for the NBD server during a handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest option reply the handshake reads.
@@ -58,18 +74,28 @@ const CTRL_CMD_GETFAMILY: u8 = 3;
 const CTRL_ATTR_FAMILY_ID: u16 = 1;
 const CTRL_ATTR_FAMILY_NAME: u16 = 2;
 
-// The kernel's NBD netlink interface (linux/nbd-netlink.h).
+// The kernel's NBD netlink interface: the enums of include/uapi/linux/nbd-netlink.h (checked against the header's
+// text: commands UNSPEC, CONNECT, DISCONNECT, RECONFIGURE, LINK_DEAD, STATUS; attributes UNSPEC, INDEX, SIZE_BYTES,
+// BLOCK_SIZE_BYTES, TIMEOUT, SERVER_FLAGS, CLIENT_FLAGS, SOCKETS, DEAD_CONN_TIMEOUT, DEVICE_LIST,
+// BACKEND_IDENTIFIER; device items UNSPEC, ITEM; device attributes UNSPEC, INDEX (u32), CONNECTED (u8)).
 const NBD_FAMILY: &str = "nbd";
 const NBD_GENL_VERSION: u8 = 1;
 const NBD_CMD_CONNECT: u8 = 1;
 const NBD_CMD_DISCONNECT: u8 = 2;
 const NBD_CMD_RECONFIGURE: u8 = 3;
+const NBD_CMD_STATUS: u8 = 5;
 const NBD_ATTR_INDEX: u16 = 1;
 const NBD_ATTR_SIZE_BYTES: u16 = 2;
 const NBD_ATTR_BLOCK_SIZE_BYTES: u16 = 3;
 const NBD_ATTR_SERVER_FLAGS: u16 = 5;
 const NBD_ATTR_SOCKETS: u16 = 7;
 const NBD_ATTR_DEAD_CONN_TIMEOUT: u16 = 8;
+const NBD_ATTR_DEVICE_LIST: u16 = 9;
+/// Kernels before it (5.x) ignore it: attributes past a family's last are skipped by its lenient parsing.
+const NBD_ATTR_BACKEND_IDENTIFIER: u16 = 10;
+const NBD_DEVICE_ITEM: u16 = 1;
+const NBD_DEVICE_INDEX: u16 = 1;
+const NBD_DEVICE_CONNECTED: u16 = 2;
 const NBD_SOCK_ITEM: u16 = 1;
 const NBD_SOCK_FD: u16 = 1;
 
@@ -130,6 +156,14 @@ impl Conn {
         };
         r.map_err(|e| Error::io("clearing NBD socket timeouts", e))
     }
+}
+
+/// Connects to `export` at `target` and does the handshake: a socket ready for the kernel, and what the server told.
+fn connect(target: &NbdTarget, export: &str) -> Result<(Conn, ExportInfo)> {
+    let mut conn = Conn::open(target)?;
+    let info = handshake(conn.stream(), export)?;
+    conn.for_kernel()?;
+    Ok((conn, info))
 }
 
 trait ReadWrite: Read + Write {}
@@ -261,6 +295,14 @@ impl Msg {
         self.attr(kind, &v.to_ne_bytes())
     }
 
+    /// A string attribute (`NLA_STRING`), NUL-terminated.
+    fn string(self, kind: u16, v: &str) -> Self {
+        let mut z = Vec::with_capacity(v.len() + 1);
+        z.extend_from_slice(v.as_bytes());
+        z.push(0);
+        self.attr(kind, &z)
+    }
+
     fn begin(mut self, kind: u16) -> Self {
         self.nests.push(self.buf.len());
         self.buf.extend_from_slice(&[0, 0]);
@@ -298,6 +340,76 @@ fn parse_attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
     out
 }
 
+/// The attributes of a netlink payload, refusing anything malformed: `(type without flags, payload)`.
+fn strict_attrs<'a>(mut b: &'a [u8], what: &str) -> Result<Vec<(u16, &'a [u8])>> {
+    let bad = |why: String| Error::Internal(format!("malformed {what}: {why}"));
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 4 {
+            return Err(bad(format!("{} bytes left, less than an attribute header", b.len())));
+        }
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let kind = u16::from_ne_bytes([b[2], b[3]]) & !NLA_F_NESTED;
+        if len < 4 || len > b.len() {
+            return Err(bad(format!("attribute {kind} of length {len} in {} bytes", b.len())));
+        }
+        out.push((kind, &b[4..len]));
+        b = b.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
+    }
+    Ok(out)
+}
+
+/// One device of an `NBD_CMD_STATUS` reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DeviceStatus {
+    index: u32,
+    /// The kernel has a configuration for it (set up and not disconnected; says nothing of its socket).
+    connected: bool,
+}
+
+/// The `NBD_CMD_STATUS` request for device `index`.
+fn status_message(family: u16, seq: u32, index: u32) -> Vec<u8> {
+    Msg::new(family, NBD_CMD_STATUS, NBD_GENL_VERSION, seq).u32(NBD_ATTR_INDEX, index).finish()
+}
+
+/// The devices of an `NBD_CMD_STATUS` reply, from the attributes after its generic netlink header:
+/// `DEVICE_LIST { DEVICE_ITEM { DEVICE_INDEX u32, DEVICE_CONNECTED u8 } ... }`. Attributes it does not know are
+/// skipped; a truncated reply, an attribute of the wrong size or an item without both fields is an error.
+fn parse_status(attrs: &[u8]) -> Result<Vec<DeviceStatus>> {
+    const WHAT: &str = "NBD status reply";
+    let bad = |why: String| Error::Internal(format!("malformed {WHAT}: {why}"));
+    let mut out = Vec::new();
+    for (kind, list) in strict_attrs(attrs, WHAT)? {
+        if kind != NBD_ATTR_DEVICE_LIST {
+            continue;
+        }
+        for (kind, item) in strict_attrs(list, WHAT)? {
+            if kind != NBD_DEVICE_ITEM {
+                continue;
+            }
+            let (mut index, mut connected) = (None, None);
+            for (kind, v) in strict_attrs(item, WHAT)? {
+                match kind {
+                    NBD_DEVICE_INDEX => match <[u8; 4]>::try_from(v) {
+                        Ok(b) => index = Some(u32::from_ne_bytes(b)),
+                        Err(_) => return Err(bad(format!("a device index of {} bytes, not 4", v.len()))),
+                    },
+                    NBD_DEVICE_CONNECTED => match v {
+                        [c] => connected = Some(*c != 0),
+                        _ => return Err(bad(format!("a device connected flag of {} bytes, not 1", v.len()))),
+                    },
+                    _ => {}
+                }
+            }
+            match (index, connected) {
+                (Some(index), Some(connected)) => out.push(DeviceStatus { index, connected }),
+                _ => return Err(bad("a device item without its index or connected flag".into())),
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// A generic netlink socket.
 #[derive(Debug)]
 struct Netlink {
@@ -320,7 +432,7 @@ impl Netlink {
         Ok(Self { fd, seq: 1 })
     }
 
-    /// Sends a request and reads its answer: the attributes of the data message, if any, once acknowledged.
+    /// Sends a request and reads its answer: the attributes of the data messages, if any, once acknowledged.
     fn request(
         &mut self,
         family: u16,
@@ -330,14 +442,21 @@ impl Netlink {
     ) -> Result<Vec<(u16, Vec<u8>)>> {
         self.seq = self.seq.wrapping_add(1);
         let msg = build(Msg::new(family, cmd, version, self.seq)).finish();
+        let payloads = self.exchange(&msg, cmd)?;
+        Ok(payloads.iter().flat_map(|p| parse_attrs(p).into_iter().map(|(k, v)| (k, v.to_vec()))).collect())
+    }
+
+    /// Sends a finished message and reads its answer: each data message's attribute bytes (after the generic
+    /// netlink header), once acknowledged.
+    fn exchange(&mut self, msg: &[u8], cmd: u8) -> Result<Vec<Vec<u8>>> {
         rustix::net::sendto(
             &self.fd,
-            &msg,
+            msg,
             rustix::net::SendFlags::empty(),
             &rustix::net::netlink::SocketAddrNetlink::new(0, 0),
         )
         .map_err(|e| Error::io("sending a netlink request", e.into()))?;
-        let mut attrs = Vec::new();
+        let mut payloads = Vec::new();
         let mut buf = vec![0u8; NETLINK_BUFFER_BYTES];
         loop {
             let (n, _) = rustix::net::recv(&self.fd, &mut buf[..], rustix::net::RecvFlags::empty())
@@ -354,22 +473,33 @@ impl Netlink {
                     NLMSG_ERROR => {
                         let code = payload.get(..4).map_or(0, |b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
                         if code == 0 {
-                            return Ok(attrs);
+                            return Ok(payloads);
                         }
                         return Err(Error::io(
                             format!("netlink command {cmd}"),
                             std::io::Error::from_raw_os_error(-code),
                         ));
                     }
-                    NLMSG_DONE => return Ok(attrs),
-                    _ if payload.len() >= 4 => {
-                        attrs.extend(parse_attrs(&payload[4..]).into_iter().map(|(k, v)| (k, v.to_vec())));
-                    }
+                    NLMSG_DONE => return Ok(payloads),
+                    _ if payload.len() >= 4 => payloads.push(payload[4..].to_vec()),
                     _ => {}
                 }
                 at += len.div_ceil(4) * 4;
             }
         }
+    }
+
+    /// Whether the kernel has a configuration for device `index`; `None` when there is no such device.
+    fn status(&mut self, family: u16, index: u32) -> Result<Option<bool>> {
+        self.seq = self.seq.wrapping_add(1);
+        let msg = status_message(family, self.seq, index);
+        let mut found = None;
+        for payload in self.exchange(&msg, NBD_CMD_STATUS)? {
+            if let Some(d) = parse_status(&payload)?.into_iter().find(|d| d.index == index) {
+                found = Some(d.connected);
+            }
+        }
+        Ok(found)
     }
 
     /// The id of a generic netlink family.
@@ -385,12 +515,23 @@ impl Netlink {
     }
 }
 
-/// One attached device: its socket, watched by a monitor thread.
+/// What a device's monitor and the attacher share.
+#[derive(Debug, Default)]
+struct Flags {
+    /// Set by the attacher: the monitor ends.
+    stop: AtomicBool,
+    /// Set by the monitor while the server is gone and it reconnects.
+    lost: AtomicBool,
+    /// Set by the monitor when it gave up: the device is no longer configured for its volume.
+    gone: AtomicBool,
+}
+
+/// One watched device.
 #[derive(Debug)]
 struct Device {
-    stop: Arc<AtomicBool>,
-    /// Set by the monitor while the server is gone and it reconnects.
-    lost: Arc<AtomicBool>,
+    flags: Arc<Flags>,
+    /// Adopted after a restart of the node plugin (not attached by this process).
+    adopted: bool,
 }
 
 /// Attaches volumes to `/dev/nbdN` through the kernel's NBD driver.
@@ -409,71 +550,208 @@ fn index_of(device: &Path) -> Result<u32> {
         .ok_or_else(|| Error::InvalidArgument(format!("{} is not an NBD device", device.display())))
 }
 
-impl KernelNbdAttacher {
-    /// An attacher connecting to the daemon's NBD server at `target`.
-    pub fn new(target: NbdTarget) -> Self {
-        Self { target, devices: Mutex::new(HashMap::new()) }
+/// What device `index` serves now, as far as the kernel tells.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Serving {
+    /// Configured, with our export as its backend identifier.
+    Export,
+    /// Configured, with no backend identifier (attached by an older node plugin, or a kernel before them).
+    Unnamed,
+    /// Configured for another export.
+    Other(String),
+    /// Not configured (disconnected, or the node restarted), or no such device.
+    Nothing,
+}
+
+/// The backend identifier the kernel keeps for device `index` (`None`: none, or a kernel without them).
+fn backend_of(index: u32) -> Option<String> {
+    let path = format!("/sys/block/nbd{index}/backend");
+    match std::fs::read_to_string(&path) {
+        Ok(b) if !b.trim().is_empty() => Some(b.trim().to_string()),
+        Ok(_) => None,
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::debug!(path, error = %e, "cannot read the device's backend identifier");
+            }
+            None
+        }
+    }
+}
+
+/// What device `index` serves: `NBD_CMD_STATUS`, then its backend identifier.
+fn serving(index: u32, export: &str) -> Result<Serving> {
+    let mut nl = Netlink::open()?;
+    let family = nl.family(NBD_FAMILY)?;
+    if nl.status(family, index)? != Some(true) {
+        return Ok(Serving::Nothing);
+    }
+    Ok(match backend_of(index) {
+        None => Serving::Unnamed,
+        Some(b) if b == export => Serving::Export,
+        Some(b) => Serving::Other(b),
+    })
+}
+
+/// The watch over one device: where its server is, its export, the device, and the flags shared with the attacher.
+#[derive(Debug)]
+struct Monitor {
+    target: NbdTarget,
+    export: String,
+    index: u32,
+    flags: Arc<Flags>,
+}
+
+impl Monitor {
+    /// Starts the monitor thread; `conn` is the socket the kernel was given (none for an adopted device: the
+    /// monitor first hands the kernel a fresh one, see the module's doc).
+    fn spawn(self, conn: Option<Conn>) -> Result<()> {
+        std::thread::Builder::new()
+            .name(format!("nbd{}-monitor", self.index))
+            .spawn(move || self.run(conn))
+            .map(drop)
+            .map_err(|e| Error::io("starting an NBD monitor thread", e))
     }
 
-    fn connect(&self, export: &str) -> Result<(Conn, ExportInfo)> {
-        let mut conn = Conn::open(&self.target)?;
-        let info = handshake(conn.stream(), export)?;
-        conn.for_kernel()?;
-        Ok((conn, info))
+    fn stopped(&self) -> bool {
+        self.flags.stop.load(Ordering::Relaxed)
     }
 
-    /// Watches `conn` of device `index`; reconnects when the server goes away, until `stop`.
-    fn monitor(
-        target: NbdTarget,
-        export: String,
-        index: u32,
-        mut conn: Conn,
-        stop: Arc<AtomicBool>,
-        lost: Arc<AtomicBool>,
-    ) {
+    /// Watches the connection; reconnects when the server goes away; until stopped or the device is gone.
+    fn run(self, mut conn: Option<Conn>) {
+        let (index, export) = (self.index, self.export.as_str());
+        loop {
+            match &conn {
+                Some(c) => {
+                    if !self.wait_for_hang_up(c) {
+                        return;
+                    }
+                    tracing::warn!(device = index, export, "NBD server went away; reconnecting");
+                    self.flags.lost.store(true, Ordering::Relaxed);
+                }
+                None => tracing::info!(
+                    device = index,
+                    export,
+                    "adopting the device: handing the kernel a fresh connection (it keeps its own when alive)"
+                ),
+            }
+            match self.reconnect() {
+                Some(c) => {
+                    conn = Some(self.confirm(c));
+                    self.flags.lost.store(false, Ordering::Relaxed);
+                    tracing::info!(device = index, export, "NBD device connected; watched for reconnects");
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// Hands the kernel one more fresh connection [`RECONNECT_CONFIRM_DELAY`] after a reconnect: the kernel
+    /// answers a reconfigure the same whether it took the socket or (no socket of its own dead *yet*, its receive
+    /// work not having seen the hang-up) dropped it; the second one is taken in that race, dropped otherwise.
+    /// Either socket is to the same server and hangs up when it goes away: the newest is watched.
+    fn confirm(&self, conn: Conn) -> Conn {
+        std::thread::sleep(RECONNECT_CONFIRM_DELAY);
+        if self.stopped() {
+            return conn;
+        }
+        match self.reconnect_once() {
+            Ok(newer) => newer,
+            Err(e) => {
+                tracing::debug!(device = self.index, error = %e, "confirming the reconnect failed; watching the first");
+                conn
+            }
+        }
+    }
+
+    /// Polls `conn` for hang-up: `true` when the server went away, `false` when stopped.
+    fn wait_for_hang_up(&self, conn: &Conn) -> bool {
         use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let me = KernelNbdAttacher::new(target);
         let wait = Timespec { tv_sec: MONITOR_INTERVAL.as_secs() as i64, tv_nsec: 0 };
-        while !stop.load(Ordering::Relaxed) {
+        while !self.stopped() {
             let fd = conn.fd();
             let mut fds = [PollFd::new(&fd, PollFlags::RDHUP | PollFlags::HUP)];
             let hung_up = match poll(&mut fds, Some(&wait)) {
                 Ok(_) => fds[0].revents().intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR),
                 Err(_) => false,
             };
-            if !hung_up {
-                continue;
+            if hung_up {
+                return true;
             }
-            tracing::warn!(device = index, export, "NBD server went away; reconnecting");
-            lost.store(true, Ordering::Relaxed);
-            while !stop.load(Ordering::Relaxed) {
-                let again = me.connect(&export).and_then(|(c, _)| {
-                    let fd = c.fd().as_raw_fd() as u32;
-                    let mut nl = Netlink::open()?;
-                    let family = nl.family(NBD_FAMILY)?;
-                    nl.request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, |m| {
-                        m.u32(NBD_ATTR_INDEX, index)
-                            .begin(NBD_ATTR_SOCKETS)
-                            .begin(NBD_SOCK_ITEM)
-                            .u32(NBD_SOCK_FD, fd)
-                            .end()
-                            .end()
-                    })?;
-                    Ok(c)
-                });
-                match again {
-                    Ok(c) => {
-                        conn = c;
-                        lost.store(false, Ordering::Relaxed);
-                        tracing::info!(device = index, export, "NBD device reconnected");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::debug!(device = index, error = %e, "reconnect not done yet");
-                        std::thread::sleep(MONITOR_INTERVAL);
-                    }
-                }
+        }
+        false
+    }
+
+    /// Connects again and hands the kernel the new socket, retrying every [`MONITOR_INTERVAL`]: the socket, or
+    /// `None` when stopped or when the device no longer serves the export (then `gone` is set).
+    fn reconnect(&self) -> Option<Conn> {
+        while !self.stopped() {
+            let e = match self.reconnect_once() {
+                Ok(c) => return Some(c),
+                Err(e) => e,
+            };
+            self.flags.lost.store(true, Ordering::Relaxed);
+            // the device still ours, or the kernel cannot tell now: try again; otherwise give up
+            if let Ok(Serving::Nothing | Serving::Other(_)) = serving(self.index, &self.export) {
+                tracing::warn!(
+                    device = self.index,
+                    export = self.export,
+                    "the device no longer serves the export; no longer watched"
+                );
+                self.flags.gone.store(true, Ordering::Relaxed);
+                return None;
             }
+            tracing::debug!(device = self.index, error = %e, "reconnect not done yet");
+            std::thread::sleep(MONITOR_INTERVAL);
+        }
+        None
+    }
+
+    /// One handshake and `NBD_CMD_RECONFIGURE` with its socket (a no-op in the kernel when no socket is dead).
+    fn reconnect_once(&self) -> Result<Conn> {
+        let (conn, _) = connect(&self.target, &self.export)?;
+        let fd = conn.fd().as_raw_fd() as u32;
+        let mut nl = Netlink::open()?;
+        let family = nl.family(NBD_FAMILY)?;
+        nl.request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, |m| {
+            m.u32(NBD_ATTR_INDEX, self.index)
+                .string(NBD_ATTR_BACKEND_IDENTIFIER, &self.export)
+                .begin(NBD_ATTR_SOCKETS)
+                .begin(NBD_SOCK_ITEM)
+                .u32(NBD_SOCK_FD, fd)
+                .end()
+                .end()
+        })?;
+        Ok(conn)
+    }
+}
+
+impl KernelNbdAttacher {
+    /// An attacher connecting to the daemon's NBD server at `target`.
+    pub fn new(target: NbdTarget) -> Self {
+        Self { target, devices: Mutex::new(HashMap::new()) }
+    }
+
+    fn devices(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Device>> {
+        self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts watching `device` (index `index`) for `export`; ends an older watch of it.
+    fn watch(&self, device: &Path, index: u32, export: String, conn: Option<Conn>) -> Result<()> {
+        let flags = Arc::new(Flags::default());
+        let adopted = conn.is_none();
+        Monitor { target: self.target.clone(), export, index, flags: flags.clone() }.spawn(conn)?;
+        if let Some(old) = self.devices().insert(device.to_path_buf(), Device { flags, adopted }) {
+            old.flags.stop.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for KernelNbdAttacher {
+    /// Ends the monitors (the kernel keeps the devices and their sockets, as when the process exits).
+    fn drop(&mut self) {
+        for d in self.devices().values() {
+            d.flags.stop.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -481,7 +759,7 @@ impl KernelNbdAttacher {
 impl Attacher for KernelNbdAttacher {
     fn attach(&self, volume: &VolumeId) -> Result<PathBuf> {
         let export = volume.export_name();
-        let (conn, info) = self.connect(&export)?;
+        let (conn, info) = connect(&self.target, &export)?;
         let fd = conn.fd().as_raw_fd() as u32;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
@@ -490,6 +768,7 @@ impl Attacher for KernelNbdAttacher {
                 .u64(NBD_ATTR_BLOCK_SIZE_BYTES, DEVICE_BLOCK_BYTES)
                 .u64(NBD_ATTR_SERVER_FLAGS, u64::from(info.transmission_flags))
                 .u64(NBD_ATTR_DEAD_CONN_TIMEOUT, DEAD_CONN_TIMEOUT.as_secs())
+                .string(NBD_ATTR_BACKEND_IDENTIFIER, &export)
                 .begin(NBD_ATTR_SOCKETS)
                 .begin(NBD_SOCK_ITEM)
                 .u32(NBD_SOCK_FD, fd)
@@ -502,22 +781,32 @@ impl Attacher for KernelNbdAttacher {
             .map(|(_, v)| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
             .ok_or_else(|| Error::Internal("the kernel named no NBD device for the connection".into()))?;
         let device = PathBuf::from(format!("/dev/nbd{index}"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let lost = Arc::new(AtomicBool::new(false));
-        let (target, flag, gone) = (self.target.clone(), stop.clone(), lost.clone());
-        std::thread::Builder::new()
-            .name(format!("nbd{index}-monitor"))
-            .spawn(move || Self::monitor(target, export, index, conn, flag, gone))
-            .map_err(|e| Error::io("starting an NBD monitor thread", e))?;
-        let mut devices = self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        devices.insert(device.clone(), Device { stop, lost });
+        self.watch(&device, index, export, Some(conn))?;
         Ok(device)
+    }
+
+    fn adopt(&self, volume: &VolumeId, device: &Path) -> Result<()> {
+        let index = index_of(device)?;
+        let export = volume.export_name();
+        if self.devices().get(device).is_some_and(|d| !d.flags.gone.load(Ordering::Relaxed)) {
+            return Ok(());
+        }
+        match serving(index, &export)? {
+            Serving::Nothing => Err(Error::NotFound(format!(
+                "{} is not configured by the kernel any more (the node restarted, or it was disconnected)",
+                device.display()
+            ))),
+            Serving::Other(other) => {
+                Err(Error::NotFound(format!("{} serves export {other} now, not {export}", device.display())))
+            }
+            Serving::Export | Serving::Unnamed => self.watch(device, index, export, None),
+        }
     }
 
     fn detach(&self, device: &Path) -> Result<()> {
         let index = index_of(device)?;
-        if let Some(d) = self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(device) {
-            d.stop.store(true, Ordering::Relaxed);
+        if let Some(d) = self.devices().remove(device) {
+            d.flags.stop.store(true, Ordering::Relaxed);
         }
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
@@ -532,31 +821,42 @@ impl Attacher for KernelNbdAttacher {
 
     fn refresh_size(&self, volume: &VolumeId, device: &Path) -> Result<u64> {
         let index = index_of(device)?;
-        let (_conn, info) = self.connect(&volume.export_name())?;
+        let export = volume.export_name();
+        let (_conn, info) = connect(&self.target, &export)?;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
+        // the kernel refuses to reconfigure a device with a backend identifier unless the request names it
         nl.request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, |m| {
-            m.u32(NBD_ATTR_INDEX, index).u64(NBD_ATTR_SIZE_BYTES, info.size_bytes)
+            m.u32(NBD_ATTR_INDEX, index)
+                .string(NBD_ATTR_BACKEND_IDENTIFIER, &export)
+                .u64(NBD_ATTR_SIZE_BYTES, info.size_bytes)
         })?;
         Ok(info.size_bytes)
     }
 
     fn condition(&self, device: &Path) -> Result<Condition> {
         let index = index_of(device)?;
-        let devices = self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let devices = self.devices();
         // the kernel keeps the pid attribute while the device is set up with a connection
         let configured = Path::new(&format!("/sys/block/nbd{index}/pid")).exists();
+        let abnormal = |message: String| Condition { abnormal: true, message };
         Ok(match (devices.get(device), configured) {
-            (_, false) => Condition { abnormal: true, message: format!("{} is not connected", device.display()) },
-            (Some(d), true) if d.lost.load(Ordering::Relaxed) => Condition {
-                abnormal: true,
-                message: "the connection to the blockmesh server is lost; reconnecting".into(),
+            (_, false) => abnormal(format!("{} is not connected", device.display())),
+            (Some(d), true) if d.flags.gone.load(Ordering::Relaxed) => {
+                abnormal(format!("{} no longer serves this volume; not watched", device.display()))
+            }
+            (Some(d), true) if d.flags.lost.load(Ordering::Relaxed) => {
+                abnormal("the connection to the blockmesh server is lost; reconnecting".into())
+            }
+            (Some(d), true) if d.adopted => Condition {
+                abnormal: false,
+                message: "connected, watched for reconnects (adopted after a node plugin restart)".into(),
             },
             (Some(_), true) => Condition { abnormal: false, message: "connected, watched for reconnects".into() },
-            (None, true) => Condition {
-                abnormal: false,
-                message: "connected (attached before the node plugin restarted: not watched for reconnects)".into(),
-            },
+            (None, true) => abnormal(format!(
+                "{} is connected but not watched for reconnects: this node plugin neither attached nor adopted it",
+                device.display()
+            )),
         })
     }
 }
@@ -568,6 +868,7 @@ pub fn probe_export(target: &NbdTarget, export: &str) -> Result<ExportInfo> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -591,6 +892,100 @@ mod tests {
         let item = parse_attrs(attrs[1].1);
         assert_eq!(item[0].0, NBD_SOCK_ITEM);
         assert_eq!(parse_attrs(item[0].1), vec![(NBD_SOCK_FD, &5u32.to_ne_bytes()[..])]);
+    }
+
+    /// The attribute bytes of a status reply for `devices` (index, connected), as the kernel lays them out.
+    fn status_reply(devices: &[(u32, u8)]) -> Vec<u8> {
+        let mut m = Msg::new(0x1a, NBD_CMD_STATUS, NBD_GENL_VERSION, 0).begin(NBD_ATTR_DEVICE_LIST);
+        for (index, connected) in devices {
+            m = m.begin(NBD_DEVICE_ITEM).u32(NBD_DEVICE_INDEX, *index).attr(NBD_DEVICE_CONNECTED, &[*connected]).end();
+        }
+        m.end().finish()[20..].to_vec()
+    }
+
+    #[test]
+    fn status_requests_are_laid_out_as_the_kernel_reads_them() {
+        let m = status_message(0x1a, 9, 3);
+        assert_eq!(m.len(), 16 + 4 + 8);
+        assert_eq!(u32::from_ne_bytes([m[0], m[1], m[2], m[3]]) as usize, m.len());
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), 0x1a, "the family");
+        assert_eq!(u16::from_ne_bytes([m[6], m[7]]), NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(u32::from_ne_bytes([m[8], m[9], m[10], m[11]]), 9, "the sequence number");
+        assert_eq!(&m[16..20], &[5, 1, 0, 0], "NBD_CMD_STATUS, version 1");
+        assert_eq!(&m[20..22], &8u16.to_ne_bytes(), "an attribute of 4 + 4 bytes");
+        assert_eq!(&m[22..24], &1u16.to_ne_bytes(), "NBD_ATTR_INDEX");
+        assert_eq!(&m[24..28], &3u32.to_ne_bytes());
+    }
+
+    #[test]
+    fn status_replies_are_read_device_by_device() {
+        let reply = status_reply(&[(0, 1), (1, 0), (7, 1)]);
+        // DEVICE_LIST header, then per item: its header, index (8), connected (5, padded to 8)
+        assert_eq!(reply.len(), 4 + 3 * (4 + 8 + 8));
+        assert_eq!(&reply[2..4], &(NBD_ATTR_DEVICE_LIST | NLA_F_NESTED).to_ne_bytes());
+        assert_eq!(
+            parse_status(&reply).unwrap(),
+            vec![
+                DeviceStatus { index: 0, connected: true },
+                DeviceStatus { index: 1, connected: false },
+                DeviceStatus { index: 7, connected: true },
+            ]
+        );
+        // no device at that index: an empty list; attributes it does not know are skipped
+        assert_eq!(parse_status(&status_reply(&[])).unwrap(), vec![]);
+        let mut other = Msg::new(0x1a, NBD_CMD_STATUS, 1, 0).u32(NBD_ATTR_INDEX, 4).finish()[20..].to_vec();
+        other.extend_from_slice(&status_reply(&[(4, 1)]));
+        assert_eq!(parse_status(&other).unwrap(), vec![DeviceStatus { index: 4, connected: true }]);
+    }
+
+    #[test]
+    fn malformed_status_replies_are_errors() {
+        let reply = status_reply(&[(0, 1), (1, 1)]);
+        for cut in [1, 2, 3, 5, 11, reply.len() - 12, reply.len() - 1] {
+            let err = parse_status(&reply[..cut]).unwrap_err();
+            assert!(err.to_string().contains("malformed NBD status reply"), "{cut}: {err}");
+        }
+        let wrong_index = Msg::new(0x1a, NBD_CMD_STATUS, 1, 0)
+            .begin(NBD_ATTR_DEVICE_LIST)
+            .begin(NBD_DEVICE_ITEM)
+            .u64(NBD_DEVICE_INDEX, 1)
+            .attr(NBD_DEVICE_CONNECTED, &[1])
+            .end()
+            .end()
+            .finish();
+        let err = parse_status(&wrong_index[20..]).unwrap_err().to_string();
+        assert!(err.contains("device index of 8 bytes, not 4"), "{err}");
+        let wrong_flag = Msg::new(0x1a, NBD_CMD_STATUS, 1, 0)
+            .begin(NBD_ATTR_DEVICE_LIST)
+            .begin(NBD_DEVICE_ITEM)
+            .u32(NBD_DEVICE_INDEX, 1)
+            .u32(NBD_DEVICE_CONNECTED, 1)
+            .end()
+            .end()
+            .finish();
+        let err = parse_status(&wrong_flag[20..]).unwrap_err().to_string();
+        assert!(err.contains("connected flag of 4 bytes, not 1"), "{err}");
+        let no_flag = Msg::new(0x1a, NBD_CMD_STATUS, 1, 0)
+            .begin(NBD_ATTR_DEVICE_LIST)
+            .begin(NBD_DEVICE_ITEM)
+            .u32(NBD_DEVICE_INDEX, 1)
+            .end()
+            .end()
+            .finish();
+        let err = parse_status(&no_flag[20..]).unwrap_err().to_string();
+        assert!(err.contains("without its index or connected flag"), "{err}");
+        // an attribute claiming more than is there
+        let mut lying = status_reply(&[(2, 1)]);
+        lying[0..2].copy_from_slice(&200u16.to_ne_bytes());
+        assert!(parse_status(&lying).is_err());
+    }
+
+    #[test]
+    fn backend_identifiers_are_nul_terminated_strings() {
+        let m = Msg::new(0x1a, NBD_CMD_RECONFIGURE, 1, 1).string(NBD_ATTR_BACKEND_IDENTIFIER, "admin/k").finish();
+        let attrs = parse_attrs(&m[20..]);
+        assert_eq!(attrs, vec![(NBD_ATTR_BACKEND_IDENTIFIER, &b"admin/k\0"[..])]);
+        assert_eq!(m.len() % 4, 0);
     }
 
     #[test]

@@ -2,10 +2,13 @@
 //! system when it has none, mount it; publish = bind mount (or the device itself for raw block volumes).
 //!
 //! What is staged is written to a state directory (one JSON record per volume, replaced atomically), so repeated
-//! calls answer the same and a restarted node plugin still knows which device to unstage.
+//! calls answer the same and a restarted node plugin still knows which device to unstage. A restarted node plugin
+//! reads those records when it starts and adopts their devices ([`Attacher::adopt`]: watched for reconnects again);
+//! a record whose device is gone (the node restarted) stays, reported abnormal, until it is staged again or unstaged.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
@@ -19,6 +22,13 @@ use crate::{Error, Result};
 pub const DEFAULT_FS_TYPE: &str = "ext4";
 /// File systems the node makes and grows.
 pub const SUPPORTED_FS_TYPES: [&str; 2] = ["ext4", "xfs"];
+/// Most staging records read and adopted when the node plugin starts: the number of NBD devices the kernel can
+/// have (device indexes are minor numbers, 2^20, over 16 partitions each). Records past it are neither read nor
+/// adopted (directory order; a warning says how many): they stay on disk, their devices are not watched for
+/// reconnects (the kernel attacher reports them abnormal), and NodeUnstageVolume still cleans them up.
+pub const MAX_ADOPTED_RECORDS: usize = 1 << 16;
+/// The file name ending of a staging record.
+const RECORD_EXTENSION: &str = "json";
 
 /// Attaches volumes to block devices.
 pub trait Attacher: Send + Sync + std::fmt::Debug {
@@ -26,6 +36,11 @@ pub trait Attacher: Send + Sync + std::fmt::Debug {
     fn attach(&self, volume: &VolumeId) -> Result<PathBuf>;
     /// Detaches a device attached by [`Attacher::attach`] (done when it is not attached).
     fn detach(&self, device: &Path) -> Result<()>;
+    /// Watches `device`, attached to `volume` by an earlier process (before the node plugin restarted), as if
+    /// [`Attacher::attach`] had made it. [`Error::NotFound`] when the device no longer serves the volume (not
+    /// configured any more, e.g. after a node reboot, or serving another volume now); other errors when it cannot
+    /// tell. Adopting a device already watched is done.
+    fn adopt(&self, volume: &VolumeId, device: &Path) -> Result<()>;
     /// Makes the device take the volume's current size (after a controller expansion); returns it.
     fn refresh_size(&self, volume: &VolumeId, device: &Path) -> Result<u64>;
     /// The device's condition: abnormal (with why) when it is not connected to its server, or lost the connection
@@ -71,6 +86,28 @@ pub struct Staged {
     pub fs_type: String,
 }
 
+/// What [`NodeService::adopt_staged`] did with the staging records it found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Records whose device is watched again.
+    pub adopted: usize,
+    /// Records whose device could not be adopted (gone, or the attacher could not tell): kept, reported abnormal.
+    pub failed: usize,
+    /// Record files that could not be read or parsed: skipped (logged with their path).
+    pub unreadable: usize,
+    /// Records past [`MAX_ADOPTED_RECORDS`], left unread.
+    pub left: usize,
+}
+
+/// A staged volume whose device was not adopted.
+#[derive(Debug, Clone)]
+struct Unadopted {
+    /// The device no longer serves the volume ([`Error::NotFound`] from the attacher): never detached by us (its
+    /// index may serve another volume now), staged afresh when NodeStageVolume comes again.
+    gone: bool,
+    why: String,
+}
+
 /// The Node service.
 #[derive(Debug)]
 pub struct NodeService {
@@ -80,6 +117,10 @@ pub struct NodeService {
     mounter: Arc<dyn Mounter>,
     /// Node operations run one at a time (the CO sends one per volume; this also orders the state files).
     ops: tokio::sync::Mutex<()>,
+    /// Staged volumes (by id) whose devices were not adopted when the plugin started.
+    unadopted: Mutex<HashMap<String, Unadopted>>,
+    /// What the adoption at start did.
+    adoption: Adoption,
 }
 
 fn required(what: &str, v: &str) -> Result<()> {
@@ -107,7 +148,9 @@ fn record_name(volume_id: &str) -> String {
 }
 
 impl NodeService {
-    /// A node service for node `node_id`, keeping its records in `state_dir` (created when missing).
+    /// A node service for node `node_id`, keeping its records in `state_dir` (created when missing). The devices
+    /// of the records found there are adopted before it returns ([`NodeService::adopt_staged`]; see
+    /// [`NodeService::adoption`]): a restarted node plugin watches them for reconnects again before it serves.
     pub fn new(
         node_id: &str,
         state_dir: &Path,
@@ -115,13 +158,146 @@ impl NodeService {
         mounter: Arc<dyn Mounter>,
     ) -> Result<Self> {
         std::fs::create_dir_all(state_dir).map_err(|e| Error::io(format!("creating {}", state_dir.display()), e))?;
-        Ok(Self {
+        let mut me = Self {
             node_id: node_id.to_string(),
             state_dir: state_dir.to_path_buf(),
             attacher,
             mounter,
             ops: tokio::sync::Mutex::new(()),
-        })
+            unadopted: Mutex::new(HashMap::new()),
+            adoption: Adoption::default(),
+        };
+        me.adoption = me.adopt_staged();
+        Ok(me)
+    }
+
+    /// What the adoption at start did.
+    pub fn adoption(&self) -> &Adoption {
+        &self.adoption
+    }
+
+    fn unadopted(&self) -> std::sync::MutexGuard<'_, HashMap<String, Unadopted>> {
+        self.unadopted.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reads every staging record in the state directory (up to [`MAX_ADOPTED_RECORDS`]) and asks the attacher to
+    /// adopt its device. Nothing here fails the start: an unreadable record is logged with its path and skipped; a
+    /// device that cannot be adopted is logged, its record kept (NodeUnstageVolume cleans it up) and its volume's
+    /// condition reported abnormal by NodeGetVolumeStats.
+    pub fn adopt_staged(&self) -> Adoption {
+        let mut done = Adoption::default();
+        let entries = match std::fs::read_dir(&self.state_dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::error!(dir = %self.state_dir.display(), error = %e, "cannot list staging records; none adopted");
+                return done;
+            }
+        };
+        let mut read = 0;
+        for entry in entries {
+            let path = match entry {
+                Ok(entry) => entry.path(),
+                Err(e) => {
+                    tracing::error!(dir = %self.state_dir.display(), error = %e, "cannot list a staging record; skipped");
+                    done.unreadable += 1;
+                    continue;
+                }
+            };
+            if path.extension().and_then(|x| x.to_str()) != Some(RECORD_EXTENSION) {
+                continue;
+            }
+            if read == MAX_ADOPTED_RECORDS {
+                done.left += 1;
+                continue;
+            }
+            read += 1;
+            let s = match self.read_record(&path) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "unreadable staging record; skipped");
+                    done.unreadable += 1;
+                    continue;
+                }
+            };
+            let adopted = VolumeId::parse(&s.volume_id)
+                .map_err(|e| Error::InvalidArgument(format!("volume id {:?}: {e}", s.volume_id)))
+                .and_then(|volume| self.attacher.adopt(&volume, &s.device));
+            match adopted {
+                Ok(()) => {
+                    tracing::info!(volume = s.volume_id, device = %s.device.display(), "staged device adopted");
+                    done.adopted += 1;
+                }
+                Err(e) => {
+                    let gone = matches!(e, Error::NotFound(_));
+                    tracing::warn!(
+                        volume = s.volume_id,
+                        device = %s.device.display(),
+                        error = %e,
+                        "staged device not adopted; its record is kept until it is staged again or unstaged"
+                    );
+                    let why = format!("{} is not watched for reconnects: {e}", s.device.display());
+                    self.unadopted().insert(s.volume_id.clone(), Unadopted { gone, why });
+                    done.failed += 1;
+                }
+            }
+        }
+        if done.left > 0 {
+            tracing::warn!(
+                left = done.left,
+                limit = MAX_ADOPTED_RECORDS,
+                "more staging records than NBD devices: the rest were not adopted"
+            );
+        }
+        tracing::info!(?done, "staging records adopted");
+        done
+    }
+
+    /// A record file, checked to be named for its volume.
+    fn read_record(&self, path: &Path) -> Result<Staged> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let s: Staged = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Internal(format!("unreadable staging record {}: {e}", path.display())))?;
+        if self.record_path(&s.volume_id) != path {
+            return Err(Error::Internal(format!(
+                "staging record {} is of volume {:?}, named otherwise",
+                path.display(),
+                s.volume_id
+            )));
+        }
+        Ok(s)
+    }
+
+    /// Whether a staged volume's device serves it: `true` when it was adopted (or is adopted now, retried when it
+    /// failed for another reason than the device being gone); `false` when the device is gone (the record, and
+    /// the staging mount if any, are dropped, so the volume is staged afresh).
+    fn still_staged(&self, s: &Staged) -> Result<bool> {
+        let Some(u) = self.unadopted().get(&s.volume_id).cloned() else {
+            return Ok(true);
+        };
+        if !u.gone {
+            let volume = VolumeId::parse(&s.volume_id)
+                .map_err(|_| Error::NotFound(format!("volume {:?} does not exist", s.volume_id)))?;
+            match self.attacher.adopt(&volume, &s.device) {
+                Ok(()) => {
+                    self.unadopted().remove(&s.volume_id);
+                    tracing::info!(volume = s.volume_id, device = %s.device.display(), "staged device adopted");
+                    return Ok(true);
+                }
+                Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        tracing::warn!(
+            volume = s.volume_id,
+            device = %s.device.display(),
+            "the staged device is gone (the node restarted?): staging the volume again"
+        );
+        if !s.block && self.mounter.is_mounted(&s.staging_path)? {
+            self.mounter.unmount(&s.staging_path)?;
+        }
+        self.forget(&s.volume_id)?;
+        self.unadopted().remove(&s.volume_id);
+        Ok(false)
     }
 
     fn record_path(&self, volume_id: &str) -> PathBuf {
@@ -186,14 +362,17 @@ impl NodeService {
         };
         if let Some(s) = self.staged(&r.volume_id)? {
             if s.staging_path == staging && s.block == block && (block || s.fs_type == fs_type) {
-                return Ok(());
+                if self.still_staged(&s)? {
+                    return Ok(());
+                }
+            } else {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} is staged already at {} as {}; unstage it first",
+                    r.volume_id,
+                    s.staging_path.display(),
+                    if s.block { "a block device".to_string() } else { format!("{} file system", s.fs_type) }
+                )));
             }
-            return Err(Error::AlreadyExists(format!(
-                "volume {} is staged already at {} as {}; unstage it first",
-                r.volume_id,
-                s.staging_path.display(),
-                if s.block { "a block device".to_string() } else { format!("{} file system", s.fs_type) }
-            )));
         }
         let device = self.attacher.attach(&volume)?;
         let staged = Staged {
@@ -239,8 +418,15 @@ impl NodeService {
             self.mounter.unmount(staging)?;
         }
         if let Some(s) = self.staged(volume_id)? {
-            self.attacher.detach(&s.device)?;
+            let gone = self.unadopted().get(volume_id).is_some_and(|u| u.gone);
+            if gone {
+                // after a node restart its index may serve another volume now: not ours to disconnect
+                tracing::info!(volume = volume_id, device = %s.device.display(), "device gone; not detached");
+            } else {
+                self.attacher.detach(&s.device)?;
+            }
             self.forget(volume_id)?;
+            self.unadopted().remove(volume_id);
             tracing::info!(volume = volume_id, device = %s.device.display(), "volume unstaged");
         }
         Ok(())
@@ -319,9 +505,18 @@ impl NodeService {
             used: i64::try_from(total.saturating_sub(available)).unwrap_or(i64::MAX),
             unit: u as i32,
         };
-        let condition = self.attacher.condition(&s.device)?;
+        let unadopted = self.unadopted().get(volume_id).map(|u| u.why.clone());
+        let condition = match unadopted {
+            Some(why) => Condition { abnormal: true, message: why },
+            None => self.attacher.condition(&s.device)?,
+        };
         if s.block {
-            let usage = vec![unit(pb::volume_usage::Unit::Bytes, self.mounter.device_size(&s.device)?, 0)];
+            let usage = match self.mounter.device_size(&s.device) {
+                Ok(size) => vec![unit(pb::volume_usage::Unit::Bytes, size, 0)],
+                // a device that is gone has no size; its condition says why
+                Err(_) if condition.abnormal => Vec::new(),
+                Err(e) => return Err(e),
+            };
             return Ok((usage, condition));
         }
         let st = rustix::fs::statvfs(path).map_err(|e| Error::io(format!("statvfs {}", path.display()), e.into()))?;

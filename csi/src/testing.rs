@@ -16,7 +16,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Size the fake devices report.
 pub const FAKE_DEVICE_BYTES: u64 = 64 << 20;
 
-/// Attaches by creating `DIR/fake-nbdN` files; volumes in `missing` fail as unknown exports.
+/// Attaches by creating `DIR/fake-nbdN` files; volumes in `missing` fail as unknown exports. Adopts a device
+/// whose file exists and that is not marked gone ([`FakeAttacher::set_gone`]), recording every adopt call.
 #[derive(Debug, Default)]
 pub struct FakeAttacher {
     dir: PathBuf,
@@ -29,6 +30,8 @@ struct FakeAttached {
     attached: BTreeMap<PathBuf, String>,
     missing: BTreeSet<String>,
     lost: BTreeSet<PathBuf>,
+    gone: BTreeSet<PathBuf>,
+    adopt_calls: Vec<(String, PathBuf)>,
 }
 
 impl FakeAttacher {
@@ -43,6 +46,14 @@ impl FakeAttacher {
     /// Makes attaching `volume` fail as an unknown export.
     pub fn set_missing(&self, volume: &str) {
         lock(&self.state).missing.insert(volume.to_string());
+    }
+    /// Every adopt call so far: (volume id, device), in order, adopted or not.
+    pub fn adopt_calls(&self) -> Vec<(String, PathBuf)> {
+        lock(&self.state).adopt_calls.clone()
+    }
+    /// Makes `device` gone, as after a node reboot: adopting it fails with `NOT_FOUND`.
+    pub fn set_gone(&self, device: &Path) {
+        lock(&self.state).gone.insert(device.to_path_buf());
     }
     /// Makes `device` lose its connection to the server (`false`: get it back).
     pub fn set_lost(&self, device: &Path, lost: bool) {
@@ -74,6 +85,21 @@ impl Attacher for FakeAttacher {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io("removing a fake device", e)),
             _ => Ok(()),
         }
+    }
+
+    fn adopt(&self, volume: &VolumeId, device: &Path) -> Result<()> {
+        let mut st = lock(&self.state);
+        st.adopt_calls.push((volume.to_string(), device.to_path_buf()));
+        if st.gone.contains(device) || !device.exists() {
+            return Err(Error::NotFound(format!("{} is not configured any more", device.display())));
+        }
+        // new devices are numbered past the adopted ones
+        let number = device.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("fake-nbd"));
+        if let Some(n) = number.and_then(|n| n.parse::<u32>().ok()) {
+            st.next = st.next.max(n.saturating_add(1));
+        }
+        st.attached.insert(device.to_path_buf(), volume.to_string());
+        Ok(())
     }
 
     fn refresh_size(&self, _: &VolumeId, _: &Path) -> Result<u64> {
