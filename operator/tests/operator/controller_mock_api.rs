@@ -1,18 +1,14 @@
 //! The controller against an in-process fake API server (`fake_api`): the exact API calls of each pass, the
 //! objects it sends, a second pass that changes nothing, events, errors and the backoff, and the real kube-rs
 //! Controller (watches and all) running until the servers exist.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod fake_api;
-
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::fake_api::*;
 use blockmesh_operator::controller::{self, backoff, Context, BACKOFF_BASE, BACKOFF_MAX};
 use blockmesh_operator::crd::BlockmeshCluster;
 use blockmesh_operator::metrics::Metrics;
 use blockmesh_operator::resources::Settings;
-use fake_api::*;
 use http::Method;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::Value;

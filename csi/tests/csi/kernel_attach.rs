@@ -3,16 +3,12 @@
 //! attacher adopts the device of a first one that stopped, and I/O goes on across a restart of the server. These
 //! run only as root where /dev/nbd0 exists (the nbd module loaded); elsewhere they say why they did not run. The
 //! NBD handshake they start with runs everywhere.
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
 use std::io::{Read, Seek, SeekFrom, Write};
 
+use crate::common::Daemon;
 use blockmesh_csi::ids::VolumeId;
 use blockmesh_csi::kernel::{probe_export, KernelNbdAttacher, NbdTarget, MONITOR_INTERVAL};
 use blockmesh_csi::node::Attacher;
-use common::Daemon;
 
 #[test]
 fn handshake_reads_the_export_size_and_refuses_unknown_exports() {
@@ -63,8 +59,8 @@ fn kernel_nbd_attach_writes_reach_the_volume() {
     let dev = attacher.attach(&volume).unwrap();
     write_and_read_back(&dev, 0x42);
     attacher.detach(&dev).unwrap();
-    if common::have("qemu-io") {
-        common::qemu_io(&d.uri("admin/kern"), true, &["read -P 0x42 1M 4k"]);
+    if crate::common::have("qemu-io") {
+        crate::common::qemu_io(&d.uri("admin/kern"), true, &["read -P 0x42 1M 4k"]);
     }
 }
 
@@ -105,7 +101,7 @@ fn kernel_nbd_adopted_devices_survive_a_server_restart() {
     write_and_read_back(&dev, 0x18);
     assert!(!second.condition(&dev).unwrap().abnormal);
     second.detach(&dev).unwrap();
-    if common::have("qemu-io") {
-        common::qemu_io(&d.uri("admin/adopt"), true, &["read -P 0x18 1M 4k"]);
+    if crate::common::have("qemu-io") {
+        crate::common::qemu_io(&d.uri("admin/adopt"), true, &["read -P 0x18 1M 4k"]);
     }
 }

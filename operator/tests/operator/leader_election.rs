@@ -3,18 +3,14 @@
 //! vanishes (the follower takes over once the lease expires), a leader whose renewals fail or whose lease another
 //! holder overwrites (it stops its work before the lease expires), and a graceful release (the follower takes over
 //! at once). Short leases (1 s, or 5 s where "at once" must be told from "after expiry"); every wait is bounded.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod fake_api;
-
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::fake_api::*;
 use blockmesh_operator::leader::{Elector, LeaseTimings, LEASE_NAME};
 use blockmesh_operator::metrics::Metrics;
 use blockmesh_operator::Error;
-use fake_api::*;
 use http::Method;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{json, Value};

@@ -1,11 +1,7 @@
 //! The Node service above the kernel attach (a fake attacher and mounter): argument checks, idempotent stage,
 //! publish, unpublish and unstage, staging records, raw block volumes, stats and expansion, GetInfo topology.
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
+use crate::common::{block_cap, code, mount_cap, Driver, SERVER_NODE};
 use blockmesh_csi::pb;
-use common::{block_cap, code, mount_cap, Driver, SERVER_NODE};
 use tonic::Code;
 
 fn stage(volume: &str, path: &std::path::Path, cap: pb::VolumeCapability) -> pb::NodeStageVolumeRequest {

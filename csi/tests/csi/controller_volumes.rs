@@ -1,11 +1,7 @@
 //! Volumes through the Controller service, the real daemon underneath: idempotent create and delete, the spec's
 //! error codes, PVC annotations (two PVCs naming one dot share it), listing with pages, capacity and expansion.
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
+use crate::common::{code, create_req, Driver, SERVER_NODE};
 use blockmesh_csi::pb;
-use common::{code, create_req, Driver, SERVER_NODE};
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
@@ -68,7 +64,7 @@ async fn create_and_delete_are_idempotent_and_checked() {
     assert_eq!(code(c.controller_expand_volume(expand("admin/nope/__default__", MIB)).await), Code::NotFound);
     let validate = pb::ValidateVolumeCapabilitiesRequest {
         volume_id: "admin/nope/__default__".into(),
-        volume_capabilities: vec![common::mount_cap()],
+        volume_capabilities: vec![crate::common::mount_cap()],
         ..Default::default()
     };
     assert_eq!(code(c.validate_volume_capabilities(validate.clone()).await), Code::NotFound);

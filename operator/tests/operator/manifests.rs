@@ -2,8 +2,6 @@
 //! official Kubernetes schemas with `kubernetes-validate --strict` (PyPI; `scripts/test-all.sh` installs it). Under
 //! `CI=true` a missing `kubernetes-validate` fails the test; elsewhere the test says it skipped. Also: the CRD file
 //! is the one generated from the Rust types, and the ConfigMap and the README list every key with its default.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

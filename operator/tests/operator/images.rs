@@ -1,8 +1,6 @@
 //! The images the manifests and the operator name are the ones the Dockerfile builds: every `ghcr.io/blockmesh/NAME:TAG`
 //! in operator/deploy and csi/deploy, and the operator's default server image, names a stage of the repository's
 //! Dockerfile and the workspace version, as `scripts/build-images.sh` tags them.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::collections::BTreeSet;
 use std::path::Path;
 

@@ -1,12 +1,8 @@
 //! Decision tables: an invalid ConfigMap, a missing one, and a storage mode switch in a running cluster change
 //! nothing that runs; the last good configuration stays in force and the status says why.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
+use crate::common::*;
 use blockmesh_operator::config::StorageMode;
 use blockmesh_operator::plan::ConfigState;
-use common::*;
 
 #[test]
 fn invalid_config_map_keeps_the_last_good_configuration() {

@@ -1,8 +1,6 @@
 //! The manifests in deploy/: core kinds validated offline against the official schemas by `kubernetes-validate
 //! --strict` (a failure under CI=true when the tool is missing); the snapshot CRD kinds, which it has no schema
 //! for, parsed and checked field by field; and the names that must agree across files (driver, sockets).
-#![allow(clippy::unwrap_used)]
-
 use std::path::PathBuf;
 use std::process::Command;
 

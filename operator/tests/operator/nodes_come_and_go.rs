@@ -1,11 +1,7 @@
 //! Decision tables: a fresh cluster, a node added, a node removed, a nodeSelector change, in both storage modes.
 //! Each pass's actions are asserted exactly, and a pass over the state it produced plans nothing.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
+use crate::common::*;
 use blockmesh_operator::plan::{CreateReason, DeleteReason};
-use common::*;
 
 const PVC_MODE: &[(&str, &str)] = &[("storageMode", "pvcPerNode")];
 

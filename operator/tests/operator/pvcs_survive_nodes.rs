@@ -1,12 +1,8 @@
 //! Decision tables for pvcPerNode mode's promises: a node replaced during a rolling upgrade hands its PVC to the
 //! new node (no orphan action within the grace period), a PVC orphaned past the grace period is served by an extra
 //! pod on a live node, and when the cluster grows again the extra pod moves to the new node.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
-mod common;
-
+use crate::common::*;
 use blockmesh_operator::plan::{CreateReason, DeleteReason};
-use common::*;
 
 const PVC_MODE: &[(&str, &str)] = &[("storageMode", "pvcPerNode")];
 

@@ -2,12 +2,8 @@
 //! `readBytesPerSec`, `writeBytesPerSec`, `burstMs`) and PVC annotations (`blockmesh.io/iops`, ...; an annotation
 //! wins, `none` drops a parameter's limit) become the daemon's limits of the new volume; bad values are refused
 //! before anything is made.
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
+use crate::common::{code, create_req, Driver};
 use blockmesh_csi::pb;
-use common::{code, create_req, Driver};
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;

@@ -2,12 +2,8 @@
 //! the snapshot and in clones from the snapshot and from the volume; idempotent create and delete, ALREADY_EXISTS
 //! on a name reused for another volume, deletes that leave history in place until it can go, group snapshots as
 //! one commit over several subdots, listing in pages.
-#![allow(clippy::unwrap_used)]
-
-mod common;
-
+use crate::common::{code, create_req, have, qemu_io, Driver};
 use blockmesh_csi::pb;
-use common::{code, create_req, have, qemu_io, Driver};
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;

@@ -4,8 +4,6 @@
 //! `BLOCKMESH_E2E_REQUIRED=1`, which makes it fail. It checks that every node matching `nodeSelector` gets a ready
 //! server pod of the expected name, that an invalid ConfigMap is reported and changes nothing, and restores the
 //! ConfigMap it found.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::time::Duration;
 
 use blockmesh_operator::config::{ClusterConfig, StorageMode, CONFIG_MAP_NAME};

@@ -2,8 +2,6 @@
 //! staged before (the fake attacher records the adopt calls); a device that is gone (a node reboot) is reported
 //! abnormal, can still be unstaged, and is staged afresh when NodeStageVolume comes again; a corrupt record is
 //! skipped. The Node service is called directly (no daemon: the fakes stand for the kernel).
-#![allow(clippy::unwrap_used)]
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
