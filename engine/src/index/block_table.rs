@@ -108,7 +108,11 @@ const SPARE_PAGES: usize = 1024;
 
 fn read_page(dev: &dyn Device, loc: PageLoc, what: &'static str) -> Result<Box<Page>> {
     let mut buf = vec![0u8; BLOCK];
-    let offset = loc.pba * BLOCK_SIZE;
+    // A page address from a damaged (or crafted and resealed) checkpoint may be past any device: refused, not
+    // overflowed (found by the pool_open fuzz target).
+    let Some(offset) = loc.pba.checked_mul(BLOCK_SIZE) else {
+        return Err(Error::corrupt(what, u64::MAX, "a page address inside the device", format!("block {}", loc.pba)));
+    };
     dev.read_at(&mut buf, offset)?;
     let crc = crc32(&buf);
     if crc != loc.crc {
