@@ -150,6 +150,10 @@ pub struct PoolStatus {
     /// cleaner takes most of them outside the pool lock).
     #[serde(default)]
     pub emptied_segment_syncs: u64,
+    /// Syncs of the log the daemon's background thread took, outside the pool lock, as the log grew (so that
+    /// checkpoints find it mostly on disk already).
+    #[serde(default)]
+    pub background_log_syncs: u64,
     /// Why the pool takes no more changes (a device write or sync failed; a restart reopens it); absent while it
     /// serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -786,6 +790,7 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             background_clean_steps: st.background_clean_steps,
             emptied_segments: st.emptied_segments,
             emptied_segment_syncs: st.emptied_segment_syncs,
+            background_log_syncs: st.background_log_syncs,
             failed: pool.health().err().map(|e| e.to_string()),
             dots: st.dots,
             volumes: st.volumes,

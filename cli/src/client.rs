@@ -1278,8 +1278,8 @@ pub fn run(cmd: ClientCommand) -> Result<()> {
                 println!("reclaimable by `blockmesh pool gc`: {}", format_size(p.reclaimable_bytes));
                 println!(
                     "cleaner:   keeps {} segments free when it can; {} background steps; {} free segments emptied \
-                     and waiting for a sync",
-                    p.clean_target_free_segments, p.background_clean_steps, p.emptied_segments
+                     and waiting for a sync; {} background syncs of the log",
+                    p.clean_target_free_segments, p.background_clean_steps, p.emptied_segments, p.background_log_syncs
                 );
                 println!("dots:      {}", p.dots);
                 println!("volumes:   {} (and {} commit snapshots)", p.volumes, p.snapshots);

@@ -135,6 +135,7 @@ struct PoolGauges {
     background_clean_steps: Gauge,
     emptied_segments: Gauge,
     emptied_segment_syncs: Gauge,
+    background_log_syncs: Gauge,
 }
 
 /// The NBD operations counted (the `op` label).
@@ -220,7 +221,7 @@ impl Metrics {
         );
         registry.register("blockmesh_nbd_connections", "Open NBD exports (one per connection)", connections.clone());
         let pool = PoolGauges::default();
-        let gauges: [(&str, &str, &Gauge); 12] = [
+        let gauges: [(&str, &str, &Gauge); 13] = [
             ("blockmesh_pool_size_bytes", "Size of the pool", &pool.size_bytes),
             ("blockmesh_pool_used_bytes", "Bytes of blocks that volumes, commits and metadata hold", &pool.used_bytes),
             ("blockmesh_pool_segments", "Segments of the pool", &pool.segments),
@@ -248,6 +249,11 @@ impl Metrics {
                 "blockmesh_pool_emptied_segment_syncs",
                 "Syncs the log took itself to write over emptied segments since the pool was opened",
                 &pool.emptied_segment_syncs,
+            ),
+            (
+                "blockmesh_pool_background_log_syncs",
+                "Syncs of the log the background thread took outside the pool lock since the pool was opened",
+                &pool.background_log_syncs,
             ),
         ];
         for (name, help, g) in gauges {
@@ -437,6 +443,7 @@ impl Metrics {
         set(&p.background_clean_steps, st.background_clean_steps);
         set(&p.emptied_segments, st.emptied_segments);
         set(&p.emptied_segment_syncs, st.emptied_segment_syncs);
+        set(&p.background_log_syncs, st.background_log_syncs);
         self.refresh_space(pool);
         let mut out = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {

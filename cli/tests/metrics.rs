@@ -35,6 +35,8 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     assert_eq!(sample(&text, "blockmesh_pool_background_clean_steps"), 0.0);
     assert_eq!(sample(&text, "blockmesh_pool_emptied_segments"), 0.0);
     assert_eq!(sample(&text, "blockmesh_pool_emptied_segment_syncs"), 0.0);
+    // 1 MiB written: far from what the background thread syncs on its own
+    assert_eq!(sample(&text, "blockmesh_pool_background_log_syncs"), 0.0);
     // space, as `blockmesh list` shows it
     let written = f64::from((1 << 20) + (64 << 10));
     assert_eq!(sample(&text, "blockmesh_dot_written_bytes{dot=\"admin/db\"}"), written);

@@ -84,9 +84,10 @@ pub struct PoolOptions {
     pub pool_id: Option<u64>,
     /// Background threads writing the log (0: writes happen in the calling thread, in a deterministic order).
     pub log_writer_threads: usize,
-    /// A background thread cleans segments between client writes, within a bounded share of the time
-    /// (`cleaner::background`). Off: cleaning happens only when writes need room and at checkpoints, so
-    /// I/O follows the calls alone (deterministic test harnesses turn it off).
+    /// A background thread cleans segments between client writes, within a bounded share of the time, and syncs the
+    /// log outside the pool lock as it grows (`cleaner::background`). Off: cleaning happens only when writes need
+    /// room and at checkpoints, and the log is synced only by flushes and checkpoints, so I/O follows the calls alone
+    /// (deterministic test harnesses turn it off).
     pub background_cleaning: bool,
 }
 
@@ -159,6 +160,10 @@ pub struct PoolStats {
     /// Steps the background cleaner took since the pool was opened (moving passes and checkpoints; also counted
     /// above).
     pub background_clean_steps: u64,
+    /// Syncs of the log the background thread took since the pool was opened, outside the pool lock, each once
+    /// `BACKGROUND_SYNC_LOG_BYTES` had been written since the last sync (so that checkpoints, which sync under the
+    /// lock, find the log mostly on disk already).
+    pub background_log_syncs: u64,
     /// Free segments the pool keeps by cleaning at checkpoints and in the background, when it can (the checkpoint
     /// reserve and 1/`CLEAN_START_FREE_SHARE` of the segments).
     pub clean_target_free_segments: u64,
@@ -230,6 +235,8 @@ pub(crate) struct Counters {
     pub(crate) ops: u64,
     /// Steps the background cleaner took (moving passes and checkpoints).
     pub(crate) background_steps: u64,
+    /// Syncs of the log the background thread took (outside the pool lock).
+    pub(crate) background_log_syncs: u64,
     pub(crate) checkpoints: u64,
     pub(crate) clean_passes: u64,
     pub(crate) moving_passes: u64,
@@ -770,19 +777,20 @@ impl Pool {
             emptied_segment_syncs: st.log.emptied_segment_syncs,
             cleaned_blocks: st.counters.cleaned_blocks,
             background_clean_steps: st.counters.background_steps,
+            background_log_syncs: st.counters.background_log_syncs,
             clean_target_free_segments: st.clean_start_free_segments,
         }
     }
 }
 
 pub(crate) fn flush(inner: &Inner) -> Result<()> {
-    let below = {
+    let (below, written) = {
         let mut st = inner.state.lock();
         st.check_writable()?;
         if let Err(e) = st.log.seal().and_then(|_| st.log.drain()) {
             return Err(st.fail(e));
         }
-        st.log.next_seq()
+        (st.log.next_seq(), st.log.blocks_written)
     };
     // Every write acknowledged before this call is now in the device's hands; make it durable.
     if let Err(e) = inner.dev.sync() {
@@ -792,6 +800,7 @@ pub(crate) fn flush(inner: &Inner) -> Result<()> {
     // (segments emptied by moving passes before this flush need no sync of their own now [I13])
     let st = &mut *inner.state.lock();
     st.log.synced(&mut st.segs, below);
+    st.log.synced_blocks(written);
     Ok(())
 }
 
@@ -1451,6 +1460,7 @@ impl State {
         dev.sync()?;
         let below = self.log.next_seq();
         self.log.synced(&mut self.segs, below);
+        self.log.synced_blocks(self.log.blocks_written);
         let sb = Superblock {
             generation: self.sb.generation + 1,
             checkpoint_pba: first - 1,

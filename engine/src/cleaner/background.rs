@@ -18,6 +18,12 @@
 //! once [`BACKGROUND_SYNC_MOVED_SEGMENTS`] wait for one: without it the log takes that sync itself, under the lock,
 //! when it finds no other free segment, and every writer waits for the disk meanwhile.
 //!
+//! And it syncs the log, outside the pool lock (a flush, [`crate::pool::flush`]), once
+//! [`BACKGROUND_SYNC_LOG_BYTES`] were written since the last sync: a checkpoint syncs under the pool lock, and every
+//! writer waited meanwhile for the disk to take all the log written since the one before (measured: 1 MiB sequential
+//! NBD writes stalled ~0.21 s in each checkpoint's sync, one every ~0.6 s); now that sync finds most of it on disk.
+//! It is only a flush no client asked for: durability and the crash argument do not change.
+//!
 //! Measured (benches/RESULTS.md, cleaning): at 80% utilization, a burst of 1/16 volume-size after 5 s without
 //! writes ran at 3.3x the IOPS it had without the background cleaner, with a write amplification of 1.01, not 3.0.
 
@@ -27,6 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::AUTO_CLEAN_MAX_UTILIZATION;
+use crate::format::BLOCK_SIZE;
 use crate::io::Device;
 use crate::pool::{Inner, State};
 use parking_lot::RwLock;
@@ -43,6 +50,9 @@ pub const BACKGROUND_BUSY_MAX_UTILIZATION: f64 = 0.5;
 /// takes that sync itself, outside the pool lock, so that the log seldom has to take it under the lock when it
 /// runs out of other free segments.
 pub const BACKGROUND_SYNC_MOVED_SEGMENTS: u64 = 4;
+/// Log written since the last sync at which the background thread syncs it (outside the pool lock), so that the next
+/// checkpoint's sync, taken under the lock, finds little left to write: 128 MiB.
+pub const BACKGROUND_SYNC_LOG_BYTES: u64 = 128 << 20;
 /// How soon the background cleaner looks again while emptied segments wait for a sync.
 pub const BACKGROUND_SYNC_TICK: Duration = Duration::from_millis(10);
 /// Longest pause after a step (a slow device makes long steps; the cleaner still looks again this soon).
@@ -142,6 +152,19 @@ fn run(pool: &Weak<Inner>, stopped: &mpsc::Receiver<()>) {
         if sync_moved(&inner) && step == Step::Nothing {
             pause = BACKGROUND_SYNC_TICK;
         }
+        sync_log(&inner);
+    }
+}
+
+/// Sync the log outside the pool lock once [`BACKGROUND_SYNC_LOG_BYTES`] were written since the last sync. A failed
+/// sync fails the pool, as a failed flush does (its next op reports why).
+fn sync_log(inner: &Inner) {
+    let due = {
+        let st = inner.state.lock();
+        st.check_writable().is_ok() && st.log.unsynced_blocks() * BLOCK_SIZE >= BACKGROUND_SYNC_LOG_BYTES
+    };
+    if due && crate::pool::flush(inner).is_ok() {
+        inner.state.lock().counters.background_log_syncs += 1;
     }
 }
 

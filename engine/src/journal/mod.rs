@@ -72,6 +72,9 @@ pub(crate) struct Log {
     pub(crate) blocks_written: u64,
     /// Every record with a lower sequence number is on stable storage (a sync covered it); carried in every header.
     pub(crate) synced_below: u64,
+    /// [`Log::blocks_written`] when the last sync of the whole log (a flush's or a checkpoint's) began: what the log
+    /// wrote since is what the next one has to wait for.
+    pub(crate) blocks_written_synced: u64,
     /// Syncs taken in [`Log::switch_segment`] to write over segments the cleaner emptied [I13].
     pub(crate) emptied_segment_syncs: u64,
 }
@@ -100,6 +103,7 @@ impl Log {
             blocks_since_checkpoint: 0,
             blocks_written: 0,
             synced_below: 0,
+            blocks_written_synced: 0,
             emptied_segment_syncs: 0,
         }
     }
@@ -120,6 +124,16 @@ impl Log {
     pub(crate) fn synced(&mut self, segs: &mut Segments, seq: u64) {
         self.synced_below = self.synced_below.max(seq);
         segs.free_moved(self.synced_below);
+    }
+
+    /// Blocks the log wrote since the last sync of the whole log began (they may be only in the page cache).
+    pub(crate) fn unsynced_blocks(&self) -> u64 {
+        self.blocks_written - self.blocks_written_synced
+    }
+
+    /// Record that a sync of the whole log, begun when [`Log::blocks_written`] was `blocks_written`, completed.
+    pub(crate) fn synced_blocks(&mut self, blocks_written: u64) {
+        self.blocks_written_synced = self.blocks_written_synced.max(blocks_written);
     }
 
     /// Whether a sync completed after every record below `seq` had been written.
