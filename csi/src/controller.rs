@@ -14,6 +14,14 @@
 //! - `DeleteVolume` of a dot's last live subdot deletes the dot (refused, `FAILED_PRECONDITION`, while live snapshots
 //!   of the dot remain: snapshots are not independent of their dot); of a subdot with siblings, removes that subdot
 //!   from the dot (its head's data is given back; commits keep their copies; it can be created again).
+//!
+//! Several daemons (one per node, each with its own pool; [`Daemons`]): a volume is made on one node's daemon and
+//! its id names that node (`NODE:ns/dot/subdot`, [`crate::ids`]); every later call on it, its snapshots and groups
+//! goes to that daemon ([`Error::Unavailable`] while the node has none). Where `CreateVolume` makes a volume: on
+//! the node whose daemon has the dot already (Dotmesh: a PVC naming an existing dot uses its data); with a content
+//! source, on the source's node (an O(1) clone needs the same pool); else on the first preferred, then requisite,
+//! topology node that has a daemon; else on the default daemon. `RESOURCE_EXHAUSTED` when the requisite topology
+//! excludes the only node it can go to.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -21,6 +29,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::daemon::{Commit, DaemonClient, Dot};
+use crate::daemons::Daemons;
 use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
 use crate::pb;
 use crate::pb::volume_capability::access_mode::Mode;
@@ -161,15 +170,16 @@ impl DotView {
         self.dot.subdots.iter().find(|s| s.name == subdot).map(|s| s.size_bytes)
     }
 
-    /// The CSI snapshots of this dot's live commits: `(snapshot, commit)`, oldest first.
-    pub fn snapshots(&self) -> Vec<pb::Snapshot> {
+    /// The CSI snapshots of this dot's live commits, oldest first; their ids name `node` (the dot's daemon's).
+    pub fn snapshots(&self, node: Option<&str>) -> Vec<pb::Snapshot> {
+        let node = node.map(str::to_string);
         let (ns, name) = self.dot.name.split_once('/').unwrap_or(("", &self.dot.name));
         let mut out = Vec::new();
         for c in self.live_snapshots() {
             let group = c.metadata.get(META_KIND).map(String::as_str) == Some(KIND_GROUP);
             let members: Vec<&str> = c.metadata.get(META_SUBDOT).map(|s| s.split(',').collect()).unwrap_or_default();
             for sd in members {
-                let Ok(volume) = VolumeId::new(ns, name, sd) else { continue };
+                let Ok(volume) = VolumeId::new(ns, name, sd).map(|v| v.on(node.clone())) else { continue };
                 let Ok(id) = SnapshotId::new(volume.clone(), &c.id) else { continue };
                 let size = c.subdots.iter().find(|s| s.name == sd).map_or(0, |s| s.size_bytes);
                 out.push(pb::Snapshot {
@@ -179,7 +189,9 @@ impl DotView {
                     creation_time: Some(timestamp(c.time_unix_secs)),
                     ready_to_use: true,
                     group_snapshot_id: if group {
-                        GroupSnapshotId::new(ns, name, &c.id).map(|g| g.to_string()).unwrap_or_default()
+                        GroupSnapshotId::new(ns, name, &c.id)
+                            .map(|g| g.on(node.clone()).to_string())
+                            .unwrap_or_default()
                     } else {
                         String::new()
                     },
@@ -250,27 +262,126 @@ pub fn page<T>(mut all: Vec<T>, starting_token: &str, max_entries: i32) -> Resul
     Ok((entries, next))
 }
 
-/// The CSI Controller and GroupController services over one daemon.
+/// The node values of topologies (their [`TOPOLOGY_NODE_KEY`] segment), in order, each once.
+fn topology_nodes(topologies: &[pb::Topology]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for n in topologies.iter().filter_map(|t| t.segments.get(TOPOLOGY_NODE_KEY)) {
+        if !out.contains(n) {
+            out.push(n.clone());
+        }
+    }
+    out
+}
+
+/// Where `CreateVolume` makes `target` (module docs): the node (`None`: the default daemon, node unknown) and its
+/// daemon.
+fn place(
+    ds: &Daemons,
+    target: &VolumeId,
+    source: Option<&pb::volume_content_source::Type>,
+    topology: Option<&pb::TopologyRequirement>,
+) -> Result<(Option<String>, Arc<DaemonClient>)> {
+    use pb::volume_content_source::Type;
+    let preferred = topology.map(|t| topology_nodes(&t.preferred)).unwrap_or_default();
+    let requisite = topology.map(|t| topology_nodes(&t.requisite)).unwrap_or_default();
+    // A node the volume must go to, checked against the requisite topology (a default daemon of no known node has
+    // no topology to check).
+    let must = |node: Option<String>, why: &str| -> Result<(Option<String>, Arc<DaemonClient>)> {
+        if let Some(n) = &node {
+            if !requisite.is_empty() && !requisite.contains(n) {
+                return Err(Error::ResourceExhausted(format!(
+                    "volume {target} can only be made on node {n} ({why}), which the requisite topology excludes \
+                     (nodes {})",
+                    requisite.join(", ")
+                )));
+            }
+        }
+        let d = ds.get(node.as_deref())?;
+        Ok((node.or_else(|| ds.default_node().map(str::to_string)), d))
+    };
+    let default_node = || ds.default_node().map(str::to_string);
+    match source {
+        Some(Type::Snapshot(s)) => {
+            let snap = SnapshotId::parse(&s.snapshot_id)
+                .map_err(|_| Error::NotFound(format!("snapshot {:?} does not exist", s.snapshot_id)))?;
+            let node = snap.volume.node.or_else(default_node);
+            return must(node, "its source snapshot is there: a clone is made in the same pool");
+        }
+        Some(Type::Volume(v)) => {
+            let src = VolumeId::parse(&v.volume_id)
+                .map_err(|_| Error::NotFound(format!("volume {:?} does not exist", v.volume_id)))?;
+            let node = src.node.or_else(default_node);
+            return must(node, "its source volume is there: a clone is made in the same pool");
+        }
+        None => {}
+    }
+    let dot = target.dot_name();
+    for (node, d) in ds.all() {
+        match d.dot(&dot) {
+            Ok(Some(_)) => {
+                let node = node.or_else(default_node);
+                return must(node, &format!("dot {dot} is there"));
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(?node, error = %e, dot, "cannot tell whether the dot is on this daemon"),
+        }
+    }
+    for n in preferred.iter().chain(&requisite) {
+        if ds.has(n) {
+            return Ok((Some(n.clone()), ds.get(Some(n))?));
+        }
+    }
+    let asked: Vec<&String> = preferred.iter().chain(&requisite).collect();
+    match ds.default_node() {
+        // the default daemon stands for a node: the topology applies
+        Some(n) => must(Some(n.to_string()), "the default daemon's, as no node asked for has a server"),
+        // one daemon of no known node (single-node setups): topology is not known, it holds every volume
+        None if ds.all().iter().all(|(n, _)| n.is_none()) || asked.is_empty() => Ok((None, ds.get(None)?)),
+        // several daemons and none on the nodes asked for: not now (the server pod may come up)
+        None => Err(Error::Unavailable(format!(
+            "no blockmesh server on the node(s) the topology asks for ({}) now",
+            asked.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ))),
+    }
+}
+
+/// The CSI Controller and GroupController services over the node daemons.
 #[derive(Debug)]
 pub struct ControllerService {
-    daemon: Arc<DaemonClient>,
+    daemons: Arc<Daemons>,
     pvcs: Arc<dyn PvcAnnotations>,
-    /// The node whose daemon holds the pool (topology of every volume), when known.
-    node: Option<String>,
     /// Changes run one at a time: decisions read the dot, then change it.
     changes: tokio::sync::Mutex<()>,
 }
 
 impl ControllerService {
-    /// A controller over `daemon`, reading PVC annotations from `pvcs`; `node`: the topology of its volumes.
-    pub fn new(daemon: Arc<DaemonClient>, pvcs: Arc<dyn PvcAnnotations>, node: Option<String>) -> Self {
-        Self { daemon, pvcs, node, changes: tokio::sync::Mutex::new(()) }
+    /// A controller over `daemons`, reading PVC annotations from `pvcs`.
+    pub fn new(daemons: Arc<Daemons>, pvcs: Arc<dyn PvcAnnotations>) -> Self {
+        Self { daemons, pvcs, changes: tokio::sync::Mutex::new(()) }
     }
 
-    fn topology(&self) -> Vec<pb::Topology> {
-        self.node
-            .iter()
-            .map(|n| pb::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.clone())]) })
+    /// Runs blocking work with the registry off the event loop.
+    async fn run<T: Send + 'static>(&self, f: impl FnOnce(&Daemons) -> Result<T> + Send + 'static) -> Result<T> {
+        let ds = self.daemons.clone();
+        tokio::task::spawn_blocking(move || f(&ds))
+            .await
+            .map_err(|e| Error::Internal(format!("daemon request task failed: {e}")))?
+    }
+
+    /// Runs blocking work on node `node`'s daemon (`None`: the default daemon's).
+    async fn on<T: Send + 'static>(
+        &self,
+        node: Option<String>,
+        f: impl FnOnce(&DaemonClient) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.run(move |ds| f(&*ds.get(node.as_deref())?)).await
+    }
+
+    /// The topology of a volume on `node`'s daemon (`None`: the default daemon's node, when known).
+    fn topology(&self, node: Option<&str>) -> Vec<pb::Topology> {
+        node.or(self.daemons.default_node())
+            .map(|n| pb::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.to_string())]) })
+            .into_iter()
             .collect()
     }
 
@@ -280,7 +391,7 @@ impl ControllerService {
             volume_id: id.to_string(),
             volume_context: HashMap::from([("blockmesh.io/export".to_string(), id.export_name())]),
             content_source: source,
-            accessible_topology: self.topology(),
+            accessible_topology: self.topology(id.node.as_deref()),
         }
     }
 
@@ -343,7 +454,7 @@ impl ControllerService {
                 }
             }
         };
-        let id = VolumeId::new(&target.namespace, &target.dot, &subdot)?;
+        let id = VolumeId::new(&target.namespace, &target.dot, &subdot)?.on(target.node.clone());
         if let Some(v) = existing {
             return match v.live_subdot(&subdot) {
                 Some(have) if fits(have, range) => Ok((id, have)),
@@ -410,29 +521,30 @@ impl ControllerService {
         Ok(None)
     }
 
-    /// The live snapshot named `snapshot_id`, if there is one (a malformed id names none).
-    fn snapshot_by_id(d: &DaemonClient, snapshot_id: &str) -> Result<Option<pb::Snapshot>> {
-        let Ok(id) = SnapshotId::parse(snapshot_id) else { return Ok(None) };
+    /// The live snapshot `id` (on the daemon `d` of its node), if there is one.
+    fn snapshot_by_id(d: &DaemonClient, id: &SnapshotId) -> Result<Option<pb::Snapshot>> {
         let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(None) };
-        Ok(v.snapshots().into_iter().find(|s| s.snapshot_id == snapshot_id))
+        let want = id.to_string();
+        Ok(v.snapshots(id.volume.node.as_deref()).into_iter().find(|s| s.snapshot_id == want))
     }
 
-    fn all_snapshots(d: &DaemonClient) -> Result<Vec<pb::Snapshot>> {
+    /// Every snapshot of daemon `d` (of node `node`), by dot, oldest first.
+    fn all_snapshots(d: &DaemonClient, node: Option<&str>) -> Result<Vec<pb::Snapshot>> {
         let mut out = Vec::new();
         let mut names: Vec<String> = d.dots()?.into_iter().map(|x| x.name).collect();
         names.sort();
         for dot in names {
             if let Some(v) = DotView::load(d, &dot)? {
-                out.extend(v.snapshots());
+                out.extend(v.snapshots(node));
             }
         }
         Ok(out)
     }
 
-    fn group_snapshot(v: &DotView, c: &Commit) -> Result<pb::VolumeGroupSnapshot> {
+    fn group_snapshot(v: &DotView, c: &Commit, node: Option<&str>) -> Result<pb::VolumeGroupSnapshot> {
         let (ns, name) = v.dot.name.split_once('/').unwrap_or(("", &v.dot.name));
-        let gid = GroupSnapshotId::new(ns, name, &c.id)?;
-        let snapshots = v.snapshots().into_iter().filter(|s| s.group_snapshot_id == gid.to_string()).collect();
+        let gid = GroupSnapshotId::new(ns, name, &c.id)?.on(node.map(str::to_string));
+        let snapshots = v.snapshots(node).into_iter().filter(|s| s.group_snapshot_id == gid.to_string()).collect();
         Ok(pb::VolumeGroupSnapshot {
             group_snapshot_id: gid.to_string(),
             snapshots,
@@ -487,10 +599,10 @@ impl pb::controller_server::Controller for ControllerService {
         let pvcs = self.pvcs.clone();
         let (name, params, range) = (r.name.clone(), r.parameters.clone(), r.capacity_range);
         let mutable = r.mutable_parameters.clone();
+        let topology = r.accessibility_requirements.clone();
         let _guard = self.changes.lock().await;
         let (id, size) = self
-            .daemon
-            .run(move |d| {
+            .run(move |ds| {
                 let annotations = pvc::pvc_annotations(&pvcs, &params)?;
                 let target = pvc::placement(&name, &params, &annotations)?;
                 let mut qos = pvc::qos_limits(&params, &annotations)?;
@@ -498,7 +610,9 @@ impl pb::controller_server::Controller for ControllerService {
                 if !mutable.is_empty() {
                     qos = Some(pvc::modify_qos(&qos.unwrap_or_default(), &mutable)?);
                 }
-                let (id, size) = Self::create(d, &target, size, range.as_ref(), source.as_ref())?;
+                let (node, d) = place(ds, &target, source.as_ref(), topology.as_ref())?;
+                let target = target.on(node);
+                let (id, size) = Self::create(&d, &target, size, range.as_ref(), source.as_ref())?;
                 // Limits asked for apply to the volume made (or found again: a retried call sets the same ones).
                 if let Some(limits) = qos {
                     d.set_qos(&id.dot_name(), &id.subdot, &limits)?;
@@ -519,7 +633,7 @@ impl pb::controller_server::Controller for ControllerService {
         // An id this driver never made names no volume: deleting it is done.
         let Ok(id) = VolumeId::parse(&r.volume_id) else { return Ok(Response::new(pb::DeleteVolumeResponse {})) };
         let _guard = self.changes.lock().await;
-        self.daemon.run(move |d| Self::delete(d, &id)).await?;
+        self.on(id.node.clone(), move |d| Self::delete(d, &id)).await?;
         tracing::info!(volume = %r.volume_id, "volume deleted");
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
@@ -549,7 +663,7 @@ impl pb::controller_server::Controller for ControllerService {
         }
         let id = VolumeId::parse(&r.volume_id)
             .map_err(|_| Error::NotFound(format!("volume {:?} does not exist", r.volume_id)))?;
-        let v = self.daemon.run(move |d| DotView::load(d, &id.dot_name()).map(|v| (v, id))).await?;
+        let v = self.on(id.node.clone(), move |d| DotView::load(d, &id.dot_name()).map(|v| (v, id))).await?;
         if !matches!(&v, (Some(view), id) if view.live_subdot(&id.subdot).is_some()) {
             return Err(Error::NotFound(format!("volume {} does not exist", r.volume_id)).into());
         }
@@ -573,16 +687,21 @@ impl pb::controller_server::Controller for ControllerService {
         request: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let r = request.into_inner();
-        let dots = self.daemon.run(|d| d.dots()).await?;
+        let daemons = self
+            .run(|ds| ds.all().into_iter().map(|(node, d)| Ok((node, d.dots()?))).collect::<Result<Vec<_>>>())
+            .await?;
         let mut all: Vec<(VolumeId, u64)> = Vec::new();
-        for dot in dots {
-            let Some((ns, name)) = dot.name.split_once('/') else { continue };
-            for s in &dot.subdots {
-                if let Ok(id) = VolumeId::new(ns, name, &s.name) {
-                    all.push((id, s.size_bytes));
+        for (node, dots) in daemons {
+            for dot in dots {
+                let Some((ns, name)) = dot.name.split_once('/') else { continue };
+                for s in &dot.subdots {
+                    if let Ok(id) = VolumeId::new(ns, name, &s.name) {
+                        all.push((id.on(node.clone()), s.size_bytes));
+                    }
                 }
             }
         }
+        // by node, then id (VolumeId orders by its node first)
         all.sort();
         let (entries, next_token) = page(all, &r.starting_token, r.max_entries)?;
         let entries = entries
@@ -595,13 +714,25 @@ impl pb::controller_server::Controller for ControllerService {
         Ok(Response::new(pb::ListVolumesResponse { entries, next_token }))
     }
 
+    /// The free bytes of the node `accessible_topology` names (0 when it has no daemon), or of every daemon.
     async fn get_capacity(
         &self,
-        _: Request<pb::GetCapacityRequest>,
+        request: Request<pb::GetCapacityRequest>,
     ) -> Result<Response<pb::GetCapacityResponse>, Status> {
-        let pool = self.daemon.run(|d| d.pool()).await?;
+        let r = request.into_inner();
+        let node = r.accessible_topology.as_ref().and_then(|t| t.segments.get(TOPOLOGY_NODE_KEY)).cloned();
+        let free = self
+            .run(move |ds| match node {
+                Some(n) => match ds.get(Some(&n)) {
+                    Ok(d) => Ok(d.pool()?.free_bytes),
+                    Err(Error::Unavailable(_)) => Ok(0),
+                    Err(e) => Err(e),
+                },
+                None => ds.all().into_iter().try_fold(0u64, |sum, (_, d)| Ok(sum.saturating_add(d.pool()?.free_bytes))),
+            })
+            .await?;
         Ok(Response::new(pb::GetCapacityResponse {
-            available_capacity: as_i64(pool.free_bytes),
+            available_capacity: as_i64(free),
             maximum_volume_size: Some(as_i64(MAX_VOLUME_BYTES)),
             minimum_volume_size: Some(as_i64(MIN_VOLUME_BYTES)),
         }))
@@ -643,8 +774,7 @@ impl pb::controller_server::Controller for ControllerService {
         let name = r.name.clone();
         let _guard = self.changes.lock().await;
         let snapshot = self
-            .daemon
-            .run(move |d| {
+            .on(src.node.clone(), move |d| {
                 let dot = src.dot_name();
                 if let Some((v, c)) = Self::find_named(d, &dot, KIND_SNAPSHOT, &name)? {
                     let same = v.dot.name == dot && c.metadata.get(META_SUBDOT) == Some(&src.subdot);
@@ -654,9 +784,10 @@ impl pb::controller_server::Controller for ControllerService {
                             c.id, v.dot.name
                         )));
                     }
+                    let node = src.node.clone();
                     let id = SnapshotId::new(src, &c.id)?.to_string();
                     return v
-                        .snapshots()
+                        .snapshots(node.as_deref())
                         .into_iter()
                         .find(|s| s.snapshot_id == id)
                         .ok_or_else(|| Error::Internal(format!("snapshot {id} vanished while read")));
@@ -694,20 +825,19 @@ impl pb::controller_server::Controller for ControllerService {
         required("snapshot_id", &r.snapshot_id)?;
         let Ok(id) = SnapshotId::parse(&r.snapshot_id) else { return Ok(Response::new(pb::DeleteSnapshotResponse {})) };
         let _guard = self.changes.lock().await;
-        self.daemon
-            .run(move |d| {
-                let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(()) };
-                let Some(c) = v.live_snapshots().into_iter().find(|c| c.id == id.commit).cloned() else {
-                    return Ok(());
-                };
-                if c.metadata.get(META_KIND).map(String::as_str) == Some(KIND_GROUP) {
-                    return Err(Error::InvalidArgument(format!(
-                        "snapshot {id} is part of a group snapshot: delete the group snapshot"
-                    )));
-                }
-                delete_or_tombstone(d, &v, &c.id)
-            })
-            .await?;
+        self.on(id.volume.node.clone(), move |d| {
+            let Some(v) = DotView::load(d, &id.volume.dot_name())? else { return Ok(()) };
+            let Some(c) = v.live_snapshots().into_iter().find(|c| c.id == id.commit).cloned() else {
+                return Ok(());
+            };
+            if c.metadata.get(META_KIND).map(String::as_str) == Some(KIND_GROUP) {
+                return Err(Error::InvalidArgument(format!(
+                    "snapshot {id} is part of a group snapshot: delete the group snapshot"
+                )));
+            }
+            delete_or_tombstone(d, &v, &c.id)
+        })
+        .await?;
         tracing::info!(snapshot = %r.snapshot_id, "snapshot deleted");
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
@@ -719,17 +849,25 @@ impl pb::controller_server::Controller for ControllerService {
         let r = request.into_inner();
         let (snapshot_id, source) = (r.snapshot_id.clone(), r.source_volume_id.clone());
         let all = self
-            .daemon
-            .run(move |d| {
+            .run(move |ds| {
                 if !snapshot_id.is_empty() {
-                    return Ok(Self::snapshot_by_id(d, &snapshot_id)?.into_iter().collect());
+                    let Ok(id) = SnapshotId::parse(&snapshot_id) else { return Ok(Vec::new()) };
+                    let d = ds.get(id.volume.node.as_deref())?;
+                    return Ok(Self::snapshot_by_id(&d, &id)?.into_iter().collect());
                 }
                 if !source.is_empty() {
                     let Ok(id) = VolumeId::parse(&source) else { return Ok(Vec::new()) };
-                    let Some(v) = DotView::load(d, &id.dot_name())? else { return Ok(Vec::new()) };
-                    return Ok(v.snapshots().into_iter().filter(|s| s.source_volume_id == source).collect());
+                    let d = ds.get(id.node.as_deref())?;
+                    let Some(v) = DotView::load(&d, &id.dot_name())? else { return Ok(Vec::new()) };
+                    let all = v.snapshots(id.node.as_deref());
+                    return Ok(all.into_iter().filter(|s| s.source_volume_id == source).collect());
                 }
-                Self::all_snapshots(d)
+                // every daemon, by node
+                let mut out = Vec::new();
+                for (node, d) in ds.all() {
+                    out.extend(Self::all_snapshots(&d, node.as_deref())?);
+                }
+                Ok(out)
             })
             .await?;
         let (snapshots, next_token) = page(all, &r.starting_token, r.max_entries)?;
@@ -755,8 +893,7 @@ impl pb::controller_server::Controller for ControllerService {
         );
         let _guard = self.changes.lock().await;
         let capacity = self
-            .daemon
-            .run(move |d| {
+            .on(id.node.clone(), move |d| {
                 let v = DotView::load(d, &id.dot_name())?;
                 let have = v.as_ref().and_then(|v| v.live_subdot(&id.subdot));
                 let have = have.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
@@ -784,8 +921,7 @@ impl pb::controller_server::Controller for ControllerService {
         let dot = id.dot_name();
         let subdot = id.subdot.clone();
         let (size, pool) = self
-            .daemon
-            .run(move |d| Ok((DotView::load(d, &dot)?.and_then(|v| v.live_subdot(&subdot)), d.pool()?)))
+            .on(id.node.clone(), move |d| Ok((DotView::load(d, &dot)?.and_then(|v| v.live_subdot(&subdot)), d.pool()?)))
             .await?;
         let size = size.ok_or_else(missing)?;
         // No controller publishing (NBD exports are attached by the node plugin); the condition is the pool's.
@@ -813,15 +949,14 @@ impl pb::controller_server::Controller for ControllerService {
         let id = VolumeId::parse(&r.volume_id)
             .map_err(|_| Error::NotFound(format!("volume {:?} does not exist", r.volume_id)))?;
         let _guard = self.changes.lock().await;
-        self.daemon
-            .run(move |d| {
-                let dot = id.dot_name();
-                let current =
-                    d.qos(&dot, &id.subdot)?.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
-                let limits = pvc::modify_qos(&current, &r.mutable_parameters)?;
-                d.set_qos(&dot, &id.subdot, &limits)
-            })
-            .await?;
+        self.on(id.node.clone(), move |d| {
+            let dot = id.dot_name();
+            let current =
+                d.qos(&dot, &id.subdot)?.ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))?;
+            let limits = pvc::modify_qos(&current, &r.mutable_parameters)?;
+            d.set_qos(&dot, &id.subdot, &limits)
+        })
+        .await?;
         Ok(Response::new(pb::ControllerModifyVolumeResponse {}))
     }
 
@@ -831,8 +966,10 @@ impl pb::controller_server::Controller for ControllerService {
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let r = request.into_inner();
         required("snapshot_id", &r.snapshot_id)?;
-        let snapshot_id = r.snapshot_id.clone();
-        let found = self.daemon.run(move |d| Self::snapshot_by_id(d, &snapshot_id)).await?;
+        let found = match SnapshotId::parse(&r.snapshot_id) {
+            Ok(id) => self.on(id.volume.node.clone(), move |d| Self::snapshot_by_id(d, &id)).await?,
+            Err(_) => None,
+        };
         let snapshot = found.ok_or_else(|| Error::NotFound(format!("snapshot {:?} does not exist", r.snapshot_id)))?;
         Ok(Response::new(pb::GetSnapshotResponse { snapshot: Some(snapshot) }))
     }
@@ -866,6 +1003,17 @@ impl pb::group_controller_server::GroupController for ControllerService {
             sources
                 .push(VolumeId::parse(s).map_err(|_| Error::NotFound(format!("source volume {s:?} does not exist")))?);
         }
+        let nodes: BTreeSet<Option<String>> = sources.iter().map(|s| s.node.clone()).collect();
+        let Some(node) = nodes.iter().next().cloned().filter(|_| nodes.len() == 1) else {
+            let names: Vec<String> =
+                nodes.iter().map(|n| n.clone().unwrap_or_else(|| "the default daemon".into())).collect();
+            return Err(Error::FailedPrecondition(format!(
+                "a group snapshot is one commit of one dot on one node: these volumes are on {} nodes ({})",
+                nodes.len(),
+                names.join(", ")
+            ))
+            .into());
+        };
         let dots: BTreeSet<String> = sources.iter().map(VolumeId::dot_name).collect();
         let Some(dot) = dots.iter().next().cloned().filter(|_| dots.len() == 1) else {
             return Err(Error::FailedPrecondition(format!(
@@ -880,8 +1028,7 @@ impl pb::group_controller_server::GroupController for ControllerService {
         let name = r.name.clone();
         let _guard = self.changes.lock().await;
         let group = self
-            .daemon
-            .run(move |d| {
+            .on(node.clone(), move |d| {
                 if let Some((v, c)) = Self::find_named(d, &dot, KIND_GROUP, &name)? {
                     if v.dot.name != dot || c.metadata.get(META_SUBDOT) != Some(&members) {
                         return Err(Error::AlreadyExists(format!(
@@ -889,7 +1036,7 @@ impl pb::group_controller_server::GroupController for ControllerService {
                             c.id, v.dot.name
                         )));
                     }
-                    return Self::group_snapshot(&v, &c);
+                    return Self::group_snapshot(&v, &c, node.as_deref());
                 }
                 let v = DotView::load(d, &dot)?;
                 for sd in &subdots {
@@ -904,7 +1051,7 @@ impl pb::group_controller_server::GroupController for ControllerService {
                 ]);
                 let c = d.commit(&dot, &format!("blockmesh-csi: group snapshot {name} of {dot} ({members})"), &meta)?;
                 let v = DotView::load(d, &dot)?.ok_or_else(|| Error::Internal(format!("{dot} vanished")))?;
-                Self::group_snapshot(&v, &c)
+                Self::group_snapshot(&v, &c, node.as_deref())
             })
             .await?;
         tracing::info!(group = %group.group_snapshot_id, name = %r.name, "group snapshot created");
@@ -921,15 +1068,14 @@ impl pb::group_controller_server::GroupController for ControllerService {
             return Ok(Response::new(pb::DeleteVolumeGroupSnapshotResponse {}));
         };
         let _guard = self.changes.lock().await;
-        self.daemon
-            .run(move |d| {
-                let Some(v) = DotView::load(d, &id.dot_name())? else { return Ok(()) };
-                if !v.live_snapshots().iter().any(|c| c.id == id.commit) {
-                    return Ok(());
-                }
-                delete_or_tombstone(d, &v, &id.commit)
-            })
-            .await?;
+        self.on(id.node.clone(), move |d| {
+            let Some(v) = DotView::load(d, &id.dot_name())? else { return Ok(()) };
+            if !v.live_snapshots().iter().any(|c| c.id == id.commit) {
+                return Ok(());
+            }
+            delete_or_tombstone(d, &v, &id.commit)
+        })
+        .await?;
         Ok(Response::new(pb::DeleteVolumeGroupSnapshotResponse {}))
     }
 
@@ -942,12 +1088,11 @@ impl pb::group_controller_server::GroupController for ControllerService {
         let id = GroupSnapshotId::parse(&r.group_snapshot_id)
             .map_err(|_| Error::NotFound(format!("group snapshot {:?} does not exist", r.group_snapshot_id)))?;
         let group = self
-            .daemon
-            .run(move |d| {
+            .on(id.node.clone(), move |d| {
                 let missing = || Error::NotFound(format!("group snapshot {id} does not exist"));
                 let v = DotView::load(d, &id.dot_name())?.ok_or_else(missing)?;
                 let c = v.live_snapshots().into_iter().find(|c| c.id == id.commit).cloned().ok_or_else(missing)?;
-                Self::group_snapshot(&v, &c)
+                Self::group_snapshot(&v, &c, id.node.as_deref())
             })
             .await?;
         Ok(Response::new(pb::GetVolumeGroupSnapshotResponse { group_snapshot: Some(group) }))

@@ -35,7 +35,11 @@ pub enum Error {
     /// The daemon could not be reached (`UNAVAILABLE`).
     #[error("cannot reach the blockmesh daemon at {url}: {message}")]
     Unreachable { url: String, message: String },
-    /// The Kubernetes API (reading a PVC's annotations) failed (`UNAVAILABLE`).
+    /// No daemon serves what was asked for now, e.g. a node with no server pod (`UNAVAILABLE`: the caller retries;
+    /// nothing is declared gone).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The Kubernetes API (reading a PVC's annotations, listing server pods) failed (`UNAVAILABLE`).
     #[error("Kubernetes API: {0}")]
     Kubernetes(String),
     /// A local operation (mount, mkfs, netlink, a state file) failed (`INTERNAL`).
@@ -78,7 +82,7 @@ impl Error {
                 401 | 403 => Code::PermissionDenied,
                 _ => Code::Internal,
             },
-            Error::Unreachable { .. } | Error::Kubernetes(_) => Code::Unavailable,
+            Error::Unreachable { .. } | Error::Unavailable(_) | Error::Kubernetes(_) => Code::Unavailable,
             Error::Io { .. } | Error::Internal(_) => Code::Internal,
         }
     }

@@ -5,19 +5,20 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::controller::DRIVER_NAME;
-use crate::daemon::DaemonClient;
+use crate::daemons::Daemons;
 use crate::pb;
+use crate::Error;
 
-/// Identity of the driver; `Probe` asks the daemon when the controller runs here.
+/// Identity of the driver; `Probe` asks the daemons when the controller runs here.
 #[derive(Debug, Clone)]
 pub struct IdentityService {
-    daemon: Option<Arc<DaemonClient>>,
+    daemon: Option<Arc<Daemons>>,
 }
 
 impl IdentityService {
-    /// `daemon`: the controller's daemon (probed), `None` for a node plugin alone.
-    pub fn new(daemon: Option<Arc<DaemonClient>>) -> Self {
-        Self { daemon }
+    /// `daemons`: the controller's daemons (probed), `None` for a node plugin alone.
+    pub fn new(daemons: Option<Arc<Daemons>>) -> Self {
+        Self { daemon: daemons }
     }
 }
 
@@ -52,8 +53,23 @@ impl pb::identity_server::Identity for IdentityService {
     }
 
     async fn probe(&self, _: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
-        if let Some(d) = &self.daemon {
-            d.run(|d| d.info()).await?;
+        // Ready when at least one daemon answers (a node without a server does not make the controller unready).
+        if let Some(ds) = self.daemon.clone() {
+            tokio::task::spawn_blocking(move || {
+                let mut last = None;
+                for (node, d) in ds.all() {
+                    match d.info() {
+                        Ok(_) => return Ok(()),
+                        Err(e) => {
+                            tracing::warn!(?node, url = d.url(), error = %e, "a blockmesh daemon does not answer");
+                            last = Some(e);
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| Error::Unavailable("no blockmesh daemon is known".into())))
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("probe task failed: {e}")))??;
         }
         Ok(Response::new(pb::ProbeResponse { ready: Some(true) }))
     }

@@ -2,12 +2,18 @@
 //!
 //! | id | form | names |
 //! |---|---|---|
-//! | volume | `ns/dot/subdot` | the head of subdot `subdot` of dot `ns/dot`, on the dot's current branch |
-//! | snapshot | `ns/dot/subdot@COMMIT` | subdot `subdot` as commit `COMMIT` (32 hex digits) of `ns/dot` holds it |
-//! | group snapshot | `ns/dot@COMMIT` | commit `COMMIT` of `ns/dot`: every subdot at once |
+//! | volume | `NODE:ns/dot/subdot` | the head of subdot `subdot` of dot `ns/dot` on node `NODE`'s daemon, on the dot's current branch |
+//! | snapshot | `NODE:ns/dot/subdot@COMMIT` | subdot `subdot` as commit `COMMIT` (32 hex digits) of `ns/dot` holds it |
+//! | group snapshot | `NODE:ns/dot@COMMIT` | commit `COMMIT` of `ns/dot`: every subdot at once |
+//!
+//! `NODE:` names the Kubernetes node whose daemon holds the dot (see [`crate::daemons`]). Without it (`ns/dot/subdot`,
+//! the ids of every volume made before several daemons were known, and of a single daemon whose node is not known)
+//! the id means the default daemon (`--server`).
 //!
 //! Every part is what the daemon accepts in a dot name: 1 to [`MAX_PART_BYTES`] of `[A-Za-z0-9-_.]`, not `.` or
-//! `..`; so `/` and `@` never occur inside a part and the forms parse back without ambiguity.
+//! `..`; so `/`, `@` and `:` never occur inside a part. A node is a Kubernetes node name (a DNS subdomain: 1 to
+//! [`MAX_NODE_BYTES`] of `[a-z0-9-.]`, starting and ending alphanumeric), so `:` never occurs in it either and
+//! the forms parse back without ambiguity.
 
 use std::fmt;
 
@@ -19,6 +25,45 @@ pub const MAX_PART_BYTES: usize = 64;
 pub const COMMIT_ID_DIGITS: usize = 32;
 /// The subdot of a dot named without one (the engine's `__default__`).
 pub const DEFAULT_SUBDOT: &str = "__default__";
+/// Longest Kubernetes node name (a DNS subdomain).
+pub const MAX_NODE_BYTES: usize = 253;
+/// Separates the node from the rest of an id.
+pub const NODE_SEPARATOR: char = ':';
+
+/// Checks a Kubernetes node name: a DNS subdomain (lower-case alphanumerics, `-` and `.`, starting and ending
+/// alphanumeric, at most [`MAX_NODE_BYTES`]).
+pub fn validate_node(node: &str) -> Result<()> {
+    let b = node.as_bytes();
+    let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let ok = !b.is_empty()
+        && b.len() <= MAX_NODE_BYTES
+        && b.first().is_some_and(alnum)
+        && b.last().is_some_and(alnum)
+        && b.iter().all(|c| alnum(c) || *c == b'-' || *c == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "node {node:?} is not a Kubernetes node name (1 to {MAX_NODE_BYTES} of [a-z0-9-.], alphanumeric at \
+             both ends)"
+        )))
+    }
+}
+
+/// Splits `NODE:rest` (checking the node) or `rest` (no node).
+fn split_node(id: &str) -> Result<(Option<String>, &str)> {
+    match id.split_once(NODE_SEPARATOR) {
+        Some((node, rest)) => {
+            validate_node(node)?;
+            Ok((Some(node.to_string()), rest))
+        }
+        None => Ok((None, id)),
+    }
+}
+
+fn node_prefix(node: &Option<String>) -> String {
+    node.as_ref().map(|n| format!("{n}{NODE_SEPARATOR}")).unwrap_or_default()
+}
 
 /// Checks one part of a name.
 pub fn validate_part(what: &str, part: &str) -> Result<()> {
@@ -44,9 +89,11 @@ fn validate_commit(id: &str) -> Result<()> {
     }
 }
 
-/// A volume: one subdot of a dot.
+/// A volume: one subdot of a dot (on a node's daemon, when the id names one).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VolumeId {
+    /// The node whose daemon holds the dot; `None`: the default daemon. First, so ids sort by node.
+    pub node: Option<String>,
     pub namespace: String,
     pub dot: String,
     pub subdot: String,
@@ -58,15 +105,25 @@ impl VolumeId {
         validate_part("namespace", namespace)?;
         validate_part("dot", dot)?;
         validate_part("subdot", subdot)?;
-        Ok(Self { namespace: namespace.to_string(), dot: dot.to_string(), subdot: subdot.to_string() })
+        Ok(Self { node: None, namespace: namespace.to_string(), dot: dot.to_string(), subdot: subdot.to_string() })
     }
 
-    /// Parses `ns/dot/subdot`.
+    /// The same volume on node `node`'s daemon (`None`: the default daemon's). The node must be checked
+    /// ([`validate_node`]); the daemon registry only knows checked ones.
+    pub fn on(mut self, node: Option<String>) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// Parses `NODE:ns/dot/subdot` or `ns/dot/subdot`.
     pub fn parse(id: &str) -> Result<Self> {
-        let mut parts = id.split('/');
+        let (node, rest) = split_node(id)?;
+        let mut parts = rest.split('/');
         match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(ns), Some(dot), Some(subdot), None) => Self::new(ns, dot, subdot),
-            _ => Err(Error::InvalidArgument(format!("volume id {id:?} is not of the form namespace/dot/subdot"))),
+            (Some(ns), Some(dot), Some(subdot), None) => Ok(Self::new(ns, dot, subdot)?.on(node)),
+            _ => {
+                Err(Error::InvalidArgument(format!("volume id {id:?} is not of the form [node:]namespace/dot/subdot")))
+            }
         }
     }
 
@@ -87,7 +144,7 @@ impl VolumeId {
 
 impl fmt::Display for VolumeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.namespace, self.dot, self.subdot)
+        write!(f, "{}{}/{}/{}", node_prefix(&self.node), self.namespace, self.dot, self.subdot)
     }
 }
 
@@ -106,10 +163,10 @@ impl SnapshotId {
         Ok(Self { volume, commit: commit.to_ascii_lowercase() })
     }
 
-    /// Parses `ns/dot/subdot@COMMIT`.
+    /// Parses `NODE:ns/dot/subdot@COMMIT` or `ns/dot/subdot@COMMIT`.
     pub fn parse(id: &str) -> Result<Self> {
         let (volume, commit) = id.split_once('@').ok_or_else(|| {
-            Error::InvalidArgument(format!("snapshot id {id:?} is not of the form namespace/dot/subdot@commit"))
+            Error::InvalidArgument(format!("snapshot id {id:?} is not of the form [node:]namespace/dot/subdot@commit"))
         })?;
         Self::new(VolumeId::parse(volume)?, commit)
     }
@@ -124,6 +181,8 @@ impl fmt::Display for SnapshotId {
 /// A group snapshot: one commit of a dot, every subdot at once.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupSnapshotId {
+    /// The node whose daemon holds the dot; `None`: the default daemon.
+    pub node: Option<String>,
     pub namespace: String,
     pub dot: String,
     pub commit: String,
@@ -135,16 +194,29 @@ impl GroupSnapshotId {
         validate_part("namespace", namespace)?;
         validate_part("dot", dot)?;
         validate_commit(commit)?;
-        Ok(Self { namespace: namespace.to_string(), dot: dot.to_string(), commit: commit.to_ascii_lowercase() })
+        Ok(Self {
+            node: None,
+            namespace: namespace.to_string(),
+            dot: dot.to_string(),
+            commit: commit.to_ascii_lowercase(),
+        })
     }
 
-    /// Parses `ns/dot@COMMIT`.
+    /// The same group snapshot on node `node`'s daemon (`None`: the default daemon's).
+    pub fn on(mut self, node: Option<String>) -> Self {
+        self.node = node;
+        self
+    }
+
+    /// Parses `NODE:ns/dot@COMMIT` or `ns/dot@COMMIT`.
     pub fn parse(id: &str) -> Result<Self> {
-        let bad =
-            || Error::InvalidArgument(format!("group snapshot id {id:?} is not of the form namespace/dot@commit"));
-        let (dot, commit) = id.split_once('@').ok_or_else(bad)?;
+        let bad = || {
+            Error::InvalidArgument(format!("group snapshot id {id:?} is not of the form [node:]namespace/dot@commit"))
+        };
+        let (node, rest) = split_node(id)?;
+        let (dot, commit) = rest.split_once('@').ok_or_else(bad)?;
         let (ns, name) = dot.split_once('/').ok_or_else(bad)?;
-        Self::new(ns, name, commit)
+        Ok(Self::new(ns, name, commit)?.on(node))
     }
 
     /// `ns/dot`.
@@ -154,13 +226,13 @@ impl GroupSnapshotId {
 
     /// The snapshot of one subdot in this group.
     pub fn member(&self, subdot: &str) -> Result<SnapshotId> {
-        SnapshotId::new(VolumeId::new(&self.namespace, &self.dot, subdot)?, &self.commit)
+        SnapshotId::new(VolumeId::new(&self.namespace, &self.dot, subdot)?.on(self.node.clone()), &self.commit)
     }
 }
 
 impl fmt::Display for GroupSnapshotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}@{}", self.namespace, self.dot, self.commit)
+        write!(f, "{}{}/{}@{}", node_prefix(&self.node), self.namespace, self.dot, self.commit)
     }
 }
 
@@ -187,6 +259,55 @@ mod tests {
             assert!(matches!(SnapshotId::parse(bad), Err(Error::InvalidArgument(_))), "{bad}");
         }
         assert!(GroupSnapshotId::parse("admin@0123456789abcdef0123456789abcdef").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn node_qualified_ids_round_trip() -> Result<()> {
+        let c = "0123456789abcdef0123456789abcdef";
+        let v = VolumeId::parse("node-b.example:admin/db/logs")?;
+        assert_eq!(v.node.as_deref(), Some("node-b.example"));
+        assert_eq!(v.to_string(), "node-b.example:admin/db/logs");
+        assert_eq!(v.export_name(), "admin/db.logs", "the export does not name the node");
+        assert_eq!(v.dot_name(), "admin/db");
+        assert_eq!(VolumeId::parse("admin/db/logs")?.node, None, "old ids: the default daemon");
+        assert_eq!(VolumeId::new("admin", "db", "logs")?.on(Some("n1".into())), VolumeId::parse("n1:admin/db/logs")?);
+        let s = SnapshotId::parse(&format!("node-b:admin/db/logs@{c}"))?;
+        assert_eq!(s.volume.node.as_deref(), Some("node-b"));
+        assert_eq!(SnapshotId::parse(&s.to_string())?, s);
+        assert_eq!(s.to_string(), format!("node-b:admin/db/logs@{c}"));
+        let g = GroupSnapshotId::parse(&format!("node-b:admin/db@{c}"))?;
+        assert_eq!((g.node.as_deref(), g.dot_name()), (Some("node-b"), "admin/db".to_string()));
+        assert_eq!(g.to_string(), format!("node-b:admin/db@{c}"));
+        assert_eq!(g.member("logs")?, s, "members carry the group's node");
+        assert_eq!(GroupSnapshotId::parse(&format!("admin/db@{c}"))?.node, None);
+        // ids sort by node first (the default daemon's first)
+        let mut ids = [VolumeId::parse("b:x/y/z")?, VolumeId::parse("a:x/y/z")?, VolumeId::parse("x/y/z")?];
+        ids.sort();
+        let sorted: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        assert_eq!(sorted, ["x/y/z", "a:x/y/z", "b:x/y/z"]);
+        let long = "a".repeat(MAX_NODE_BYTES + 1);
+        for bad in [
+            ":admin/db/logs",
+            "Node-A:admin/db/logs",
+            "-a:admin/db/logs",
+            "a-:admin/db/logs",
+            "a_b:admin/db/logs",
+            "a:b:admin/db/logs",
+            "a b:admin/db/logs",
+            &format!("{long}:admin/db/logs"),
+            "node:admin/db",
+        ] {
+            assert!(matches!(VolumeId::parse(bad), Err(Error::InvalidArgument(_))), "{bad}");
+        }
+        assert!(VolumeId::parse(&format!("{}:admin/db/logs", "a".repeat(MAX_NODE_BYTES))).is_ok());
+        for bad in [format!(":admin/db/logs@{c}"), format!("N:admin/db/logs@{c}"), "node:admin/db/logs@".into()] {
+            assert!(matches!(SnapshotId::parse(&bad), Err(Error::InvalidArgument(_))), "{bad}");
+        }
+        for bad in [format!(":admin/db@{c}"), format!("n:admin@{c}"), format!("n_1:admin/db@{c}")] {
+            assert!(matches!(GroupSnapshotId::parse(&bad), Err(Error::InvalidArgument(_))), "{bad}");
+        }
+        assert!(validate_node("ip-10-0-0-1.eu-west-1.compute.internal").is_ok());
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
 //! blockmesh's CSI driver: PVCs are blockmesh volumes (subdots of dots), VolumeSnapshots are commits, clones are
 //! new dots cloned from a commit in O(1), group snapshots are one commit of a dot over its subdots.
 //!
-//! - [`controller`]: the Controller and GroupController services, over a daemon's HTTP API ([`daemon`]);
+//! - [`controller`]: the Controller and GroupController services, over the node daemons' HTTP APIs ([`daemon`]), routed by node
+//!   ([`daemons`]: static and discovered servers);
 //! - [`node`]: the Node service over an [`node::Attacher`] (kernel NBD over generic netlink: [`kernel`]) and a
 //!   [`node::Mounter`] ([`system`]);
 //! - [`identity`], [`server`] (gRPC on a Unix socket), [`ids`] (volume and snapshot ids), [`pvc`] (where a PVC's
@@ -10,10 +11,12 @@
 
 pub mod controller;
 pub mod daemon;
+pub mod daemons;
 pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod kernel;
+pub mod kube;
 pub mod node;
 pub mod pvc;
 pub mod server;

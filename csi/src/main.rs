@@ -7,8 +7,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use blockmesh_csi::controller::ControllerService;
 use blockmesh_csi::daemon::DaemonClient;
+use blockmesh_csi::daemons::{
+    parse_server_for, Daemons, KubeServerPods, DEFAULT_SERVER_NAMESPACE, DEFAULT_URL_TEMPLATE,
+};
 use blockmesh_csi::identity::IdentityService;
 use blockmesh_csi::kernel::{KernelNbdAttacher, NbdTarget};
+use blockmesh_csi::kube::KubeApi;
 use blockmesh_csi::node::{NodeServer, NodeService};
 use blockmesh_csi::pvc::{KubePvcs, MemoryPvcs, PvcAnnotations, SERVICE_ACCOUNT_DIR};
 use blockmesh_csi::server::{self, Services};
@@ -34,16 +38,29 @@ struct Args {
     endpoint: String,
     #[arg(long, value_enum, default_value = "all")]
     mode: Mode,
-    /// The blockmesh daemon's control API (controller).
+    /// The default blockmesh daemon's control API (controller): the one ids without a node mean.
     #[arg(long, env = "BLOCKMESH_SERVER", default_value = "http://127.0.0.1:32607")]
     server: String,
+    /// Another node's daemon, `NODE=URL` (controller; repeatable, or comma-separated in the environment).
+    #[arg(long = "server-for", value_name = "NODE=URL", env = "BLOCKMESH_SERVER_FOR", value_delimiter = ',')]
+    server_for: Vec<String>,
+    /// Find every node's daemon from the server pods (controller; needs --kube): Running, Ready pods labelled
+    /// app.kubernetes.io/name=blockmesh, app.kubernetes.io/component=server.
+    #[arg(long, env = "BLOCKMESH_DISCOVER_SERVERS", default_value_t = false, action = clap::ArgAction::Set)]
+    discover_servers: bool,
+    /// The namespace of the server pods (discovery).
+    #[arg(long, env = "BLOCKMESH_SERVER_NAMESPACE", default_value = DEFAULT_SERVER_NAMESPACE)]
+    server_namespace: String,
+    /// A discovered server's API URL; `{ip}` is its pod IP.
+    #[arg(long, env = "BLOCKMESH_SERVER_URL_TEMPLATE", default_value = DEFAULT_URL_TEMPLATE)]
+    server_url_template: String,
     /// File holding the daemon's API key (controller).
     #[arg(long, env = "BLOCKMESH_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// PEM file the daemon's HTTPS certificate is trusted by.
     #[arg(long, env = "BLOCKMESH_CA_CERT")]
     ca_cert: Option<PathBuf>,
-    /// The node whose daemon holds the pool (topology of the controller's volumes).
+    /// The node the default daemon (--server) stands for.
     #[arg(long, env = "BLOCKMESH_SERVER_NODE")]
     server_node: Option<String>,
     /// This node's name (node plugin).
@@ -92,7 +109,24 @@ async fn main() -> Result<()> {
     if matches!(args.mode, Mode::Controller | Mode::All) {
         let key_file = args.api_key_file.as_ref().context("--api-key-file is needed by the controller")?;
         let key = std::fs::read_to_string(key_file).with_context(|| format!("reading {}", key_file.display()))?;
-        let daemon = Arc::new(DaemonClient::new(&args.server, &key, args.ca_cert.as_deref())?);
+        let client = |url: &str| -> Result<Arc<DaemonClient>> {
+            Ok(Arc::new(DaemonClient::new(url, &key, args.ca_cert.as_deref())?))
+        };
+        let mut fixed = std::collections::BTreeMap::new();
+        for arg in &args.server_for {
+            let (node, url) = parse_server_for(arg)?;
+            fixed.insert(node, client(&url)?);
+        }
+        let mut daemons = Daemons::new(client(&args.server)?, args.server_node.clone(), fixed)?;
+        if args.discover_servers {
+            if !args.kube {
+                bail!("--discover-servers needs the Kubernetes API (--kube)");
+            }
+            let api = KubeApi::in_cluster(SERVICE_ACCOUNT_DIR.as_ref()).context("the Kubernetes API (discovery)")?;
+            let pods = KubeServerPods::new(api, &args.server_namespace, &args.server_url_template)?;
+            daemons = daemons.with_discovery(Box::new(pods), &key, args.ca_cert.as_deref());
+        }
+        let daemons = Arc::new(daemons);
         let pvcs: Arc<dyn PvcAnnotations> = if args.kube {
             Arc::new(
                 KubePvcs::in_cluster(SERVICE_ACCOUNT_DIR.as_ref())
@@ -101,8 +135,8 @@ async fn main() -> Result<()> {
         } else {
             Arc::new(MemoryPvcs::default())
         };
-        services.identity = Some(IdentityService::new(Some(daemon.clone())));
-        services.controller = Some(Arc::new(ControllerService::new(daemon, pvcs, args.server_node.clone())));
+        services.identity = Some(IdentityService::new(Some(daemons.clone())));
+        services.controller = Some(Arc::new(ControllerService::new(daemons, pvcs)));
     }
     if matches!(args.mode, Mode::Node | Mode::All) {
         let node = args.node_id.clone().context("--node-id (NODE_NAME) is needed by the node plugin")?;

@@ -340,6 +340,20 @@ impl NodeService {
         }
     }
 
+    /// Refuses a volume whose id names another node's daemon (`FAILED_PRECONDITION`): its pool is not this node's,
+    /// and the node's NBD socket serves this node's pool only. Ids without a node pass (the default daemon's).
+    pub fn check_node(&self, volume_id: &str) -> Result<()> {
+        let Ok(id) = VolumeId::parse(volume_id) else { return Ok(()) };
+        match id.node {
+            Some(node) if node != self.node_id => Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is on node {node}'s blockmesh server; this is node {}: it can only be used on \
+                 node {node}",
+                self.node_id
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     fn stage(&self, r: &pb::NodeStageVolumeRequest) -> Result<()> {
         let cap = r
             .volume_capability
@@ -567,6 +581,7 @@ impl pb::node_server::Node for NodeServer {
         let r = request.into_inner();
         required("volume_id", &r.volume_id)?;
         required("staging_target_path", &r.staging_target_path)?;
+        self.0.check_node(&r.volume_id)?;
         self.0.blocking(move |n| n.stage(&r)).await?;
         Ok(Response::new(pb::NodeStageVolumeResponse {}))
     }
@@ -590,6 +605,7 @@ impl pb::node_server::Node for NodeServer {
         required("volume_id", &r.volume_id)?;
         required("staging_target_path", &r.staging_target_path)?;
         required("target_path", &r.target_path)?;
+        self.0.check_node(&r.volume_id)?;
         self.0.blocking(move |n| n.publish(&r)).await?;
         Ok(Response::new(pb::NodePublishVolumeResponse {}))
     }

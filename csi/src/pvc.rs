@@ -6,9 +6,7 @@
 //! [`MemoryPvcs`] in tests.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use crate::ids::{VolumeId, DEFAULT_SUBDOT};
 use crate::{Error, Result};
@@ -165,33 +163,19 @@ impl PvcAnnotations for MemoryPvcs {
     }
 }
 
-/// Where a pod finds its service account.
-pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// Longest wait for the Kubernetes API.
-pub const KUBE_TIMEOUT: Duration = Duration::from_secs(15);
+pub use crate::kube::{KUBE_TIMEOUT, SERVICE_ACCOUNT_DIR};
 
-/// PVCs read from the Kubernetes API with the pod's service account (in-cluster): one `GET` of the PVC.
-///
-/// Not kube-rs: the driver needs one read of one object, and kube with k8s-openapi would be most of this crate's
-/// build; a GET with the service account's token and CA is the same request kube would make.
+/// PVCs read from the Kubernetes API with the pod's service account (in-cluster): one `GET` of the PVC
+/// ([`crate::kube::KubeApi`]).
 #[derive(Debug)]
 pub struct KubePvcs {
-    base: String,
-    token_file: PathBuf,
-    agent: ureq::Agent,
+    api: crate::kube::KubeApi,
 }
 
 impl KubePvcs {
     /// The in-cluster API server (`KUBERNETES_SERVICE_HOST` / `_PORT`) with the service account in `sa_dir`.
     pub fn in_cluster(sa_dir: &std::path::Path) -> Result<Self> {
-        let var = |k: &str| std::env::var(k).map_err(|_| Error::Kubernetes(format!("{k} is not set: not in a pod?")));
-        let host = var("KUBERNETES_SERVICE_HOST")?;
-        let port = var("KUBERNETES_SERVICE_PORT")?;
-        let host = if host.contains(':') { format!("[{host}]") } else { host };
-        let ca = sa_dir.join("ca.crt");
-        let tls = crate::daemon::trusting_ca(&ca)?;
-        let agent = ureq::AgentBuilder::new().timeout(KUBE_TIMEOUT).tls_config(tls).build();
-        Ok(Self { base: format!("https://{host}:{port}"), token_file: sa_dir.join("token"), agent })
+        Ok(Self { api: crate::kube::KubeApi::in_cluster(sa_dir)? })
     }
 }
 
@@ -199,18 +183,11 @@ impl PvcAnnotations for KubePvcs {
     fn annotations(&self, namespace: &str, name: &str) -> Result<BTreeMap<String, String>> {
         crate::ids::validate_part("PVC namespace", namespace)?;
         crate::ids::validate_part("PVC name", name)?;
-        // The token is re-read every time: the kubelet rotates it.
-        let token = std::fs::read_to_string(&self.token_file)
-            .map_err(|e| Error::io(format!("reading {}", self.token_file.display()), e))?;
-        let url = format!("{}/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}", self.base);
-        let res = self.agent.get(&url).set("Authorization", &format!("Bearer {}", token.trim())).call();
-        let body: serde_json::Value = match res {
-            Ok(r) => r.into_json().map_err(|e| Error::Kubernetes(format!("PVC {namespace}/{name}: {e}")))?,
-            Err(ureq::Error::Status(404, _)) => {
-                return Err(Error::NotFound(format!("PVC {namespace}/{name} does not exist")))
-            }
-            Err(e) => return Err(Error::Kubernetes(format!("reading PVC {namespace}/{name}: {e}"))),
-        };
+        let path = format!("/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}");
+        let what = format!("PVC {namespace}/{name}");
+        let body = self.api.get(&path, &what)?.ok_or_else(|| Error::NotFound(format!("{what} does not exist")))?;
+        let body: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| Error::Kubernetes(format!("{what}: {e}")))?;
         let annotations = body.pointer("/metadata/annotations").and_then(|a| a.as_object());
         Ok(annotations
             .map(|a| a.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())

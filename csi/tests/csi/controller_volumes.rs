@@ -1,6 +1,6 @@
 //! Volumes through the Controller service, the real daemon underneath: idempotent create and delete, the spec's
 //! error codes, PVC annotations (two PVCs naming one dot share it), listing with pages, capacity and expansion.
-use crate::common::{code, create_req, Driver, SERVER_NODE};
+use crate::common::{code, create_req, vid, Driver, SERVER_NODE};
 use blockmesh_csi::pb;
 use tonic::Code;
 
@@ -17,7 +17,7 @@ async fn create_and_delete_are_idempotent_and_checked() {
     assert_eq!(ready, Some(true));
 
     let v1 = c.create_volume(create_req("pvc-1", 8 * MIB, &[])).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!(v1.volume_id, "admin/pvc-1/__default__");
+    assert_eq!(v1.volume_id, vid("admin/pvc-1/__default__"));
     assert_eq!(v1.capacity_bytes, 8 * MIB);
     assert_eq!(v1.accessible_topology[0].segments["topology.blockmesh.io/node"], SERVER_NODE);
     // the same request again: the same volume
@@ -115,14 +115,14 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
     let mut p = pvc("web");
     p.push(("blockmeshNamespace", "team".into()));
     let v = d.controller.create_volume(req("pvc-aaa", &p)).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!(v.volume_id, "team/web/__default__");
+    assert_eq!(v.volume_id, vid("team/web/__default__"));
 
     // two PVCs naming one dot (blockmesh.io and Dotmesh spellings) with different subdots: one dot, two subdots
     d.pvcs.set("apps", "db-data", &[("blockmesh.io/dot", "db"), ("blockmesh.io/subdot", "data")]);
     d.pvcs.set("apps", "db-logs", &[("dotmeshName", "db"), ("dotmeshSubdot", "logs"), ("dotmeshNamespace", "admin")]);
     let a = d.controller.create_volume(req("pvc-bbb", &pvc("db-data"))).await.unwrap().into_inner().volume.unwrap();
     let b = d.controller.create_volume(req("pvc-ccc", &pvc("db-logs"))).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!((a.volume_id.as_str(), b.volume_id.as_str()), ("admin/db/data", "admin/db/logs"));
+    assert_eq!((a.volume_id.clone(), b.volume_id.clone()), (vid("admin/db/data"), vid("admin/db/logs")));
     let dot = d.daemon.client().dot("admin/db").unwrap().unwrap();
     let names: Vec<&str> = dot.subdots.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["data", "logs"]);
@@ -145,7 +145,7 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
         }
         token = page.next_token;
     }
-    assert_eq!(seen, ["admin/db/data", "admin/db/logs", "team/web/__default__"]);
+    assert_eq!(seen, [vid("admin/db/data"), vid("admin/db/logs"), vid("team/web/__default__")]);
 
     // one volume by id (GET_VOLUME): as listed; an unknown or malformed id is NOT_FOUND
     let caps = d.controller.controller_get_capabilities(pb::ControllerGetCapabilitiesRequest {}).await.unwrap();
@@ -155,9 +155,9 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
         Some(pb::controller_service_capability::Type::Rpc(r)) if r.r#type == get_volume
     )));
     let get = |id: &str| pb::ControllerGetVolumeRequest { volume_id: id.into() };
-    let got = d.controller.controller_get_volume(get("admin/db/logs")).await.unwrap().into_inner();
+    let got = d.controller.controller_get_volume(get(&vid("admin/db/logs"))).await.unwrap().into_inner();
     let vol = got.volume.unwrap();
-    assert_eq!((vol.volume_id.as_str(), vol.capacity_bytes), ("admin/db/logs", 4 * MIB));
+    assert_eq!((vol.volume_id.clone(), vol.capacity_bytes), (vid("admin/db/logs"), 4 * MIB));
     assert_eq!(vol, b, "as CreateVolume returned it");
     let status = got.status.unwrap();
     assert!(status.published_node_ids.is_empty(), "no controller publishing");
@@ -179,7 +179,7 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
     assert_eq!(dot.subdots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["data"]);
     d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
     let again = d.controller.create_volume(req("pvc-ccc", &pvc("db-logs"))).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!(again.volume_id, "admin/db/logs");
+    assert_eq!(again.volume_id, vid("admin/db/logs"));
     d.controller.delete_volume(del("admin/db/logs")).await.unwrap();
     d.controller.delete_volume(del("admin/db/data")).await.unwrap();
     assert!(d.daemon.client().dot("admin/db").unwrap().is_none());

@@ -8,6 +8,7 @@ mod common;
 mod controller_volumes;
 mod kernel_attach;
 mod manifests;
+mod multi_node;
 mod node_restart;
 mod node_stage_publish;
 mod qos;

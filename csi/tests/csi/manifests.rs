@@ -89,4 +89,42 @@ fn snapshot_classes_and_cross_file_names_agree() {
     for sidecar in ["csi-provisioner", "csi-snapshotter", "csi-resizer", "livenessprobe"] {
         assert!(dep.contains(sidecar), "{sidecar}");
     }
+    // the controller finds the servers from their pods: discovery on, and it may list and get pods in blockmesh
+    assert!(dep.contains("--discover-servers=true"));
+    assert!(controller_may("list", "pods", "blockmesh", &docs), "the controller cannot list pods");
+    assert!(controller_may("get", "pods", "blockmesh", &docs), "the controller cannot get pods");
+}
+
+/// Whether the controller's service account may `verb` core `resource` in `namespace`: a Role there or a
+/// ClusterRole bound to it (RoleBinding in the namespace, or ClusterRoleBinding).
+fn controller_may(verb: &str, resource: &str, namespace: &str, docs: &[(String, serde_yaml::Value)]) -> bool {
+    let sa = "blockmesh-csi-controller";
+    let grants = |role: &serde_yaml::Value| {
+        role["rules"].as_sequence().into_iter().flatten().any(|r| {
+            let has = |k: &str, v: &str| {
+                r[k].as_sequence().is_some_and(|s| s.iter().any(|x| x.as_str() == Some(v) || x.as_str() == Some("*")))
+            };
+            has("apiGroups", "") && has("resources", resource) && has("verbs", verb)
+        })
+    };
+    let role = |kind: &str, name: &str| {
+        docs.iter()
+            .map(|(_, d)| d)
+            .find(|d| d["kind"].as_str() == Some(kind) && d["metadata"]["name"].as_str() == Some(name))
+    };
+    docs.iter().map(|(_, d)| d).any(|b| {
+        let kind = b["kind"].as_str().unwrap_or_default();
+        let in_ns = kind == "ClusterRoleBinding"
+            || (kind == "RoleBinding" && b["metadata"]["namespace"].as_str() == Some(namespace));
+        let to_sa = b["subjects"].as_sequence().into_iter().flatten().any(|s| {
+            s["kind"].as_str() == Some("ServiceAccount")
+                && s["name"].as_str() == Some(sa)
+                && s["namespace"].as_str() == Some(namespace)
+        });
+        let role_kind = b["roleRef"]["kind"].as_str().unwrap_or_default();
+        let r = b["roleRef"]["name"].as_str().and_then(|n| role(role_kind, n));
+        let r_ok =
+            r.is_some_and(|r| role_kind == "ClusterRole" || r["metadata"]["namespace"].as_str() == Some(namespace));
+        in_ns && to_sa && r_ok && r.is_some_and(grants)
+    })
 }

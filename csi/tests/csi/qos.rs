@@ -2,7 +2,7 @@
 //! `readBytesPerSec`, `writeBytesPerSec`, `burstMs`) and PVC annotations (`blockmesh.io/iops`, ...; an annotation
 //! wins, `none` drops a parameter's limit) become the daemon's limits of the new volume; bad values are refused
 //! before anything is made.
-use crate::common::{code, create_req, Driver};
+use crate::common::{code, create_req, vid, Driver};
 use blockmesh_csi::pb;
 use tonic::Code;
 
@@ -25,7 +25,7 @@ async fn storage_class_parameters_and_pvc_annotations_set_the_limits() {
     let mut d = Driver::start().await;
     let params = [("iops", "300"), ("writeBytesPerSec", "8M"), ("burstMs", "250")];
     let v = d.controller.create_volume(create_req("pvc-q1", 4 * MIB, &params)).await.unwrap().into_inner();
-    assert_eq!(v.volume.unwrap().volume_id, "admin/pvc-q1/__default__");
+    assert_eq!(v.volume.unwrap().volume_id, vid("admin/pvc-q1/__default__"));
     assert_eq!(
         limits(&d, "admin/pvc-q1", "__default__"),
         serde_json::json!({"iops": 300, "write_bytes_per_sec": 8 << 20, "burst_ms": 250})

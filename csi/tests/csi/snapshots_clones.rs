@@ -2,7 +2,7 @@
 //! the snapshot and in clones from the snapshot and from the volume; idempotent create and delete, ALREADY_EXISTS
 //! on a name reused for another volume, deletes that leave history in place until it can go, group snapshots as
 //! one commit over several subdots, listing in pages.
-use crate::common::{code, create_req, have, qemu_io, Driver};
+use crate::common::{code, create_req, have, qemu_io, vid, Driver};
 use blockmesh_csi::pb;
 use tonic::Code;
 
@@ -47,7 +47,7 @@ async fn snapshot_and_clone_round_trip_byte_for_byte() {
             snapshot_id: s.snapshot_id.clone(),
         }));
     let r = c.create_volume(from_snap.clone()).await.unwrap().into_inner().volume.unwrap();
-    assert_eq!((r.volume_id.as_str(), r.capacity_bytes), ("admin/restored/__default__", 16 * MIB));
+    assert_eq!((r.volume_id.clone(), r.capacity_bytes), (vid("admin/restored/__default__"), 16 * MIB));
     assert_eq!(c.create_volume(from_snap).await.unwrap().into_inner().volume.unwrap().volume_id, r.volume_id);
     let mut from_vol = create_req("copy", 8 * MIB, &[]);
     from_vol.volume_content_source =

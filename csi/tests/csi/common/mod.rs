@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use blockmesh_csi::controller::ControllerService;
 use blockmesh_csi::daemon::DaemonClient;
+use blockmesh_csi::daemons::Daemons;
 use blockmesh_csi::identity::IdentityService;
 use blockmesh_csi::node::{NodeServer, NodeService};
 use blockmesh_csi::pb;
@@ -135,28 +136,41 @@ pub struct Driver {
 /// The node the daemon stands for, in tests.
 pub const SERVER_NODE: &str = "node-a";
 
+/// A volume or snapshot id as the driver hands it out for [`SERVER_NODE`]'s daemon: `node-a:ID`.
+pub fn vid(id: &str) -> String {
+    format!("{SERVER_NODE}:{id}")
+}
+
+/// Serves `services` on `csi.sock` in `dir`: the socket, a channel to it, and what stops the server when sent or
+/// dropped.
+async fn serve_in(dir: &Path, services: Services) -> (PathBuf, Channel, tokio::sync::oneshot::Sender<()>) {
+    let socket = dir.join("csi.sock");
+    let listener = server::bind(&socket).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server::serve(services, listener, async move {
+        let _ = stopped.await;
+    }));
+    let channel = connect(&socket).await;
+    (socket, channel, stop)
+}
+
 impl Driver {
     pub async fn start() -> Driver {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
         let daemon = tokio::task::block_in_place(|| Daemon::start(&data));
         let client = Arc::new(daemon.client());
+        let daemons = Arc::new(Daemons::single(client, Some(SERVER_NODE.into())).unwrap());
         let pvcs = Arc::new(MemoryPvcs::default());
         let attacher = Arc::new(FakeAttacher::new(dir.path()));
         let mounter = Arc::new(FakeMounter::default());
         let node = NodeService::new(SERVER_NODE, &dir.path().join("state"), attacher.clone(), mounter.clone()).unwrap();
         let services = Services {
-            identity: Some(IdentityService::new(Some(client.clone()))),
-            controller: Some(Arc::new(ControllerService::new(client, pvcs.clone(), Some(SERVER_NODE.into())))),
+            identity: Some(IdentityService::new(Some(daemons.clone()))),
+            controller: Some(Arc::new(ControllerService::new(daemons, pvcs.clone()))),
             node: Some(NodeServer(Arc::new(node))),
         };
-        let socket = dir.path().join("csi.sock");
-        let listener = server::bind(&socket).unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(server::serve(services, listener, async move {
-            let _ = stopped.await;
-        }));
-        let channel = connect(&socket).await;
+        let (socket, channel, stop) = serve_in(dir.path(), services).await;
         Driver {
             daemon,
             socket,
@@ -246,4 +260,82 @@ pub fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
         Ok(v) => panic!("expected an error, got {v:?}"),
         Err(s) => s.code(),
     }
+}
+
+/// The node of the second daemon, in tests with two.
+pub const SECOND_NODE: &str = "node-b";
+
+/// Two daemons, each on its own temp dir and ports, behind one controller with the static map
+/// [`SERVER_NODE`] -> `a`, [`SECOND_NODE`] -> `b` (`--server a --server-for node-a=a --server-for node-b=b`: the
+/// default daemon is `a`, of no node); the node plugin is [`SERVER_NODE`]'s.
+pub struct TwoNodes {
+    pub a: Daemon,
+    pub b: Daemon,
+    pub dir: tempfile::TempDir,
+    pub pvcs: Arc<MemoryPvcs>,
+    pub identity: pb::identity_client::IdentityClient<Channel>,
+    pub controller: pb::controller_client::ControllerClient<Channel>,
+    pub group: pb::group_controller_client::GroupControllerClient<Channel>,
+    pub node: pb::node_client::NodeClient<Channel>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl TwoNodes {
+    pub async fn start() -> TwoNodes {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = tokio::task::block_in_place(|| {
+            (Daemon::start(&dir.path().join("data-a")), Daemon::start(&dir.path().join("data-b")))
+        });
+        let ca = Arc::new(a.client());
+        let fixed = std::collections::BTreeMap::from([
+            (SERVER_NODE.to_string(), ca.clone()),
+            (SECOND_NODE.to_string(), Arc::new(b.client())),
+        ]);
+        let daemons = Arc::new(Daemons::new(ca, None, fixed).unwrap());
+        let pvcs = Arc::new(MemoryPvcs::default());
+        let attacher = Arc::new(FakeAttacher::new(dir.path()));
+        let mounter = Arc::new(FakeMounter::default());
+        let node = NodeService::new(SERVER_NODE, &dir.path().join("state"), attacher, mounter).unwrap();
+        let services = Services {
+            identity: Some(IdentityService::new(Some(daemons.clone()))),
+            controller: Some(Arc::new(ControllerService::new(daemons, pvcs.clone()))),
+            node: Some(NodeServer(Arc::new(node))),
+        };
+        let (_socket, channel, stop) = serve_in(dir.path(), services).await;
+        TwoNodes {
+            a,
+            b,
+            pvcs,
+            identity: pb::identity_client::IdentityClient::new(channel.clone()),
+            controller: pb::controller_client::ControllerClient::new(channel.clone()),
+            group: pb::group_controller_client::GroupControllerClient::new(channel.clone()),
+            node: pb::node_client::NodeClient::new(channel),
+            dir,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// A topology naming `node`.
+pub fn topology(node: &str) -> pb::Topology {
+    pb::Topology {
+        segments: [(blockmesh_csi::controller::TOPOLOGY_NODE_KEY.to_string(), node.to_string())].into_iter().collect(),
+    }
+}
+
+/// `req` with the topology external-provisioner passes: `preferred` and `requisite` nodes.
+pub fn on_nodes(mut req: pb::CreateVolumeRequest, preferred: &[&str], requisite: &[&str]) -> pb::CreateVolumeRequest {
+    req.accessibility_requirements = Some(pb::TopologyRequirement {
+        requisite: requisite.iter().map(|n| topology(n)).collect(),
+        preferred: preferred.iter().map(|n| topology(n)).collect(),
+    });
+    req
 }

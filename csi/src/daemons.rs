@@ -1,0 +1,452 @@
+//! Which daemon holds what: a registry of the node daemons (`blockmesh serve`, one per Kubernetes node, each with
+//! its own pool) the controller routes to, by node name.
+//!
+//! Two sources, merged by [`Daemons`]:
+//! - static: the default daemon (`--server`, standing for node `--server-node` when given) and any number of
+//!   `--server-for NODE=URL`;
+//! - discovery ([`ServerPods`], in a cluster [`KubeServerPods`]): the server pods of namespace `blockmesh` that are
+//!   Running and Ready and have an IP; a pod's node is its [`NODE_ANNOTATION`] annotation (the operator sets it),
+//!   else `spec.nodeName`; its API URL is a template (`http://{ip}:32607`). The map is cached for
+//!   [`DISCOVERY_TTL`] and read again at once (at most every [`MIN_REFRESH_INTERVAL`]) when a node it does not know
+//!   is asked for.
+//!
+//! A discovered server wins over `--server-node`'s (the Service behind `--server` balances over every node's
+//! server); a `--server-for` wins over both. Ids without a node ([`crate::ids`]) mean the default daemon: node
+//! `--server-node`'s when one is given, else `--server` itself.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::daemon::DaemonClient;
+use crate::ids::validate_node;
+use crate::kube::KubeApi;
+use crate::{Error, Result};
+
+/// How long a discovered map of servers is used before the pods are listed again.
+pub const DISCOVERY_TTL: Duration = Duration::from_secs(10);
+/// Shortest time between two listings of the pods (a node nobody serves does not make every call list them).
+pub const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+/// Most servers taken from one listing (Kubernetes' largest supported cluster has 5000 nodes).
+pub const MAX_SERVERS: usize = 5000;
+/// The labels the operator puts on every server pod.
+pub const SERVER_POD_SELECTOR: &str = "app.kubernetes.io/name=blockmesh,app.kubernetes.io/component=server";
+/// The annotation naming the node a server pod serves (the operator sets it on every server pod).
+pub const NODE_ANNOTATION: &str = "blockmesh.io/node";
+/// The namespace of the server pods.
+pub const DEFAULT_SERVER_NAMESPACE: &str = "blockmesh";
+/// A server's API URL from its pod IP: `{ip}` is replaced (an IPv6 address in brackets).
+pub const DEFAULT_URL_TEMPLATE: &str = "http://{ip}:32607";
+
+/// A server's API URL: `template` with `{ip}` replaced by `ip` (bracketed when it is IPv6).
+pub fn server_url(template: &str, ip: &str) -> String {
+    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+    template.replace("{ip}", &host)
+}
+
+/// The servers a pod list (`GET .../pods` JSON) names: node -> API URL, from the pods that are Running, Ready
+/// (condition `Ready` = `True`), not being deleted, with a `status.podIP` and a node ([`NODE_ANNOTATION`], else
+/// `spec.nodeName`) that is a valid node name. Of two such pods for one node, the newest (`creationTimestamp`,
+/// then name) wins. At most [`MAX_SERVERS`] nodes.
+pub fn parse_server_pods(body: &[u8], template: &str) -> Result<BTreeMap<String, String>> {
+    let list: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::Kubernetes(format!("the list of server pods is not JSON: {e}")))?;
+    let items = list
+        .get("items")
+        .and_then(serde_json::Value::as_array)
+        .ok_or_else(|| Error::Kubernetes("the list of server pods has no items: not a PodList".into()))?;
+    let s = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(serde_json::Value::as_str).map(str::to_string);
+    // node -> (creationTimestamp, name, url)
+    let mut best: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+    for pod in items {
+        let name = s(pod, "/metadata/name").unwrap_or_default();
+        if pod.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null()) {
+            continue;
+        }
+        if s(pod, "/status/phase").as_deref() != Some("Running") {
+            continue;
+        }
+        let ready = pod.pointer("/status/conditions").and_then(serde_json::Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| s(c, "/type").as_deref() == Some("Ready") && s(c, "/status").as_deref() == Some("True"))
+        });
+        let Some(ip) = s(pod, "/status/podIP").filter(|ip| !ip.is_empty()) else { continue };
+        if !ready {
+            continue;
+        }
+        let annotated = pod
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(NODE_ANNOTATION))
+            .and_then(serde_json::Value::as_str)
+            .filter(|n| !n.is_empty())
+            .map(str::to_string);
+        let Some(node) = annotated.or_else(|| s(pod, "/spec/nodeName")) else { continue };
+        if let Err(e) = validate_node(&node) {
+            tracing::warn!(pod = name, error = %e, "server pod skipped");
+            continue;
+        }
+        let created = s(pod, "/metadata/creationTimestamp").unwrap_or_default();
+        let candidate = (created, name, server_url(template, &ip));
+        match best.get(&node) {
+            Some(have) if (&have.0, &have.1) >= (&candidate.0, &candidate.1) => {}
+            Some(_) => {
+                best.insert(node, candidate);
+            }
+            None if best.len() >= MAX_SERVERS => {
+                tracing::warn!(node, limit = MAX_SERVERS, "more server pods than the driver takes: skipped");
+            }
+            None => {
+                best.insert(node, candidate);
+            }
+        }
+    }
+    Ok(best.into_iter().map(|(node, (_, _, url))| (node, url)).collect())
+}
+
+/// Lists the servers that serve now: node -> API URL (blocking).
+pub trait ServerPods: Send + Sync + std::fmt::Debug {
+    fn servers(&self) -> Result<BTreeMap<String, String>>;
+}
+
+/// The server pods read from the Kubernetes API: one `GET` of the pods labelled [`SERVER_POD_SELECTOR`] in one
+/// namespace, with the pod's service account.
+#[derive(Debug)]
+pub struct KubeServerPods {
+    api: KubeApi,
+    namespace: String,
+    template: String,
+}
+
+impl KubeServerPods {
+    /// The server pods of `namespace`, their URLs made with `template` ([`server_url`]).
+    pub fn new(api: KubeApi, namespace: &str, template: &str) -> Result<Self> {
+        crate::ids::validate_part("server namespace", namespace)?;
+        if !template.contains("{ip}") {
+            return Err(Error::InvalidArgument(format!("server URL template {template:?} has no {{ip}}")));
+        }
+        Ok(Self { api, namespace: namespace.to_string(), template: template.to_string() })
+    }
+}
+
+/// Escapes a label selector for a query string.
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl ServerPods for KubeServerPods {
+    fn servers(&self) -> Result<BTreeMap<String, String>> {
+        let path = format!(
+            "/api/v1/namespaces/{}/pods?labelSelector={}&limit={}",
+            self.namespace,
+            query_escape(SERVER_POD_SELECTOR),
+            MAX_SERVERS * 2
+        );
+        let what = format!("the blockmesh server pods of namespace {}", self.namespace);
+        let body = self.api.get(&path, &what)?.ok_or_else(|| Error::Kubernetes(format!("{what}: not found")))?;
+        parse_server_pods(&body, &self.template)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    at: Option<Instant>,
+    nodes: BTreeMap<String, Arc<DaemonClient>>,
+    /// Why the last listing failed (the older map is used meanwhile).
+    error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Discovery {
+    pods: Box<dyn ServerPods>,
+    key: String,
+    ca: Option<PathBuf>,
+    cache: Mutex<Cache>,
+}
+
+impl Discovery {
+    /// The discovered servers: cached for [`DISCOVERY_TTL`]; `force`: listed again unless they were within
+    /// [`MIN_REFRESH_INTERVAL`]. A failed listing keeps the older map (logged; its error is kept for messages).
+    fn current(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, Option<String>) {
+        let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let age = cache.at.map(|at| at.elapsed());
+        let keep = match age {
+            None => false,
+            Some(age) if force => age < MIN_REFRESH_INTERVAL,
+            Some(age) => age < DISCOVERY_TTL,
+        };
+        if !keep {
+            match self.pods.servers() {
+                Ok(urls) => {
+                    let mut nodes = BTreeMap::new();
+                    for (node, url) in urls {
+                        let same = cache.nodes.get(&node).filter(|c| c.url() == url.trim_end_matches('/')).cloned();
+                        let client = match same {
+                            Some(c) => c,
+                            None => match DaemonClient::new(&url, &self.key, self.ca.as_deref()) {
+                                Ok(c) => Arc::new(c),
+                                Err(e) => {
+                                    tracing::warn!(node, url, error = %e, "no client for a discovered server");
+                                    continue;
+                                }
+                            },
+                        };
+                        nodes.insert(node, client);
+                    }
+                    if nodes.keys().ne(cache.nodes.keys()) {
+                        tracing::info!(nodes = ?nodes.keys().collect::<Vec<_>>(), "blockmesh servers discovered");
+                    }
+                    cache.nodes = nodes;
+                    cache.error = None;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing the blockmesh server pods failed; the servers known stay");
+                    cache.error = Some(e.to_string());
+                }
+            }
+            cache.at = Some(Instant::now());
+        }
+        (cache.nodes.clone(), cache.error.clone())
+    }
+}
+
+/// The daemons the controller knows, by node.
+#[derive(Debug)]
+pub struct Daemons {
+    default: Arc<DaemonClient>,
+    default_node: Option<String>,
+    fixed: BTreeMap<String, Arc<DaemonClient>>,
+    discovery: Option<Discovery>,
+}
+
+impl Daemons {
+    /// The default daemon (`--server`), standing for node `default_node` when given, and the daemons of other
+    /// nodes given by hand (`--server-for`). Node names are checked.
+    pub fn new(
+        default: Arc<DaemonClient>,
+        default_node: Option<String>,
+        fixed: BTreeMap<String, Arc<DaemonClient>>,
+    ) -> Result<Self> {
+        for node in default_node.iter().chain(fixed.keys()) {
+            validate_node(node)?;
+        }
+        Ok(Self { default, default_node, fixed, discovery: None })
+    }
+
+    /// One daemon (standing for `node` when given).
+    pub fn single(default: Arc<DaemonClient>, node: Option<String>) -> Result<Self> {
+        Self::new(default, node, BTreeMap::new())
+    }
+
+    /// Adds the servers `pods` lists, reached with API key `key` (and `ca` for HTTPS).
+    pub fn with_discovery(mut self, pods: Box<dyn ServerPods>, key: &str, ca: Option<&Path>) -> Self {
+        self.discovery = Some(Discovery {
+            pods,
+            key: key.trim().to_string(),
+            ca: ca.map(Path::to_path_buf),
+            cache: Mutex::new(Cache::default()),
+        });
+        self
+    }
+
+    /// The node of the default daemon, when known.
+    pub fn default_node(&self) -> Option<&str> {
+        self.default_node.as_deref()
+    }
+
+    /// Every named daemon: `--server-node`'s, then the discovered ones over it, then `--server-for` over those;
+    /// and why discovery failed last, if it did.
+    fn nodes(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, Option<String>) {
+        let mut map = BTreeMap::new();
+        if let Some(n) = &self.default_node {
+            map.insert(n.clone(), self.default.clone());
+        }
+        let mut error = None;
+        if let Some(d) = &self.discovery {
+            let (found, e) = d.current(force);
+            map.extend(found);
+            error = e;
+        }
+        map.extend(self.fixed.iter().map(|(n, c)| (n.clone(), c.clone())));
+        (map, error)
+    }
+
+    /// The daemon of `node` (`None`: the default daemon). A node not known is looked for again at once
+    /// (discovery); still unknown, [`Error::Unavailable`] (no server there now: the caller retries later).
+    pub fn get(&self, node: Option<&str>) -> Result<Arc<DaemonClient>> {
+        let Some(node) = node.or(self.default_node.as_deref()) else { return Ok(self.default.clone()) };
+        if let Some(c) = self.nodes(false).0.get(node) {
+            return Ok(c.clone());
+        }
+        let (map, error) = if self.discovery.is_some() { self.nodes(true) } else { self.nodes(false) };
+        map.get(node).cloned().ok_or_else(|| {
+            let why = error.map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default();
+            Error::Unavailable(format!(
+                "no blockmesh server is known on node {node} now (its server pod is not running or not ready?){why}"
+            ))
+        })
+    }
+
+    /// Whether `node` has a daemon now (looked for again at once when not known).
+    pub fn has(&self, node: &str) -> bool {
+        self.get(Some(node)).is_ok()
+    }
+
+    /// Every daemon, by node in order: the named ones; the default daemon alone (node `None`) when none is named.
+    pub fn all(&self) -> Vec<(Option<String>, Arc<DaemonClient>)> {
+        let (map, _) = self.nodes(false);
+        if map.is_empty() {
+            return vec![(None, self.default.clone())];
+        }
+        map.into_iter().map(|(n, c)| (Some(n), c)).collect()
+    }
+}
+
+/// Parses `--server-for NODE=URL`.
+pub fn parse_server_for(arg: &str) -> Result<(String, String)> {
+    let (node, url) =
+        arg.split_once('=').ok_or_else(|| Error::InvalidArgument(format!("--server-for {arg:?} is not NODE=URL")))?;
+    validate_node(node)?;
+    if url.is_empty() {
+        return Err(Error::InvalidArgument(format!("--server-for {arg:?} names no URL")));
+    }
+    Ok((node.to_string(), url.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, created: &str, node: &str, ip: Option<&str>, phase: &str, ready: &str) -> serde_json::Value {
+        json!({
+            "metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"nodeName": node},
+            "status": {
+                "phase": phase,
+                "podIP": ip,
+                "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": ready}],
+            },
+        })
+    }
+
+    fn parse(items: Vec<serde_json::Value>) -> Result<BTreeMap<String, String>> {
+        let body = serde_json::to_vec(&json!({"kind": "PodList", "items": items}))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        parse_server_pods(&body, DEFAULT_URL_TEMPLATE)
+    }
+
+    #[test]
+    fn running_ready_pods_with_an_ip_are_servers() -> Result<()> {
+        let t = "2026-01-01T00:00:00Z";
+        let got = parse(vec![
+            pod("s-a", t, "node-a", Some("10.0.0.1"), "Running", "True"),
+            pod("s-b", t, "node-b", Some("10.0.0.2"), "Running", "False"),
+            pod("s-c", t, "node-c", None, "Running", "True"),
+            pod("s-d", t, "node-d", Some("10.0.0.4"), "Pending", "True"),
+            pod("s-e", t, "Bad_Node", Some("10.0.0.5"), "Running", "True"),
+        ])?;
+        assert_eq!(got, BTreeMap::from([("node-a".to_string(), "http://10.0.0.1:32607".to_string())]));
+        Ok(())
+    }
+
+    #[test]
+    fn the_annotation_names_the_node_and_ipv6_is_bracketed() -> Result<()> {
+        let mut p = pod("s-a", "2026-01-01T00:00:00Z", "node-a", Some("fd00::1"), "Running", "True");
+        p["metadata"]["annotations"] = json!({NODE_ANNOTATION: "node-z"});
+        let got = parse(vec![p])?;
+        assert_eq!(got, BTreeMap::from([("node-z".to_string(), "http://[fd00::1]:32607".to_string())]));
+        assert_eq!(server_url("https://{ip}:9/", "10.1.2.3"), "https://10.1.2.3:9/");
+        Ok(())
+    }
+
+    #[test]
+    fn of_two_pods_for_a_node_the_ready_then_the_newest_wins() -> Result<()> {
+        let got = parse(vec![
+            pod("new-unready", "2026-03-01T00:00:00Z", "n", Some("10.0.0.9"), "Running", "False"),
+            pod("old", "2026-01-01T00:00:00Z", "n", Some("10.0.0.1"), "Running", "True"),
+        ])?;
+        assert_eq!(got["n"], "http://10.0.0.1:32607");
+        let got = parse(vec![
+            pod("new", "2026-02-01T00:00:00Z", "n", Some("10.0.0.2"), "Running", "True"),
+            pod("old", "2026-01-01T00:00:00Z", "n", Some("10.0.0.1"), "Running", "True"),
+        ])?;
+        assert_eq!(got["n"], "http://10.0.0.2:32607");
+        let mut deleting = pod("newest", "2026-04-01T00:00:00Z", "n", Some("10.0.0.3"), "Running", "True");
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-04-02T00:00:00Z");
+        let got = parse(vec![deleting, pod("old", "2026-01-01T00:00:00Z", "n", Some("10.0.0.1"), "Running", "True")])?;
+        assert_eq!(got["n"], "http://10.0.0.1:32607", "a pod being deleted is no server");
+        Ok(())
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error_and_the_servers_are_bounded() -> Result<()> {
+        let e = parse_server_pods(b"<html>", DEFAULT_URL_TEMPLATE).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("not JSON"), "{e}");
+        let e = parse_server_pods(b"{\"kind\":\"Status\"}", DEFAULT_URL_TEMPLATE).err().map(|e| e.to_string());
+        assert!(e.unwrap_or_default().contains("not a PodList"));
+        let many: Vec<_> = (0..=MAX_SERVERS)
+            .map(|i| {
+                pod(&format!("s{i}"), "2026-01-01T00:00:00Z", &format!("n{i}"), Some("10.0.0.1"), "Running", "True")
+            })
+            .collect();
+        assert_eq!(parse(many)?.len(), MAX_SERVERS);
+        Ok(())
+    }
+
+    #[test]
+    fn server_for_is_node_equals_url() {
+        assert_eq!(
+            parse_server_for("node-b=http://10.0.0.2:32607").ok(),
+            Some(("node-b".to_string(), "http://10.0.0.2:32607".to_string()))
+        );
+        for bad in ["node-b", "Node=http://x", "node-b=", "=http://x"] {
+            assert!(parse_server_for(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[derive(Debug, Default)]
+    struct FakePods {
+        servers: Mutex<BTreeMap<String, String>>,
+        calls: Mutex<usize>,
+    }
+
+    impl ServerPods for Arc<FakePods> {
+        fn servers(&self) -> Result<BTreeMap<String, String>> {
+            *self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+            Ok(self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+        }
+    }
+
+    #[test]
+    fn discovery_is_cached_and_an_unknown_node_is_looked_for_at_once() -> Result<()> {
+        let pods = Arc::new(FakePods::default());
+        pods.servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert("a".into(), "http://10.0.0.1:1".into());
+        let default = Arc::new(DaemonClient::new("http://svc:32607", "k", None)?);
+        let fixed = BTreeMap::from([("c".to_string(), Arc::new(DaemonClient::new("http://10.9.9.9:1", "k", None)?))]);
+        let d = Daemons::new(default, None, fixed)?.with_discovery(Box::new(pods.clone()), "k", None);
+        assert_eq!(d.get(Some("a"))?.url(), "http://10.0.0.1:1");
+        assert_eq!(d.get(Some("a"))?.url(), "http://10.0.0.1:1");
+        assert_eq!(*pods.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner), 1, "cached");
+        assert_eq!(d.get(None)?.url(), "http://svc:32607", "no default node: --server");
+        assert_eq!(d.get(Some("c"))?.url(), "http://10.9.9.9:1", "--server-for");
+        let nodes: Vec<Option<String>> = d.all().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(nodes, [Some("a".to_string()), Some("c".to_string())]);
+        // a new node: not in the cache, listed again at once (after the shortest interval)
+        pods.servers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert("b".into(), "http://10.0.0.2:1".into());
+        std::thread::sleep(MIN_REFRESH_INTERVAL);
+        assert_eq!(d.get(Some("b"))?.url(), "http://10.0.0.2:1");
+        assert!(matches!(d.get(Some("zz")), Err(Error::Unavailable(_))));
+        Ok(())
+    }
+}
