@@ -557,6 +557,9 @@ pub fn check_pool_open(data: &[u8]) {
     let f = image_fixture();
     let mut u = Input::new(data);
     let mode = u.u8();
+    // Blocks this input may have changed from the fixture image: its edits and, resealed, the record headers and
+    // superblocks (every other block is the fixture's: the copy of a closed pool is exact).
+    let mut poked = Vec::new();
     let dev = if mode == 0 {
         let dev = SimDevice::new(DEVICE_BYTES);
         let raw = u.rest();
@@ -590,19 +593,14 @@ pub fn check_pool_open(data: &[u8]) {
         }
         if mode & 2 != 0 {
             reseal_image(&dev, &f.records, &touched);
+            poked.extend([0, 1]);
+            poked.extend(f.records.iter().map(|r| r.0));
         }
+        poked.extend(touched);
         dev
     };
-    let untouched = mode != 0 && {
-        let mut same = true;
-        for &blk in &f.used_blocks {
-            if peek_block(&dev, blk) != peek_block(&f.image, blk) {
-                same = false;
-                break;
-            }
-        }
-        same
-    };
+    // (comparing only the poked blocks: comparing every used block took a third of each execution)
+    let untouched = mode != 0 && poked.iter().all(|&blk| peek_block(&dev, blk) == peek_block(&f.image, blk));
     match Pool::open(dev.clone(), opts(9)) {
         Ok(pool) => {
             if untouched {
