@@ -32,6 +32,10 @@ pub const MIN_SEGMENTS: u64 = 8;
 pub const MAX_VOLUME_SIZE_BYTES: u64 = 1 << 50;
 /// Most volumes in one pool.
 pub const MAX_VOLUMES: usize = 100_000;
+/// Largest `next_vbn` a checkpoint of a pool written before format 5 may name (vbns were never reused then, and the
+/// block table's page vector, 8 bytes per 256 vbns, grows to it: 128 MiB at this bound, ~16 TiB written over the
+/// pool's life). From format 5 on, `next_vbn` comes from the block table itself [I9].
+pub const MAX_NEXT_VBN_BEFORE_FORMAT_5: u64 = 1 << 32;
 /// Largest read or write request.
 pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// Log written between two automatic checkpoints when none is given: bounds recovery time (replaying 1 GiB takes
@@ -403,7 +407,17 @@ impl Pool {
         }
         let bt = BlockTable::load(&*dev, cp.dir_pages.clone())?;
         let segs = Segments::new(sb.segment_count, seg, cp.segment_live_blocks.clone());
-        // the log of a pool written before format 5 replays with the allocation that wrote it: no vbn reused [I9]
+        // the log of a pool written before format 5 replays with the allocation that wrote it: no vbn reused [I9];
+        // its checkpoint's `next_vbn` is then used as it is, so it is bounded first (the block table's page vector
+        // grows to it at the first allocation)
+        if sb.version < 5 && cp.next_vbn > MAX_NEXT_VBN_BEFORE_FORMAT_5 {
+            return Err(Error::corrupt(
+                "checkpoint payload",
+                sb.checkpoint_pba * BLOCK_SIZE,
+                format!("a next vbn of at most {MAX_NEXT_VBN_BEFORE_FORMAT_5}"),
+                cp.next_vbn,
+            ));
+        }
         let index = Index::new(bt, cp.next_vbn, sb.version >= 5);
         let cursor = sb.replay;
         if cursor.segment >= sb.segment_count
