@@ -82,11 +82,28 @@ server_nbdkit() {
   stop
   rm -f "$work/disk.raw"
 }
+# The disk itself, as an anchor for the sequential rows: fio straight to a file with O_DIRECT (no page cache, no NBD).
+# A log-structured store writes all it is given to the disk within a checkpoint interval (a checkpoint must find the
+# data it points at on disk), while the other servers overwrite the file in place in the page cache and write nothing
+# back during a run of a few seconds.
+disk_anchor() {
+  settle
+  for rw in write read; do
+    fio --name=disk --ioengine=libaio --direct=1 --filename="$work/disk.direct" --rw="$rw" --bs=1M --iodepth=4 \
+        --size=1G --time_based --runtime="$secs" --output-format=json 2>"$work/fio.err" |
+      python3 -c "
+import json,sys
+j=json.load(sys.stdin)['jobs'][0]; k='$rw'
+print(json.dumps({'round':$round,'who':'disk O_DIRECT','workload':'1M seq '+k+' qd4','iops':j[k]['iops'],
+                  'mbps':j[k]['bw_bytes']/1e6,'lat_us':j[k]['clat_ns']['mean']/1e3}))" >> "$out"
+  done
+  rm -f "$work/disk.direct"
+}
 # The order rotates from round to round, so no server always runs first (on a machine just settled) or last.
-servers=(server_blockmesh server_qemu_raw server_qemu_qcow2 server_nbdkit)
+servers=(server_blockmesh server_qemu_raw server_qemu_qcow2 server_nbdkit disk_anchor)
 for round in $(seq "$rounds"); do
-  for i in 0 1 2 3; do
-    "${servers[$(( (i + round - 1) % 4 ))]}"
+  for i in 0 1 2 3 4; do
+    "${servers[$(( (i + round - 1) % 5 ))]}"
   done
 done
 
@@ -111,9 +128,13 @@ lines = ["## NBD servers side by side (issue #4)", "",
          "filled by the sequential write first; every server on a file in the same directory, through the page "
          f"cache. {rounds} rounds, each running every server in turn (the order rotating from round to round); "
          "figures are medians over the rounds, ratios "
-         "are of the medians, and the last column gives each round's own ratio to nbdkit.", "",
-         "| workload | " + " | ".join(servers) + " | blockmesh / qemu-nbd raw | blockmesh / nbdkit | target | per round / nbdkit |",
-         "|---|" + "---|" * (len(servers) + 4)]
+         "are of the medians, and the last column gives each round's own ratio to nbdkit. The disk column is fio "
+         "with O_DIRECT straight to a file in the same directory (no NBD, no page cache): blockmesh writes all it is "
+         "given to the disk within a checkpoint interval (a checkpoint must find the data it points at on disk), "
+         "while qemu-nbd and nbdkit overwrite the 1 GiB file in place in the page cache and write nothing back "
+         "during a run.", "",
+         "| workload | " + " | ".join(servers) + " | disk O_DIRECT | blockmesh / qemu-nbd raw | blockmesh / nbdkit | blockmesh / disk | target | per round / nbdkit |",
+         "|---|" + "---|" * (len(servers) + 6)]
 for w in workloads:
     b = by[("blockmesh", w)]
     q = by[("qemu-nbd raw", w)]
@@ -122,7 +143,10 @@ for w in workloads:
     cells = [fig(by[(s, w)], w) for s in servers]
     each = ", ".join(f"{per_round[(n, 'blockmesh', w)]['iops'] / per_round[(n, 'nbdkit file', w)]['iops']:.2f}x"
                      for n in range(1, rounds + 1))
-    lines.append(f"| {w} | " + " | ".join(cells) + f" | **{b['iops']/q['iops']:.2f}x** | **{b['iops']/k['iops']:.2f}x** | {target} | {each} |")
+    d = by.get(("disk O_DIRECT", w))
+    disk = fig(d, w) if d else "-"
+    vs_disk = f"{b['iops']/d['iops']:.2f}x" if d else "-"
+    lines.append(f"| {w} | " + " | ".join(cells) + f" | {disk} | **{b['iops']/q['iops']:.2f}x** | **{b['iops']/k['iops']:.2f}x** | {vs_disk} | {target} | {each} |")
 lines.append("")
 lines.append("Mean completion latency (us, median over the rounds): " + "; ".join(
     f"{w}: " + ", ".join(f"{s} {by[(s, w)]['lat_us']:.0f}" for s in servers) for w in workloads) + ".")

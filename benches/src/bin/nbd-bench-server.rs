@@ -1,15 +1,18 @@
 //! Serves one engine volume over NBD for `benches/nbd/compare.sh`, through the same code the daemon uses
 //! (`PoolExports` + `blockmesh_nbd::Server`).
 //!
-//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N]`: creates the pool
-//! (sparse) and a volume named `bench` when the pool file does not exist, then serves until killed. Fairness is on
-//! with the daemon's default slots unless `--fair-slots 0`.
+//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--checkpoint-mib N]`: creates
+//! the pool (sparse) and a volume named `bench` when the pool file does not exist, then serves until killed. Fairness
+//! is on with the daemon's default slots unless `--fair-slots 0`. `--direct`: the pool file with O_DIRECT, as
+//! `blockmesh serve --direct` opens it (no page cache); `--checkpoint-mib`: the checkpoint interval (default the
+//! engine's).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use blockmesh::nbd_export::PoolExports;
+use blockmesh_engine::io::FileDevice;
 use blockmesh_engine::{Pool, PoolOptions};
 use blockmesh_nbd::{Server, ServerConfig};
 
@@ -20,13 +23,23 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(pool_path), Some(socket)) = (args.first(), args.get(1)) else {
-        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N]");
+        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct]");
     };
     let pool_path = PathBuf::from(pool_path);
+    let direct = args.iter().any(|a| a == "--direct");
+    let open = |path: &PathBuf| -> Result<Arc<FileDevice>> {
+        Ok(Arc::new(if direct { FileDevice::open_direct(path)? } else { FileDevice::open(path)? }))
+    };
+    let opts = PoolOptions {
+        checkpoint_interval_bytes: arg(&args, "--checkpoint-mib")
+            .map_or(blockmesh_engine::DEFAULT_CHECKPOINT_INTERVAL_BYTES, |m| m << 20),
+        ..PoolOptions::default()
+    };
     let pool = if pool_path.exists() {
-        Pool::open_file(&pool_path, PoolOptions::default())?
+        Pool::open(open(&pool_path)?, opts)?
     } else {
-        let pool = Pool::create_file(&pool_path, arg(&args, "--pool-gib").unwrap_or(16) << 30, PoolOptions::default())?;
+        drop(FileDevice::create(&pool_path, arg(&args, "--pool-gib").unwrap_or(16) << 30)?);
+        let pool = Pool::create(open(&pool_path)?, opts)?;
         pool.create_volume("bench", arg(&args, "--volume-mib").unwrap_or(1024) << 20)?;
         pool
     };
