@@ -410,13 +410,17 @@ impl Pool {
         // the log of a pool written before format 5 replays with the allocation that wrote it: no vbn reused [I9];
         // its checkpoint's `next_vbn` is then used as it is, so it is bounded first (the block table's page vector
         // grows to it at the first allocation)
-        if sb.version < 5 && cp.next_vbn > MAX_NEXT_VBN_BEFORE_FORMAT_5 {
-            return Err(Error::corrupt(
-                "checkpoint payload",
-                sb.checkpoint_pba * BLOCK_SIZE,
-                format!("a next vbn of at most {MAX_NEXT_VBN_BEFORE_FORMAT_5}"),
-                cp.next_vbn,
-            ));
+        // and must lie past every vbn in use, or replay would hand out a vbn in use
+        if sb.version < 5 {
+            let in_use_below = bt.free_vbns().1;
+            if cp.next_vbn > MAX_NEXT_VBN_BEFORE_FORMAT_5 || cp.next_vbn < in_use_below {
+                return Err(Error::corrupt(
+                    "checkpoint payload",
+                    sb.checkpoint_pba * BLOCK_SIZE,
+                    format!("a next vbn from {in_use_below} (past every vbn in use) to {MAX_NEXT_VBN_BEFORE_FORMAT_5}"),
+                    cp.next_vbn,
+                ));
+            }
         }
         let index = Index::new(bt, cp.next_vbn, sb.version >= 5);
         let cursor = sb.replay;
