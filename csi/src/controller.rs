@@ -327,8 +327,8 @@ fn place(
         }
     }
     for n in preferred.iter().chain(&requisite) {
-        if ds.has(n) {
-            return Ok((Some(n.clone()), ds.get(Some(n))?));
+        if let Ok(d) = ds.get(Some(n)) {
+            return Ok((Some(n.clone()), d));
         }
     }
     let asked: Vec<&String> = preferred.iter().chain(&requisite).collect();

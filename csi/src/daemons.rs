@@ -279,21 +279,18 @@ impl Daemons {
     /// (discovery); still unknown, [`Error::Unavailable`] (no server there now: the caller retries later).
     pub fn get(&self, node: Option<&str>) -> Result<Arc<DaemonClient>> {
         let Some(node) = node.or(self.default_node.as_deref()) else { return Ok(self.default.clone()) };
-        if let Some(c) = self.nodes(false).0.get(node) {
+        let (map, error) = self.nodes(false);
+        if let Some(c) = map.get(node) {
             return Ok(c.clone());
         }
-        let (map, error) = if self.discovery.is_some() { self.nodes(true) } else { self.nodes(false) };
+        // without discovery nothing can have changed since
+        let (map, error) = if self.discovery.is_some() { self.nodes(true) } else { (map, error) };
         map.get(node).cloned().ok_or_else(|| {
             let why = error.map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default();
             Error::Unavailable(format!(
                 "no blockmesh server is known on node {node} now (its server pod is not running or not ready?){why}"
             ))
         })
-    }
-
-    /// Whether `node` has a daemon now (looked for again at once when not known).
-    pub fn has(&self, node: &str) -> bool {
-        self.get(Some(node)).is_ok()
     }
 
     /// Every daemon, by node in order: the named ones; the default daemon alone (node `None`) when none is named.
