@@ -221,13 +221,35 @@ impl Segments {
             as u64
     }
 
-    /// Make every segment with no live block free, except the `pinned` ones [I4].
+    /// Make every segment with no live block free, except the `pinned` ones (at create and open, where no
+    /// checkpoint or replay window needs more) [I4].
     pub(crate) fn rebuild_free(&mut self, pinned: &[u64]) {
         self.free = (0..self.count).filter(|s| self.live[*s as usize] == 0 && !pinned.contains(s)).collect();
         self.emptied_since_checkpoint = 0;
         // the emptied segments are free now too (none is pinned: the log never writes into one)
         debug_assert!(self.moved.keys().all(|s| self.free.contains(s)), "an emptied segment stays in use");
         self.moved.clear();
+    }
+
+    /// The segments a checkpoint written now frees once it completes: those with no live block that are neither
+    /// free nor the log's (`log_segments`, which the records after the checkpoint may fill) [I4]. Taken when the
+    /// checkpoint record is written; the count of emptied segments starts again from there.
+    pub(crate) fn checkpoint_frees(&mut self, log_segments: &[u64]) -> Vec<u64> {
+        self.emptied_since_checkpoint = 0;
+        (0..self.count)
+            .filter(|s| self.live[*s as usize] == 0 && !self.is_free(*s) && !log_segments.contains(s))
+            .collect()
+    }
+
+    /// The checkpoint that took `frees` ([`Segments::checkpoint_frees`]) completed: those still without a live block
+    /// and not `pinned` are free [I4]. A segment emptied after the checkpoint record stays in use: that checkpoint
+    /// still references its blocks, and the ops that released them may be lost in a crash.
+    pub(crate) fn checkpoint_completed(&mut self, frees: &[u64], pinned: &[u64]) {
+        for &s in frees {
+            if self.live[s as usize] == 0 && !pinned.contains(&s) && !self.moved.contains_key(&s) {
+                self.free.insert(s);
+            }
+        }
     }
 }
 
@@ -269,6 +291,30 @@ mod tests {
         s.rebuild_free(&[3]);
         assert_eq!((s.free_count(), s.moved_count()), (3, 0));
         assert_eq!(s.take_free(), Some(0));
+    }
+
+    #[test]
+    fn a_checkpoint_frees_only_what_was_empty_when_its_record_was_written() {
+        // segments 0..3 in use, 4 free; the log writes segment 3 and has reserved 4
+        let mut s = Segments::new(6, 8 * BLOCK_SIZE, vec![0, 2, 1, 1, 0, 0]);
+        s.free.insert(4);
+        s.free.insert(5);
+        assert_eq!(s.take_free(), Some(4), "the log's next segment");
+        let frees = s.checkpoint_frees(&[3, 4]);
+        assert_eq!(frees, [0], "only the empty segment outside the log and the free set");
+        // after the record, while its sync runs: segment 2 empties, the log moves into 4 and takes 5
+        s.release(s.first_pba(2));
+        assert_eq!(s.take_free(), Some(5));
+        s.checkpoint_completed(&frees, &[4, 5, 3]);
+        assert!(s.is_free(0), "empty when the record was written");
+        assert!(!s.is_free(2), "emptied after the record: the checkpoint still references its blocks");
+        assert_eq!(s.free_count(), 1);
+        // the next checkpoint (its record in segment 3, whose last block went meanwhile) frees it
+        s.release(s.first_pba(3));
+        let frees = s.checkpoint_frees(&[4, 5]);
+        assert_eq!(frees, [2, 3]);
+        s.checkpoint_completed(&frees, &[4, 5, 3]);
+        assert!(s.is_free(2) && !s.is_free(3), "the checkpoint's own segment stays pinned");
     }
 
     #[test]

@@ -230,6 +230,39 @@ pub(crate) struct State {
     pub(crate) receiving: std::collections::HashSet<[u8; 16]>,
     /// Live blocks the cleaner's last scan found in its candidate segments.
     pub(crate) scan_cache: crate::cleaner::ScanCache,
+    /// A checkpoint whose record is written but whose superblock is not (its sync runs outside the lock) [I1].
+    pub(crate) pending_checkpoint: Option<PendingCheckpoint>,
+    /// Checkpoints begun since the open: tells one pending checkpoint from a later one.
+    pub(crate) checkpoints_begun: u64,
+}
+
+/// What completing a checkpoint takes once its record is written: the sync that makes the record and everything
+/// before it durable, then its superblock [I1]. Between the two the pool lock is free and writes go on.
+#[derive(Debug)]
+pub(crate) struct PendingCheckpoint {
+    /// Its number in [`State::checkpoints_begun`].
+    id: u64,
+    /// The superblock that makes it current.
+    sb: Superblock,
+    /// Every record below this one was written (drained) before the record's sync began.
+    synced_below: u64,
+    /// [`Log::blocks_written`] then.
+    blocks_written: u64,
+    /// The segment the log was writing when the record was written: the cleaner's checkpoint mark [I13].
+    log_segment: u64,
+    /// The segments it frees once complete: those empty when its record was written [I4].
+    frees: Vec<u64>,
+    /// How far it got.
+    step: CheckpointStep,
+}
+
+/// The steps of a pending checkpoint, each followed by a sync before the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CheckpointStep {
+    /// Its pages and record are written (and drained).
+    Recorded,
+    /// Its superblock is written too.
+    SuperblockWritten,
 }
 
 /// Work done since the pool was opened, for statistics.
@@ -255,6 +288,9 @@ pub(crate) struct Inner {
     /// Held shared while reading data blocks outside the state lock; held exclusively while segments become free,
     /// so no block is reused under a reader [I4].
     pub(crate) reuse_gate: RwLock<()>,
+    /// The background thread that completes checkpoints begun by writes ([`maybe_checkpoint_unlocked`]), when the
+    /// pool has background threads: it takes the checkpoint's syncs so the write that began it need not wait.
+    pub(crate) checkpoint_finisher: Mutex<Option<std::sync::mpsc::Sender<u64>>>,
 }
 
 /// A pool of thin volumes on one device.
@@ -339,7 +375,10 @@ impl Pool {
         let mut state = State::new(dev.clone(), sb, segs, Index::new(BlockTable::default(), 1, true), cursor, &opts);
         let reuse_gate = RwLock::new(());
         state.checkpoint(&*dev, &reuse_gate)?;
-        Ok(Pool::start(Inner { dev, state: Mutex::new(state), reuse_gate }, &opts))
+        Ok(Pool::start(
+            Inner { dev, state: Mutex::new(state), reuse_gate, checkpoint_finisher: Mutex::new(None) },
+            &opts,
+        ))
     }
 
     fn start(inner: Inner, opts: &PoolOptions) -> Pool {
@@ -470,19 +509,26 @@ impl Pool {
             let segs_view = Segments::new(state.segs.count, seg, vec![0; state.segs.count as usize]);
             journal::replay(&*dev, &segs_view, sb.pool_id, cursor, |r| {
                 match r.header.kind {
-                    RecordKind::Batch => records.push((r.pba, r.ops)),
+                    RecordKind::Batch => records.push((r.pba, Some(r.ops))),
+                    // a checkpoint whose superblock never landed: the vbns freed before it were free for the ops
+                    // after it, as they were for the pool that wrote them [I9]
+                    RecordKind::Checkpoint => records.push((r.pba, None)),
                     RecordKind::Moved => {
                         for (vbn, pba) in r.moved() {
                             state.replay_move(vbn, pba)?;
                         }
                     }
-                    // checkpoint records of a checkpoint whose superblock never landed
+                    // the pages of a checkpoint whose superblock never landed
                     _ => {}
                 }
                 Ok(())
             })?
         };
         for (at, ops) in records {
+            let Some(ops) = ops else {
+                state.index.checkpoint_completed();
+                continue;
+            };
             let mut data_pba = at + 1;
             for op in &ops {
                 let pba = match op {
@@ -523,7 +569,10 @@ impl Pool {
         } else {
             state.checkpoint(&*dev, &reuse_gate)?;
         }
-        Ok(Pool::start(Inner { dev, state: Mutex::new(state), reuse_gate }, &opts))
+        Ok(Pool::start(
+            Inner { dev, state: Mutex::new(state), reuse_gate, checkpoint_finisher: Mutex::new(None) },
+            &opts,
+        ))
     }
 
     /// Create a volume.
@@ -822,6 +871,79 @@ pub(crate) fn flush(inner: &Inner) -> Result<()> {
     Ok(())
 }
 
+/// Log written since a checkpoint's record, in checkpoint intervals, past which a writer that finds it still
+/// pending completes it (syncing under the lock) and takes the next one, rather than leave that to its writer.
+pub(crate) const MAX_INTERVALS_WHILE_PENDING: u64 = 2;
+
+/// [`State::maybe_checkpoint`] for the write paths: a checkpoint's syncs run without the pool lock, so writes go on
+/// meanwhile (they waited behind the first, which writes back everything the log wrote since the last sync, 0.1-0.2 s
+/// a time, when a pool under 1 MiB writes checkpointed every 0.6 s; the second, after the superblock, then has all
+/// that was written during the first to write back), and, with background threads, in the background, so the write
+/// that began the checkpoint does not wait either (it did, up to 2 s with 1 MiB writes going on) [I1]. Checkpoints
+/// that also clean, and one due while another is pending past a bound, take the locked path.
+pub(crate) fn maybe_checkpoint_unlocked(inner: &Inner, mut st: parking_lot::MutexGuard<'_, State>) -> Result<()> {
+    let (dev, gate) = (&*inner.dev, &inner.reuse_gate);
+    if !st.checkpoint_due() {
+        return Ok(());
+    }
+    if st.pending_checkpoint.is_some() {
+        // Due again while the last one syncs (early checkpoints come every quarter interval, and both syncs take a
+        // while under a write load): its writer starts the next one soon after; only past a hard bound does this
+        // writer complete it and take one under the lock.
+        let dirty = st.index.dirty_node_count() as u64 + st.index.bt.dirty_page_count() as u64;
+        if st.log.blocks_since_checkpoint < MAX_INTERVALS_WHILE_PENDING * st.checkpoint_interval_blocks
+            && dirty < st.max_dirty_metadata_blocks
+        {
+            return Ok(());
+        }
+        return st.maybe_checkpoint(dev, gate);
+    }
+    // a pool whose superblock still has an older format: its first checkpoint under the lock, so no record an
+    // older build would replay differently follows a checkpoint record before this format is on disk [I9]
+    if st.segs.free_count() < st.clean_start_free_segments || st.sb.version != FORMAT_VERSION {
+        return st.maybe_checkpoint(dev, gate);
+    }
+    st.check_writable()?;
+    let id = match st.begin_checkpoint(dev) {
+        Ok(id) => id,
+        Err(e) => return Err(st.fail(e)),
+    };
+    // The background thread completes it when there is one (the write that began it need not wait for its syncs);
+    // else this writer does, without the lock.
+    if inner.checkpoint_finisher.lock().as_ref().is_some_and(|tx| tx.send(id).is_ok()) {
+        return Ok(());
+    }
+    drop(st);
+    complete_checkpoint_unlocked(inner, id)
+}
+
+/// Complete checkpoint `id`, begun by [`maybe_checkpoint_unlocked`], taking each of its syncs without the pool lock;
+/// after each, its next step, unless someone took it further meanwhile (whoever did completed it, syncing under the
+/// lock) [I1].
+pub(crate) fn complete_checkpoint_unlocked(inner: &Inner, id: u64) -> Result<()> {
+    let (dev, gate) = (&*inner.dev, &inner.reuse_gate);
+    let mut st = inner.state.lock();
+    if st.checkpoint_step(id).is_none() {
+        return Ok(()); // completed meanwhile (a close, a cleaning pass)
+    }
+    while let Some(step) = st.checkpoint_step(id) {
+        drop(st);
+        let synced = dev.sync();
+        st = inner.state.lock();
+        if let Err(e) = synced {
+            return Err(st.fail(e));
+        }
+        st.check_writable()?;
+        if st.checkpoint_step(id) != Some(step) {
+            break;
+        }
+        if let Err(e) = st.checkpoint_synced(dev, gate, step) {
+            return Err(st.fail(e));
+        }
+    }
+    st.restore_reserve(dev, gate)
+}
+
 fn read_superblock(dev: &dyn Device) -> Result<Superblock> {
     if dev.size_bytes() < SEGMENT_AREA_OFFSET {
         return Err(Error::NotAPool("device".into()));
@@ -930,6 +1052,8 @@ impl State {
             counters: Counters::default(),
             receiving: std::collections::HashSet::new(),
             scan_cache: crate::cleaner::ScanCache::default(),
+            pending_checkpoint: None,
+            checkpoints_begun: 0,
         }
     }
 
@@ -1300,18 +1424,27 @@ impl State {
 
     pub(crate) fn pinned(&self) -> Vec<u64> {
         let [a, b] = self.log.pinned_segments();
-        vec![a, b, self.checkpoint_segment]
+        let mut pinned = vec![a, b, self.checkpoint_segment];
+        // the record of a checkpoint whose superblock is still to come: current once it lands
+        if let Some(p) = &self.pending_checkpoint {
+            pinned.extend(self.segs.segment_of(p.sb.checkpoint_pba));
+        }
+        pinned
+    }
+
+    /// Whether the log since the last checkpoint, or the dirty metadata, has grown past its bound.
+    fn checkpoint_due(&self) -> bool {
+        let dirty = self.index.dirty_node_count() as u64 + self.index.bt.dirty_page_count() as u64;
+        let early = self.checkpoint_interval_blocks / EARLY_CHECKPOINT_SHARE;
+        self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
+            || dirty >= self.max_dirty_metadata_blocks
+            || (self.log.blocks_since_checkpoint >= early
+                && self.segs.emptied_since_checkpoint() * self.segs.blocks_per_segment >= early)
     }
 
     /// Checkpoint when the log since the last one, or the dirty metadata, has grown past its bound.
     pub(crate) fn maybe_checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
-        let dirty = self.index.dirty_node_count() as u64 + self.index.bt.dirty_page_count() as u64;
-        let early = self.checkpoint_interval_blocks / EARLY_CHECKPOINT_SHARE;
-        if self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
-            || dirty >= self.max_dirty_metadata_blocks
-            || (self.log.blocks_since_checkpoint >= early
-                && self.segs.emptied_since_checkpoint() * self.segs.blocks_per_segment >= early)
-        {
+        if self.checkpoint_due() {
             // When free segments run low, the checkpoint is a cleaning pass (cost-benefit): space comes back a
             // little at a time, before writes have to wait for a greedy clean.
             if self.segs.free_count() < self.clean_start_free_segments {
@@ -1326,13 +1459,29 @@ impl State {
     }
 
     /// Write a checkpoint: dirty nodes, then table pages, then directory pages, then the checkpoint record; sync;
-    /// then the superblock; sync; then free the segments no longer referenced [I1][I4].
+    /// then the superblock; sync; then free the segments no longer referenced [I1][I4]. All under the pool lock; the
+    /// write paths use [`maybe_checkpoint_unlocked`], whose sync lets writes go on.
     pub(crate) fn checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
         self.check_writable()?;
-        if let Err(e) = self.checkpoint_steps(dev, gate) {
+        let steps = self
+            .finish_checkpoint(dev, gate)
+            .and_then(|_| self.begin_checkpoint(dev))
+            .and_then(|_| self.finish_checkpoint(dev, gate));
+        if let Err(e) = steps {
             return Err(self.fail(e));
         }
         self.restore_reserve(dev, gate)
+    }
+
+    /// Complete a checkpoint whose record is written (syncing under the lock), if there is one: before anything that
+    /// relies on the current checkpoint (a cleaning pass, which may only move blocks out of segments written before
+    /// it [I13]) or begins another.
+    pub(crate) fn complete_pending_checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+        if self.pending_checkpoint.is_none() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.finish_checkpoint(dev, gate).map_err(|e| self.fail(e))
     }
 
     /// A checkpoint may take some of the segments kept for checkpoints; moving passes give them back at once, when
@@ -1418,7 +1567,10 @@ impl State {
         Ok(())
     }
 
-    fn checkpoint_steps(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+    /// The first half of a checkpoint, under the lock: every dirty page and the checkpoint record written (and
+    /// drained), the checkpoint pending until [`State::finish_checkpoint`] [I1]. Returns its id.
+    fn begin_checkpoint(&mut self, dev: &dyn Device) -> Result<u64> {
+        assert!(self.pending_checkpoint.is_none(), "a checkpoint begun while another is pending");
         self.log.seal()?;
         let nodes = self.index.dirty_nodes();
         self.write_pages(dev, RecordKind::Nodes, nodes, |st, vbn, loc| st.index.node_written(vbn, loc.pba, loc.crc))?;
@@ -1475,10 +1627,6 @@ impl State {
         let crc = crc32(&payload);
         let first = self.log.append_record(dev, &mut self.segs, RecordKind::Checkpoint, Vec::new(), &payload, crc)?;
         self.log.drain()?;
-        dev.sync()?;
-        let below = self.log.next_seq();
-        self.log.synced(&mut self.segs, below);
-        self.log.synced_blocks(self.log.blocks_written);
         let sb = Superblock {
             generation: self.sb.generation + 1,
             checkpoint_pba: first - 1,
@@ -1489,20 +1637,84 @@ impl State {
             version: FORMAT_VERSION,
             ..self.sb.clone()
         };
-        dev.write_at(&sb.encode(), SUPERBLOCK_OFFSETS[(sb.generation % 2) as usize])?;
-        dev.sync()?;
-        self.checkpoint_segment = self.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
-        self.segs.set_checkpoint_mark(self.log.pinned_segments()[0]);
-        self.sb = sb;
+        let log_segments = self.log.pinned_segments();
+        // Counted from the record on: writes while its sync runs count toward the next checkpoint.
         self.log.blocks_since_checkpoint = 0;
-        self.counters.checkpoints += 1;
-        let pinned = self.pinned();
-        let _exclusive = gate.write();
-        self.segs.rebuild_free(&pinned);
+        let frees = self.segs.checkpoint_frees(&log_segments);
+        // The vbns freed before the record may be handed out from here on, as a replay that passes the record does
+        // (and as an open of this checkpoint computes them) [I9].
         self.index.checkpoint_completed();
         let heads: Vec<Root> = self.volumes.values().map(|v| v.root).collect();
         self.index.evict_unreachable(&heads);
+        self.checkpoints_begun += 1;
+        self.pending_checkpoint = Some(PendingCheckpoint {
+            id: self.checkpoints_begun,
+            sb,
+            synced_below: self.log.next_seq(),
+            blocks_written: self.log.blocks_written,
+            log_segment: log_segments[0],
+            frees,
+            step: CheckpointStep::Recorded,
+        });
+        Ok(self.checkpoints_begun)
+    }
+
+    /// Complete the pending checkpoint, if any, syncing here under the lock: its superblock after a sync, then the
+    /// segments freed after another [I1][I4].
+    fn finish_checkpoint(&mut self, dev: &dyn Device, gate: &RwLock<()>) -> Result<()> {
+        while let Some(p) = &self.pending_checkpoint {
+            let step = p.step;
+            dev.sync()?;
+            self.checkpoint_synced(dev, gate, step)?;
+        }
         Ok(())
+    }
+
+    /// A sync that began once the pending checkpoint had reached `step` completed: its next step. After its record,
+    /// the superblock that points at it (the record and everything before it are durable now); after that, the
+    /// checkpoint is complete (the superblock is durable): the segments empty when its record was written are free
+    /// [I1][I4].
+    fn checkpoint_synced(&mut self, dev: &dyn Device, gate: &RwLock<()>, step: CheckpointStep) -> Result<()> {
+        let Some(p) = &mut self.pending_checkpoint else { return Ok(()) };
+        assert_eq!(p.step, step, "a checkpoint step synced twice");
+        if step == CheckpointStep::Recorded {
+            let (below, written) = (p.synced_below, p.blocks_written);
+            dev.write_at(&p.sb.encode(), SUPERBLOCK_OFFSETS[(p.sb.generation % 2) as usize])?;
+            p.step = CheckpointStep::SuperblockWritten;
+            self.log.synced(&mut self.segs, below);
+            self.log.synced_blocks(written);
+            return Ok(());
+        }
+        let Some(p) = self.pending_checkpoint.take() else { return Ok(()) };
+        self.checkpoint_segment = self.segs.segment_of(p.sb.checkpoint_pba).unwrap_or(0);
+        self.segs.set_checkpoint_mark(p.log_segment);
+        // only what the checkpoint changes: the rest may have changed since its record (a grow)
+        self.sb = Superblock {
+            generation: p.sb.generation,
+            checkpoint_pba: p.sb.checkpoint_pba,
+            checkpoint_payload_blocks: p.sb.checkpoint_payload_blocks,
+            checkpoint_crc: p.sb.checkpoint_crc,
+            replay: p.sb.replay,
+            version: p.sb.version,
+            ..self.sb.clone()
+        };
+        self.counters.checkpoints += 1;
+        let pinned = self.pinned();
+        let _exclusive = gate.write();
+        // (segments the cleaner emptied before the record were freed by the first sync: passes complete a pending
+        // checkpoint before they move anything)
+        debug_assert_eq!(
+            self.segs.moved_count(),
+            0,
+            "a segment emptied by a moving pass while a checkpoint was pending"
+        );
+        self.segs.checkpoint_completed(&p.frees, &pinned);
+        Ok(())
+    }
+
+    /// The step the pending checkpoint `id` has reached; `None` if it is no longer pending (someone completed it).
+    fn checkpoint_step(&self, id: u64) -> Option<CheckpointStep> {
+        self.pending_checkpoint.as_ref().filter(|p| p.id == id).map(|p| p.step)
     }
 }
 

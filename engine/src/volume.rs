@@ -252,7 +252,7 @@ impl Volume {
                 st.write_block(dev, id, b, &block_buf)?;
             }
         }
-        st.maybe_checkpoint(dev, gate)
+        crate::pool::maybe_checkpoint_unlocked(&self.inner, st)
     }
 
     /// Write zeroes over `[offset, offset + len)`: whole blocks become zero mappings that take no data space.
@@ -294,7 +294,7 @@ impl Volume {
             };
             st.log_apply(dev, op, None)?;
         }
-        st.maybe_checkpoint(dev, gate)
+        crate::pool::maybe_checkpoint_unlocked(&self.inner, st)
     }
 
     /// Make every write acknowledged so far (to any volume of the pool) durable.

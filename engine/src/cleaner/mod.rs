@@ -92,6 +92,8 @@ impl State {
         max_utilization: f64,
     ) -> Result<CleanStats> {
         self.check_writable()?;
+        // victims are chosen among the segments written before the current checkpoint [I13]
+        self.complete_pending_checkpoint(dev, gate)?;
         let pinned = self.pinned();
         let max_live = (self.segs.blocks_per_segment as f64 * max_utilization) as u64;
         let candidates = self.segs.victims(|s| pinned.contains(&s), MAX_CLEAN_SEGMENTS_PER_PASS, greedy, max_live);
@@ -138,6 +140,8 @@ impl State {
         want_blocks: u64,
     ) -> Result<CleanStats> {
         self.check_writable()?;
+        // blocks move only out of segments written before the current checkpoint [I13]
+        self.complete_pending_checkpoint(dev, gate)?;
         let mut excluded: Vec<bool> = (0..self.segs.count).map(|s| !self.segs.written_before_checkpoint(s)).collect();
         for s in self.pinned() {
             excluded[s as usize] = true;

@@ -17,8 +17,10 @@ pub const BLOCK_SIZE: u64 = 4096;
 /// [`BLOCK_SIZE`] as a `usize`.
 pub(crate) const BLOCK: usize = BLOCK_SIZE as usize;
 /// The newest pool format this build reads and writes (3: the cleaner's `Moved` records, invariant I13; 4: dot
-/// properties, a `SetProperty` dot op and checkpoint payload version 2; 5: free vbns are reused, I9).
-pub const FORMAT_VERSION: u32 = 5;
+/// properties, a `SetProperty` dot op and checkpoint payload version 2; 5: free vbns are reused, I9; 6: ops may
+/// follow a checkpoint record whose superblock has not landed yet, and replay frees the vbns freed before such a
+/// record when it passes it, I1 and I9).
+pub const FORMAT_VERSION: u32 = 6;
 /// The oldest pool format this build opens. A version 2 to 4 pool is a version 5 pool without `Moved` records or
 /// dot properties (its checkpoint payload is version 1, which still decodes), whose log was written without reusing
 /// vbns (replayed so); opening one rewrites its superblock as version 5 at the recovery checkpoint, after which older
