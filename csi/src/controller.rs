@@ -181,6 +181,10 @@ impl DotView {
             for sd in members {
                 let Ok(volume) = VolumeId::new(ns, name, sd).map(|v| v.on(node.clone())) else { continue };
                 let Ok(id) = SnapshotId::new(volume.clone(), &c.id) else { continue };
+                // (names too long for a CSI id: a dot made outside CSI; not listed)
+                if id.csi_id().is_err() {
+                    continue;
+                }
                 let size = c.subdots.iter().find(|s| s.name == sd).map_or(0, |s| s.size_bytes);
                 out.push(pb::Snapshot {
                     size_bytes: as_i64(size),
@@ -404,6 +408,16 @@ impl ControllerService {
         source: Option<&pb::volume_content_source::Type>,
     ) -> Result<(VolumeId, u64)> {
         use pb::volume_content_source::Type;
+        // The id handed back must fit CSI's size limit: checked before anything is made (from a source, the new
+        // volume takes the source's subdot).
+        let subdot = match source {
+            None => Some(target.subdot.clone()),
+            Some(Type::Snapshot(s)) => SnapshotId::parse(&s.snapshot_id).ok().map(|s| s.volume.subdot),
+            Some(Type::Volume(s)) => VolumeId::parse(&s.volume_id).ok().map(|v| v.subdot),
+        };
+        if let Some(subdot) = subdot {
+            VolumeId::new(&target.namespace, &target.dot, &subdot)?.on(target.node.clone()).csi_id()?;
+        }
         let dot = target.dot_name();
         let existing = DotView::load(d, &dot)?;
         let (src_dot, commit, subdot, src_size) = match source {
@@ -695,8 +709,11 @@ impl pb::controller_server::Controller for ControllerService {
             for dot in dots {
                 let Some((ns, name)) = dot.name.split_once('/') else { continue };
                 for s in &dot.subdots {
-                    if let Ok(id) = VolumeId::new(ns, name, &s.name) {
-                        all.push((id.on(node.clone()), s.size_bytes));
+                    // (a dot made outside CSI may have names too long for a CSI id: not listed)
+                    if let Ok(id) = VolumeId::new(ns, name, &s.name).map(|id| id.on(node.clone())) {
+                        if id.csi_id().is_ok() {
+                            all.push((id, s.size_bytes));
+                        }
                     }
                 }
             }
@@ -771,6 +788,7 @@ impl pb::controller_server::Controller for ControllerService {
         required("source_volume_id", &r.source_volume_id)?;
         let src = VolumeId::parse(&r.source_volume_id)
             .map_err(|_| Error::NotFound(format!("source volume {:?} does not exist", r.source_volume_id)))?;
+        src.check_snapshot_ids_fit()?;
         let name = r.name.clone();
         let _guard = self.changes.lock().await;
         let snapshot = self
@@ -1024,6 +1042,15 @@ impl pb::group_controller_server::GroupController for ControllerService {
             .into());
         };
         let subdots: BTreeSet<String> = sources.iter().map(|s| s.subdot.clone()).collect();
+        // the group's id and its members' snapshot ids must fit CSI's size limit
+        for s in &sources {
+            s.check_snapshot_ids_fit()?;
+        }
+        if let Some(s) = sources.first() {
+            GroupSnapshotId::new(&s.namespace, &s.dot, &"0".repeat(crate::ids::COMMIT_ID_DIGITS))?
+                .on(node.clone())
+                .csi_id()?;
+        }
         let members = subdots.iter().cloned().collect::<Vec<_>>().join(",");
         let name = r.name.clone();
         let _guard = self.changes.lock().await;

@@ -29,6 +29,22 @@ pub const DEFAULT_SUBDOT: &str = "__default__";
 pub const MAX_NODE_BYTES: usize = 253;
 /// Separates the node from the rest of an id.
 pub const NODE_SEPARATOR: char = ':';
+/// Longest id the driver hands out: the CSI spec's general size limit for strings (128 bytes), which volume and
+/// snapshot ids do not override. Names that would make a longer id are refused (INVALID_ARGUMENT) before anything is
+/// made; dots made outside CSI with such names are left out of the lists.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// `id` if it fits [`MAX_ID_BYTES`]; else an error naming what makes it long.
+fn fits(kind: &str, id: String) -> Result<String> {
+    if id.len() <= MAX_ID_BYTES {
+        return Ok(id);
+    }
+    Err(Error::InvalidArgument(format!(
+        "the {kind} id {id:?} would be {} bytes, and CSI ids are at most {MAX_ID_BYTES}: use shorter namespace, dot \
+         or subdot names (the node name counts too)",
+        id.len()
+    )))
+}
 
 /// Checks a Kubernetes node name: a DNS subdomain (lower-case alphanumerics, `-` and `.`, starting and ending
 /// alphanumeric, at most [`MAX_NODE_BYTES`]).
@@ -132,6 +148,16 @@ impl VolumeId {
         format!("{}/{}", self.namespace, self.dot)
     }
 
+    /// The id, checked against [`MAX_ID_BYTES`].
+    pub fn csi_id(&self) -> Result<String> {
+        fits("volume", self.to_string())
+    }
+
+    /// Checks that the ids of this volume's snapshots fit [`MAX_ID_BYTES`] (each adds `@` and a commit id).
+    pub fn check_snapshot_ids_fit(&self) -> Result<()> {
+        fits("snapshot", format!("{self}@{}", "0".repeat(COMMIT_ID_DIGITS))).map(drop)
+    }
+
     /// The NBD export of this volume's head: `ns/dot`, or `ns/dot.subdot` for a named subdot.
     pub fn export_name(&self) -> String {
         if self.subdot == DEFAULT_SUBDOT {
@@ -161,6 +187,11 @@ impl SnapshotId {
     pub fn new(volume: VolumeId, commit: &str) -> Result<Self> {
         validate_commit(commit)?;
         Ok(Self { volume, commit: commit.to_ascii_lowercase() })
+    }
+
+    /// The id, checked against [`MAX_ID_BYTES`].
+    pub fn csi_id(&self) -> Result<String> {
+        fits("snapshot", self.to_string())
     }
 
     /// Parses `NODE:ns/dot/subdot@COMMIT` or `ns/dot/subdot@COMMIT`.
@@ -224,6 +255,11 @@ impl GroupSnapshotId {
         format!("{}/{}", self.namespace, self.dot)
     }
 
+    /// The id, checked against [`MAX_ID_BYTES`].
+    pub fn csi_id(&self) -> Result<String> {
+        fits("group snapshot", self.to_string())
+    }
+
     /// The snapshot of one subdot in this group.
     pub fn member(&self, subdot: &str) -> Result<SnapshotId> {
         SnapshotId::new(VolumeId::new(&self.namespace, &self.dot, subdot)?.on(self.node.clone()), &self.commit)
@@ -259,6 +295,32 @@ mod tests {
             assert!(matches!(SnapshotId::parse(bad), Err(Error::InvalidArgument(_))), "{bad}");
         }
         assert!(GroupSnapshotId::parse("admin@0123456789abcdef0123456789abcdef").is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn ids_longer_than_the_csi_limit_are_refused() -> Result<()> {
+        let c = "0123456789abcdef0123456789abcdef";
+        let part = |n: usize| "x".repeat(n);
+        // 61 + 1 + 64 + 1 + 1 = 128 bytes: fits; one more byte does not
+        let v = VolumeId::new(&part(61), &part(64), "a")?;
+        assert_eq!(v.csi_id()?.len(), MAX_ID_BYTES);
+        let long = VolumeId::new(&part(62), &part(64), "a")?;
+        match long.csi_id() {
+            Err(e) => assert!(e.to_string().contains("129 bytes") && e.to_string().contains("at most 128"), "{e}"),
+            Ok(id) => panic!("{id} accepted"),
+        }
+        // the node counts too
+        assert!(VolumeId::new("a", "b", "c")?.on(Some(part(126))).csi_id().is_err());
+        // a snapshot adds `@` and 32 digits: a volume of 95 bytes is the longest whose snapshots fit
+        let v95 = VolumeId::new(&part(30), &part(62), "a")?;
+        assert_eq!(v95.to_string().len(), 95);
+        v95.check_snapshot_ids_fit()?;
+        SnapshotId::new(v95.clone(), c)?.csi_id()?;
+        let v96 = VolumeId::new(&part(31), &part(62), "a")?;
+        assert!(v96.check_snapshot_ids_fit().is_err() && SnapshotId::new(v96, c)?.csi_id().is_err());
+        assert!(GroupSnapshotId::new(&part(64), &part(64), c)?.csi_id().is_err());
+        assert_eq!(GroupSnapshotId::new(&part(30), &part(64), c)?.csi_id()?.len(), 30 + 1 + 64 + 1 + 32);
         Ok(())
     }
 

@@ -184,3 +184,49 @@ async fn pvc_annotations_place_volumes_and_share_dots() {
     d.controller.delete_volume(del("admin/db/data")).await.unwrap();
     assert!(d.daemon.client().dot("admin/db").unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_longer_than_the_csi_limit_are_refused_before_anything_is_made() {
+    use blockmesh_csi::ids::{COMMIT_ID_DIGITS, MAX_ID_BYTES};
+    let mut d = Driver::start().await;
+    let c = &mut d.controller;
+    let params = |ns: &str, dot: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("csi.storage.k8s.io/pvc/name", dot.to_string()),
+            ("csi.storage.k8s.io/pvc/namespace", "apps".to_string()),
+            ("blockmeshNamespace", ns.to_string()),
+        ]
+    };
+    let req = |name: &str, p: &[(&'static str, String)]| {
+        let p: Vec<(&str, &str)> = p.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        create_req(name, 4 * MIB, &p)
+    };
+    // namespace and dot of 64 bytes each (each allowed): an id of more than 128 bytes
+    let (ns, dot) = ("n".repeat(64), "d".repeat(64));
+    let e = c.create_volume(req("pvc-long", &params(&ns, &dot))).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("at most 128"), "{}", e.message());
+    assert!(d.daemon.client().dot(&format!("{ns}/{dot}")).unwrap().is_none(), "nothing was made");
+
+    // an id of exactly 128 bytes is made; its snapshots' ids would not fit: refused, no commit made
+    // (namespace and dot share what the node, separators and subdot leave; a dot takes at most 64)
+    let free = MAX_ID_BYTES - vid("//__default__").len();
+    let (ns, dot) = ("m".repeat(free - 64), "e".repeat(64));
+    let v = c.create_volume(req("pvc-edge", &params(&ns, &dot))).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!(v.volume_id.len(), MAX_ID_BYTES);
+    let snap = |source: &str| pb::CreateSnapshotRequest {
+        source_volume_id: source.into(),
+        name: "snap-edge".into(),
+        ..Default::default()
+    };
+    let e = c.create_snapshot(snap(&v.volume_id)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let listed = c.list_snapshots(pb::ListSnapshotsRequest::default()).await.unwrap().into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+
+    // the longest volume whose snapshots fit: both made
+    let (ns, dot) = ("o".repeat(free - 1 - COMMIT_ID_DIGITS - 64), "f".repeat(64));
+    let v = c.create_volume(req("pvc-snap", &params(&ns, &dot))).await.unwrap().into_inner().volume.unwrap();
+    let s = c.create_snapshot(snap(&v.volume_id)).await.unwrap().into_inner().snapshot.unwrap();
+    assert_eq!(s.snapshot_id.len(), MAX_ID_BYTES);
+}
