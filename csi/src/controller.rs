@@ -279,6 +279,31 @@ fn topology_nodes(topologies: &[pb::Topology]) -> Vec<String> {
 
 /// Where `CreateVolume` makes `target` (module docs): the node (`None`: the default daemon, node unknown) and its
 /// daemon.
+/// Daemons asked at once whether they hold a dot (CreateVolume's placement): bounds the threads of one lookup.
+pub const MAX_PARALLEL_DOT_LOOKUPS: usize = 32;
+
+/// The node whose daemon holds dot `dot` (the first in the registry's order), asking up to
+/// [`MAX_PARALLEL_DOT_LOOKUPS`] daemons at once: one that does not answer costs its timeout once, not once per daemon
+/// before it. A daemon that cannot answer is logged and passed over.
+fn node_with_dot(ds: &Daemons, dot: &str) -> Option<Option<String>> {
+    let all = ds.all();
+    for chunk in all.chunks(MAX_PARALLEL_DOT_LOOKUPS) {
+        let answers: Vec<_> = std::thread::scope(|s| {
+            let asks: Vec<_> = chunk.iter().map(|(_, d)| s.spawn(move || d.dot(dot))).collect();
+            asks.into_iter().map(|a| a.join()).collect()
+        });
+        for ((node, _), answer) in chunk.iter().zip(answers) {
+            match answer {
+                Ok(Ok(Some(_))) => return Some(node.clone()),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => tracing::warn!(?node, error = %e, dot, "cannot tell whether the dot is on this daemon"),
+                Err(_) => tracing::warn!(?node, dot, "the lookup of the dot on this daemon panicked"),
+            }
+        }
+    }
+    None
+}
+
 fn place(
     ds: &Daemons,
     target: &VolumeId,
@@ -320,15 +345,8 @@ fn place(
         None => {}
     }
     let dot = target.dot_name();
-    for (node, d) in ds.all() {
-        match d.dot(&dot) {
-            Ok(Some(_)) => {
-                let node = node.or_else(default_node);
-                return must(node, &format!("dot {dot} is there"));
-            }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(?node, error = %e, dot, "cannot tell whether the dot is on this daemon"),
-        }
+    if let Some(node) = node_with_dot(ds, &dot) {
+        return must(node.or_else(default_node), &format!("dot {dot} is there"));
     }
     for n in preferred.iter().chain(&requisite) {
         if let Ok(d) = ds.get(Some(n)) {
