@@ -23,8 +23,8 @@ pub(crate) const BLOCK: usize = BLOCK_SIZE as usize;
 pub const FORMAT_VERSION: u32 = 6;
 /// The oldest pool format this build opens. A version 2 to 4 pool is a version 5 pool without `Moved` records or
 /// dot properties (its checkpoint payload is version 1, which still decodes), whose log was written without reusing
-/// vbns (replayed so); opening one rewrites its superblock as version 5 at the recovery checkpoint, after which older
-/// builds refuse it.
+/// vbns (replayed so); a version 5 pool is a version 6 pool with no op after a pending checkpoint's record. Opening
+/// one rewrites its superblock as [`FORMAT_VERSION`] at the recovery checkpoint, after which older builds refuse it.
 pub const MIN_FORMAT_VERSION: u32 = 2;
 /// Device offsets of the two superblocks.
 pub(crate) const SUPERBLOCK_OFFSETS: [u64; 2] = [0, BLOCK_SIZE];
