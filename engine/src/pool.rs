@@ -475,6 +475,16 @@ impl Pool {
         state.next_volume_id = cp.next_volume_id;
         state.checkpoint_segment = state.segs.segment_of(sb.checkpoint_pba).unwrap_or(0);
         for v in cp.volumes {
+            // every block of a volume lies inside its tree; a record saying otherwise is damaged
+            let root = Root { vbn: v.root_vbn, height: v.height };
+            if blocks_for(v.size_bytes) > root.capacity_blocks() {
+                return Err(Error::corrupt(
+                    "checkpoint payload",
+                    sb.checkpoint_pba * BLOCK_SIZE,
+                    format!("a tree of height {} mapping volume {}'s {} bytes", v.height, v.id, v.size_bytes),
+                    format!("{} blocks mapped", root.capacity_blocks()),
+                ));
+            }
             state.names.insert(v.name.clone(), v.id);
             state.volumes.insert(
                 v.id,
@@ -1231,6 +1241,16 @@ impl State {
                 0,
                 format!("blocks inside volume {volume} of {} bytes", v.size_bytes),
                 format!("blocks [{block}, {end})"),
+            ));
+        }
+        // A volume's tree maps every block of it (its height grows with it); a checkpoint or op that says otherwise
+        // (found by fuzzing pool_open: a volume of 2^39 blocks over a tree of 2^27) is damaged.
+        if end > v.root.capacity_blocks() {
+            return Err(Error::corrupt(
+                "log",
+                0,
+                format!("a tree of volume {volume} that maps its {} bytes", v.size_bytes),
+                format!("a tree of height {} mapping {} blocks", v.root.height, v.root.capacity_blocks()),
             ));
         }
         Ok(v.root)
