@@ -30,7 +30,7 @@ fn the_readme_tour() {
 
     // branch, write on the branch, commit
     d.ok(&["branch", "mydb", "feature"]);
-    d.ok(&["checkout", "mydb", "feature"]);
+    d.ok_after_clients(&["checkout", "mydb", "feature"]);
     qemu_ok(&head, &["write -P 0x22 0 64k", "flush"]);
     let c2: Commit = d.json(&["commit", "mydb", "-m", "on feature", "--meta", "ticket=42"]);
     assert_eq!(c2.parents, vec![c1.id.clone()]);
@@ -52,7 +52,7 @@ fn the_readme_tour() {
 
     // the head follows checkouts; log lists newest first
     qemu_ok(&head, &["read -P 0x22 0 64k", "read -P 0x11 64k 960k"]);
-    d.ok(&["checkout", "mydb", "master"]);
+    d.ok_after_clients(&["checkout", "mydb", "master"]);
     qemu_ok(&head, &["read -P 0x11 0 1M"]);
     let log: Vec<Commit> = d.json(&["log", "mydb", "--branch", "feature"]);
     assert_eq!(log.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), vec![c2.id.as_str(), c1.id.as_str()]);
@@ -62,7 +62,7 @@ fn the_readme_tour() {
     // clone a commit into a new dot; reset a branch
     d.ok(&["clone", &format!("mydb@{}", c2.id), "copy"]);
     qemu_ok(&format!("nbd://{}/admin/copy", d.nbd), &["read -P 0x22 0 64k"]);
-    d.ok(&["checkout", "mydb", "feature"]);
+    d.ok_after_clients(&["checkout", "mydb", "feature"]);
     qemu_ok(&head, &["write -P 0x44 0 4k"]);
     d.ok(&["reset", "mydb", "--hard", "master"]);
     qemu_ok(&head, &["read -P 0x11 0 1M"]);

@@ -1244,7 +1244,7 @@ impl State {
             ));
         }
         // A volume's tree maps every block of it (its height grows with it); a checkpoint or op that says otherwise
-        // (found by fuzzing pool_open: a volume of 2^39 blocks over a tree of 2^27) is damaged.
+        // (found by fuzzing pool_open: a replayed write to block 549,755,813,904 of such a volume) is damaged.
         if end > v.root.capacity_blocks() {
             return Err(Error::corrupt(
                 "log",

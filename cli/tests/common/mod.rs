@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// How long [`Daemon::ok_after_clients`] waits for the daemon to see exited NBD clients go.
+pub const CLIENT_GONE_WAIT: Duration = Duration::from_secs(5);
+
 /// True when `tool` is on the PATH. Under `CI=true` a missing tool fails the test instead of skipping it.
 pub fn have(tool: &str) -> bool {
     let found = Command::new("sh")
@@ -97,6 +100,22 @@ impl Daemon {
         let (code, out, err) = self.cli(args);
         assert_eq!(code, 0, "blockmesh {args:?} failed: {err}{out}");
         out
+    }
+
+    /// Runs a client subcommand that must succeed once the NBD clients that just exited are gone: the daemon sees
+    /// a client's connection close a moment after the client process exits, and refuses (409, "in use") meanwhile.
+    /// Retries that refusal only, for at most [`CLIENT_GONE_WAIT`].
+    pub fn ok_after_clients(&self, args: &[&str]) -> String {
+        let started = std::time::Instant::now();
+        loop {
+            let (code, out, err) = self.cli(args);
+            if code == 0 {
+                return out;
+            }
+            let in_use = err.contains("connected NBD client");
+            assert!(in_use && started.elapsed() < CLIENT_GONE_WAIT, "blockmesh {args:?} failed: {err}{out}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     pub fn json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
