@@ -900,9 +900,8 @@ pub(crate) fn maybe_checkpoint_unlocked(inner: &Inner, mut st: parking_lot::Mute
         // Due again while the last one syncs (early checkpoints come every quarter interval, and both syncs take a
         // while under a write load): its writer starts the next one soon after; only past a hard bound does this
         // writer complete it and take one under the lock.
-        let dirty = st.index.dirty_node_count() as u64 + st.index.bt.dirty_page_count() as u64;
         if st.log.blocks_since_checkpoint < MAX_INTERVALS_WHILE_PENDING * st.checkpoint_interval_blocks
-            && dirty < st.max_dirty_metadata_blocks
+            && st.dirty_metadata_blocks() < st.max_dirty_metadata_blocks
         {
             return Ok(());
         }
@@ -1382,8 +1381,7 @@ impl State {
     /// pages at most and a record header for each, the checkpoint record (a little more than the last one), and a
     /// segment for records that do not fit the rest of the open one [I14].
     pub(crate) fn checkpoint_need_blocks(&self) -> u64 {
-        let dirty = (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64;
-        3 * dirty
+        3 * self.dirty_metadata_blocks()
             + u64::from(self.sb.checkpoint_payload_blocks)
             + CHECKPOINT_RECORD_SLACK_BLOCKS
             + self.segs.blocks_per_segment
@@ -1419,8 +1417,10 @@ impl State {
         // A checkpoint frees the segments emptied since the last one, lets the cleaner move blocks out of every
         // segment written before it, and clears the dirty metadata whose own checkpoint the copies must leave room
         // for.
-        let dirty = self.index.dirty_node_count() + self.index.bt.dirty_page_count();
-        if dirty > 0 || self.log.blocks_since_checkpoint > 0 || self.segs.reclaimable_count(&self.pinned()) > 0 {
+        if self.dirty_metadata_blocks() > 0
+            || self.log.blocks_since_checkpoint > 0
+            || self.segs.reclaimable_count(&self.pinned()) > 0
+        {
             self.checkpoint(dev, gate)?;
             if enough(self) {
                 return Ok(());
@@ -1452,9 +1452,14 @@ impl State {
         pinned
     }
 
+    /// Tree nodes and block-table pages the next checkpoint writes.
+    pub(crate) fn dirty_metadata_blocks(&self) -> u64 {
+        (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64
+    }
+
     /// Whether the log since the last checkpoint, or the dirty metadata, has grown past its bound.
     fn checkpoint_due(&self) -> bool {
-        let dirty = self.index.dirty_node_count() as u64 + self.index.bt.dirty_page_count() as u64;
+        let dirty = self.dirty_metadata_blocks();
         let early = self.checkpoint_interval_blocks / EARLY_CHECKPOINT_SHARE;
         self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
             || dirty >= self.max_dirty_metadata_blocks

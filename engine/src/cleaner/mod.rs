@@ -252,7 +252,7 @@ impl State {
     fn plan(&mut self, candidates: Vec<u64>, want_blocks: u64, copy: impl Fn(&State, u64) -> bool) -> Option<Plan> {
         let free = self.log.free_blocks(&self.segs);
         let per_record = self.per_record_blocks();
-        let already_dirty = (self.index.dirty_node_count() + self.index.bt.dirty_page_count()) as u64;
+        let already_dirty = self.dirty_metadata_blocks();
         let slack = CLEAN_SLACK_SEGMENTS * self.segs.blocks_per_segment;
         let mut new_pages: HashSet<u64> = HashSet::new();
         let mut victims = Vec::new();
