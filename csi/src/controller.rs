@@ -21,7 +21,9 @@
 //! the node whose daemon has the dot already (Dotmesh: a PVC naming an existing dot uses its data); with a content
 //! source, on the source's node (an O(1) clone needs the same pool); else on the first preferred, then requisite,
 //! topology node that has a daemon; else on the default daemon. `RESOURCE_EXHAUSTED` when the requisite topology
-//! excludes the only node it can go to.
+//! excludes the only node it can go to. A dot not found while some servers cannot be asked (not answering, or
+//! their pods not ready): a PVC naming its dot by annotation waits (`UNAVAILABLE`) rather than get a second, empty
+//! dot of that name; one whose dot is its own name goes ahead ([`check_unasked`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -282,31 +284,68 @@ fn topology_nodes(topologies: &[pb::Topology]) -> Vec<String> {
 /// Daemons asked at once whether they hold a dot (CreateVolume's placement): bounds the threads of one lookup.
 pub const MAX_PARALLEL_DOT_LOOKUPS: usize = 32;
 
-/// The node whose daemon holds dot `dot` (the first in the registry's order), asking up to
-/// [`MAX_PARALLEL_DOT_LOOKUPS`] daemons at once: one that does not answer costs its timeout once, not once per daemon
-/// before it. A daemon that cannot answer is logged and passed over.
-fn node_with_dot(ds: &Daemons, dot: &str) -> Option<Option<String>> {
+/// What asking the daemons about a dot found.
+#[derive(Debug, Default)]
+struct DotLookup {
+    /// The node whose daemon holds it (`Some(None)`: the default daemon of no node).
+    found: Option<Option<String>>,
+    /// The daemons that could not be asked: node (`-` for the default daemon of no node) and why.
+    unanswered: Vec<(String, String)>,
+}
+
+/// Asks the daemons whether they hold dot `dot` (the first in the registry's order wins), up to
+/// [`MAX_PARALLEL_DOT_LOOKUPS`] at once: one that does not answer costs its timeout once, not once per daemon before
+/// it. A daemon that cannot answer is logged and listed in [`DotLookup::unanswered`].
+fn node_with_dot(ds: &Daemons, dot: &str) -> DotLookup {
     let all = ds.all();
+    let mut out = DotLookup::default();
     for chunk in all.chunks(MAX_PARALLEL_DOT_LOOKUPS) {
         let answers: Vec<_> = std::thread::scope(|s| {
             let asks: Vec<_> = chunk.iter().map(|(_, d)| s.spawn(move || d.dot(dot))).collect();
             asks.into_iter().map(|a| a.join()).collect()
         });
         for ((node, _), answer) in chunk.iter().zip(answers) {
-            match answer {
-                Ok(Ok(Some(_))) => return Some(node.clone()),
-                Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::warn!(?node, error = %e, dot, "cannot tell whether the dot is on this daemon"),
-                Err(_) => tracing::warn!(?node, dot, "the lookup of the dot on this daemon panicked"),
-            }
+            let why = match answer {
+                Ok(Ok(Some(_))) => {
+                    out.found = Some(node.clone());
+                    return out;
+                }
+                Ok(Ok(None)) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the lookup panicked".to_string(),
+            };
+            tracing::warn!(?node, error = %why, dot, "cannot tell whether the dot is on this daemon");
+            out.unanswered.push((node.clone().unwrap_or_else(|| "-".into()), why));
         }
     }
-    None
+    out
+}
+
+/// CreateVolume's answer when dot `dot` was not found and some servers could not be asked (`unanswered`, `down`):
+/// a PVC that names its dot ([`pvc::names_dot`]) means one that most likely exists, so it waits (UNAVAILABLE:
+/// the provisioner retries) rather than get a second, empty dot of that name; a PVC whose dot is its own name goes
+/// ahead (else one node down would stop every new volume), with a warning.
+fn check_unasked(dot: &str, named: bool, unanswered: &[(String, String)], down: &BTreeSet<String>) -> Result<()> {
+    if unanswered.is_empty() && down.is_empty() {
+        return Ok(());
+    }
+    let mut nodes: Vec<String> = unanswered.iter().map(|(n, why)| format!("{n} ({why})")).collect();
+    nodes.extend(down.iter().map(|n| format!("{n} (its server pod is not ready)")));
+    if named {
+        return Err(Error::Unavailable(format!(
+            "dot {dot} is not on the servers that answered, and the servers of node(s) {} could not be asked: a \
+             PVC naming a dot waits until every server can tell, rather than make a second, empty dot {dot}",
+            nodes.join(", ")
+        )));
+    }
+    tracing::warn!(dot, nodes = %nodes.join(", "), "dot made without asking every server (the PVC names no dot)");
+    Ok(())
 }
 
 fn place(
     ds: &Daemons,
     target: &VolumeId,
+    named: bool,
     source: Option<&pb::volume_content_source::Type>,
     topology: Option<&pb::TopologyRequirement>,
 ) -> Result<(Option<String>, Arc<DaemonClient>)> {
@@ -345,9 +384,11 @@ fn place(
         None => {}
     }
     let dot = target.dot_name();
-    if let Some(node) = node_with_dot(ds, &dot) {
+    let lookup = node_with_dot(ds, &dot);
+    if let Some(node) = lookup.found {
         return must(node.or_else(default_node), &format!("dot {dot} is there"));
     }
+    check_unasked(&dot, named, &lookup.unanswered, &ds.down())?;
     for n in preferred.iter().chain(&requisite) {
         if let Ok(d) = ds.get(Some(n)) {
             return Ok((Some(n.clone()), d));
@@ -642,7 +683,8 @@ impl pb::controller_server::Controller for ControllerService {
                 if !mutable.is_empty() {
                     qos = Some(pvc::modify_qos(&qos.unwrap_or_default(), &mutable)?);
                 }
-                let (node, d) = place(ds, &target, source.as_ref(), topology.as_ref())?;
+                let named = pvc::names_dot(&annotations);
+                let (node, d) = place(ds, &target, named, source.as_ref(), topology.as_ref())?;
                 let target = target.on(node);
                 let (id, size) = Self::create(&d, &target, size, range.as_ref(), source.as_ref())?;
                 // Limits asked for apply to the volume made (or found again: a retried call sets the same ones).
@@ -1147,6 +1189,25 @@ impl pb::group_controller_server::GroupController for ControllerService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_named_dot_waits_for_servers_that_cannot_be_asked() {
+        let none = BTreeSet::new();
+        assert!(check_unasked("admin/db", true, &[], &none).is_ok(), "every server answered");
+        let down = BTreeSet::from(["node-c".to_string()]);
+        let unanswered = [("node-b".to_string(), "connection refused".to_string())];
+        for (u, d) in [(&unanswered[..], &none), (&[][..], &down), (&unanswered[..], &down)] {
+            match check_unasked("admin/db", true, u, d) {
+                Err(Error::Unavailable(m)) => {
+                    assert!(m.contains("admin/db"), "{m}");
+                    assert!(u.is_empty() || m.contains("node-b (connection refused)"), "{m}");
+                    assert!(d.is_empty() || m.contains("node-c (its server pod is not ready)"), "{m}");
+                }
+                other => panic!("expected UNAVAILABLE, got {other:?}"),
+            }
+            assert!(check_unasked("admin/db", false, u, d).is_ok(), "a PVC of its own name goes ahead");
+        }
+    }
 
     #[test]
     fn a_failed_pool_makes_its_volumes_abnormal() {

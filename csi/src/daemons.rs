@@ -14,7 +14,7 @@
 //! server); a `--server-for` wins over both. Ids without a node ([`crate::ids`]) mean the default daemon: node
 //! `--server-node`'s when one is given, else `--server` itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,11 +45,22 @@ pub fn server_url(template: &str, ip: &str) -> String {
     template.replace("{ip}", &host)
 }
 
+/// What one listing of the server pods says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Servers {
+    /// node -> API URL of the servers that serve now.
+    pub serving: BTreeMap<String, String>,
+    /// Nodes that have a server pod, none of which serves now (not Running, not Ready, no IP yet, being deleted):
+    /// a node that is down or whose server restarts. Its pool's dots cannot be asked about.
+    pub down: BTreeSet<String>,
+}
+
 /// The servers a pod list (`GET .../pods` JSON) names: node -> API URL, from the pods that are Running, Ready
 /// (condition `Ready` = `True`), not being deleted, with a `status.podIP` and a node ([`NODE_ANNOTATION`], else
 /// `spec.nodeName`) that is a valid node name. Of two such pods for one node, the newest (`creationTimestamp`,
-/// then name) wins. At most [`MAX_SERVERS`] nodes.
-pub fn parse_server_pods(body: &[u8], template: &str) -> Result<BTreeMap<String, String>> {
+/// then name) wins. The nodes of the other pods, where no pod serves, are [`Servers::down`]. At most
+/// [`MAX_SERVERS`] nodes of each.
+pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
     let list: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Error::Kubernetes(format!("the list of server pods is not JSON: {e}")))?;
     let items = list
@@ -59,21 +70,9 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<BTreeMap<String,
     let s = |v: &serde_json::Value, p: &str| v.pointer(p).and_then(serde_json::Value::as_str).map(str::to_string);
     // node -> (creationTimestamp, name, url)
     let mut best: BTreeMap<String, (String, String, String)> = BTreeMap::new();
+    let mut down = BTreeSet::new();
     for pod in items {
         let name = s(pod, "/metadata/name").unwrap_or_default();
-        if pod.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null()) {
-            continue;
-        }
-        if s(pod, "/status/phase").as_deref() != Some("Running") {
-            continue;
-        }
-        let ready = pod.pointer("/status/conditions").and_then(serde_json::Value::as_array).is_some_and(|cs| {
-            cs.iter().any(|c| s(c, "/type").as_deref() == Some("Ready") && s(c, "/status").as_deref() == Some("True"))
-        });
-        let Some(ip) = s(pod, "/status/podIP").filter(|ip| !ip.is_empty()) else { continue };
-        if !ready {
-            continue;
-        }
         let annotated = pod
             .pointer("/metadata/annotations")
             .and_then(|a| a.get(NODE_ANNOTATION))
@@ -85,6 +84,18 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<BTreeMap<String,
             tracing::warn!(pod = name, error = %e, "server pod skipped");
             continue;
         }
+        let deleting = pod.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null());
+        let running = s(pod, "/status/phase").as_deref() == Some("Running");
+        let ready = pod.pointer("/status/conditions").and_then(serde_json::Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| s(c, "/type").as_deref() == Some("Ready") && s(c, "/status").as_deref() == Some("True"))
+        });
+        let ip = s(pod, "/status/podIP").filter(|ip| !ip.is_empty());
+        let Some(ip) = ip.filter(|_| running && ready && !deleting) else {
+            if down.len() < MAX_SERVERS {
+                down.insert(node);
+            }
+            continue;
+        };
         let created = s(pod, "/metadata/creationTimestamp").unwrap_or_default();
         let candidate = (created, name, server_url(template, &ip));
         match best.get(&node) {
@@ -100,12 +111,13 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<BTreeMap<String,
             }
         }
     }
-    Ok(best.into_iter().map(|(node, (_, _, url))| (node, url)).collect())
+    down.retain(|n| !best.contains_key(n));
+    Ok(Servers { serving: best.into_iter().map(|(node, (_, _, url))| (node, url)).collect(), down })
 }
 
-/// Lists the servers that serve now: node -> API URL (blocking).
+/// Lists the server pods (blocking): those that serve now and the nodes whose server does not.
 pub trait ServerPods: Send + Sync + std::fmt::Debug {
-    fn servers(&self) -> Result<BTreeMap<String, String>>;
+    fn servers(&self) -> Result<Servers>;
 }
 
 /// The server pods read from the Kubernetes API: one `GET` of the pods labelled [`SERVER_POD_SELECTOR`] in one
@@ -139,7 +151,7 @@ fn query_escape(s: &str) -> String {
 }
 
 impl ServerPods for KubeServerPods {
-    fn servers(&self) -> Result<BTreeMap<String, String>> {
+    fn servers(&self) -> Result<Servers> {
         let path = format!(
             "/api/v1/namespaces/{}/pods?labelSelector={}&limit={}",
             self.namespace,
@@ -156,6 +168,8 @@ impl ServerPods for KubeServerPods {
 struct Cache {
     at: Option<Instant>,
     nodes: BTreeMap<String, Arc<DaemonClient>>,
+    /// Nodes with a server pod that does not serve ([`Servers::down`]).
+    down: BTreeSet<String>,
     /// Why the last listing failed (the older map is used meanwhile).
     error: Option<String>,
 }
@@ -171,7 +185,7 @@ struct Discovery {
 impl Discovery {
     /// The discovered servers: cached for [`DISCOVERY_TTL`]; `force`: listed again unless they were within
     /// [`MIN_REFRESH_INTERVAL`]. A failed listing keeps the older map (logged; its error is kept for messages).
-    fn current(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, Option<String>) {
+    fn current(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, BTreeSet<String>, Option<String>) {
         let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let age = cache.at.map(|at| at.elapsed());
         let keep = match age {
@@ -181,9 +195,9 @@ impl Discovery {
         };
         if !keep {
             match self.pods.servers() {
-                Ok(urls) => {
+                Ok(Servers { serving, down }) => {
                     let mut nodes = BTreeMap::new();
-                    for (node, url) in urls {
+                    for (node, url) in serving {
                         let same = cache.nodes.get(&node).filter(|c| c.url() == url.trim_end_matches('/')).cloned();
                         let client = match same {
                             Some(c) => c,
@@ -200,7 +214,11 @@ impl Discovery {
                     if nodes.keys().ne(cache.nodes.keys()) {
                         tracing::info!(nodes = ?nodes.keys().collect::<Vec<_>>(), "blockmesh servers discovered");
                     }
+                    if down != cache.down && !down.is_empty() {
+                        tracing::warn!(nodes = ?down, "blockmesh servers not serving (their nodes down?)");
+                    }
                     cache.nodes = nodes;
+                    cache.down = down;
                     cache.error = None;
                 }
                 Err(e) => {
@@ -210,7 +228,7 @@ impl Discovery {
             }
             cache.at = Some(Instant::now());
         }
-        (cache.nodes.clone(), cache.error.clone())
+        (cache.nodes.clone(), cache.down.clone(), cache.error.clone())
     }
 }
 
@@ -267,7 +285,7 @@ impl Daemons {
         }
         let mut error = None;
         if let Some(d) = &self.discovery {
-            let (found, e) = d.current(force);
+            let (found, _, e) = d.current(force);
             map.extend(found);
             error = e;
         }
@@ -291,6 +309,16 @@ impl Daemons {
                 "no blockmesh server is known on node {node} now (its server pod is not running or not ready?){why}"
             ))
         })
+    }
+
+    /// The nodes discovery saw a server pod on that does not serve now (and no daemon is named for otherwise):
+    /// nodes that are down, or whose server restarts. Empty without discovery.
+    pub fn down(&self) -> BTreeSet<String> {
+        let Some(d) = &self.discovery else { return BTreeSet::new() };
+        let (_, mut down, _) = d.current(false);
+        let (named, _) = self.nodes(false);
+        down.retain(|n| !named.contains_key(n));
+        down
     }
 
     /// Every daemon, by node in order: the named ones; the default daemon alone (node `None`) when none is named.
@@ -332,6 +360,10 @@ mod tests {
     }
 
     fn parse(items: Vec<serde_json::Value>) -> Result<BTreeMap<String, String>> {
+        Ok(parse_all(items)?.serving)
+    }
+
+    fn parse_all(items: Vec<serde_json::Value>) -> Result<Servers> {
         let body = serde_json::to_vec(&json!({"kind": "PodList", "items": items}))
             .map_err(|e| Error::Internal(e.to_string()))?;
         parse_server_pods(&body, DEFAULT_URL_TEMPLATE)
@@ -348,6 +380,26 @@ mod tests {
             pod("s-e", t, "Bad_Node", Some("10.0.0.5"), "Running", "True"),
         ])?;
         assert_eq!(got, BTreeMap::from([("node-a".to_string(), "http://10.0.0.1:32607".to_string())]));
+        Ok(())
+    }
+
+    #[test]
+    fn nodes_whose_server_pods_do_not_serve_are_down() -> Result<()> {
+        let t = "2026-01-01T00:00:00Z";
+        let mut deleting = pod("s-f", t, "node-f", Some("10.0.0.6"), "Running", "True");
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-04-02T00:00:00Z");
+        let got = parse_all(vec![
+            pod("s-a", t, "node-a", Some("10.0.0.1"), "Running", "True"),
+            pod("s-b", t, "node-b", Some("10.0.0.2"), "Running", "False"),
+            pod("s-c", t, "node-c", None, "Running", "True"),
+            pod("s-d", t, "node-d", Some("10.0.0.4"), "Unknown", "False"),
+            pod("s-e", t, "Bad_Node", Some("10.0.0.5"), "Running", "True"),
+            deleting,
+            // a node whose old pod is going while its new one serves: not down
+            pod("s-a-old", t, "node-a", Some("10.0.0.7"), "Running", "False"),
+        ])?;
+        assert_eq!(got.serving.keys().collect::<Vec<_>>(), ["node-a"]);
+        assert_eq!(got.down.iter().collect::<Vec<_>>(), ["node-b", "node-c", "node-d", "node-f"]);
         Ok(())
     }
 
@@ -409,13 +461,17 @@ mod tests {
     #[derive(Debug, Default)]
     struct FakePods {
         servers: Mutex<BTreeMap<String, String>>,
+        down: Mutex<BTreeSet<String>>,
         calls: Mutex<usize>,
     }
 
     impl ServerPods for Arc<FakePods> {
-        fn servers(&self) -> Result<BTreeMap<String, String>> {
+        fn servers(&self) -> Result<Servers> {
             *self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
-            Ok(self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone())
+            Ok(Servers {
+                serving: self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+                down: self.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+            })
         }
     }
 
@@ -444,6 +500,12 @@ mod tests {
         std::thread::sleep(MIN_REFRESH_INTERVAL);
         assert_eq!(d.get(Some("b"))?.url(), "http://10.0.0.2:1");
         assert!(matches!(d.get(Some("zz")), Err(Error::Unavailable(_))));
+        assert!(d.down().is_empty());
+        // nodes whose server does not serve: down, unless a daemon is named for them by hand
+        pods.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(["c".into(), "d".into()]);
+        std::thread::sleep(MIN_REFRESH_INTERVAL);
+        assert!(matches!(d.get(Some("zz")), Err(Error::Unavailable(_))), "listed again");
+        assert_eq!(d.down().into_iter().collect::<Vec<_>>(), ["d"]);
         Ok(())
     }
 }

@@ -214,6 +214,12 @@ pub fn placement(
     VolumeId::new(&namespace, &dot, &subdot)
 }
 
+/// Whether the PVC's annotations name its dot ([`DOT_ANNOTATIONS`]), rather than leave it the PVC's own name: such
+/// a PVC most likely means a dot that exists.
+pub fn names_dot(annotations: &BTreeMap<String, String>) -> bool {
+    DOT_ANNOTATIONS.iter().any(|k| annotations.get(*k).is_some_and(|v| !v.is_empty()))
+}
+
 /// The annotations of the PVC the parameters name (none without one).
 pub fn pvc_annotations(
     source: &Arc<dyn PvcAnnotations>,

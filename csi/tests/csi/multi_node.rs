@@ -149,6 +149,37 @@ async fn a_pvc_naming_an_existing_dot_goes_where_the_dot_is() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pvc_naming_a_dot_waits_while_a_server_cannot_be_asked() {
+    let mut t = TwoNodes::start().await;
+    t.b.client().init("admin/kept", &["__default__"], 4 << 20).unwrap();
+    // B's server goes away (its node down): whether it holds a dot cannot be told now
+    t.b.child.kill().unwrap();
+    t.b.child.wait().unwrap();
+    t.pvcs.set("apps", "claim", &[("blockmesh.io/dot", "kept")]);
+    let params = [("csi.storage.k8s.io/pvc/name", "claim"), ("csi.storage.k8s.io/pvc/namespace", "apps")];
+    let req = create_req("pvc-k", 4 * MIB, &params);
+    let err = t.controller.create_volume(req.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let msg = err.message();
+    assert!(msg.contains("admin/kept") && msg.contains(SECOND_NODE), "names the dot and the node: {msg}");
+    assert!(t.a.client().dot("admin/kept").unwrap().is_none(), "no second, empty dot of that name on A");
+    // the same again (the provisioner retries): still waiting, still nothing made
+    assert_eq!(code(t.controller.create_volume(req).await), Code::Unavailable);
+    assert!(t.a.client().dot("admin/kept").unwrap().is_none());
+    // a PVC whose dot is its own name goes ahead on a server that answers
+    let params = [("csi.storage.k8s.io/pvc/name", "plain"), ("csi.storage.k8s.io/pvc/namespace", "apps")];
+    let req = on_nodes(create_req("pvc-p", 4 * MIB, &params), &[SERVER_NODE], &[]);
+    let v = t.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+    assert_eq!((v.volume_id.as_str(), node_of(&v)), ("node-a:admin/plain/__default__", SERVER_NODE));
+    // a PVC naming a dot that a server which answers holds: found, wherever the others are
+    t.a.client().init("admin/here", &["__default__"], 4 << 20).unwrap();
+    t.pvcs.set("apps", "claim-here", &[("dotmeshName", "here")]);
+    let params = [("csi.storage.k8s.io/pvc/name", "claim-here"), ("csi.storage.k8s.io/pvc/namespace", "apps")];
+    let v = t.controller.create_volume(create_req("pvc-h", 4 * MIB, &params)).await.unwrap().into_inner().volume;
+    assert_eq!(v.unwrap().volume_id, "node-a:admin/here/__default__");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_and_capacity_span_every_node() {
     let mut t = TwoNodes::start().await;
     let c = &mut t.controller;
