@@ -84,13 +84,58 @@ fn an_idle_pool_gets_its_free_segments_back_by_itself() {
     assert!(after.reclaimable_bytes < before.reclaimable_bytes, "dead blocks went: {before:?} -> {after:?}");
     // at its level the cleaner rests: nothing more happens
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(pool.stats().background_clean_steps, after.background_clean_steps, "it stops at the level");
+    let rested = pool.stats();
+    assert_eq!(rested.background_clean_steps, after.background_clean_steps, "it stops at the level");
+    // and leaves no emptied segment waiting for a sync: a burst of writes after the quiet spell may use them all
+    assert_eq!(rested.emptied_segments, 0, "emptied segments left waiting for a sync: {rested:?}");
     same(&pool.volume("v").unwrap(), &model, "after background cleaning");
     for (i, image) in images.into_iter().enumerate() {
         reopen_checked(image, 1, &model, &format!("power cut {i} during background cleaning"));
     }
     pool.close().unwrap();
     reopen_checked(dev, 1, &model, "after close");
+}
+
+/// Waits until the background cleaner rests: the free segments at their level and no step for 300 ms.
+fn rest(pool: &Pool, what: &str) -> blockmesh_engine::PoolStats {
+    let started = Instant::now();
+    loop {
+        let s = pool.stats();
+        std::thread::sleep(Duration::from_millis(300));
+        let t = pool.stats();
+        if s.free_segments >= s.clean_target_free_segments && t.background_clean_steps == s.background_clean_steps {
+            return t;
+        }
+        assert!(started.elapsed() < DEADLINE, "{what}: the cleaner did not rest: {t:?}");
+    }
+}
+
+#[test]
+fn a_small_deficit_after_a_quiet_spell_leaves_nothing_waiting_for_a_sync() {
+    let (dev, pool, mut model) = overwritten_pool(4, true);
+    rest(&pool, "after the overwrites");
+    let v = pool.volume("v").unwrap();
+    let mut rng = SmallRng::seed_from_u64(44);
+    for round in 0..3u64 {
+        // enough to take the free segments two below their level: the cleaner's moving passes then empty two or
+        // so, fewer than it syncs for while writes go on (BACKGROUND_SYNC_MOVED_SEGMENTS)
+        let before = pool.stats();
+        let spare = before.free_segments - before.clean_target_free_segments;
+        let blocks = (spare + 2) * before.segment_size_bytes / BS as u64;
+        for i in 0..blocks {
+            let b = rng.random_range(0..model.len() / BS);
+            let data = pattern(round * 100_003 + i, BS);
+            v.write((b * BS) as u64, &data).unwrap();
+            model[b * BS..(b + 1) * BS].copy_from_slice(&data);
+        }
+        let after = rest(&pool, "after a small burst");
+        assert!(after.moving_passes > before.moving_passes, "round {round}: the cleaner moved blocks: {after:?}");
+        assert_eq!(after.emptied_segments, 0, "round {round}: emptied segments left waiting: {after:?}");
+    }
+    same(&v, &model, "after the bursts");
+    drop(v);
+    pool.close().unwrap();
+    reopen_checked(dev, 4, &model, "after close");
 }
 
 #[test]

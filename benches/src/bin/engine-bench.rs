@@ -602,11 +602,15 @@ fn cleaning(args: &[String]) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(ms));
                 let after = pool.stats();
                 eprintln!(
-                    "idle {ms} ms: free segments {} -> {} (level {}), {} background steps",
+                    "idle {ms} ms: free segments {} -> {} (level {}; of them waiting for a sync {} -> {}), {} background \
+                     steps, {} checkpoints",
                     before.free_segments,
                     after.free_segments,
                     after.clean_target_free_segments,
-                    after.background_clean_steps - before.background_clean_steps
+                    before.emptied_segments,
+                    after.emptied_segments,
+                    after.background_clean_steps - before.background_clean_steps,
+                    after.checkpoints - before.checkpoints
                 );
                 blocks / 16
             }
