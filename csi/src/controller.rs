@@ -289,7 +289,7 @@ pub const MAX_PARALLEL_DOT_LOOKUPS: usize = 32;
 struct DotLookup {
     /// The node whose daemon holds it (`Some(None)`: the default daemon of no node).
     found: Option<Option<String>>,
-    /// The daemons that could not be asked: node (`-` for the default daemon of no node) and why.
+    /// The daemons that could not be asked: which (`node NAME`, or `the default server` of no node) and why.
     unanswered: Vec<(String, String)>,
 }
 
@@ -315,7 +315,8 @@ fn node_with_dot(ds: &Daemons, dot: &str) -> DotLookup {
                 Err(_) => "the lookup panicked".to_string(),
             };
             tracing::warn!(?node, error = %why, dot, "cannot tell whether the dot is on this daemon");
-            out.unanswered.push((node.clone().unwrap_or_else(|| "-".into()), why));
+            let which = node.as_ref().map_or_else(|| "the default server".to_string(), |n| format!("node {n}"));
+            out.unanswered.push((which, why));
         }
     }
     out
@@ -330,11 +331,11 @@ fn check_unasked(dot: &str, named: bool, unanswered: &[(String, String)], down: 
         return Ok(());
     }
     let mut nodes: Vec<String> = unanswered.iter().map(|(n, why)| format!("{n} ({why})")).collect();
-    nodes.extend(down.iter().map(|n| format!("{n} (its server pod is not ready)")));
+    nodes.extend(down.iter().map(|n| format!("node {n} (its server pod is not ready)")));
     if named {
         return Err(Error::Unavailable(format!(
-            "dot {dot} is not on the servers that answered, and the servers of node(s) {} could not be asked: a \
-             PVC naming a dot waits until every server can tell, rather than make a second, empty dot {dot}",
+            "dot {dot} is not on the servers that answered, and these could not be asked: {}; a PVC naming a dot \
+             waits until every server can tell, rather than make a second, empty dot {dot}",
             nodes.join(", ")
         )));
     }
@@ -1195,13 +1196,13 @@ mod tests {
         let none = BTreeSet::new();
         assert!(check_unasked("admin/db", true, &[], &none).is_ok(), "every server answered");
         let down = BTreeSet::from(["node-c".to_string()]);
-        let unanswered = [("node-b".to_string(), "connection refused".to_string())];
+        let unanswered = [("node node-b".to_string(), "connection refused".to_string())];
         for (u, d) in [(&unanswered[..], &none), (&[][..], &down), (&unanswered[..], &down)] {
             match check_unasked("admin/db", true, u, d) {
                 Err(Error::Unavailable(m)) => {
                     assert!(m.contains("admin/db"), "{m}");
                     assert!(u.is_empty() || m.contains("node-b (connection refused)"), "{m}");
-                    assert!(d.is_empty() || m.contains("node-c (its server pod is not ready)"), "{m}");
+                    assert!(d.is_empty() || m.contains("node node-c (its server pod is not ready)"), "{m}");
                 }
                 other => panic!("expected UNAVAILABLE, got {other:?}"),
             }
