@@ -322,16 +322,17 @@ fn node_with_dot(ds: &Daemons, dot: &str) -> DotLookup {
     out
 }
 
-/// CreateVolume's answer when dot `dot` was not found and some servers could not be asked (`unanswered`, `down`):
+/// CreateVolume's answer when dot `dot` was not found and some servers could not be asked (`unanswered`; `unasked`:
+/// [`Daemons::unasked`] described):
 /// a PVC that names its dot ([`pvc::names_dot`]) means one that most likely exists, so it waits (UNAVAILABLE:
 /// the provisioner retries) rather than get a second, empty dot of that name; a PVC whose dot is its own name goes
 /// ahead (else one node down would stop every new volume), with a warning.
-fn check_unasked(dot: &str, named: bool, unanswered: &[(String, String)], down: &BTreeSet<String>) -> Result<()> {
-    if unanswered.is_empty() && down.is_empty() {
+fn check_unasked(dot: &str, named: bool, unanswered: &[(String, String)], unasked: &[String]) -> Result<()> {
+    if unanswered.is_empty() && unasked.is_empty() {
         return Ok(());
     }
     let mut nodes: Vec<String> = unanswered.iter().map(|(n, why)| format!("{n} ({why})")).collect();
-    nodes.extend(down.iter().map(|n| format!("node {n} (its server pod is not ready)")));
+    nodes.extend(unasked.iter().cloned());
     if named {
         return Err(Error::Unavailable(format!(
             "dot {dot} is not on the servers that answered, and these could not be asked: {}; a PVC naming a dot \
@@ -389,7 +390,7 @@ fn place(
     if let Some(node) = lookup.found {
         return must(node.or_else(default_node), &format!("dot {dot} is there"));
     }
-    check_unasked(&dot, named, &lookup.unanswered, &ds.down())?;
+    check_unasked(&dot, named, &lookup.unanswered, &ds.unasked().describe())?;
     for n in preferred.iter().chain(&requisite) {
         if let Ok(d) = ds.get(Some(n)) {
             return Ok((Some(n.clone()), d));
@@ -1193,16 +1194,20 @@ mod tests {
 
     #[test]
     fn a_named_dot_waits_for_servers_that_cannot_be_asked() {
-        let none = BTreeSet::new();
-        assert!(check_unasked("admin/db", true, &[], &none).is_ok(), "every server answered");
-        let down = BTreeSet::from(["node-c".to_string()]);
+        assert!(check_unasked("admin/db", true, &[], &[]).is_ok(), "every server answered");
+        let down = crate::daemons::Unasked {
+            nodes: BTreeSet::from(["node-c".to_string()]),
+            pools: BTreeSet::from(["pool-node-d".to_string()]),
+        }
+        .describe();
         let unanswered = [("node node-b".to_string(), "connection refused".to_string())];
-        for (u, d) in [(&unanswered[..], &none), (&[][..], &down), (&unanswered[..], &down)] {
+        for (u, d) in [(&unanswered[..], &[][..]), (&[][..], &down[..]), (&unanswered[..], &down[..])] {
             match check_unasked("admin/db", true, u, d) {
                 Err(Error::Unavailable(m)) => {
                     assert!(m.contains("admin/db"), "{m}");
-                    assert!(u.is_empty() || m.contains("node-b (connection refused)"), "{m}");
+                    assert!(u.is_empty() || m.contains("node node-b (connection refused)"), "{m}");
                     assert!(d.is_empty() || m.contains("node node-c (its server pod is not ready)"), "{m}");
+                    assert!(d.is_empty() || m.contains("pool PVC pool-node-d (no server serves it now)"), "{m}");
                 }
                 other => panic!("expected UNAVAILABLE, got {other:?}"),
             }

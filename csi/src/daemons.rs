@@ -53,6 +53,37 @@ pub struct Servers {
     /// Nodes that have a server pod, none of which serves now (not Running, not Ready, no IP yet, being deleted):
     /// a node that is down or whose server restarts. Its pool's dots cannot be asked about.
     pub down: BTreeSet<String>,
+    /// The pool PVCs the server pods name ([`PVC_LABEL`], `pvcPerNode` storage), whatever their state.
+    pub pod_pvcs: BTreeSet<String>,
+    /// Pool PVCs (`pvcPerNode` storage) that no server pod names: released by a node that went away and waiting to
+    /// be adopted by another ([`unserved_pools`]). Their dots cannot be asked about either.
+    pub unserved_pools: BTreeSet<String>,
+}
+
+/// The label naming the pool PVC a server pod serves (the operator's, `pvcPerNode` storage).
+pub const PVC_LABEL: &str = "blockmesh.io/pvc";
+/// The labels the operator puts on every pool PVC (`pvcPerNode` storage).
+pub const POOL_PVC_SELECTOR: &str = "app.kubernetes.io/managed-by=blockmesh-operator,app.kubernetes.io/component=pool";
+
+/// The pool PVCs a PVC list (`GET .../persistentvolumeclaims` JSON) names that no server pod names (`pod_pvcs`),
+/// not being deleted; at most [`MAX_SERVERS`].
+pub fn unserved_pools(body: &[u8], pod_pvcs: &BTreeSet<String>) -> Result<BTreeSet<String>> {
+    let list: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| Error::Kubernetes(format!("the list of pool PVCs is not JSON: {e}")))?;
+    let items = list.get("items").and_then(serde_json::Value::as_array).ok_or_else(|| {
+        Error::Kubernetes("the list of pool PVCs has no items: not a PersistentVolumeClaimList".into())
+    })?;
+    let mut out = BTreeSet::new();
+    for pvc in items {
+        if pvc.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null()) {
+            continue;
+        }
+        let Some(name) = pvc.pointer("/metadata/name").and_then(serde_json::Value::as_str) else { continue };
+        if !pod_pvcs.contains(name) && out.len() < MAX_SERVERS {
+            out.insert(name.to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// The servers a pod list (`GET .../pods` JSON) names: node -> API URL, from the pods that are Running, Ready
@@ -71,8 +102,14 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
     // node -> (creationTimestamp, name, url)
     let mut best: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     let mut down = BTreeSet::new();
+    let mut pod_pvcs = BTreeSet::new();
     for pod in items {
         let name = s(pod, "/metadata/name").unwrap_or_default();
+        if let Some(pvc) = pod.pointer("/metadata/labels").and_then(|l| l.get(PVC_LABEL)).and_then(|v| v.as_str()) {
+            if pod_pvcs.len() < MAX_SERVERS {
+                pod_pvcs.insert(pvc.to_string());
+            }
+        }
         let annotated = pod
             .pointer("/metadata/annotations")
             .and_then(|a| a.get(NODE_ANNOTATION))
@@ -112,7 +149,8 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
         }
     }
     down.retain(|n| !best.contains_key(n));
-    Ok(Servers { serving: best.into_iter().map(|(node, (_, _, url))| (node, url)).collect(), down })
+    let serving = best.into_iter().map(|(node, (_, _, url))| (node, url)).collect();
+    Ok(Servers { serving, down, pod_pvcs, unserved_pools: BTreeSet::new() })
 }
 
 /// Lists the server pods (blocking): those that serve now and the nodes whose server does not.
@@ -160,7 +198,20 @@ impl ServerPods for KubeServerPods {
         );
         let what = format!("the blockmesh server pods of namespace {}", self.namespace);
         let body = self.api.get(&path, &what)?.ok_or_else(|| Error::Kubernetes(format!("{what}: not found")))?;
-        parse_server_pods(&body, &self.template)
+        let mut servers = parse_server_pods(&body, &self.template)?;
+        // pool PVCs no pod serves (pvcPerNode): without them (no such PVCs, or no right to list them) none is known
+        let path = format!(
+            "/api/v1/namespaces/{}/persistentvolumeclaims?labelSelector={}&limit={}",
+            self.namespace,
+            query_escape(POOL_PVC_SELECTOR),
+            MAX_SERVERS * 2
+        );
+        let what = format!("the blockmesh pool PVCs of namespace {}", self.namespace);
+        match self.api.get(&path, &what).and_then(|b| b.map(|b| unserved_pools(&b, &servers.pod_pvcs)).transpose()) {
+            Ok(pools) => servers.unserved_pools = pools.unwrap_or_default(),
+            Err(e) => tracing::warn!(error = %e, "pool PVCs not listed: one no server serves is not known"),
+        }
+        Ok(servers)
     }
 }
 
@@ -170,6 +221,8 @@ struct Cache {
     nodes: BTreeMap<String, Arc<DaemonClient>>,
     /// Nodes with a server pod that does not serve ([`Servers::down`]).
     down: BTreeSet<String>,
+    /// Pool PVCs no server pod names ([`Servers::unserved_pools`]).
+    unserved_pools: BTreeSet<String>,
     /// Why the last listing failed (the older map is used meanwhile).
     error: Option<String>,
 }
@@ -185,7 +238,7 @@ struct Discovery {
 impl Discovery {
     /// The discovered servers: cached for [`DISCOVERY_TTL`]; `force`: listed again unless they were within
     /// [`MIN_REFRESH_INTERVAL`]. A failed listing keeps the older map (logged; its error is kept for messages).
-    fn current(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, BTreeSet<String>, Option<String>) {
+    fn current(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, Unasked, Option<String>) {
         let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let age = cache.at.map(|at| at.elapsed());
         let keep = match age {
@@ -195,7 +248,7 @@ impl Discovery {
         };
         if !keep {
             match self.pods.servers() {
-                Ok(Servers { serving, down }) => {
+                Ok(Servers { serving, down, unserved_pools, .. }) => {
                     let mut nodes = BTreeMap::new();
                     for (node, url) in serving {
                         let same = cache.nodes.get(&node).filter(|c| c.url() == url.trim_end_matches('/')).cloned();
@@ -217,8 +270,12 @@ impl Discovery {
                     if down != cache.down && !down.is_empty() {
                         tracing::warn!(nodes = ?down, "blockmesh servers not serving (their nodes down?)");
                     }
+                    if unserved_pools != cache.unserved_pools && !unserved_pools.is_empty() {
+                        tracing::warn!(pvcs = ?unserved_pools, "blockmesh pool PVCs no server serves");
+                    }
                     cache.nodes = nodes;
                     cache.down = down;
+                    cache.unserved_pools = unserved_pools;
                     cache.error = None;
                 }
                 Err(e) => {
@@ -228,7 +285,25 @@ impl Discovery {
             }
             cache.at = Some(Instant::now());
         }
-        (cache.nodes.clone(), cache.down.clone(), cache.error.clone())
+        let unasked = Unasked { nodes: cache.down.clone(), pools: cache.unserved_pools.clone() };
+        (cache.nodes.clone(), unasked, cache.error.clone())
+    }
+}
+
+/// Pools that exist but whose server cannot be asked now ([`Daemons::unasked`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unasked {
+    /// Nodes whose server pod does not serve.
+    pub nodes: BTreeSet<String>,
+    /// Pool PVCs no server pod names.
+    pub pools: BTreeSet<String>,
+}
+
+impl Unasked {
+    /// Each, described for a message: `node X (its server pod is not ready)`, `pool PVC P (no server serves it)`.
+    pub fn describe(&self) -> Vec<String> {
+        let nodes = self.nodes.iter().map(|n| format!("node {n} (its server pod is not ready)"));
+        nodes.chain(self.pools.iter().map(|p| format!("pool PVC {p} (no server serves it now)"))).collect()
     }
 }
 
@@ -311,14 +386,14 @@ impl Daemons {
         })
     }
 
-    /// The nodes discovery saw a server pod on that does not serve now (and no daemon is named for otherwise):
-    /// nodes that are down, or whose server restarts. Empty without discovery.
-    pub fn down(&self) -> BTreeSet<String> {
-        let Some(d) = &self.discovery else { return BTreeSet::new() };
-        let (_, mut down, _) = d.current(false);
+    /// The pools discovery knows of that no server can be asked about now: nodes with a server pod that does not
+    /// serve (and no daemon named for them otherwise), and pool PVCs no server pod names. Empty without discovery.
+    pub fn unasked(&self) -> Unasked {
+        let Some(d) = &self.discovery else { return Unasked::default() };
+        let (_, mut unasked, _) = d.current(false);
         let (named, _) = self.nodes(false);
-        down.retain(|n| !named.contains_key(n));
-        down
+        unasked.nodes.retain(|n| !named.contains_key(n));
+        unasked
     }
 
     /// Every daemon, by node in order: the named ones; the default daemon alone (node `None`) when none is named.
@@ -404,6 +479,33 @@ mod tests {
     }
 
     #[test]
+    fn pool_pvcs_that_no_server_pod_names_are_unserved() -> Result<()> {
+        let t = "2026-01-01T00:00:00Z";
+        let mut served = pod("s-a", t, "node-a", Some("10.0.0.1"), "Running", "True");
+        served["metadata"]["labels"] = json!({PVC_LABEL: "pool-a"});
+        let mut restarting = pod("s-b", t, "node-b", None, "Pending", "False");
+        restarting["metadata"]["labels"] = json!({PVC_LABEL: "pool-b"});
+        let got = parse_all(vec![served, restarting])?;
+        assert_eq!(got.pod_pvcs.iter().collect::<Vec<_>>(), ["pool-a", "pool-b"]);
+        let pvc = |name: &str, deleting: bool| {
+            let mut p = json!({"metadata": {"name": name}});
+            if deleting {
+                p["metadata"]["deletionTimestamp"] = json!(t);
+            }
+            p
+        };
+        let list = json!({"kind": "PersistentVolumeClaimList", "items": [
+            pvc("pool-a", false), pvc("pool-b", false), pvc("pool-c", false), pvc("pool-d", true),
+        ]});
+        let body = serde_json::to_vec(&list).map_err(|e| Error::Internal(e.to_string()))?;
+        // pool-b's node is down (its pod names it): counted there, not twice; pool-d is going
+        assert_eq!(unserved_pools(&body, &got.pod_pvcs)?.into_iter().collect::<Vec<_>>(), ["pool-c"]);
+        let e = unserved_pools(b"{}", &got.pod_pvcs).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("not a PersistentVolumeClaimList"), "{e}");
+        Ok(())
+    }
+
+    #[test]
     fn the_annotation_names_the_node_and_ipv6_is_bracketed() -> Result<()> {
         let mut p = pod("s-a", "2026-01-01T00:00:00Z", "node-a", Some("fd00::1"), "Running", "True");
         p["metadata"]["annotations"] = json!({NODE_ANNOTATION: "node-z"});
@@ -471,6 +573,8 @@ mod tests {
             Ok(Servers {
                 serving: self.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
                 down: self.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+                pod_pvcs: BTreeSet::new(),
+                unserved_pools: BTreeSet::from(["pool-gone".to_string()]),
             })
         }
     }
@@ -500,12 +604,17 @@ mod tests {
         std::thread::sleep(MIN_REFRESH_INTERVAL);
         assert_eq!(d.get(Some("b"))?.url(), "http://10.0.0.2:1");
         assert!(matches!(d.get(Some("zz")), Err(Error::Unavailable(_))));
-        assert!(d.down().is_empty());
+        let pools = BTreeSet::from(["pool-gone".to_string()]);
+        assert_eq!(d.unasked(), Unasked { nodes: BTreeSet::new(), pools: pools.clone() });
         // nodes whose server does not serve: down, unless a daemon is named for them by hand
         pods.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(["c".into(), "d".into()]);
         std::thread::sleep(MIN_REFRESH_INTERVAL);
         assert!(matches!(d.get(Some("zz")), Err(Error::Unavailable(_))), "listed again");
-        assert_eq!(d.down().into_iter().collect::<Vec<_>>(), ["d"]);
+        assert_eq!(d.unasked(), Unasked { nodes: BTreeSet::from(["d".to_string()]), pools });
+        assert_eq!(
+            d.unasked().describe(),
+            ["node d (its server pod is not ready)", "pool PVC pool-gone (no server serves it now)"]
+        );
         Ok(())
     }
 }

@@ -93,6 +93,10 @@ fn snapshot_classes_and_cross_file_names_agree() {
     assert!(dep.contains("--discover-servers=true"));
     assert!(controller_may("list", "pods", "blockmesh", &docs), "the controller cannot list pods");
     assert!(controller_may("get", "pods", "blockmesh", &docs), "the controller cannot get pods");
+    assert!(
+        controller_may("list", "persistentvolumeclaims", "blockmesh", &docs),
+        "the controller cannot list the pool PVCs"
+    );
 }
 
 /// Whether the controller's service account may `verb` core `resource` in `namespace`: a Role there or a
