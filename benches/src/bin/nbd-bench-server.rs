@@ -1,11 +1,12 @@
 //! Serves one engine volume over NBD for `benches/nbd/compare.sh`, through the same code the daemon uses
 //! (`PoolExports` + `blockmesh_nbd::Server`).
 //!
-//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--checkpoint-mib N]`: creates
+//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--checkpoint-mib N] [--memory]`: creates
 //! the pool (sparse) and a volume named `bench` when the pool file does not exist, then serves until killed. Fairness
 //! is on with the daemon's default slots unless `--fair-slots 0`. `--direct`: the pool file with O_DIRECT, as
 //! `blockmesh serve --direct` opens it (no page cache); `--checkpoint-mib`: the checkpoint interval (default the
-//! engine's).
+//! engine's). `--memory`: serve an in-memory export of the volume's size instead of the engine (the NBD layer alone,
+//! for comparison; POOL_FILE is not touched).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use blockmesh::nbd_export::PoolExports;
 use blockmesh_engine::io::FileDevice;
 use blockmesh_engine::{Pool, PoolOptions};
-use blockmesh_nbd::{Server, ServerConfig};
+use blockmesh_nbd::{Exports, Server, ServerConfig};
 
 fn arg(args: &[String], name: &str) -> Option<u64> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok())
@@ -23,9 +24,17 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(pool_path), Some(socket)) = (args.first(), args.get(1)) else {
-        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct]");
+        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--memory]");
     };
     let pool_path = PathBuf::from(pool_path);
+    let slots = arg(&args, "--fair-slots").map_or(blockmesh_nbd::DEFAULT_FAIR_SLOTS, |n| n as usize);
+    let config = ServerConfig { fair_slots: (slots > 0).then_some(slots), ..ServerConfig::default() };
+    if args.iter().any(|a| a == "--memory") {
+        let exports = blockmesh_nbd::ExportMap::new();
+        let size = arg(&args, "--volume-mib").unwrap_or(1024) << 20;
+        exports.insert("bench", Arc::new(blockmesh_nbd::MemoryExport::new(size)));
+        return serve(Arc::new(exports), socket, config);
+    }
     let direct = args.iter().any(|a| a == "--direct");
     let open = |path: &PathBuf| -> Result<Arc<FileDevice>> {
         Ok(Arc::new(if direct { FileDevice::open_direct(path)? } else { FileDevice::open(path)? }))
@@ -44,18 +53,21 @@ fn main() -> Result<()> {
         pool
     };
     let pool = Arc::new(pool);
+    serve(Arc::new(PoolExports::new(pool.clone())), socket, config)?;
+    pool.flush()?;
+    Ok(())
+}
+
+/// Serves `exports` on the Unix socket until interrupted.
+fn serve(exports: Arc<dyn Exports>, socket: &str, config: ServerConfig) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async {
-        let slots = arg(&args, "--fair-slots").map_or(blockmesh_nbd::DEFAULT_FAIR_SLOTS, |n| n as usize);
-        let config = ServerConfig { fair_slots: (slots > 0).then_some(slots), ..ServerConfig::default() };
-        let server = Server::new(Arc::new(PoolExports::new(pool.clone())), config)?;
+        let server = Server::new(exports, config)?;
         let listener = Server::bind_unix(socket.as_ref()).context("binding the socket")?;
         tokio::select! {
             r = server.serve_unix(listener) => r?,
             r = tokio::signal::ctrl_c() => r?,
         }
         anyhow::Ok(())
-    })?;
-    pool.flush()?;
-    Ok(())
+    })
 }
