@@ -378,6 +378,14 @@ async fn exchange(conns: &tokio::sync::mpsc::UnboundedSender<DuplexStream>, req:
     (status, out)
 }
 
+thread_local! {
+    /// One runtime for every input: building one per input (and its blocking pool's threads, which the handlers'
+    /// engine calls start) took a large share of each execution. Each input's server task is aborted and awaited
+    /// before the next input.
+    static RUNTIME: tokio::runtime::Runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+}
+
 /// Property of `api_request`: up to [`MAX_REQUESTS`] requests from the input, each answered with a status line;
 /// none answered 5xx (bad input is the client's fault: 4xx), except 507 when the pool is full; afterwards the router
 /// still serves (`GET /v1/pool` is 200) and the pool passes `Pool::check`. Never a panic or a hang.
@@ -402,29 +410,32 @@ pub fn check_api_requests(data: &[u8]) {
     });
     let n = 1 + u.u8() % MAX_REQUESTS;
     let reqs: Vec<Req> = (0..n).map(|_| request(&mut u, f)).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(async move {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let server = tokio::spawn(async move { axum::serve(Pipes(rx), api::router(state)).await });
-        for req in &reqs {
-            let (status, out) = exchange(&tx, req).await;
-            assert!(
-                status < 500 || status == 507,
-                "{} {} answered {status}: {}",
-                req.method,
-                req.target,
-                String::from_utf8_lossy(&out)
-            );
-        }
-        let health = Req {
-            method: "GET".into(),
-            target: "/v1/pool".into(),
-            headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
-            body: Vec::new(),
-        };
-        let (status, out) = exchange(&tx, &health).await;
-        assert_eq!(status, 200, "the router stopped serving: {}", String::from_utf8_lossy(&out));
-        server.abort();
+    RUNTIME.with(|rt| {
+        rt.block_on(async move {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let server = tokio::spawn(async move { axum::serve(Pipes(rx), api::router(state)).await });
+            for req in &reqs {
+                let (status, out) = exchange(&tx, req).await;
+                assert!(
+                    status < 500 || status == 507,
+                    "{} {} answered {status}: {}",
+                    req.method,
+                    req.target,
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            let health = Req {
+                method: "GET".into(),
+                target: "/v1/pool".into(),
+                headers: vec![("authorization".into(), format!("Bearer {KEY}"))],
+                body: Vec::new(),
+            };
+            let (status, out) = exchange(&tx, &health).await;
+            assert_eq!(status, 200, "the router stopped serving: {}", String::from_utf8_lossy(&out));
+            server.abort();
+            // the server task, and with it every connection task, ends before the next input
+            let _ = server.await;
+        })
     });
     let report = pool.check().expect("the pool checks");
     assert!(report.is_ok(), "the pool fails its check after the requests: {:?}", report.problems);
