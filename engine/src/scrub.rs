@@ -85,7 +85,8 @@ impl Pool {
         let total = listed.len() as u64;
         let mut report = ScrubReport::default();
         let mut suspects = Vec::new();
-        let mut bytes = vec![0u8; SCRUB_BATCH_BLOCKS * BLOCK];
+        // no larger than the first batch: a small pool's scrub does not zero a whole batch's buffer
+        let mut bytes = vec![0u8; listed.len().min(SCRUB_BATCH_BLOCKS) * BLOCK];
         for batch in listed.chunks(SCRUB_BATCH_BLOCKS) {
             let pbas: Vec<u64> = batch.iter().map(|(pba, _, _)| *pba).collect();
             let bytes = &mut bytes[..batch.len() * BLOCK];
