@@ -381,7 +381,8 @@ async fn exchange(conns: &tokio::sync::mpsc::UnboundedSender<DuplexStream>, req:
 thread_local! {
     /// One runtime for every input: building one per input (and its blocking pool's threads, which the handlers'
     /// engine calls start) took a large share of each execution. Each input's server task is aborted and awaited
-    /// before the next input.
+    /// before the next input; a connection task it spawned that is still there (its client end is gone: every
+    /// response was read to the end) ends the next time the runtime polls it.
     static RUNTIME: tokio::runtime::Runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
 }
@@ -433,7 +434,7 @@ pub fn check_api_requests(data: &[u8]) {
             let (status, out) = exchange(&tx, &health).await;
             assert_eq!(status, 200, "the router stopped serving: {}", String::from_utf8_lossy(&out));
             server.abort();
-            // the server task, and with it every connection task, ends before the next input
+            // the server task ends before the next input (see RUNTIME)
             let _ = server.await;
         })
     });
