@@ -18,7 +18,7 @@ out="$work/cleaning.jsonl"
 pool="$work/cleaning-pool.img"
 dd if=/dev/zero of="$pool" bs=8M count=$((pool_mib / 8)) status=none conv=fsync
 # the disk's own rate, for the IOPS bound below: fio writing 1 MiB blocks at queue depth 4 with O_DIRECT over the
-# pool file, 5 s (it is rewritten whole by every run that follows)
+# pool file, 5 s (the runs that follow create their pools over what it wrote, as they do over each other's)
 command -v fio >/dev/null || { echo "fio is missing: apt-get install fio" >&2; exit 1; }
 disk_mbps=$(fio --name=disk --filename="$pool" --rw=write --bs=1M --iodepth=4 --ioengine=io_uring --direct=1 \
   --size="${pool_mib}M" --time_based --runtime=5 --output-format=json 2>/dev/null |
