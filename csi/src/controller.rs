@@ -24,6 +24,11 @@
 //! excludes the only node it can go to. A dot not found while some servers cannot be asked (not answering, or
 //! their pods not ready): a PVC naming its dot by annotation waits (`UNAVAILABLE`) rather than get a second, empty
 //! dot of that name; one whose dot is its own name goes ahead ([`check_unasked`]).
+//!
+//! `pvcPerNode` storage: a server pod serves a pool PVC, which a node that goes away releases and another adopts.
+//! A volume placed on such a server's node is homed on its pool, `pool=PVC:ns/dot/subdot`, and every later call goes
+//! to whichever server serves that PVC then ([`Daemons::get`]); it has no topology (its node plugin connects to
+//! that server over the network from any node), so a pod using it is not pinned to a node that may be gone.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -31,8 +36,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::daemon::{Commit, DaemonClient, Dot};
-use crate::daemons::Daemons;
-use crate::ids::{GroupSnapshotId, SnapshotId, VolumeId};
+use crate::daemons::{describe_home, Daemons};
+use crate::ids::{pool_of, GroupSnapshotId, SnapshotId, VolumeId};
 use crate::pb;
 use crate::pb::volume_capability::access_mode::Mode;
 use crate::pvc::{self, PvcAnnotations};
@@ -315,7 +320,7 @@ fn node_with_dot(ds: &Daemons, dot: &str) -> DotLookup {
                 Err(_) => "the lookup panicked".to_string(),
             };
             tracing::warn!(?node, error = %why, dot, "cannot tell whether the dot is on this daemon");
-            let which = node.as_ref().map_or_else(|| "the default server".to_string(), |n| format!("node {n}"));
+            let which = describe_home(node.as_deref());
             out.unanswered.push((which, why));
         }
     }
@@ -357,7 +362,8 @@ fn place(
     // A node the volume must go to, checked against the requisite topology (a default daemon of no known node has
     // no topology to check).
     let must = |node: Option<String>, why: &str| -> Result<(Option<String>, Arc<DaemonClient>)> {
-        if let Some(n) = &node {
+        // a volume on a pool (`pool=PVC`) is reached from every node: no topology to check
+        if let Some(n) = node.as_ref().filter(|n| pool_of(n).is_none()) {
             if !requisite.is_empty() && !requisite.contains(n) {
                 return Err(Error::ResourceExhausted(format!(
                     "volume {target} can only be made on node {n} ({why}), which the requisite topology excludes \
@@ -393,7 +399,7 @@ fn place(
     check_unasked(&dot, named, &lookup.unanswered, &ds.unasked().describe())?;
     for n in preferred.iter().chain(&requisite) {
         if let Ok(d) = ds.get(Some(n)) {
-            return Ok((Some(n.clone()), d));
+            return Ok((Some(ds.home_on(n)), d));
         }
     }
     let asked: Vec<&String> = preferred.iter().chain(&requisite).collect();
@@ -442,8 +448,13 @@ impl ControllerService {
         self.run(move |ds| f(&*ds.get(node.as_deref())?)).await
     }
 
-    /// The topology of a volume on `node`'s daemon (`None`: the default daemon's node, when known).
+    /// The topology of a volume on `node`'s daemon (`None`: the default daemon's node, when known). A volume on a
+    /// pool (`pool=PVC`, `pvcPerNode` storage) has none: the pool moves from node to node, and the node plugins
+    /// reach its server over the network wherever it is, so the volume is accessible from every node.
     fn topology(&self, node: Option<&str>) -> Vec<pb::Topology> {
+        if node.and_then(pool_of).is_some() {
+            return Vec::new();
+        }
         node.or(self.daemons.default_node())
             .map(|n| pb::Topology { segments: HashMap::from([(TOPOLOGY_NODE_KEY.to_string(), n.to_string())]) })
             .into_iter()
@@ -1085,10 +1096,9 @@ impl pb::group_controller_server::GroupController for ControllerService {
         }
         let nodes: BTreeSet<Option<String>> = sources.iter().map(|s| s.node.clone()).collect();
         let Some(node) = nodes.iter().next().cloned().filter(|_| nodes.len() == 1) else {
-            let names: Vec<String> =
-                nodes.iter().map(|n| n.clone().unwrap_or_else(|| "the default daemon".into())).collect();
+            let names: Vec<String> = nodes.iter().map(|n| describe_home(n.as_deref())).collect();
             return Err(Error::FailedPrecondition(format!(
-                "a group snapshot is one commit of one dot on one node: these volumes are on {} nodes ({})",
+                "a group snapshot is one commit of one dot in one pool: these volumes are in {} pools ({})",
                 nodes.len(),
                 names.join(", ")
             ))

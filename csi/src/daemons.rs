@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::daemon::DaemonClient;
-use crate::ids::validate_node;
+use crate::ids::{pool_home, pool_of, validate_home, validate_node};
 use crate::kube::KubeApi;
 use crate::{Error, Result};
 
@@ -58,6 +58,19 @@ pub struct Servers {
     /// Pool PVCs (`pvcPerNode` storage) that no server pod names: released by a node that went away and waiting to
     /// be adopted by another ([`unserved_pools`]). Their dots cannot be asked about either.
     pub unserved_pools: BTreeSet<String>,
+    /// pool PVC -> the server pod that serves it now (`pvcPerNode` storage), wherever that pod runs.
+    pub pools: BTreeMap<String, PoolServer>,
+}
+
+/// The server pod that serves a pool PVC now (`pvcPerNode` storage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolServer {
+    /// The node it runs on ([`NODE_ANNOTATION`], else `spec.nodeName`).
+    pub node: String,
+    /// Its pod IP: where it serves NBD (the node plugin connects there).
+    pub ip: String,
+    /// Its API URL.
+    pub url: String,
 }
 
 /// The label naming the pool PVC a server pod serves (the operator's, `pvcPerNode` storage).
@@ -89,8 +102,9 @@ pub fn unserved_pools(body: &[u8], pod_pvcs: &BTreeSet<String>) -> Result<BTreeS
 /// The servers a pod list (`GET .../pods` JSON) names: node -> API URL, from the pods that are Running, Ready
 /// (condition `Ready` = `True`), not being deleted, with a `status.podIP` and a node ([`NODE_ANNOTATION`], else
 /// `spec.nodeName`) that is a valid node name. Of two such pods for one node, the newest (`creationTimestamp`,
-/// then name) wins. The nodes of the other pods, where no pod serves, are [`Servers::down`]. At most
-/// [`MAX_SERVERS`] nodes of each.
+/// then name) wins. The nodes of the other pods, where no pod serves, are [`Servers::down`]. Serving pods that
+/// name a pool PVC ([`PVC_LABEL`]) are also [`Servers::pools`] by PVC (of two for one PVC, the newest). At most
+/// [`MAX_SERVERS`] of each.
 pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
     let list: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Error::Kubernetes(format!("the list of server pods is not JSON: {e}")))?;
@@ -103,9 +117,12 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
     let mut best: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     let mut down = BTreeSet::new();
     let mut pod_pvcs = BTreeSet::new();
+    // pvc -> (creationTimestamp, name, server)
+    let mut pools: BTreeMap<String, (String, String, PoolServer)> = BTreeMap::new();
     for pod in items {
         let name = s(pod, "/metadata/name").unwrap_or_default();
-        if let Some(pvc) = pod.pointer("/metadata/labels").and_then(|l| l.get(PVC_LABEL)).and_then(|v| v.as_str()) {
+        let pvc = pod.pointer("/metadata/labels").and_then(|l| l.get(PVC_LABEL)).and_then(|v| v.as_str());
+        if let Some(pvc) = pvc {
             if pod_pvcs.len() < MAX_SERVERS {
                 pod_pvcs.insert(pvc.to_string());
             }
@@ -134,7 +151,19 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
             continue;
         };
         let created = s(pod, "/metadata/creationTimestamp").unwrap_or_default();
-        let candidate = (created, name, server_url(template, &ip));
+        let url = server_url(template, &ip);
+        match pvc.map(|p| (p, validate_home(&crate::ids::pool_home(p)))) {
+            Some((pvc, Err(e))) => tracing::warn!(pod = name, pvc, error = %e, "pool PVC of a server pod skipped"),
+            Some((pvc, Ok(()))) => {
+                let server = PoolServer { node: node.clone(), ip: ip.clone(), url: url.clone() };
+                let newer = pools.get(pvc).is_none_or(|have| (&have.0, &have.1) < (&created, &name));
+                if newer && (pools.len() < MAX_SERVERS || pools.contains_key(pvc)) {
+                    pools.insert(pvc.to_string(), (created.clone(), name.clone(), server));
+                }
+            }
+            None => {}
+        }
+        let candidate = (created, name, url);
         match best.get(&node) {
             Some(have) if (&have.0, &have.1) >= (&candidate.0, &candidate.1) => {}
             Some(_) => {
@@ -150,7 +179,8 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
     }
     down.retain(|n| !best.contains_key(n));
     let serving = best.into_iter().map(|(node, (_, _, url))| (node, url)).collect();
-    Ok(Servers { serving, down, pod_pvcs, unserved_pools: BTreeSet::new() })
+    let pools = pools.into_iter().map(|(pvc, (_, _, server))| (pvc, server)).collect();
+    Ok(Servers { serving, down, pod_pvcs, unserved_pools: BTreeSet::new(), pools })
 }
 
 /// Lists the server pods (blocking): those that serve now and the nodes whose server does not.
@@ -165,6 +195,8 @@ pub struct KubeServerPods {
     api: KubeApi,
     namespace: String,
     template: String,
+    /// Also list the pool PVCs no pod serves ([`Servers::unserved_pools`]).
+    unserved: bool,
 }
 
 impl KubeServerPods {
@@ -174,7 +206,13 @@ impl KubeServerPods {
         if !template.contains("{ip}") {
             return Err(Error::InvalidArgument(format!("server URL template {template:?} has no {{ip}}")));
         }
-        Ok(Self { api, namespace: namespace.to_string(), template: template.to_string() })
+        Ok(Self { api, namespace: namespace.to_string(), template: template.to_string(), unserved: true })
+    }
+
+    /// Lists the pods only, not the pool PVCs no pod serves (the node plugin needs no more: it may list pods only).
+    pub fn pods_only(mut self) -> Self {
+        self.unserved = false;
+        self
     }
 }
 
@@ -199,6 +237,9 @@ impl ServerPods for KubeServerPods {
         let what = format!("the blockmesh server pods of namespace {}", self.namespace);
         let body = self.api.get(&path, &what)?.ok_or_else(|| Error::Kubernetes(format!("{what}: not found")))?;
         let mut servers = parse_server_pods(&body, &self.template)?;
+        if !self.unserved {
+            return Ok(servers);
+        }
         // pool PVCs no pod serves (pvcPerNode): without them (no such PVCs, or no right to list them) none is known
         let path = format!(
             "/api/v1/namespaces/{}/persistentvolumeclaims?labelSelector={}&limit={}",
@@ -219,6 +260,8 @@ impl ServerPods for KubeServerPods {
 struct Cache {
     at: Option<Instant>,
     nodes: BTreeMap<String, Arc<DaemonClient>>,
+    /// pool PVC -> (node, client) of the server serving it ([`Servers::pools`]).
+    pools: BTreeMap<String, (String, Arc<DaemonClient>)>,
     /// Nodes with a server pod that does not serve ([`Servers::down`]).
     down: BTreeSet<String>,
     /// Pool PVCs no server pod names ([`Servers::unserved_pools`]).
@@ -238,7 +281,7 @@ struct Discovery {
 impl Discovery {
     /// The discovered servers: cached for [`DISCOVERY_TTL`]; `force`: listed again unless they were within
     /// [`MIN_REFRESH_INTERVAL`]. A failed listing keeps the older map (logged; its error is kept for messages).
-    fn current(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, Unasked, Option<String>) {
+    fn current(&self, force: bool) -> Known {
         let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let age = cache.at.map(|at| at.elapsed());
         let keep = match age {
@@ -248,22 +291,49 @@ impl Discovery {
         };
         if !keep {
             match self.pods.servers() {
-                Ok(Servers { serving, down, unserved_pools, .. }) => {
+                Ok(Servers { serving, down, unserved_pools, pools, .. }) => {
+                    // a client per URL, kept from the last listing when its URL is the same
+                    let mut clients: BTreeMap<String, Arc<DaemonClient>> = BTreeMap::new();
+                    for c in cache.nodes.values().chain(cache.pools.values().map(|(_, c)| c)) {
+                        clients.insert(c.url().to_string(), c.clone());
+                    }
+                    let mut client_for = |url: &str| -> Option<Arc<DaemonClient>> {
+                        if let Some(c) = clients.get(url.trim_end_matches('/')) {
+                            return Some(c.clone());
+                        }
+                        match DaemonClient::new(url, &self.key, self.ca.as_deref()) {
+                            Ok(c) => {
+                                let c = Arc::new(c);
+                                clients.insert(c.url().to_string(), c.clone());
+                                Some(c)
+                            }
+                            Err(e) => {
+                                tracing::warn!(url, error = %e, "no client for a discovered server");
+                                None
+                            }
+                        }
+                    };
                     let mut nodes = BTreeMap::new();
                     for (node, url) in serving {
-                        let same = cache.nodes.get(&node).filter(|c| c.url() == url.trim_end_matches('/')).cloned();
-                        let client = match same {
-                            Some(c) => c,
-                            None => match DaemonClient::new(&url, &self.key, self.ca.as_deref()) {
-                                Ok(c) => Arc::new(c),
-                                Err(e) => {
-                                    tracing::warn!(node, url, error = %e, "no client for a discovered server");
-                                    continue;
-                                }
-                            },
-                        };
-                        nodes.insert(node, client);
+                        if let Some(client) = client_for(&url) {
+                            nodes.insert(node, client);
+                        }
                     }
+                    let mut served = BTreeMap::new();
+                    for (pvc, server) in pools {
+                        if let Some(client) = client_for(&server.url) {
+                            served.insert(pvc, (server.node, client));
+                        }
+                    }
+                    let moved: Vec<String> = served
+                        .iter()
+                        .filter(|(pvc, (node, _))| cache.pools.get(*pvc).is_some_and(|(was, _)| was != node))
+                        .map(|(pvc, (node, _))| format!("{pvc} -> node {node}"))
+                        .collect();
+                    if !moved.is_empty() {
+                        tracing::info!(pools = ?moved, "blockmesh pools served on another node now");
+                    }
+                    cache.pools = served;
                     if nodes.keys().ne(cache.nodes.keys()) {
                         tracing::info!(nodes = ?nodes.keys().collect::<Vec<_>>(), "blockmesh servers discovered");
                     }
@@ -285,8 +355,35 @@ impl Discovery {
             }
             cache.at = Some(Instant::now());
         }
-        let unasked = Unasked { nodes: cache.down.clone(), pools: cache.unserved_pools.clone() };
-        (cache.nodes.clone(), unasked, cache.error.clone())
+        Known {
+            nodes: cache.nodes.clone(),
+            pools: cache.pools.clone(),
+            unasked: Unasked { nodes: cache.down.clone(), pools: cache.unserved_pools.clone() },
+            error: cache.error.clone(),
+        }
+    }
+}
+
+/// What the registry knows at one moment.
+#[derive(Debug, Default)]
+struct Known {
+    /// node -> its daemon.
+    nodes: BTreeMap<String, Arc<DaemonClient>>,
+    /// pool PVC -> (node, daemon) of the server serving it now.
+    pools: BTreeMap<String, (String, Arc<DaemonClient>)>,
+    unasked: Unasked,
+    /// Why the last listing failed.
+    error: Option<String>,
+}
+
+/// A home for messages: `node X`, `pool PVC P`, or `the default server` (`None`).
+pub fn describe_home(home: Option<&str>) -> String {
+    match home {
+        None => "the default server".to_string(),
+        Some(h) => match pool_of(h) {
+            Some(pvc) => format!("pool PVC {pvc}"),
+            None => format!("node {h}"),
+        },
     }
 }
 
@@ -352,57 +449,86 @@ impl Daemons {
     }
 
     /// Every named daemon: `--server-node`'s, then the discovered ones over it, then `--server-for` over those;
-    /// and why discovery failed last, if it did.
-    fn nodes(&self, force: bool) -> (BTreeMap<String, Arc<DaemonClient>>, Option<String>) {
-        let mut map = BTreeMap::new();
+    /// the discovered pools; and why discovery failed last, if it did.
+    fn known(&self, force: bool) -> Known {
+        let mut known = match &self.discovery {
+            Some(d) => d.current(force),
+            None => Known::default(),
+        };
         if let Some(n) = &self.default_node {
-            map.insert(n.clone(), self.default.clone());
+            known.nodes.entry(n.clone()).or_insert_with(|| self.default.clone());
         }
-        let mut error = None;
-        if let Some(d) = &self.discovery {
-            let (found, _, e) = d.current(force);
-            map.extend(found);
-            error = e;
-        }
-        map.extend(self.fixed.iter().map(|(n, c)| (n.clone(), c.clone())));
-        (map, error)
+        known.nodes.extend(self.fixed.iter().map(|(n, c)| (n.clone(), c.clone())));
+        known
     }
 
-    /// The daemon of `node` (`None`: the default daemon). A node not known is looked for again at once
-    /// (discovery); still unknown, [`Error::Unavailable`] (no server there now: the caller retries later).
-    pub fn get(&self, node: Option<&str>) -> Result<Arc<DaemonClient>> {
-        let Some(node) = node.or(self.default_node.as_deref()) else { return Ok(self.default.clone()) };
-        let (map, error) = self.nodes(false);
-        if let Some(c) = map.get(node) {
-            return Ok(c.clone());
+    /// The daemon of `home` (`None`: the default daemon): a node's, or for `pool=PVC` ([`crate::ids::pool_of`]) the
+    /// one serving that pool now, on whatever node. A home not known is looked for again at once (discovery); still
+    /// unknown, [`Error::Unavailable`] (no server there now: the caller retries later).
+    pub fn get(&self, home: Option<&str>) -> Result<Arc<DaemonClient>> {
+        let Some(home) = home.or(self.default_node.as_deref()) else { return Ok(self.default.clone()) };
+        let find = |k: &Known| match pool_of(home) {
+            Some(pvc) => k.pools.get(pvc).map(|(_, c)| c.clone()),
+            None => k.nodes.get(home).cloned(),
+        };
+        let known = self.known(false);
+        if let Some(c) = find(&known) {
+            return Ok(c);
         }
         // without discovery nothing can have changed since
-        let (map, error) = if self.discovery.is_some() { self.nodes(true) } else { (map, error) };
-        map.get(node).cloned().ok_or_else(|| {
-            let why = error.map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default();
-            Error::Unavailable(format!(
-                "no blockmesh server is known on node {node} now (its server pod is not running or not ready?){why}"
-            ))
+        let known = if self.discovery.is_some() { self.known(true) } else { known };
+        find(&known).ok_or_else(|| {
+            let why = known.error.map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default();
+            Error::Unavailable(match pool_of(home) {
+                Some(pvc) => format!(
+                    "no blockmesh server serves pool PVC {pvc} now (its node went away and no node has adopted it \
+                     yet, or its server pod is starting){why}"
+                ),
+                None => format!(
+                    "no blockmesh server is known on node {node} now (its server pod is not running or not ready?)\
+                     {why}",
+                    node = home
+                ),
+            })
         })
+    }
+
+    /// Where a volume placed on `node` lives: `pool=PVC` when the server there serves a pool PVC (`pvcPerNode`
+    /// storage: the pool may move to another node later, and the volume with it), else the node itself.
+    pub fn home_on(&self, node: &str) -> String {
+        let known = self.known(false);
+        let Some(daemon) = known.nodes.get(node) else { return node.to_string() };
+        known
+            .pools
+            .iter()
+            .find(|(_, (n, c))| n == node && c.url() == daemon.url())
+            .map(|(pvc, _)| pool_home(pvc))
+            .unwrap_or_else(|| node.to_string())
     }
 
     /// The pools discovery knows of that no server can be asked about now: nodes with a server pod that does not
     /// serve (and no daemon named for them otherwise), and pool PVCs no server pod names. Empty without discovery.
     pub fn unasked(&self) -> Unasked {
-        let Some(d) = &self.discovery else { return Unasked::default() };
-        let (_, mut unasked, _) = d.current(false);
-        let (named, _) = self.nodes(false);
-        unasked.nodes.retain(|n| !named.contains_key(n));
+        if self.discovery.is_none() {
+            return Unasked::default();
+        }
+        let Known { nodes, mut unasked, .. } = self.known(false);
+        unasked.nodes.retain(|n| !nodes.contains_key(n));
         unasked
     }
 
-    /// Every daemon, by node in order: the named ones; the default daemon alone (node `None`) when none is named.
+    /// Every daemon once, by home in order: the servers of pools as `pool=PVC`, the other named ones by node; the
+    /// default daemon alone (home `None`) when none is named.
     pub fn all(&self) -> Vec<(Option<String>, Arc<DaemonClient>)> {
-        let (map, _) = self.nodes(false);
-        if map.is_empty() {
+        let Known { nodes, pools, .. } = self.known(false);
+        if nodes.is_empty() && pools.is_empty() {
             return vec![(None, self.default.clone())];
         }
-        map.into_iter().map(|(n, c)| (Some(n), c)).collect()
+        let pool_urls: BTreeSet<&str> = pools.values().map(|(_, c)| c.url()).collect();
+        let mut homes: BTreeMap<String, Arc<DaemonClient>> =
+            nodes.iter().filter(|(_, c)| !pool_urls.contains(c.url())).map(|(n, c)| (n.clone(), c.clone())).collect();
+        homes.extend(pools.iter().map(|(pvc, (_, c))| (pool_home(pvc), c.clone())));
+        homes.into_iter().map(|(h, c)| (Some(h), c)).collect()
     }
 }
 
@@ -506,6 +632,85 @@ mod tests {
     }
 
     #[test]
+    fn serving_pods_of_a_pool_pvc_are_its_servers_wherever_they_run() -> Result<()> {
+        let (t1, t2) = ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z");
+        let on_pvc = |mut p: serde_json::Value, pvc: &str| {
+            p["metadata"]["labels"] = json!({PVC_LABEL: pvc});
+            p
+        };
+        let got = parse_all(vec![
+            on_pvc(pod("s-a", t1, "node-a", Some("10.0.0.1"), "Running", "True"), "pvc-a"),
+            // node-b went away; node-c adopted its PVC (an extra pod beside its own)
+            on_pvc(pod("s-c", t1, "node-c", Some("10.0.0.3"), "Running", "True"), "pvc-c"),
+            on_pvc(pod("s-b-on-c", t2, "node-c", Some("10.0.0.4"), "Running", "True"), "pvc-b"),
+            // a restart of pvc-a's server elsewhere: the newer pod serves it
+            on_pvc(pod("s-a2", t2, "node-d", Some("fd00::5"), "Running", "True"), "pvc-a"),
+            // not ready: no server for its PVC
+            on_pvc(pod("s-e", t1, "node-e", Some("10.0.0.6"), "Running", "False"), "pvc-e"),
+            on_pvc(pod("s-f", t1, "node-f", Some("10.0.0.7"), "Running", "True"), "Bad_Pvc"),
+        ])?;
+        let pools: Vec<(&str, &str, &str, &str)> =
+            got.pools.iter().map(|(pvc, s)| (pvc.as_str(), s.node.as_str(), s.ip.as_str(), s.url.as_str())).collect();
+        assert_eq!(
+            pools,
+            [
+                ("pvc-a", "node-d", "fd00::5", "http://[fd00::5]:32607"),
+                ("pvc-b", "node-c", "10.0.0.4", "http://10.0.0.4:32607"),
+                ("pvc-c", "node-c", "10.0.0.3", "http://10.0.0.3:32607"),
+            ]
+        );
+        assert!(got.down.contains("node-e"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_pools_volumes_follow_it_to_the_node_that_adopts_it() -> Result<()> {
+        let pods = Arc::new(FakePods::default());
+        let set = |serving: &[(&str, &str)], pools: &[(&str, &str, &str)]| {
+            *pods.servers.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                serving.iter().map(|(n, u)| (n.to_string(), u.to_string())).collect();
+            *pods.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = pools
+                .iter()
+                .map(|(pvc, n, ip)| {
+                    let server = PoolServer { node: n.to_string(), ip: ip.to_string(), url: format!("http://{ip}:1") };
+                    (pvc.to_string(), server)
+                })
+                .collect();
+        };
+        set(
+            &[("node-a", "http://10.0.0.1:1"), ("node-b", "http://10.0.0.2:1")],
+            &[("pvc-a", "node-a", "10.0.0.1"), ("pvc-b", "node-b", "10.0.0.2")],
+        );
+        let default = Arc::new(DaemonClient::new("http://svc:32607", "k", None)?);
+        let d = Daemons::new(default, None, BTreeMap::new())?.with_discovery(Box::new(pods.clone()), "k", None);
+        // a volume placed on node-b lives on node-b's pool
+        assert_eq!(d.home_on("node-b"), "pool=pvc-b");
+        assert_eq!(d.home_on("node-x"), "node-x", "no server there: the node");
+        assert_eq!(d.get(Some("pool=pvc-b"))?.url(), "http://10.0.0.2:1");
+        // each daemon listed once, by its pool
+        let homes: Vec<Option<String>> = d.all().into_iter().map(|(h, _)| h).collect();
+        assert_eq!(homes, [Some("pool=pvc-a".to_string()), Some("pool=pvc-b".to_string())]);
+        // node-b goes away; node-a adopts pvc-b with a second server pod: pvc-b's volumes are there now
+        set(&[("node-a", "http://10.0.0.1:1")], &[("pvc-a", "node-a", "10.0.0.1"), ("pvc-b", "node-a", "10.0.0.9")]);
+        std::thread::sleep(DISCOVERY_TTL);
+        assert_eq!(d.get(Some("pool=pvc-b"))?.url(), "http://10.0.0.9:1");
+        assert!(matches!(d.get(Some("node-b")), Err(Error::Unavailable(_))), "the node itself is gone");
+        assert_eq!(d.home_on("node-a"), "pool=pvc-a", "new volumes on node-a: its own pool");
+        assert_eq!(d.all().len(), 2);
+        // a pool nobody serves: UNAVAILABLE, naming the PVC
+        set(&[("node-a", "http://10.0.0.1:1")], &[("pvc-a", "node-a", "10.0.0.1")]);
+        std::thread::sleep(DISCOVERY_TTL);
+        match d.get(Some("pool=pvc-b")) {
+            Err(Error::Unavailable(m)) => assert!(m.contains("pool PVC pvc-b"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(describe_home(Some("pool=pvc-b")), "pool PVC pvc-b");
+        assert_eq!(describe_home(Some("node-a")), "node node-a");
+        assert_eq!(describe_home(None), "the default server");
+        Ok(())
+    }
+
+    #[test]
     fn the_annotation_names_the_node_and_ipv6_is_bracketed() -> Result<()> {
         let mut p = pod("s-a", "2026-01-01T00:00:00Z", "node-a", Some("fd00::1"), "Running", "True");
         p["metadata"]["annotations"] = json!({NODE_ANNOTATION: "node-z"});
@@ -564,6 +769,7 @@ mod tests {
     struct FakePods {
         servers: Mutex<BTreeMap<String, String>>,
         down: Mutex<BTreeSet<String>>,
+        pools: Mutex<BTreeMap<String, PoolServer>>,
         calls: Mutex<usize>,
     }
 
@@ -575,6 +781,7 @@ mod tests {
                 down: self.down.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
                 pod_pvcs: BTreeSet::new(),
                 unserved_pools: BTreeSet::from(["pool-gone".to_string()]),
+                pools: self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
             })
         }
     }

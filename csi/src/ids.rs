@@ -8,7 +8,10 @@
 //!
 //! `NODE:` names the Kubernetes node whose daemon holds the dot (see [`crate::daemons`]). Without it (`ns/dot/subdot`,
 //! the ids of every volume made before several daemons were known, and of a single daemon whose node is not known)
-//! the id means the default daemon (`--server`).
+//! the id means the default daemon (`--server`). In `pvcPerNode` storage a pool lives on a PVC that moves from node
+//! to node (a node that goes away releases it, another adopts it), so the id names the pool instead:
+//! `pool=PVC:ns/dot/subdot` ([`POOL_HOME_PREFIX`]), and the volume is reached through whichever server serves that
+//! PVC now. The part before `:` is the id's *home*: a node, or `pool=PVC`.
 //!
 //! Every part is what the daemon accepts in a dot name: 1 to [`MAX_PART_BYTES`] of `[A-Za-z0-9-_.]`, not `.` or
 //! `..`; so `/`, `@` and `:` never occur inside a part. A node is a Kubernetes node name (a DNS subdomain: 1 to
@@ -29,6 +32,18 @@ pub const DEFAULT_SUBDOT: &str = "__default__";
 pub const MAX_NODE_BYTES: usize = 253;
 /// Separates the node from the rest of an id.
 pub const NODE_SEPARATOR: char = ':';
+/// Starts the home of an id that names a pool PVC rather than a node (`pool=PVC`). `=` occurs in no node name.
+pub const POOL_HOME_PREFIX: &str = "pool=";
+
+/// The home of a volume on pool PVC `pvc`: `pool=PVC`.
+pub fn pool_home(pvc: &str) -> String {
+    format!("{POOL_HOME_PREFIX}{pvc}")
+}
+
+/// The pool PVC a home names (`pool=PVC`), or `None` for a node.
+pub fn pool_of(home: &str) -> Option<&str> {
+    home.strip_prefix(POOL_HOME_PREFIX)
+}
 /// Longest id the driver hands out: the CSI spec's general size limit for strings (128 bytes), which volume and
 /// snapshot ids do not override. Names that would make a longer id are refused (INVALID_ARGUMENT) before anything is
 /// made; dots made outside CSI with such names are left out of the lists.
@@ -49,6 +64,19 @@ fn fits(kind: &str, id: String) -> Result<String> {
 /// Checks a Kubernetes node name: a DNS subdomain (lower-case alphanumerics, `-` and `.`, starting and ending
 /// alphanumeric, at most [`MAX_NODE_BYTES`]).
 pub fn validate_node(node: &str) -> Result<()> {
+    validate_dns_name("node", "a Kubernetes node name", node)
+}
+
+/// Checks a home: a node ([`validate_node`]) or `pool=PVC`, a PVC name being a DNS subdomain too.
+pub fn validate_home(home: &str) -> Result<()> {
+    match pool_of(home) {
+        Some(pvc) => validate_dns_name("pool PVC", "a Kubernetes PVC name", pvc),
+        None => validate_node(home),
+    }
+}
+
+/// A DNS subdomain: lower-case alphanumerics, `-` and `.`, alphanumeric at both ends, at most [`MAX_NODE_BYTES`].
+fn validate_dns_name(what: &str, kind: &str, node: &str) -> Result<()> {
     let b = node.as_bytes();
     let alnum = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit();
     let ok = !b.is_empty()
@@ -60,17 +88,16 @@ pub fn validate_node(node: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::InvalidArgument(format!(
-            "node {node:?} is not a Kubernetes node name (1 to {MAX_NODE_BYTES} of [a-z0-9-.], alphanumeric at \
-             both ends)"
+            "{what} {node:?} is not {kind} (1 to {MAX_NODE_BYTES} of [a-z0-9-.], alphanumeric at both ends)"
         )))
     }
 }
 
-/// Splits `NODE:rest` (checking the node) or `rest` (no node).
+/// Splits `HOME:rest` (checking the home: a node or `pool=PVC`) or `rest` (no home).
 fn split_node(id: &str) -> Result<(Option<String>, &str)> {
     match id.split_once(NODE_SEPARATOR) {
         Some((node, rest)) => {
-            validate_node(node)?;
+            validate_home(node)?;
             Ok((Some(node.to_string()), rest))
         }
         None => Ok((None, id)),
@@ -108,7 +135,8 @@ fn validate_commit(id: &str) -> Result<()> {
 /// A volume: one subdot of a dot (on a node's daemon, when the id names one).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct VolumeId {
-    /// The node whose daemon holds the dot; `None`: the default daemon. First, so ids sort by node.
+    /// The id's home: the node whose daemon holds the dot, or `pool=PVC` ([`pool_of`]); `None`: the default
+    /// daemon. First, so ids sort by home.
     pub node: Option<String>,
     pub namespace: String,
     pub dot: String,
@@ -124,8 +152,8 @@ impl VolumeId {
         Ok(Self { node: None, namespace: namespace.to_string(), dot: dot.to_string(), subdot: subdot.to_string() })
     }
 
-    /// The same volume on node `node`'s daemon (`None`: the default daemon's). The node must be checked
-    /// ([`validate_node`]); the daemon registry only knows checked ones.
+    /// The same volume on node `node`'s daemon, or on pool `pool=PVC` (`None`: the default daemon's). The home must
+    /// be checked ([`validate_home`]); the daemon registry only knows checked ones.
     pub fn on(mut self, node: Option<String>) -> Self {
         self.node = node;
         self
@@ -212,7 +240,7 @@ impl fmt::Display for SnapshotId {
 /// A group snapshot: one commit of a dot, every subdot at once.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupSnapshotId {
-    /// The node whose daemon holds the dot; `None`: the default daemon.
+    /// The home of the dot (a node or `pool=PVC`, as [`VolumeId::node`]); `None`: the default daemon.
     pub node: Option<String>,
     pub namespace: String,
     pub dot: String,
@@ -370,6 +398,30 @@ mod tests {
             assert!(matches!(GroupSnapshotId::parse(&bad), Err(Error::InvalidArgument(_))), "{bad}");
         }
         assert!(validate_node("ip-10-0-0-1.eu-west-1.compute.internal").is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn pool_homed_ids_round_trip() -> Result<()> {
+        let c = "0123456789abcdef0123456789abcdef";
+        let v = VolumeId::parse("pool=pvc-0123456789ab:admin/db/logs")?;
+        assert_eq!(v.node.as_deref(), Some("pool=pvc-0123456789ab"));
+        assert_eq!(v.node.as_deref().and_then(pool_of), Some("pvc-0123456789ab"));
+        assert_eq!(v.to_string(), "pool=pvc-0123456789ab:admin/db/logs");
+        assert_eq!(v.export_name(), "admin/db.logs", "the export names no pool");
+        assert_eq!(VolumeId::new("admin", "db", "logs")?.on(Some(pool_home("pvc-0123456789ab"))), v);
+        assert_eq!(pool_of("node-a"), None, "a node is not a pool");
+        let s = SnapshotId::parse(&format!("pool=pvc-1:admin/db/logs@{c}"))?;
+        assert_eq!(SnapshotId::parse(&s.to_string())?, s);
+        let g = GroupSnapshotId::parse(&format!("pool=pvc-1:admin/db@{c}"))?;
+        assert_eq!(g.member("logs")?, s, "members carry the group's pool");
+        for bad in ["pool=:admin/db/logs", "pool=PVC:admin/db/logs", "pool=a_b:admin/db/logs", "pool=a=b:x/y/z"] {
+            assert!(matches!(VolumeId::parse(bad), Err(Error::InvalidArgument(_))), "{bad}");
+        }
+        match VolumeId::parse("pool=Bad:admin/db/logs") {
+            Err(e) => assert!(e.to_string().contains("pool PVC \"Bad\""), "{e}"),
+            Ok(v) => panic!("{v} accepted"),
+        }
         Ok(())
     }
 }

@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::ids::VolumeId;
 use crate::node::{Attacher, Condition};
+use crate::targets::Targets;
 use crate::{Error, Result};
 
 /// How long the kernel holds I/O on a dead connection, waiting for a reconnect, before failing it.
@@ -537,7 +538,7 @@ struct Device {
 /// Attaches volumes to `/dev/nbdN` through the kernel's NBD driver.
 #[derive(Debug)]
 pub struct KernelNbdAttacher {
-    target: NbdTarget,
+    targets: Arc<dyn Targets>,
     devices: Mutex<HashMap<PathBuf, Device>>,
 }
 
@@ -592,10 +593,12 @@ fn serving(index: u32, export: &str) -> Result<Serving> {
     })
 }
 
-/// The watch over one device: where its server is, its export, the device, and the flags shared with the attacher.
+/// The watch over one device: where its server is (looked up again for each reconnect: a pool's server may have
+/// moved), its volume and export, the device, and the flags shared with the attacher.
 #[derive(Debug)]
 struct Monitor {
-    target: NbdTarget,
+    targets: Arc<dyn Targets>,
+    volume: VolumeId,
     export: String,
     index: u32,
     flags: Arc<Flags>,
@@ -708,7 +711,7 @@ impl Monitor {
 
     /// One handshake and `NBD_CMD_RECONFIGURE` with its socket (a no-op in the kernel when no socket is dead).
     fn reconnect_once(&self) -> Result<Conn> {
-        let (conn, _) = connect(&self.target, &self.export)?;
+        let (conn, _) = connect(&self.targets.target(&self.volume, true)?, &self.export)?;
         let fd = conn.fd().as_raw_fd() as u32;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
@@ -726,20 +729,21 @@ impl Monitor {
 }
 
 impl KernelNbdAttacher {
-    /// An attacher connecting to the daemon's NBD server at `target`.
-    pub fn new(target: NbdTarget) -> Self {
-        Self { target, devices: Mutex::new(HashMap::new()) }
+    /// An attacher connecting to the NBD server `targets` names for each volume.
+    pub fn new(targets: Arc<dyn Targets>) -> Self {
+        Self { targets, devices: Mutex::new(HashMap::new()) }
     }
 
     fn devices(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Device>> {
         self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts watching `device` (index `index`) for `export`; ends an older watch of it.
-    fn watch(&self, device: &Path, index: u32, export: String, conn: Option<Conn>) -> Result<()> {
+    /// Starts watching `device` (index `index`) for `volume`; ends an older watch of it.
+    fn watch(&self, device: &Path, index: u32, volume: &VolumeId, conn: Option<Conn>) -> Result<()> {
         let flags = Arc::new(Flags::default());
         let adopted = conn.is_none();
-        Monitor { target: self.target.clone(), export, index, flags: flags.clone() }.spawn(conn)?;
+        let (targets, export) = (self.targets.clone(), volume.export_name());
+        Monitor { targets, volume: volume.clone(), export, index, flags: flags.clone() }.spawn(conn)?;
         if let Some(old) = self.devices().insert(device.to_path_buf(), Device { flags, adopted }) {
             old.flags.stop.store(true, Ordering::Relaxed);
         }
@@ -759,7 +763,7 @@ impl Drop for KernelNbdAttacher {
 impl Attacher for KernelNbdAttacher {
     fn attach(&self, volume: &VolumeId) -> Result<PathBuf> {
         let export = volume.export_name();
-        let (conn, info) = connect(&self.target, &export)?;
+        let (conn, info) = connect(&self.targets.target(volume, false)?, &export)?;
         let fd = conn.fd().as_raw_fd() as u32;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
@@ -781,7 +785,7 @@ impl Attacher for KernelNbdAttacher {
             .map(|(_, v)| u32::from_ne_bytes([v[0], v[1], v[2], v[3]]))
             .ok_or_else(|| Error::Internal("the kernel named no NBD device for the connection".into()))?;
         let device = PathBuf::from(format!("/dev/nbd{index}"));
-        self.watch(&device, index, export, Some(conn))?;
+        self.watch(&device, index, volume, Some(conn))?;
         Ok(device)
     }
 
@@ -799,7 +803,7 @@ impl Attacher for KernelNbdAttacher {
             Serving::Other(other) => {
                 Err(Error::NotFound(format!("{} serves export {other} now, not {export}", device.display())))
             }
-            Serving::Export | Serving::Unnamed => self.watch(device, index, export, None),
+            Serving::Export | Serving::Unnamed => self.watch(device, index, volume, None),
         }
     }
 
@@ -822,7 +826,7 @@ impl Attacher for KernelNbdAttacher {
     fn refresh_size(&self, volume: &VolumeId, device: &Path) -> Result<u64> {
         let index = index_of(device)?;
         let export = volume.export_name();
-        let (_conn, info) = connect(&self.target, &export)?;
+        let (_conn, info) = connect(&self.targets.target(volume, false)?, &export)?;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
         // the kernel refuses to reconfigure a device with a backend identifier unless the request names it

@@ -21,6 +21,7 @@ pub mod node;
 pub mod pvc;
 pub mod server;
 pub mod system;
+pub mod targets;
 pub mod testing;
 
 /// The CSI v1.12 messages and services, generated from the vendored `proto/csi.proto`.

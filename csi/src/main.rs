@@ -17,6 +17,7 @@ use blockmesh_csi::node::{NodeServer, NodeService};
 use blockmesh_csi::pvc::{KubePvcs, MemoryPvcs, PvcAnnotations, SERVICE_ACCOUNT_DIR};
 use blockmesh_csi::server::{self, Services};
 use blockmesh_csi::system::SystemMounter;
+use blockmesh_csi::targets::{PoolTargets, Targets, DEFAULT_NBD_PORT};
 use clap::{Parser, ValueEnum};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -44,8 +45,9 @@ struct Args {
     /// Another node's daemon, `NODE=URL` (controller; repeatable, or comma-separated in the environment).
     #[arg(long = "server-for", value_name = "NODE=URL", env = "BLOCKMESH_SERVER_FOR", value_delimiter = ',')]
     server_for: Vec<String>,
-    /// Find every node's daemon from the server pods (controller; needs --kube): Running, Ready pods labelled
-    /// app.kubernetes.io/name=blockmesh, app.kubernetes.io/component=server.
+    /// Find every node's daemon from the server pods (needs --kube): Running, Ready pods labelled
+    /// app.kubernetes.io/name=blockmesh, app.kubernetes.io/component=server. The controller routes to them; the node
+    /// plugin finds there the server of a pool's volumes (pvcPerNode storage), at POD_IP:--server-nbd-port.
     #[arg(long, env = "BLOCKMESH_DISCOVER_SERVERS", default_value_t = false, action = clap::ArgAction::Set)]
     discover_servers: bool,
     /// The namespace of the server pods (discovery).
@@ -54,6 +56,9 @@ struct Args {
     /// A discovered server's API URL; `{ip}` is its pod IP.
     #[arg(long, env = "BLOCKMESH_SERVER_URL_TEMPLATE", default_value = DEFAULT_URL_TEMPLATE)]
     server_url_template: String,
+    /// The port server pods serve NBD on (node plugin, with --discover-servers).
+    #[arg(long, env = "BLOCKMESH_SERVER_NBD_PORT", default_value_t = DEFAULT_NBD_PORT)]
+    server_nbd_port: u16,
     /// File holding the daemon's API key (controller).
     #[arg(long, env = "BLOCKMESH_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
@@ -140,15 +145,28 @@ async fn main() -> Result<()> {
     }
     if matches!(args.mode, Mode::Node | Mode::All) {
         let node = args.node_id.clone().context("--node-id (NODE_NAME) is needed by the node plugin")?;
-        let target = match (&args.nbd_socket, &args.nbd_address) {
-            (Some(p), _) => NbdTarget::Unix(p.clone()),
-            (None, Some(a)) => NbdTarget::Tcp(a.clone()),
-            (None, None) => bail!("the node plugin needs --nbd-socket or --nbd-address"),
+        let local = match (&args.nbd_socket, &args.nbd_address) {
+            (Some(p), _) => Some(NbdTarget::Unix(p.clone())),
+            (None, Some(a)) => Some(NbdTarget::Tcp(a.clone())),
+            (None, None) => None,
+        };
+        let targets: Arc<dyn Targets> = match (args.discover_servers, local) {
+            (true, local) => {
+                if !args.kube {
+                    bail!("--discover-servers needs the Kubernetes API (--kube)");
+                }
+                let api =
+                    KubeApi::in_cluster(SERVICE_ACCOUNT_DIR.as_ref()).context("the Kubernetes API (discovery)")?;
+                let pods = KubeServerPods::new(api, &args.server_namespace, &args.server_url_template)?.pods_only();
+                Arc::new(PoolTargets::new(local, Box::new(pods), args.server_nbd_port))
+            }
+            (false, Some(local)) => Arc::new(local),
+            (false, None) => bail!("the node plugin needs --nbd-socket or --nbd-address (or --discover-servers)"),
         };
         let svc = NodeService::new(
             &node,
             &args.state_dir,
-            Arc::new(KernelNbdAttacher::new(target)),
+            Arc::new(KernelNbdAttacher::new(targets)),
             Arc::new(SystemMounter),
         )?;
         services.node = Some(NodeServer(Arc::new(svc)));

@@ -341,10 +341,14 @@ impl NodeService {
     }
 
     /// Refuses a volume whose id names another node's daemon (`FAILED_PRECONDITION`): its pool is not this node's,
-    /// and the node's NBD socket serves this node's pool only. Ids without a node pass (the default daemon's).
+    /// and the node's NBD socket serves this node's pool only. Ids without a node pass (the default daemon's), and
+    /// so do ids of a pool (`pool=PVC`): its server is reached over the network wherever it runs
+    /// ([`crate::targets`]).
     pub fn check_node(&self, volume_id: &str) -> Result<()> {
         let Ok(id) = VolumeId::parse(volume_id) else { return Ok(()) };
         match id.node {
+            // a pool's volume is reached over the network wherever its server runs
+            Some(home) if crate::ids::pool_of(&home).is_some() => Ok(()),
             Some(node) if node != self.node_id => Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is on node {node}'s blockmesh server; this is node {}: it can only be used on \
                  node {node}",

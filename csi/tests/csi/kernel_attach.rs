@@ -4,6 +4,7 @@
 //! run only as root where /dev/nbd0 exists (the nbd module loaded); elsewhere they say why they did not run. The
 //! NBD handshake they start with runs everywhere.
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
 
 use crate::common::Daemon;
 use blockmesh_csi::ids::VolumeId;
@@ -54,7 +55,7 @@ fn kernel_nbd_attach_writes_reach_the_volume() {
     let dir = tempfile::tempdir().unwrap();
     let d = Daemon::start(dir.path());
     d.client().init("admin/kern", &["__default__"], 16 << 20).unwrap();
-    let attacher = KernelNbdAttacher::new(NbdTarget::Unix(d.nbd_socket.clone()));
+    let attacher = KernelNbdAttacher::new(Arc::new(NbdTarget::Unix(d.nbd_socket.clone())));
     let volume = VolumeId::parse("admin/kern/__default__").unwrap();
     let dev = attacher.attach(&volume).unwrap();
     write_and_read_back(&dev, 0x42);
@@ -75,13 +76,13 @@ fn kernel_nbd_adopted_devices_survive_a_server_restart() {
     d.client().init("admin/adopt", &["__default__"], 16 << 20).unwrap();
     let target = NbdTarget::Unix(d.nbd_socket.clone());
     let volume = VolumeId::parse("admin/adopt/__default__").unwrap();
-    let first = KernelNbdAttacher::new(target.clone());
+    let first = KernelNbdAttacher::new(Arc::new(target.clone()));
     let dev = first.attach(&volume).unwrap();
     write_and_read_back(&dev, 0x17);
     // the node plugin restarts: its monitor ends (and closes its socket); the kernel keeps the device
     drop(first);
     std::thread::sleep(MONITOR_INTERVAL * 3);
-    let second = KernelNbdAttacher::new(target);
+    let second = KernelNbdAttacher::new(Arc::new(target));
     let before = second.condition(&dev).unwrap();
     assert!(before.abnormal && before.message.contains("not watched"), "{before:?}");
     second.adopt(&volume, &dev).unwrap();
@@ -92,7 +93,7 @@ fn kernel_nbd_adopted_devices_survive_a_server_restart() {
     let index = dev.file_name().unwrap().to_str().unwrap().trim_start_matches("nbd").to_string();
     if std::path::Path::new(&format!("/sys/block/nbd{index}/backend")).exists() {
         let other = VolumeId::parse("admin/other/__default__").unwrap();
-        let refused = KernelNbdAttacher::new(NbdTarget::Unix(d.nbd_socket.clone())).adopt(&other, &dev);
+        let refused = KernelNbdAttacher::new(Arc::new(NbdTarget::Unix(d.nbd_socket.clone()))).adopt(&other, &dev);
         assert!(matches!(refused, Err(blockmesh_csi::Error::NotFound(_))), "{refused:?}");
     }
     // the server restarts: I/O waits for the adopted device's monitor to reconnect

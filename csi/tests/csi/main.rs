@@ -11,5 +11,6 @@ mod manifests;
 mod multi_node;
 mod node_restart;
 mod node_stage_publish;
+mod pool_moves;
 mod qos;
 mod snapshots_clones;

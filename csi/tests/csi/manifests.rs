@@ -97,12 +97,20 @@ fn snapshot_classes_and_cross_file_names_agree() {
         controller_may("list", "persistentvolumeclaims", "blockmesh", &docs),
         "the controller cannot list the pool PVCs"
     );
+    // the node plugin finds the server of a pool's volumes from the pods too
+    assert!(text.contains("--discover-servers=true"));
+    assert!(may("blockmesh-csi-node", "list", "pods", "blockmesh", &docs), "the node plugin cannot list pods");
+    assert!(!may("blockmesh-csi-node", "list", "persistentvolumeclaims", "blockmesh", &docs), "no more than it needs");
 }
 
 /// Whether the controller's service account may `verb` core `resource` in `namespace`: a Role there or a
 /// ClusterRole bound to it (RoleBinding in the namespace, or ClusterRoleBinding).
 fn controller_may(verb: &str, resource: &str, namespace: &str, docs: &[(String, serde_yaml::Value)]) -> bool {
-    let sa = "blockmesh-csi-controller";
+    may("blockmesh-csi-controller", verb, resource, namespace, docs)
+}
+
+/// Whether service account `sa` of namespace `blockmesh` may `verb` core `resource` in `namespace`.
+fn may(sa: &str, verb: &str, resource: &str, namespace: &str, docs: &[(String, serde_yaml::Value)]) -> bool {
     let grants = |role: &serde_yaml::Value| {
         role["rules"].as_sequence().into_iter().flatten().any(|r| {
             let has = |k: &str, v: &str| {

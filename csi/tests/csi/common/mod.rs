@@ -143,7 +143,7 @@ pub fn vid(id: &str) -> String {
 
 /// Serves `services` on `csi.sock` in `dir`: the socket, a channel to it, and what stops the server when sent or
 /// dropped.
-async fn serve_in(dir: &Path, services: Services) -> (PathBuf, Channel, tokio::sync::oneshot::Sender<()>) {
+pub async fn serve_in(dir: &Path, services: Services) -> (PathBuf, Channel, tokio::sync::oneshot::Sender<()>) {
     let socket = dir.join("csi.sock");
     let listener = server::bind(&socket).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
