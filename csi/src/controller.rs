@@ -439,13 +439,24 @@ impl ControllerService {
             .map_err(|e| Error::Internal(format!("daemon request task failed: {e}")))?
     }
 
-    /// Runs blocking work on node `node`'s daemon (`None`: the default daemon's).
+    /// Runs blocking work on node `node`'s daemon (`None`: the default daemon's). A daemon that cannot be reached
+    /// makes the next call list the server pods again ([`Daemons::suspect`]).
     async fn on<T: Send + 'static>(
         &self,
         node: Option<String>,
         f: impl FnOnce(&DaemonClient) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.run(move |ds| f(&*ds.get(node.as_deref())?)).await
+        self.run(move |ds| {
+            let d = ds.get(node.as_deref())?;
+            let out = f(&d);
+            if let Err(Error::Unreachable { url, .. }) = &out {
+                // its server may have moved (a pool adopted elsewhere, a restarted pod with a new IP): the retry of
+                // this call finds out at once rather than after the discovery cache's age
+                ds.suspect(url);
+            }
+            out
+        })
+        .await
     }
 
     /// The topology of a volume on `node`'s daemon (`None`: the default daemon's node, when known). A volume on a

@@ -268,6 +268,9 @@ struct Cache {
     unserved_pools: BTreeSet<String>,
     /// Why the last listing failed (the older map is used meanwhile).
     error: Option<String>,
+    /// A server of the map could not be reached: the next lookup lists the pods again (at most every
+    /// [`MIN_REFRESH_INTERVAL`]) instead of waiting for [`DISCOVERY_TTL`].
+    suspect: bool,
 }
 
 #[derive(Debug)]
@@ -286,7 +289,7 @@ impl Discovery {
         let age = cache.at.map(|at| at.elapsed());
         let keep = match age {
             None => false,
-            Some(age) if force => age < MIN_REFRESH_INTERVAL,
+            Some(age) if force || cache.suspect => age < MIN_REFRESH_INTERVAL,
             Some(age) => age < DISCOVERY_TTL,
         };
         if !keep {
@@ -347,6 +350,7 @@ impl Discovery {
                     cache.down = down;
                     cache.unserved_pools = unserved_pools;
                     cache.error = None;
+                    cache.suspect = false;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "listing the blockmesh server pods failed; the servers known stay");
@@ -491,6 +495,20 @@ impl Daemons {
                 ),
             })
         })
+    }
+
+    /// A call to the server at `url` could not reach it: if discovery found it, the next lookup lists the server
+    /// pods again (its pod may have gone, or its pool moved to another node's server) rather than use the cached
+    /// map until it is [`DISCOVERY_TTL`] old. Servers named by hand are not listed: nothing changes for them.
+    pub fn suspect(&self, url: &str) {
+        let Some(d) = &self.discovery else { return };
+        let mut cache = d.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let url = url.trim_end_matches('/');
+        let known = cache.nodes.values().chain(cache.pools.values().map(|(_, c)| c)).any(|c| c.url() == url);
+        if known && !cache.suspect {
+            tracing::info!(url, "a discovered blockmesh server cannot be reached; the server pods are listed again");
+            cache.suspect = true;
+        }
     }
 
     /// Where a volume placed on `node` lives: `pool=PVC` when the server there serves a pool PVC (`pvcPerNode`
@@ -699,7 +717,11 @@ mod tests {
         assert_eq!(d.all().len(), 2);
         // a pool nobody serves: UNAVAILABLE, naming the PVC
         set(&[("node-a", "http://10.0.0.1:1")], &[("pvc-a", "node-a", "10.0.0.1")]);
-        std::thread::sleep(DISCOVERY_TTL);
+        std::thread::sleep(MIN_REFRESH_INTERVAL);
+        assert_eq!(d.get(Some("pool=pvc-b"))?.url(), "http://10.0.0.9:1", "cached until it is suspected");
+        d.suspect("http://10.0.0.77:1/");
+        assert!(d.get(Some("pool=pvc-b")).is_ok(), "a server discovery never named changes nothing");
+        d.suspect("http://10.0.0.9:1/");
         match d.get(Some("pool=pvc-b")) {
             Err(Error::Unavailable(m)) => assert!(m.contains("pool PVC pvc-b"), "{m}"),
             other => panic!("{other:?}"),

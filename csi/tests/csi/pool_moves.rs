@@ -3,13 +3,14 @@
 //! `node-b`, found through a discovery the test sets. A volume placed on `node-b` is homed on `pvc-b` (id
 //! `pool=pvc-b:...`, no topology); then `node-b` goes away and `pvc-b`'s pool comes back on a new server on
 //! `node-a` (the same pool directory, new ports): every call on the volume, its snapshots and clones goes there,
-//! the node plugin of `node-a` stages it, and the NBD server it resolves for it is the new one.
+//! the node plugin of `node-a` stages it, and the NBD server it resolves for it is the new one. A second move with
+//! no moment unserved is found by the retry of the first call that cannot reach the old server.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use crate::common::{code, create_req, on_nodes, serve_in, Daemon, SECOND_NODE, SERVER_NODE};
 use blockmesh_csi::controller::ControllerService;
-use blockmesh_csi::daemons::{Daemons, PoolServer, ServerPods, Servers, DISCOVERY_TTL};
+use blockmesh_csi::daemons::{Daemons, PoolServer, ServerPods, Servers, DISCOVERY_TTL, MIN_REFRESH_INTERVAL};
 use blockmesh_csi::identity::IdentityService;
 use blockmesh_csi::ids::VolumeId;
 use blockmesh_csi::kernel::{probe_export, NbdTarget};
@@ -126,7 +127,7 @@ async fn a_volume_follows_its_pool_to_the_node_that_adopts_it() {
     assert!(err.message().contains("pool PVC pvc-b"), "{}", err.message());
     let moved = tokio::task::block_in_place(|| Daemon::start(&data_b));
     pods.serve("pvc-b", SERVER_NODE, &moved);
-    tokio::time::sleep(blockmesh_csi::daemons::MIN_REFRESH_INTERVAL).await;
+    tokio::time::sleep(MIN_REFRESH_INTERVAL).await;
 
     // every call on the volume finds it on node-a now, under the same id
     let got = c
@@ -189,9 +190,26 @@ async fn a_volume_follows_its_pool_to_the_node_that_adopts_it() {
     let info = tokio::task::block_in_place(|| probe_export(&target, &id.export_name())).unwrap();
     assert_eq!(info.size_bytes, 16 << 20, "the grown volume, served by the pool's new server");
 
+    // the pool moves again, with no moment unserved (so nothing makes the controller list the pods at once): the
+    // first call finds its old server gone and says so; its retry finds the new one, well within the cache's age
+    let mut moved = moved;
+    let old_api = moved.api.clone();
+    tokio::task::block_in_place(|| {
+        moved.child.kill().unwrap();
+        moved.child.wait().unwrap();
+    });
+    let moved = tokio::task::block_in_place(|| Daemon::start(&data_b));
+    pods.serve("pvc-b", SECOND_NODE, &moved);
+    let first = c.create_snapshot(snap_req("racing", &v.volume_id)).await;
+    if moved.api != old_api {
+        assert_eq!(code(first), Code::Unavailable);
+    }
+    tokio::time::sleep(MIN_REFRESH_INTERVAL).await;
+    let racing = c.create_snapshot(snap_req("racing", &v.volume_id)).await.unwrap().into_inner().snapshot.unwrap();
+
     // DeleteVolume of the clone, then of the snapshots and the volume: all on the moved pool
     c.delete_volume(pb::DeleteVolumeRequest { volume_id: clone.volume_id, ..Default::default() }).await.unwrap();
-    for s in [&snap.snapshot_id, &after.snapshot_id] {
+    for s in [&snap.snapshot_id, &after.snapshot_id, &racing.snapshot_id] {
         c.delete_snapshot(pb::DeleteSnapshotRequest { snapshot_id: s.clone(), ..Default::default() }).await.unwrap();
     }
     c.delete_volume(pb::DeleteVolumeRequest { volume_id: v.volume_id.clone(), ..Default::default() }).await.unwrap();
