@@ -734,6 +734,16 @@ impl KernelNbdAttacher {
         Self { targets, devices: Mutex::new(HashMap::new()) }
     }
 
+    /// Connects to `volume`'s server: where it was last known, and if that fails, where it is now (its pool may
+    /// have moved since).
+    fn connect(&self, volume: &VolumeId, export: &str) -> Result<(Conn, ExportInfo)> {
+        let known = self.targets.target(volume, false)?;
+        connect(&known, export).or_else(|e| match self.targets.target(volume, true) {
+            Ok(now) if now != known => connect(&now, export),
+            _ => Err(e),
+        })
+    }
+
     fn devices(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Device>> {
         self.devices.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -763,7 +773,7 @@ impl Drop for KernelNbdAttacher {
 impl Attacher for KernelNbdAttacher {
     fn attach(&self, volume: &VolumeId) -> Result<PathBuf> {
         let export = volume.export_name();
-        let (conn, info) = connect(&self.targets.target(volume, false)?, &export)?;
+        let (conn, info) = self.connect(volume, &export)?;
         let fd = conn.fd().as_raw_fd() as u32;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
@@ -826,7 +836,7 @@ impl Attacher for KernelNbdAttacher {
     fn refresh_size(&self, volume: &VolumeId, device: &Path) -> Result<u64> {
         let index = index_of(device)?;
         let export = volume.export_name();
-        let (_conn, info) = connect(&self.targets.target(volume, false)?, &export)?;
+        let (_conn, info) = self.connect(volume, &export)?;
         let mut nl = Netlink::open()?;
         let family = nl.family(NBD_FAMILY)?;
         // the kernel refuses to reconfigure a device with a backend identifier unless the request names it
