@@ -33,9 +33,14 @@ impl KubeApi {
         let host = var("KUBERNETES_SERVICE_HOST")?;
         let port = var("KUBERNETES_SERVICE_PORT")?;
         let host = if host.contains(':') { format!("[{host}]") } else { host };
+        Self::new(&format!("https://{host}:{port}"), sa_dir)
+    }
+
+    /// The API server at `base` (`https://HOST:PORT`), trusted by `sa_dir/ca.crt`, with the token `sa_dir/token`.
+    pub fn new(base: &str, sa_dir: &Path) -> Result<Self> {
         let tls = crate::daemon::trusting_ca(&sa_dir.join("ca.crt"))?;
         let agent = ureq::AgentBuilder::new().timeout(KUBE_TIMEOUT).tls_config(tls).build();
-        Ok(Self { base: format!("https://{host}:{port}"), token_file: sa_dir.join("token"), agent })
+        Ok(Self { base: base.trim_end_matches('/').to_string(), token_file: sa_dir.join("token"), agent })
     }
 
     /// `GET path` (with its query), the answer's body; `None` on 404. `what` names the read in errors.

@@ -7,6 +7,7 @@ mod common;
 
 mod controller_volumes;
 mod kernel_attach;
+mod kube_api;
 mod manifests;
 mod multi_node;
 mod node_restart;
