@@ -177,6 +177,11 @@ impl KubePvcs {
     pub fn in_cluster(sa_dir: &std::path::Path) -> Result<Self> {
         Ok(Self { api: crate::kube::KubeApi::in_cluster(sa_dir)? })
     }
+
+    /// The PVCs of the API server `api`.
+    pub fn new(api: crate::kube::KubeApi) -> Self {
+        Self { api }
+    }
 }
 
 impl PvcAnnotations for KubePvcs {

@@ -1,7 +1,8 @@
 //! The driver's reads of the Kubernetes API over HTTPS, against a fake API server (issue #10): the server pods and
 //! pool PVCs that discovery lists ([`KubeServerPods`]), with the service account's token (read again for every
 //! request: the kubelet rotates it) and its CA (an API server it does not sign is refused). The fake answers
-//! what a real one would for the paths the driver asks; it records each request's path and token.
+//! what a real one would for the paths the driver asks; it records each request's path and token. The PVC a
+//! `CreateVolume` names is read the same way ([`KubePvcs`]).
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use blockmesh_csi::daemons::{KubeServerPods, ServerPods, DEFAULT_URL_TEMPLATE};
 use blockmesh_csi::kube::KubeApi;
+use blockmesh_csi::pvc::{KubePvcs, PvcAnnotations};
 use serde_json::json;
 use tokio_rustls::rustls;
 
@@ -41,8 +43,14 @@ fn pvcs_json() -> serde_json::Value {
     json!({"kind": "PersistentVolumeClaimList", "apiVersion": "v1", "items": [pvc("pvc-a"), pvc("pvc-b"), pvc("pvc-c")]})
 }
 
+fn claim_json() -> serde_json::Value {
+    json!({"kind": "PersistentVolumeClaim", "apiVersion": "v1", "metadata": {"name": "claim", "namespace": "apps",
+        "annotations": {"dotmeshName": "db", "blockmesh.io/subdot": "logs", "volume.kubernetes.io/selected-node": "node-a"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}})
+}
+
 /// A fake API server on 127.0.0.1 with TLS: answers the server pods and pool PVCs of namespace `blockmesh`
-/// (only with a token), 404 otherwise. Its CA certificate (PEM) and URL.
+/// and PVC `apps/claim` (only with a token), 404 otherwise. Its CA certificate (PEM) and URL.
 fn fake_api_server(seen: Seen) -> (String, String) {
     let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
     let ca_pem = cert.cert.pem();
@@ -88,6 +96,7 @@ fn fake_api_server(seen: Seen) -> (String, String) {
                     _ if token.is_empty() => ("401 Unauthorized", json!({"kind": "Status", "code": 401})),
                     Some("/api/v1/namespaces/blockmesh/pods") => ("200 OK", pods_json()),
                     Some("/api/v1/namespaces/blockmesh/persistentvolumeclaims") => ("200 OK", pvcs_json()),
+                    None if path == "/api/v1/namespaces/apps/persistentvolumeclaims/claim" => ("200 OK", claim_json()),
                     _ => ("404 Not Found", json!({"kind": "Status", "code": 404})),
                 };
                 let body = body.to_string();
@@ -167,4 +176,25 @@ fn an_api_server_the_service_accounts_ca_does_not_sign_is_refused() {
     let e = pods.servers().unwrap_err().to_string();
     assert!(e.contains("server pods"), "{e}");
     assert!(seen.lock().unwrap().is_empty(), "the token never reached a server it does not trust");
+}
+
+#[test]
+fn a_pvcs_annotations_are_read_over_https() {
+    let seen: Seen = Arc::default();
+    let (ca, url) = fake_api_server(seen.clone());
+    let dir = tempfile::tempdir().unwrap();
+    service_account(dir.path(), &ca, "token-p");
+    let pvcs = KubePvcs::new(KubeApi::new(&url, dir.path()).unwrap());
+    let a = pvcs.annotations("apps", "claim").unwrap();
+    assert_eq!(a.get("dotmeshName").map(String::as_str), Some("db"));
+    assert_eq!(a.get("blockmesh.io/subdot").map(String::as_str), Some("logs"));
+    assert_eq!(
+        seen.lock().unwrap().as_slice(),
+        [("/api/v1/namespaces/apps/persistentvolumeclaims/claim".to_string(), "token-p".to_string())]
+    );
+    // a PVC that is not there: NOT_FOUND naming it; a name that is no name: refused before any request
+    let e = pvcs.annotations("apps", "gone").unwrap_err();
+    assert!(matches!(e, blockmesh_csi::Error::NotFound(ref m) if m.contains("apps/gone")), "{e}");
+    assert!(pvcs.annotations("apps", "../../secrets").is_err());
+    assert_eq!(seen.lock().unwrap().len(), 2);
 }
