@@ -64,12 +64,25 @@ lines += ["", f"Anchor: {anchor['iops']:.0f} IOPS, write amplification {anchor['
           "own: headers and checkpoints).", "",
           "Bound: greedy cleaning under uniform random overwrites settles where the live share u of the victims solves "
           "a = (u - 1) / ln u, a being the live share of the space the log may use (Bux & Iliadis 2010, Desnoyers "
-          "2012), and copies 1/(1 - u) blocks per block written: write amplification 2.7 at a = 0.8, 2.0 only at "
+          "2012), and writes 1/(1 - u) blocks per block written, u/(1 - u) of them copies: write amplification 2.7 at a = 0.8, 2.0 only at "
           "a = 0.72. No victim choice gets uniform traffic at 80% to 2.0; the target is below that bound. The cleaner "
           "cleans a victim or two just in time, fewest live blocks first (see CLEAN_AHEAD_BLOCKS)."]
 hi = [r for r in rows if r is not anchor and r not in bursts and r["target_util"] == 0.8 and r["commits"] == 0]
 if hi:
     r = hi[0]
+    # The live share a the log really had, from the copies it made: greedy copies c = u / (1 - u) per block written,
+    # so u = c / (1 + c) and a = (u - 1) / ln u. The row's volume is 0.8 of the pool less its checkpoint reserve.
+    import math
+    c = r["moved_per_client_block"]
+    u = c / (1 + c)
+    a_eff = (u - 1) / math.log(u)
+    slack_mib = r["volume_mib"] / 0.8 - r["volume_mib"] / a_eff
+    lines += ["", f"Against that bound: the 80% row copied {c:.3f} blocks per block written, which is "
+              f"greedy's figure at a = {a_eff:.3f}: the cleaner is at the "
+              f"greedy bound for the space the log really had. The row's volume is 0.8 of the pool less its "
+              f"checkpoint reserve; the {slack_mib:.0f} MiB between the two are the log's own working room (the open "
+              "segment, segments emptied and waiting for a sync, the cleaner's spare segments, the index's blocks). "
+              "Going below the bound needs knowledge greedy lacks (which blocks are hot), and uniform traffic has none."]
     need = 0.7 * anchor["iops"] * r["wa"] * 4096 / 1e6
     disk = float(sys.argv[3])
     w_max = disk * 1e6 / (0.7 * anchor["iops"] * 4096)
