@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::daemon::DaemonClient;
-use crate::ids::{pool_home, pool_of, validate_home, validate_node};
+use crate::ids::{pool_home, pool_of, validate_node, validate_pvc};
 use crate::kube::KubeApi;
 use crate::{Error, Result};
 
@@ -41,8 +41,42 @@ pub const DEFAULT_URL_TEMPLATE: &str = "http://{ip}:32607";
 
 /// A server's API URL: `template` with `{ip}` replaced by `ip` (bracketed when it is IPv6).
 pub fn server_url(template: &str, ip: &str) -> String {
-    let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
-    template.replace("{ip}", &host)
+    template.replace("{ip}", &url_host(ip))
+}
+
+/// A pod IP as the host part of a URL or `host:port`: an IPv6 address in brackets.
+pub fn url_host(ip: &str) -> String {
+    if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    }
+}
+
+/// Whether a map of the server pods listed at `at` is listed again now: when never listed or older than
+/// [`DISCOVERY_TTL`], or, when `soon` (something asked for is missing or could not be reached), older than
+/// [`MIN_REFRESH_INTERVAL`]. Shared by the controller's registry and the node plugin's [`crate::targets`].
+pub(crate) fn list_again(at: Option<Instant>, soon: bool) -> bool {
+    match at.map(|at| at.elapsed()) {
+        None => true,
+        Some(age) if soon => age >= MIN_REFRESH_INTERVAL,
+        Some(age) => age >= DISCOVERY_TTL,
+    }
+}
+
+/// `UNAVAILABLE` for pool PVC `pvc` that no server serves now; `listing_error`: why the last listing of the server
+/// pods failed, if it did.
+pub(crate) fn no_pool_server(pvc: &str, listing_error: Option<&str>) -> Error {
+    Error::Unavailable(format!(
+        "no blockmesh server serves pool PVC {pvc} now (its node went away and no node has adopted it yet, or its \
+         server pod is starting){}",
+        listing_failed(listing_error)
+    ))
+}
+
+/// ` (listing the server pods failed: E)` for messages, or nothing.
+fn listing_failed(error: Option<&str>) -> String {
+    error.map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default()
 }
 
 /// What one listing of the server pods says.
@@ -152,16 +186,15 @@ pub fn parse_server_pods(body: &[u8], template: &str) -> Result<Servers> {
         };
         let created = s(pod, "/metadata/creationTimestamp").unwrap_or_default();
         let url = server_url(template, &ip);
-        match pvc.map(|p| (p, validate_home(&crate::ids::pool_home(p)))) {
-            Some((pvc, Err(e))) => tracing::warn!(pod = name, pvc, error = %e, "pool PVC of a server pod skipped"),
-            Some((pvc, Ok(()))) => {
+        if let Some(pvc) = pvc {
+            if let Err(e) = validate_pvc(pvc) {
+                tracing::warn!(pod = name, pvc, error = %e, "pool PVC of a server pod skipped");
+            } else if pools.get(pvc).is_none_or(|have| (&have.0, &have.1) < (&created, &name))
+                && (pools.len() < MAX_SERVERS || pools.contains_key(pvc))
+            {
                 let server = PoolServer { node: node.clone(), ip: ip.clone(), url: url.clone() };
-                let newer = pools.get(pvc).is_none_or(|have| (&have.0, &have.1) < (&created, &name));
-                if newer && (pools.len() < MAX_SERVERS || pools.contains_key(pvc)) {
-                    pools.insert(pvc.to_string(), (created.clone(), name.clone(), server));
-                }
+                pools.insert(pvc.to_string(), (created.clone(), name.clone(), server));
             }
-            None => {}
         }
         let candidate = (created, name, url);
         match best.get(&node) {
@@ -286,13 +319,7 @@ impl Discovery {
     /// [`MIN_REFRESH_INTERVAL`]. A failed listing keeps the older map (logged; its error is kept for messages).
     fn current(&self, force: bool) -> Known {
         let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let age = cache.at.map(|at| at.elapsed());
-        let keep = match age {
-            None => false,
-            Some(age) if force || cache.suspect => age < MIN_REFRESH_INTERVAL,
-            Some(age) => age < DISCOVERY_TTL,
-        };
-        if !keep {
+        if list_again(cache.at, force || cache.suspect) {
             match self.pods.servers() {
                 Ok(Servers { serving, down, unserved_pools, pools, .. }) => {
                     // a client per URL, kept from the last listing when its URL is the same
@@ -481,19 +508,12 @@ impl Daemons {
         }
         // without discovery nothing can have changed since
         let known = if self.discovery.is_some() { self.known(true) } else { known };
-        find(&known).ok_or_else(|| {
-            let why = known.error.map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default();
-            Error::Unavailable(match pool_of(home) {
-                Some(pvc) => format!(
-                    "no blockmesh server serves pool PVC {pvc} now (its node went away and no node has adopted it \
-                     yet, or its server pod is starting){why}"
-                ),
-                None => format!(
-                    "no blockmesh server is known on node {node} now (its server pod is not running or not ready?)\
-                     {why}",
-                    node = home
-                ),
-            })
+        find(&known).ok_or_else(|| match pool_of(home) {
+            Some(pvc) => no_pool_server(pvc, known.error.as_deref()),
+            None => Error::Unavailable(format!(
+                "no blockmesh server is known on node {home} now (its server pod is not running or not ready?){}",
+                listing_failed(known.error.as_deref())
+            )),
         })
     }
 

@@ -70,9 +70,14 @@ pub fn validate_node(node: &str) -> Result<()> {
 /// Checks a home: a node ([`validate_node`]) or `pool=PVC`, a PVC name being a DNS subdomain too.
 pub fn validate_home(home: &str) -> Result<()> {
     match pool_of(home) {
-        Some(pvc) => validate_dns_name("pool PVC", "a Kubernetes PVC name", pvc),
+        Some(pvc) => validate_pvc(pvc),
         None => validate_node(home),
     }
+}
+
+/// Checks a pool PVC's name: a DNS subdomain, as a node's.
+pub fn validate_pvc(pvc: &str) -> Result<()> {
+    validate_dns_name("pool PVC", "a Kubernetes PVC name", pvc)
 }
 
 /// A DNS subdomain: lower-case alphanumerics, `-` and `.`, alphanumeric at both ends, at most [`MAX_NODE_BYTES`].

@@ -347,7 +347,6 @@ impl NodeService {
     pub fn check_node(&self, volume_id: &str) -> Result<()> {
         let Ok(id) = VolumeId::parse(volume_id) else { return Ok(()) };
         match id.node {
-            // a pool's volume is reached over the network wherever its server runs
             Some(home) if crate::ids::pool_of(&home).is_some() => Ok(()),
             Some(node) if node != self.node_id => Err(Error::FailedPrecondition(format!(
                 "volume {volume_id} is on node {node}'s blockmesh server; this is node {}: it can only be used on \

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::daemons::{ServerPods, DISCOVERY_TTL, MIN_REFRESH_INTERVAL};
+use crate::daemons::{list_again, no_pool_server, url_host, ServerPods};
 use crate::ids::{pool_of, VolumeId};
 use crate::kernel::NbdTarget;
 use crate::{Error, Result};
@@ -58,17 +58,11 @@ impl PoolTargets {
         Self { local, pods, nbd_port, cache: Mutex::new(Cache::default()) }
     }
 
-    /// The IP of pool `pvc`'s server, listing the pods again when the map is older than [`DISCOVERY_TTL`], or
-    /// when `force` (or the pool is not known) and it is older than [`MIN_REFRESH_INTERVAL`].
+    /// The IP of pool `pvc`'s server, listing the pods again as [`list_again`] says (soon when `force` or the pool
+    /// is not known).
     fn pool_ip(&self, pvc: &str, force: bool) -> Result<String> {
         let mut cache = self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let age = cache.at.map(|at| at.elapsed());
-        let stale = |c: &Cache, force: bool| match age {
-            None => true,
-            Some(age) if force || !c.pools.contains_key(pvc) => age >= MIN_REFRESH_INTERVAL,
-            Some(age) => age >= DISCOVERY_TTL,
-        };
-        if stale(&cache, force) {
+        if list_again(cache.at, force || !cache.pools.contains_key(pvc)) {
             match self.pods.servers() {
                 Ok(servers) => {
                     cache.pools = servers.pools.into_iter().map(|(pvc, s)| (pvc, s.ip)).collect();
@@ -81,14 +75,7 @@ impl PoolTargets {
             }
             cache.at = Some(Instant::now());
         }
-        cache.pools.get(pvc).cloned().ok_or_else(|| {
-            let why =
-                cache.error.as_ref().map(|e| format!(" (listing the server pods failed: {e})")).unwrap_or_default();
-            Error::Unavailable(format!(
-                "no blockmesh server serves pool PVC {pvc} now (its node went away and no node has adopted it yet, \
-                 or its server pod is starting){why}"
-            ))
-        })
+        cache.pools.get(pvc).cloned().ok_or_else(|| no_pool_server(pvc, cache.error.as_deref()))
     }
 }
 
@@ -97,8 +84,7 @@ impl Targets for PoolTargets {
         match volume.node.as_deref().and_then(pool_of) {
             Some(pvc) => {
                 let ip = self.pool_ip(pvc, fresh)?;
-                let host = if ip.contains(':') { format!("[{ip}]") } else { ip };
-                Ok(NbdTarget::Tcp(format!("{host}:{}", self.nbd_port)))
+                Ok(NbdTarget::Tcp(format!("{}:{}", url_host(&ip), self.nbd_port)))
             }
             None => self.local.clone().ok_or_else(|| {
                 Error::FailedPrecondition(format!(
@@ -115,7 +101,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::daemons::{PoolServer, Servers};
+    use crate::daemons::{PoolServer, Servers, MIN_REFRESH_INTERVAL};
 
     /// Server pods a test sets, counting the listings.
     #[derive(Debug)]
