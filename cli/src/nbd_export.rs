@@ -227,6 +227,19 @@ impl Export for VolumeExport {
         })
     }
 
+    fn try_write_now(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<bool> {
+        if fua {
+            return Ok(false); // its flush waits for the disk
+        }
+        let started = Instant::now();
+        let r = self.volume.try_write_now(offset, data);
+        // a declined attempt is not a request: the blocking write that follows counts it
+        if let Ok(true) | Err(_) = &r {
+            self.count(NbdOp::Write, data.len() as u64, started, r.is_ok());
+        }
+        r.map_err(to_export_error)
+    }
+
     fn flush(&self) -> ExportResult<()> {
         self.timed(NbdOp::Flush, 0, || self.volume.flush())
     }

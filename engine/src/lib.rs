@@ -42,7 +42,7 @@ mod usage;
 mod volume;
 
 pub use check::CheckReport;
-pub use cleaner::background::BACKGROUND_SYNC_LOG_BYTES;
+pub use cleaner::background::{BACKGROUND_CLEAN_TICK, BACKGROUND_SYNC_LOG_BYTES};
 pub use cleaner::{
     CleanStats, AUTO_CLEAN_MAX_UTILIZATION, CLEAN_MAX_UTILIZATION, MAX_CLEAN_PASSES, MAX_CLEAN_SEGMENTS_PER_PASS,
 };

@@ -232,6 +232,9 @@ pub(crate) struct State {
     pub(crate) scan_cache: crate::cleaner::ScanCache,
     /// A checkpoint whose record is written but whose superblock is not (its sync runs outside the lock) [I1].
     pub(crate) pending_checkpoint: Option<PendingCheckpoint>,
+    /// A write taken without waiting ([`crate::Volume::try_write_now`]) left a checkpoint due without beginning it:
+    /// the background thread begins it at its next look, if no write has by then.
+    pub(crate) checkpoint_left_due: bool,
     /// Checkpoints begun since the open: tells one pending checkpoint from a later one.
     pub(crate) checkpoints_begun: u64,
 }
@@ -1062,6 +1065,7 @@ impl State {
             receiving: std::collections::HashSet::new(),
             scan_cache: crate::cleaner::ScanCache::default(),
             pending_checkpoint: None,
+            checkpoint_left_due: false,
             checkpoints_begun: 0,
         }
     }
@@ -1458,13 +1462,25 @@ impl State {
     }
 
     /// Whether the log since the last checkpoint, or the dirty metadata, has grown past its bound.
-    fn checkpoint_due(&self) -> bool {
+    pub(crate) fn checkpoint_due(&self) -> bool {
         let dirty = self.dirty_metadata_blocks();
         let early = self.checkpoint_interval_blocks / EARLY_CHECKPOINT_SHARE;
         self.log.blocks_since_checkpoint >= self.checkpoint_interval_blocks
             || dirty >= self.max_dirty_metadata_blocks
             || (self.log.blocks_since_checkpoint >= early
                 && self.segs.emptied_since_checkpoint() * self.segs.blocks_per_segment >= early)
+    }
+
+    /// Whether a write taking `log_blocks` of the log can run without waiting (for [`crate::Volume::try_write_now`]):
+    /// the log has room for it outside the checkpoint reserve (no cleaning), moving to the next segment needs no
+    /// sync for segments the cleaner emptied [I13], the log writers take the batches it may seal without waiting,
+    /// and no checkpoint is due.
+    pub(crate) fn can_write_now(&self, log_blocks: u64) -> bool {
+        let segment_sync = self.segs.moved_count() > 0 && self.segs.free_count() == self.segs.moved_count();
+        self.log.data_room_blocks(&self.segs) >= log_blocks
+            && !segment_sync
+            && self.log.can_seal_now(log_blocks)
+            && !self.checkpoint_due()
     }
 
     /// Checkpoint when the log since the last one, or the dirty metadata, has grown past its bound.

@@ -75,6 +75,15 @@ impl Volume {
         matches!(self.target, Target::Snapshot(_))
     }
 
+    /// The pool's state, or with `nowait` `None` if another thread holds it.
+    fn lock(&self, nowait: bool) -> Option<parking_lot::MutexGuard<'_, State>> {
+        if nowait {
+            self.inner.state.try_lock()
+        } else {
+            Some(self.inner.state.lock())
+        }
+    }
+
     /// The id of a writable volume, or a read-only error.
     fn writable_id(&self) -> Result<u64> {
         match self.target {
@@ -136,14 +145,7 @@ impl Volume {
     fn read_with(&self, offset: u64, buf: &mut [u8], nowait: bool) -> Result<bool> {
         let dev = &*self.inner.dev;
         let len = buf.len() as u64;
-        let mut st = if nowait {
-            match self.inner.state.try_lock() {
-                Some(st) => st,
-                None => return Ok(false),
-            }
-        } else {
-            self.inner.state.lock()
-        };
+        let Some(mut st) = self.lock(nowait) else { return Ok(false) };
         st.check_open()?;
         st.validate(self.target, &self.name, offset, len, Kind::Buffer)?;
         let (root, _) = st.target(self.target, &self.name)?;
@@ -219,23 +221,50 @@ impl Volume {
 
     /// Write `data` at `offset`. Acknowledged writes are durable after the next [`Volume::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let done = self.write_with(offset, data, false)?;
+        assert!(done, "a blocking write always completes");
+        Ok(())
+    }
+
+    /// Write `data` at `offset` only if that needs no waiting: the pool is not busy, the write covers whole blocks,
+    /// the log has room for it without cleaning, its batches find the log writers with room
+    /// ([`crate::journal::Log::can_seal_now`]), no checkpoint is due and the background thread is there to begin
+    /// the one this write may make due (it looks every [`crate::BACKGROUND_CLEAN_TICK`]; the next blocking write
+    /// begins it sooner). `Ok(true)`: done, as [`Volume::write`]; `Ok(false)`: nothing was written (call
+    /// [`Volume::write`]). Errors are those of `write`. For servers that take short writes on their event loop:
+    /// copying a few blocks into the open log batch costs less than the two thread hand-offs a blocking call takes.
+    pub fn try_write_now(&self, offset: u64, data: &[u8]) -> Result<bool> {
+        self.write_with(offset, data, true)
+    }
+
+    fn write_with(&self, offset: u64, data: &[u8], nowait: bool) -> Result<bool> {
         let dev = &*self.inner.dev;
         let gate = &self.inner.reuse_gate;
         let len = data.len() as u64;
         let id = self.writable_id()?;
+        let aligned = offset % BLOCK_SIZE == 0 && len % BLOCK_SIZE == 0;
+        if nowait && (!aligned || self.inner.checkpoint_finisher.lock().is_none()) {
+            // a read-modify-write may read the device; without the background thread nobody else begins a
+            // checkpoint this write makes due
+            return Ok(false);
+        }
         // The whole blocks' checksums (and zero tests), before the lock: concurrent writers overlap on this part.
         // Requests the validation below refuses get none (their range may not even be computable).
         let sums: Vec<BlockSum> = match offset.checked_add(len) {
             Some(_) if len > 0 && len <= MAX_IO_BYTES => whole_blocks(offset, data).map(BlockSum::of).collect(),
             _ => Vec::new(),
         };
-        let mut st = self.inner.state.lock();
+        let Some(mut st) = self.lock(nowait) else { return Ok(false) };
         st.check_writable()?;
         st.validate(self.target, &self.name, offset, len, Kind::Buffer)?;
         let first = offset / BLOCK_SIZE;
         let last = (offset + len - 1) / BLOCK_SIZE;
-        st.ensure_room(dev, gate, log_blocks_for(last - first + 1))?;
-        let mut block_buf = vec![0u8; BLOCK];
+        let log_blocks = log_blocks_for(last - first + 1);
+        if nowait && !st.can_write_now(log_blocks) {
+            return Ok(false);
+        }
+        st.ensure_room(dev, gate, log_blocks)?;
+        let mut block_buf = vec![0u8; if aligned { 0 } else { BLOCK }];
         let mut sums = sums.into_iter();
         for b in first..=last {
             let base = b * BLOCK_SIZE;
@@ -252,7 +281,14 @@ impl Volume {
                 st.write_block(dev, id, b, &block_buf)?;
             }
         }
-        crate::pool::maybe_checkpoint_unlocked(&self.inner, st)
+        if nowait {
+            // a checkpoint this write made due is begun by the background thread, or by the next write, which
+            // declines to run here while it is due
+            st.checkpoint_left_due |= st.checkpoint_due();
+            return Ok(true);
+        }
+        crate::pool::maybe_checkpoint_unlocked(&self.inner, st)?;
+        Ok(true)
     }
 
     /// Write zeroes over `[offset, offset + len)`: whole blocks become zero mappings that take no data space.

@@ -176,6 +176,15 @@ pub trait Export: Send + Sync + 'static {
     /// Writes `data` at `offset`; with `fua`, the data is durable before this returns.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()>;
 
+    /// Like [`Export::write`], but only if no lock or disk has to be waited for: `Ok(true)` when written (durable
+    /// before this returns with `fua`, as `write`), `Ok(false)` when nothing was written because it would block. The
+    /// server calls this on its event loop for short writes and falls back to `write` on a blocking thread. Must not
+    /// block; the default declines.
+    fn try_write_now(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<bool> {
+        let _ = (offset, data, fua);
+        Ok(false)
+    }
+
     /// Makes every write completed before this call durable.
     fn flush(&self) -> ExportResult<()>;
 
@@ -377,6 +386,13 @@ impl MemoryExport {
     }
 
     /// Copies `[offset, offset + buf.len())` out of `blocks`; blocks never written read as zeroes.
+    fn store(blocks: &mut BTreeMap<u64, Box<[u8]>>, offset: u64, data: &[u8]) {
+        Self::pieces(offset, data.len() as u64, |block, within, range| {
+            let b = blocks.entry(block).or_insert_with(|| vec![0u8; MEMORY_BLOCK_BYTES as usize].into_boxed_slice());
+            b[within..within + range.len()].copy_from_slice(&data[range]);
+        });
+    }
+
     fn copy_out(blocks: &BTreeMap<u64, Box<[u8]>>, offset: u64, buf: &mut [u8]) {
         Self::pieces(offset, buf.len() as u64, |block, within, range| match blocks.get(&block) {
             Some(b) => buf[range.clone()].copy_from_slice(&b[within..within + range.len()]),
@@ -441,12 +457,17 @@ impl Export for MemoryExport {
     fn write(&self, offset: u64, data: &[u8], _fua: bool) -> ExportResult<()> {
         self.writable()?;
         self.check(offset, data.len() as u64)?;
-        let mut blocks = self.blocks.write();
-        Self::pieces(offset, data.len() as u64, |block, within, range| {
-            let b = blocks.entry(block).or_insert_with(|| vec![0u8; MEMORY_BLOCK_BYTES as usize].into_boxed_slice());
-            b[within..within + range.len()].copy_from_slice(&data[range]);
-        });
+        Self::store(&mut self.blocks.write(), offset, data);
         Ok(())
+    }
+
+    fn try_write_now(&self, offset: u64, data: &[u8], _fua: bool) -> ExportResult<bool> {
+        // In memory, so durable at once; a reader or writer holding the lock means waiting, though.
+        self.writable()?;
+        self.check(offset, data.len() as u64)?;
+        let Some(mut blocks) = self.blocks.try_write() else { return Ok(false) };
+        Self::store(&mut blocks, offset, data);
+        Ok(true)
     }
 
     fn flush(&self) -> ExportResult<()> {

@@ -2,7 +2,8 @@
 //! replies written as they complete (out of order, as the protocol allows).
 //!
 //! Small reads whose bytes are at hand ([`Export::try_read_now`]) are answered on the event loop instead: no thread
-//! hand-off at all, which is most of the cost of a cached 4 KiB read.
+//! hand-off at all, which is most of the cost of a cached 4 KiB read. Small writes the export can take without
+//! waiting ([`Export::try_write_now`]) likewise, after their fair-queue slot.
 //!
 //! Bounds per connection: [`MAX_INFLIGHT_REQUESTS`] requests and [`MAX_INFLIGHT_BUFFER_BYTES`] of payload buffers
 //! between reading a request and writing its reply. When either is used up the server stops reading requests, which
@@ -35,6 +36,10 @@ const BUDGET_UNIT_BYTES: usize = 4096;
 /// Structured reads at least this long ask the export for holes and send them as `NBD_REPLY_TYPE_OFFSET_HOLE`;
 /// shorter ones are sent as data, since the lookup would cost more than the bytes.
 pub const HOLE_CHUNK_MIN_BYTES: u32 = 128 << 10;
+/// Writes up to this long are first tried on the event loop with [`Export::try_write_now`]: as for reads, copying
+/// them costs less than the two thread hand-offs of the blocking pool (4 KiB random writes to an engine volume:
+/// 2.5x the IOPS), while longer ones keep the reader free to take the next request as they run.
+pub const INLINE_WRITE_MAX_BYTES: u32 = 64 << 10;
 /// Reads up to this long are first tried on the event loop with [`Export::try_read_now`]: long enough for database
 /// pages and qcow2-sized clusters, short enough that copying them does not hold up other connections.
 pub const INLINE_READ_MAX_BYTES: u32 = 64 << 10;
@@ -240,6 +245,34 @@ impl Conn {
             }
             Err(err) => {
                 self.pool.give(buf);
+                Ok(self.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits)))
+            }
+        }
+    }
+
+    /// Tries a short write on the event loop ([`Export::try_write_now`]); its reply, or the payload and permits back
+    /// for the blocking path.
+    fn write_now(
+        &self,
+        r: &RequestHeader,
+        op: Op,
+        payload: Option<Buf>,
+        permits: Permits,
+    ) -> std::result::Result<Outgoing, (Option<Buf>, Permits)> {
+        let Op::Write { fua } = op else { return Err((payload, permits)) };
+        let data = match payload {
+            Some(data) if r.length > 0 && r.length <= INLINE_WRITE_MAX_BYTES => data,
+            other => return Err((other, permits)),
+        };
+        let done = self.export.try_write_now(r.offset, data.as_slice(), fua);
+        match done {
+            Ok(true) => {
+                self.pool.give(data);
+                Ok(self.simple(r.cookie, 0, None, Some(permits)))
+            }
+            Ok(false) => Err((Some(data), permits)),
+            Err(err) => {
+                self.pool.give(data);
                 Ok(self.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits)))
             }
         }
@@ -541,6 +574,14 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
         let slot = match &conn.fair {
             Some(fair) => Some(fair.acquire(conn.flow(), op.fair_bytes(r.length)).await),
             None => None,
+        };
+        let (payload, permits) = match conn.write_now(&r, op, payload, permits) {
+            Ok(reply) => {
+                drop(slot);
+                conn.tx.send(reply).await.map_err(|_| closed())?;
+                continue;
+            }
+            Err(back) => back,
         };
         let c = conn.clone();
         tokio::task::spawn_blocking(move || {

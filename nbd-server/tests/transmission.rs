@@ -390,3 +390,100 @@ async fn garbage_in_transmission_closes_the_connection() {
     assert_eq!(c.s.read(&mut b).await.unwrap(), 0);
     assert!(matches!(task.await.unwrap(), Err(blockmesh_nbd::Error::Protocol(_))));
 }
+
+/// An export that counts which path each write took: `try_write_now` (declining while `decline` is set, failing
+/// at offset 12288) or `write`.
+#[derive(Default)]
+struct WriteNow {
+    inner: Option<MemoryExport>,
+    now: std::sync::atomic::AtomicU64,
+    blocking: std::sync::atomic::AtomicU64,
+    decline: AtomicBool,
+}
+
+impl WriteNow {
+    fn mem(&self) -> &MemoryExport {
+        self.inner.as_ref().unwrap()
+    }
+    fn counts(&self) -> (u64, u64) {
+        (self.now.load(Ordering::SeqCst), self.blocking.load(Ordering::SeqCst))
+    }
+}
+
+impl Export for WriteNow {
+    fn size_bytes(&self) -> u64 {
+        self.mem().size_bytes()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> ExportResult<()> {
+        self.mem().read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
+        self.blocking.fetch_add(1, Ordering::SeqCst);
+        self.mem().write(offset, data, fua)
+    }
+    fn try_write_now(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<bool> {
+        if offset == 12288 {
+            return Err(ExportError::new(ErrorKind::NoSpace, "injected"));
+        }
+        if self.decline.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let done = self.mem().try_write_now(offset, data, fua)?;
+        if done {
+            self.now.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(done)
+    }
+    fn flush(&self) -> ExportResult<()> {
+        Ok(())
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> ExportResult<()> {
+        self.mem().trim(offset, len, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> ExportResult<()> {
+        self.mem().write_zeroes(offset, len, flags)
+    }
+    fn cache(&self, offset: u64, len: u64) -> ExportResult<()> {
+        self.mem().cache(offset, len)
+    }
+    fn extents(&self, offset: u64, len: u64) -> ExportResult<Vec<Extent>> {
+        self.mem().extents(offset, len)
+    }
+}
+
+/// Short writes the export takes at once are answered from the event loop; longer ones, and those it declines,
+/// go to `write`; a failure of the attempt is the write's error reply. Every byte lands either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_writes_the_export_takes_at_once_skip_the_blocking_pool() {
+    for fair_slots in [None, Some(2)] {
+        let export = Arc::new(WriteNow { inner: Some(MemoryExport::new(1 << 20)), ..WriteNow::default() });
+        let map = Arc::new(ExportMap::new());
+        map.insert("w", export.clone());
+        let server = Server::new(map, ServerConfig { fair_slots, ..ServerConfig::default() }).unwrap();
+        let (mut c, _task) = pipe(&server);
+        c.open("w", true).await;
+        let short = pattern(1, 4096);
+        assert_eq!(c.simple(0, CMD_WRITE, 0, 4096, &short).await, 0);
+        let limit = pattern(2, INLINE_WRITE_MAX_BYTES as usize);
+        assert_eq!(c.simple(CMD_FLAG_FUA, CMD_WRITE, 65536, INLINE_WRITE_MAX_BYTES, &limit).await, 0);
+        assert_eq!(export.counts(), (2, 0), "up to the limit: at once");
+        let long = pattern(3, INLINE_WRITE_MAX_BYTES as usize + 4096);
+        assert_eq!(c.simple(0, CMD_WRITE, 262144, long.len() as u32, &long).await, 0);
+        assert_eq!(export.counts(), (2, 1), "past the limit: the blocking pool");
+        export.decline.store(true, Ordering::SeqCst);
+        let declined = pattern(4, 8192);
+        assert_eq!(c.simple(0, CMD_WRITE, 4096, 8192, &declined).await, 0);
+        assert_eq!(export.counts(), (2, 2), "declined: the blocking pool");
+        assert_eq!(c.simple(0, CMD_WRITE, 12288, 4096, &short).await, ENOSPC, "the attempt's error");
+        assert_eq!(export.counts(), (2, 2), "a failed attempt is not tried again");
+        for (offset, data) in [(0u64, &short), (4096, &declined), (65536, &limit), (262144, &long)] {
+            assert_eq!(&c.read_structured(9, offset, data.len() as u32).await.unwrap(), data, "at {offset}");
+        }
+    }
+}

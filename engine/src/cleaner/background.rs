@@ -26,6 +26,9 @@
 //! checkpoint's sync, one every ~0.6 s; with this, 0.05-0.1 s). It is only a flush no client asked for: durability and
 //! the crash argument do not change.
 //!
+//! It begins a checkpoint that is due when no write did (writes taken without waiting, [`crate::Volume::try_write_now`],
+//! leave it to the next write or to this thread's next look).
+//!
 //! A second thread completes the checkpoints that writes begin ([`crate::pool::maybe_checkpoint_unlocked`]): their
 //! record is written under the lock by the write, and this thread takes the two syncs (after the record, after the
 //! superblock) outside the lock, so neither the writers nor the write that began the checkpoint wait for the disk
@@ -193,6 +196,21 @@ fn run(pool: &Weak<Inner>, stopped: &mpsc::Receiver<()>) {
             pause = BACKGROUND_SYNC_TICK;
         }
         sync_log(&inner);
+        begin_due_checkpoint(&inner);
+    }
+}
+
+/// Begin a checkpoint that a write taken without waiting ([`crate::Volume::try_write_now`]) left due, as a blocking
+/// write would have begun it, unless a write has meanwhile (checkpoints due for other reasons, such as segments the
+/// cleaner emptied, are left to writes, as before). Its syncs
+/// go to the finisher thread. A failure has failed the pool; its next op reports why.
+fn begin_due_checkpoint(inner: &Inner) {
+    let mut st = inner.state.lock();
+    if !std::mem::take(&mut st.checkpoint_left_due) {
+        return;
+    }
+    if st.check_writable().is_ok() && st.checkpoint_due() {
+        let _ = crate::pool::maybe_checkpoint_unlocked(inner, st);
     }
 }
 

@@ -258,6 +258,13 @@ impl Log {
         }
     }
 
+    /// Whether appending `blocks` more (data blocks and their ops) seals no batch that would wait for the log
+    /// writers: every batch it may seal finds room among the writes in flight.
+    pub(crate) fn can_seal_now(&self, blocks: u64) -> bool {
+        let batches = blocks.div_ceil(u64::from(MAX_BATCH_DATA_BLOCKS)) + 1;
+        self.pipeline.has_room(batches)
+    }
+
     /// Wait for every batch write in flight (before a sync).
     pub(crate) fn drain(&mut self) -> Result<()> {
         self.pipeline.drain()

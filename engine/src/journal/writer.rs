@@ -133,6 +133,12 @@ impl Pipeline {
         Ok(self.free.pop().unwrap_or_else(|| AlignedBuf::zeroed(self.buffer_bytes)))
     }
 
+    /// Whether `batches` more submissions would all return without waiting: there are writer threads (without,
+    /// each submission writes in the caller), and the writes in flight, finished or not, leave room for them.
+    pub(crate) fn has_room(&self, batches: u64) -> bool {
+        self.jobs.is_some() && self.pending.len() as u64 + batches < MAX_INFLIGHT_BATCHES as u64
+    }
+
     /// Take completions; with `block`, wait for at least one. Finished writes at the front leave the queue.
     fn reap(&mut self, block: bool) -> Result<()> {
         let mut got = Vec::new();

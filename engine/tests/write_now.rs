@@ -1,0 +1,137 @@
+//! `Volume::try_write_now`: writes that need no waiting land as `write` would; writes that would wait (a busy log,
+//! cleaning, a due checkpoint, a read-modify-write, no log writer threads, no background thread) say so and change
+//! nothing; checkpoints still come while every write is taken this way. Ends with reopen + integrity check.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use blockmesh_engine::io::SimDevice;
+use blockmesh_engine::{Error, Pool, PoolOptions};
+use common::{pattern, reopen_checked, small_opts};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+const BS: usize = 4096;
+/// How long a test waits for the background thread to begin a due checkpoint before it fails (it looks every
+/// 100 ms).
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn opts(id: u64) -> PoolOptions {
+    PoolOptions { log_writer_threads: 2, background_cleaning: true, ..small_opts(id) }
+}
+
+/// Random 4-16 KiB overwrites of a volume that fills most of a small pool, each tried without waiting first and
+/// written by `write` when declined: the contents follow the model either way, both paths are taken (the pool
+/// needs cleaning, which only `write` does), and the pool checks clean after a reopen.
+#[test]
+fn declined_writes_fall_back_and_everything_lands() {
+    let dev = SimDevice::new(16 << 20);
+    let pool = Pool::create(dev.clone(), opts(1)).unwrap();
+    let v = pool.create_volume("v", 9 << 20).unwrap();
+    let mut model = vec![0u8; 9 << 20];
+    let mut rng = SmallRng::seed_from_u64(1);
+    let (mut now, mut declined) = (0u64, 0u64);
+    for i in 0..6000u64 {
+        let blocks = rng.random_range(1..=4usize);
+        let b = rng.random_range(0..model.len() / BS - blocks);
+        let data = pattern(1_000 + i, blocks * BS);
+        if v.try_write_now((b * BS) as u64, &data).unwrap() {
+            now += 1;
+        } else {
+            declined += 1;
+            v.write((b * BS) as u64, &data).unwrap();
+        }
+        model[b * BS..b * BS + data.len()].copy_from_slice(&data);
+    }
+    let mut back = vec![0u8; model.len()];
+    v.read(0, &mut back).unwrap();
+    assert!(back == model, "contents differ from the model");
+    assert!(now > 0, "no write was taken without waiting");
+    assert!(declined > 0, "no write was declined, though the pool had to be cleaned ({now} taken)");
+    assert!(pool.stats().clean_passes > 0, "the pool was cleaned");
+    drop(v);
+    reopened_same(dev, pool, 1, &model);
+}
+
+/// Every write taken without waiting (a declined one is tried again, never handed to `write`): the checkpoints
+/// the log needs still come, begun by the background thread, so the log to replay stays bounded.
+#[test]
+fn checkpoints_come_when_no_write_blocks() {
+    let dev = SimDevice::new(64 << 20);
+    let pool = Pool::create(dev.clone(), opts(2)).unwrap();
+    let v = pool.create_volume("v", 8 << 20).unwrap();
+    let before = pool.stats().checkpoints;
+    let mut model = vec![0u8; 8 << 20];
+    let started = Instant::now();
+    // 4 MiB of writes, 8 times the checkpoint interval
+    for i in 0..1024u64 {
+        let b = (i * 7 % 2048) as usize;
+        let data = pattern(i + 1, BS);
+        while !v.try_write_now((b * BS) as u64, &data).unwrap() {
+            assert!(started.elapsed() < DEADLINE, "write {i} declined for {DEADLINE:?}: nobody begins checkpoints");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        model[b * BS..(b + 1) * BS].copy_from_slice(&data);
+    }
+    assert!(pool.stats().checkpoints >= before + 4, "checkpoints: {} -> {}", before, pool.stats().checkpoints);
+    drop(v);
+    reopened_same(dev, pool, 2, &model);
+}
+
+/// Reopen and check the pool; volume `v` holds `model`.
+fn reopened_same(dev: std::sync::Arc<SimDevice>, pool: Pool, id: u64, model: &[u8]) {
+    let pool = reopen_checked(dev, pool, id);
+    let mut back = vec![0u8; model.len()];
+    pool.volume("v").unwrap().read(0, &mut back).unwrap();
+    assert!(back == model, "contents differ from the model after reopen");
+}
+
+/// What is declined writes nothing; errors are those of `write`.
+#[test]
+fn declines_change_nothing_and_errors_are_writes() {
+    let dev = SimDevice::new(16 << 20);
+    let pool = Pool::create(dev.clone(), opts(3)).unwrap();
+    let v = pool.create_volume("v", 4 << 20).unwrap();
+    v.write(0, &pattern(1, 64 << 10)).unwrap();
+    // Less than a block, or not on block boundaries: a read-modify-write, which may read the device.
+    assert!(!v.try_write_now(512, &[9; 512]).unwrap());
+    assert!(!v.try_write_now(2048, &[9; BS]).unwrap());
+    let mut back = vec![0u8; 64 << 10];
+    v.read(0, &mut back).unwrap();
+    assert_eq!(back, pattern(1, 64 << 10), "declined writes changed nothing");
+    // Whole blocks are taken.
+    assert!(v.try_write_now(BS as u64, &[7; BS]).unwrap());
+    let mut block = vec![0u8; BS];
+    v.read(BS as u64, &mut block).unwrap();
+    assert_eq!(block, vec![7u8; BS]);
+    assert!(matches!(v.try_write_now(4 << 20, &[1; BS]), Err(Error::OutOfRange { .. })), "past the end");
+    assert!(v.try_write_now(0, &[]).is_err(), "empty write");
+    pool.snapshot(&[("v", "s")]).unwrap();
+    let s = pool.snapshot_volume("s").unwrap();
+    assert!(matches!(s.try_write_now(0, &[1; BS]), Err(Error::ReadOnly(_))), "a snapshot");
+    drop((v, s));
+    let pool = reopen_checked(dev, pool, 3);
+    let mut back = vec![0u8; BS];
+    pool.volume("v").unwrap().read(BS as u64, &mut back).unwrap();
+    assert_eq!(back, vec![7u8; BS]);
+}
+
+/// Without log writer threads every batch is written in the caller, and without the background thread nobody
+/// would begin the checkpoint a write makes due: such pools never take a write without waiting.
+#[test]
+fn pools_that_would_wait_always_decline() {
+    for (threads, background) in [(0, true), (2, false)] {
+        let dev = SimDevice::new(16 << 20);
+        let o = PoolOptions { log_writer_threads: threads, background_cleaning: background, ..small_opts(4) };
+        let pool = Pool::create(dev.clone(), o).unwrap();
+        let v = pool.create_volume("v", 4 << 20).unwrap();
+        assert!(!v.try_write_now(0, &[5; BS]).unwrap(), "threads {threads}, background {background}");
+        let mut back = vec![1u8; BS];
+        v.read(0, &mut back).unwrap();
+        assert_eq!(back, vec![0u8; BS], "nothing written");
+        drop(v);
+        reopen_checked(dev, pool, 4);
+    }
+}
