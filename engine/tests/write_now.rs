@@ -1,6 +1,7 @@
-//! `Volume::try_write_now`: writes that need no waiting land as `write` would; writes that would wait (a busy log,
-//! cleaning, a due checkpoint, a read-modify-write, no log writer threads, no background thread) say so and change
-//! nothing; checkpoints still come while every write is taken this way. Ends with reopen + integrity check.
+//! `Volume::try_write_now`: writes that need no waiting land as `write` would; writes that would wait (a busy pool,
+//! log writes in flight that the device does not complete, cleaning, a due checkpoint, a read-modify-write, no log
+//! writer threads, no background thread) say so and change nothing; checkpoints still come while every write is
+//! taken this way. Ends with reopen + integrity check.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -134,4 +135,92 @@ fn pools_that_would_wait_always_decline() {
         drop(v);
         reopen_checked(dev, pool, 4);
     }
+}
+
+/// A device whose writes wait while its gate is closed: the log's writes in flight pile up.
+#[derive(Debug)]
+struct Gated {
+    dev: std::sync::Arc<SimDevice>,
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gated {
+    fn set(&self, closed: bool) {
+        *self.closed.lock().unwrap() = closed;
+        self.opened.notify_all();
+    }
+}
+
+impl blockmesh_engine::io::Device for Gated {
+    fn size_bytes(&self) -> u64 {
+        self.dev.size_bytes()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> blockmesh_engine::Result<()> {
+        self.dev.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> blockmesh_engine::Result<()> {
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.dev.write_at(buf, offset)
+    }
+    fn sync(&self) -> blockmesh_engine::Result<()> {
+        self.dev.sync()
+    }
+}
+
+/// While the device takes no writes, the log's writes in flight fill up: a write taken without waiting is declined
+/// once the batches it may seal would wait for them, instead of blocking its caller (an event loop) until the
+/// device moves. Once the device moves again, everything lands.
+#[test]
+fn a_log_whose_writes_do_not_complete_declines_instead_of_blocking() {
+    use blockmesh_engine::io::Device;
+    let sim = SimDevice::new(64 << 20);
+    let gated = std::sync::Arc::new(Gated { dev: sim.clone(), closed: false.into(), opened: Default::default() });
+    // segments and a checkpoint interval large enough that only the log writers in flight make it decline
+    let o = PoolOptions { segment_size_bytes: 1 << 20, checkpoint_interval_bytes: 32 << 20, ..opts(5) };
+    let pool = std::sync::Arc::new(Pool::create(gated.clone(), o).unwrap());
+    let v = pool.create_volume("v", 16 << 20).unwrap();
+    pool.flush().unwrap();
+    gated.set(true);
+    let chunk = 64 << 10;
+    let mut model = vec![0u8; 16 << 20];
+    // Each attempt runs on its own thread, so a blocking one is caught by the deadline instead of hanging the test.
+    let mut taken = 0usize;
+    let declined_at = loop {
+        let (v2, data) = (v.clone(), pattern(taken as u64 + 1, chunk));
+        let offset = (taken * chunk) as u64;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let d = data.clone();
+        std::thread::spawn(move || tx.send(v2.try_write_now(offset, &d).unwrap()));
+        let Ok(done) = rx.recv_timeout(Duration::from_secs(10)) else {
+            gated.set(false); // lets the pool's writers finish, so that the failing test can end
+            panic!("write {taken} waited for the device instead of declining");
+        };
+        if !done {
+            break taken;
+        }
+        model[offset as usize..offset as usize + chunk].copy_from_slice(&data);
+        taken += 1;
+        assert!(taken < 256, "256 writes of 64 KiB taken while the device took none");
+    };
+    // up to 8 batches of 128 blocks in flight, two of them spare for the batches one write may seal
+    assert!(declined_at >= 32, "declined after {declined_at} writes, before the log writers were busy");
+    gated.set(false);
+    // The declined write, by the blocking path, and a flush: all of it reaches the device.
+    let data = pattern(9_999, chunk);
+    let offset = declined_at * chunk;
+    v.write(offset as u64, &data).unwrap();
+    model[offset..offset + chunk].copy_from_slice(&data);
+    pool.flush().unwrap();
+    let mut back = vec![0u8; model.len()];
+    v.read(0, &mut back).unwrap();
+    assert!(back == model, "contents differ from the model");
+    assert!(gated.size_bytes() > 0);
+    drop(v);
+    let pool = std::sync::Arc::try_unwrap(pool).unwrap();
+    reopened_same(sim, pool, 5, &model);
 }
