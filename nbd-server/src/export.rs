@@ -385,7 +385,7 @@ impl MemoryExport {
         }
     }
 
-    /// Copies `[offset, offset + buf.len())` out of `blocks`; blocks never written read as zeroes.
+    /// Copies `data` into `blocks` at `offset`, making the blocks it touches.
     fn store(blocks: &mut BTreeMap<u64, Box<[u8]>>, offset: u64, data: &[u8]) {
         Self::pieces(offset, data.len() as u64, |block, within, range| {
             let b = blocks.entry(block).or_insert_with(|| vec![0u8; MEMORY_BLOCK_BYTES as usize].into_boxed_slice());
@@ -393,6 +393,7 @@ impl MemoryExport {
         });
     }
 
+    /// Copies `[offset, offset + buf.len())` out of `blocks`; blocks never written read as zeroes.
     fn copy_out(blocks: &BTreeMap<u64, Box<[u8]>>, offset: u64, buf: &mut [u8]) {
         Self::pieces(offset, buf.len() as u64, |block, within, range| match blocks.get(&block) {
             Some(b) => buf[range.clone()].copy_from_slice(&b[within..within + range.len()]),

@@ -202,8 +202,8 @@ fn run(pool: &Weak<Inner>, stopped: &mpsc::Receiver<()>) {
 
 /// Begin a checkpoint that a write taken without waiting ([`crate::Volume::try_write_now`]) left due, as a blocking
 /// write would have begun it, unless a write has meanwhile (checkpoints due for other reasons, such as segments the
-/// cleaner emptied, are left to writes, as before). Its syncs
-/// go to the finisher thread. A failure has failed the pool; its next op reports why.
+/// cleaner emptied, are left to writes, as before). Its syncs go to the finisher thread. A failure has failed the
+/// pool; its next op reports why.
 fn begin_due_checkpoint(inner: &Inner) {
     let mut st = inner.state.lock();
     if !std::mem::take(&mut st.checkpoint_left_due) {
