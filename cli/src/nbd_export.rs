@@ -156,6 +156,22 @@ impl VolumeExport {
         r.map_err(to_export_error)
     }
 
+    /// As [`VolumeExport::timed`], for an attempt that may decline (`Ok(false)`): a declined attempt is not a
+    /// request, the blocking call that follows counts it.
+    fn timed_attempt(
+        &self,
+        op: NbdOp,
+        bytes: u64,
+        f: impl FnOnce() -> blockmesh_engine::Result<bool>,
+    ) -> ExportResult<bool> {
+        let started = Instant::now();
+        let r = f();
+        if let Ok(true) | Err(_) = &r {
+            self.count(op, bytes, started, r.is_ok());
+        }
+        r.map_err(to_export_error)
+    }
+
     fn count(&self, op: NbdOp, bytes: u64, started: Instant, ok: bool) {
         let Some(m) = &self.metrics else { return };
         // one clock read for both the daemon's and the volume's histogram
@@ -208,13 +224,8 @@ impl Export for VolumeExport {
     }
 
     fn try_read_now(&self, offset: u64, buf: &mut [u8]) -> ExportResult<bool> {
-        let started = Instant::now();
-        let r = self.volume.try_read_now(offset, buf);
-        // a declined attempt is not a request: the blocking read that follows counts it
-        if let Ok(true) | Err(_) = &r {
-            self.count(NbdOp::Read, buf.len() as u64, started, r.is_ok());
-        }
-        r.map_err(to_export_error)
+        let n = buf.len() as u64;
+        self.timed_attempt(NbdOp::Read, n, || self.volume.try_read_now(offset, buf))
     }
 
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<()> {
@@ -231,13 +242,7 @@ impl Export for VolumeExport {
         if fua {
             return Ok(false); // its flush waits for the disk
         }
-        let started = Instant::now();
-        let r = self.volume.try_write_now(offset, data);
-        // a declined attempt is not a request: the blocking write that follows counts it
-        if let Ok(true) | Err(_) = &r {
-            self.count(NbdOp::Write, data.len() as u64, started, r.is_ok());
-        }
-        r.map_err(to_export_error)
+        self.timed_attempt(NbdOp::Write, data.len() as u64, || self.volume.try_write_now(offset, data))
     }
 
     fn flush(&self) -> ExportResult<()> {

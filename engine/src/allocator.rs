@@ -198,6 +198,12 @@ impl Segments {
         self.moved.len() as u64
     }
 
+    /// Whether the only free segments left are ones moving passes emptied: the log must sync before it writes into
+    /// the next one [I13].
+    pub(crate) fn only_moved_free(&self) -> bool {
+        self.moved_count() > 0 && self.free_count() == self.moved_count()
+    }
+
     /// A sync after every record below this one was written lets every emptied segment be free (see `moved`).
     pub(crate) fn moved_below(&self) -> u64 {
         self.moved.values().copied().max().unwrap_or(0)

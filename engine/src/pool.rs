@@ -1476,9 +1476,8 @@ impl State {
     /// sync for segments the cleaner emptied [I13], the log writers take the batches it may seal without waiting,
     /// and no checkpoint is due.
     pub(crate) fn can_write_now(&self, log_blocks: u64) -> bool {
-        let segment_sync = self.segs.moved_count() > 0 && self.segs.free_count() == self.segs.moved_count();
         self.log.data_room_blocks(&self.segs) >= log_blocks
-            && !segment_sync
+            && !self.segs.only_moved_free()
             && self.log.can_seal_now(log_blocks)
             && !self.checkpoint_due()
     }

@@ -190,7 +190,7 @@ impl Log {
                 self.reserve_segments
             )));
         }
-        if segs.moved_count() > 0 && segs.free_count() == segs.moved_count() {
+        if segs.only_moved_free() {
             // only segments the cleaner emptied are left: a sync makes the copies of their blocks durable before
             // the log writes over them [I13] (every record below moved_below was written: the cleaner drains the
             // log before it copies, and writes its records in the caller)
