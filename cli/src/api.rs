@@ -150,6 +150,9 @@ pub struct PoolStatus {
     /// cleaner takes most of them outside the pool lock).
     #[serde(default)]
     pub emptied_segment_syncs: u64,
+    /// Log batches of large writes written past the page cache (O_DIRECT) since the daemon opened the pool.
+    #[serde(default)]
+    pub uncached_batches: u64,
     /// Syncs of the log the daemon's background thread took, outside the pool lock, as the log grew (so that
     /// checkpoints find it mostly on disk already).
     #[serde(default)]
@@ -790,6 +793,7 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             background_clean_steps: st.background_clean_steps,
             emptied_segments: st.emptied_segments,
             emptied_segment_syncs: st.emptied_segment_syncs,
+            uncached_batches: st.uncached_batches,
             background_log_syncs: st.background_log_syncs,
             failed: pool.health().err().map(|e| e.to_string()),
             dots: st.dots,

@@ -135,6 +135,7 @@ struct PoolGauges {
     background_clean_steps: Gauge,
     emptied_segments: Gauge,
     emptied_segment_syncs: Gauge,
+    uncached_batches: Gauge,
     background_log_syncs: Gauge,
 }
 
@@ -221,7 +222,7 @@ impl Metrics {
         );
         registry.register("blockmesh_nbd_connections", "Open NBD exports (one per connection)", connections.clone());
         let pool = PoolGauges::default();
-        let gauges: [(&str, &str, &Gauge); 13] = [
+        let gauges: [(&str, &str, &Gauge); 14] = [
             ("blockmesh_pool_size_bytes", "Size of the pool", &pool.size_bytes),
             ("blockmesh_pool_used_bytes", "Bytes of blocks that volumes, commits and metadata hold", &pool.used_bytes),
             ("blockmesh_pool_segments", "Segments of the pool", &pool.segments),
@@ -249,6 +250,11 @@ impl Metrics {
                 "blockmesh_pool_emptied_segment_syncs",
                 "Syncs the log took itself to write over emptied segments since the pool was opened",
                 &pool.emptied_segment_syncs,
+            ),
+            (
+                "blockmesh_pool_uncached_batches",
+                "Log batches of large writes written past the page cache since the pool was opened",
+                &pool.uncached_batches,
             ),
             (
                 "blockmesh_pool_background_log_syncs",
@@ -443,6 +449,7 @@ impl Metrics {
         set(&p.background_clean_steps, st.background_clean_steps);
         set(&p.emptied_segments, st.emptied_segments);
         set(&p.emptied_segment_syncs, st.emptied_segment_syncs);
+        set(&p.uncached_batches, st.uncached_batches);
         set(&p.background_log_syncs, st.background_log_syncs);
         self.refresh_space(pool);
         let mut out = String::new();

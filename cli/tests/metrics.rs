@@ -35,6 +35,10 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     assert_eq!(sample(&text, "blockmesh_pool_background_clean_steps"), 0.0);
     assert_eq!(sample(&text, "blockmesh_pool_emptied_segments"), 0.0);
     assert_eq!(sample(&text, "blockmesh_pool_emptied_segment_syncs"), 0.0);
+    // the 1 MiB write's log batches (two of 512 KiB, three where a segment ends among them) went past the page
+    // cache; the 64 KiB write's did not
+    let uncached = sample(&text, "blockmesh_pool_uncached_batches");
+    assert!((1.0..=3.0).contains(&uncached), "uncached batches: {uncached}");
     // 1 MiB written: far from what the background thread syncs on its own
     assert_eq!(sample(&text, "blockmesh_pool_background_log_syncs"), 0.0);
     // space, as `blockmesh list` shows it

@@ -41,6 +41,10 @@ pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// Log written between two automatic checkpoints when none is given: bounds recovery time (replaying 1 GiB takes
 /// 0.25-0.4 s here; see benches/RESULTS.md).
 pub const DEFAULT_CHECKPOINT_INTERVAL_BYTES: u64 = 1 << 30;
+/// Volume writes at least this large go to the log past the device's cache ([`crate::Device::write_uncached_at`])
+/// unless the options say otherwise: the size of the requests of bulk copies (nbdcopy's 256 KiB, qemu-img convert's
+/// 2 MiB, fio's 1 MiB sequential rows), whose data a cached file would copy once more and write back itself.
+pub const DEFAULT_UNCACHED_WRITE_MIN_BYTES: u64 = 256 << 10;
 /// A checkpoint comes early, after 1/this of the checkpoint interval, once the segments emptied since the last one
 /// hold as much: it gives them back to the log while their pages are still in the page cache, where the log writes
 /// over them again (measured: 1 MiB sequential NBD overwrites of a 1 GiB volume kept a 1.4 GiB pool file instead of
@@ -93,6 +97,10 @@ pub struct PoolOptions {
     /// room and at checkpoints, and the log is synced only by flushes and checkpoints, so I/O follows the calls alone
     /// (deterministic test harnesses turn it off).
     pub background_cleaning: bool,
+    /// Volume writes of at least this many bytes are logged in batches written past the device's cache
+    /// ([`crate::Device::write_uncached_at`]; on a [`crate::FileDevice`], O_DIRECT beside the cached descriptor);
+    /// `u64::MAX`: never. Only where the bytes go on their way to the disk changes, not what a crash keeps.
+    pub uncached_write_min_bytes: u64,
 }
 
 impl Default for PoolOptions {
@@ -103,6 +111,7 @@ impl Default for PoolOptions {
             pool_id: None,
             log_writer_threads: DEFAULT_LOG_WRITER_THREADS,
             background_cleaning: true,
+            uncached_write_min_bytes: DEFAULT_UNCACHED_WRITE_MIN_BYTES,
         }
     }
 }
@@ -159,6 +168,9 @@ pub struct PoolStats {
     /// Syncs the log took itself, since the pool was opened, because only emptied segments were left to write into
     /// (no flush, checkpoint or background sync had covered them yet).
     pub emptied_segment_syncs: u64,
+    /// Log batches written past the device's cache since the pool was opened (those of large writes,
+    /// [`PoolOptions::uncached_write_min_bytes`]).
+    pub uncached_batches: u64,
     /// Blocks the cleaner copied since the pool was opened.
     pub cleaned_blocks: u64,
     /// Steps the background cleaner took since the pool was opened (moving passes and checkpoints; also counted
@@ -219,6 +231,8 @@ pub(crate) struct State {
     /// Segment holding the current checkpoint record.
     pub(crate) checkpoint_segment: u64,
     pub(crate) checkpoint_interval_blocks: u64,
+    /// [`PoolOptions::uncached_write_min_bytes`].
+    pub(crate) uncached_write_min_bytes: u64,
     pub(crate) max_dirty_metadata_blocks: u64,
     /// Below this many free segments, checkpoints also clean.
     pub(crate) clean_start_free_segments: u64,
@@ -855,6 +869,7 @@ impl Pool {
             moving_passes: st.counters.moving_passes,
             emptied_segments: st.segs.moved_count(),
             emptied_segment_syncs: st.log.emptied_segment_syncs,
+            uncached_batches: st.log.uncached_batches,
             cleaned_blocks: st.counters.cleaned_blocks,
             background_clean_steps: st.counters.background_steps,
             background_log_syncs: st.counters.background_log_syncs,
@@ -1056,6 +1071,7 @@ impl State {
             generation: 1,
             checkpoint_segment: 0,
             checkpoint_interval_blocks: (opts.checkpoint_interval_bytes / BLOCK_SIZE).max(1),
+            uncached_write_min_bytes: opts.uncached_write_min_bytes,
             max_dirty_metadata_blocks: max_dirty,
             clean_start_free_segments,
             failed: None,

@@ -266,7 +266,9 @@ impl Volume {
         st.ensure_room(dev, gate, log_blocks)?;
         let mut block_buf = vec![0u8; if aligned { 0 } else { BLOCK }];
         let mut sums = sums.into_iter();
-        for b in first..=last {
+        // a large write's batches skip the device's cache; the flag is down again before anything else appends
+        st.log.uncached = len >= st.uncached_write_min_bytes;
+        let logged = (first..=last).try_for_each(|b| {
             let base = b * BLOCK_SIZE;
             let lo = offset.max(base);
             let hi = (offset + len).min(base + BLOCK_SIZE);
@@ -274,13 +276,15 @@ impl Volume {
             if hi - lo == BLOCK_SIZE {
                 // every request that passed validation has its sums
                 let sum = sums.next().unwrap_or_else(|| BlockSum::of(src));
-                st.write_summed_block(dev, id, b, src, sum)?;
+                st.write_summed_block(dev, id, b, src, sum)
             } else {
                 st.read_block(dev, id, b, &mut block_buf)?;
                 block_buf[(lo - base) as usize..(hi - base) as usize].copy_from_slice(src);
-                st.write_block(dev, id, b, &block_buf)?;
+                st.write_block(dev, id, b, &block_buf)
             }
-        }
+        });
+        st.log.uncached = false;
+        logged?;
         if nowait {
             // a checkpoint this write made due is begun by the background thread, or by the next write, which
             // declines to run here while it is due

@@ -78,6 +78,7 @@ fn opts() -> PoolOptions {
         pool_id: Some(0x5717),
         log_writer_threads: 0,
         background_cleaning: false,
+        uncached_write_min_bytes: blockmesh_engine::DEFAULT_UNCACHED_WRITE_MIN_BYTES,
     }
 }
 

@@ -1,11 +1,12 @@
 //! Serves one engine volume over NBD for `benches/nbd/compare.sh`, through the same code the daemon uses
 //! (`PoolExports` + `blockmesh_nbd::Server`).
 //!
-//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--checkpoint-mib N] [--memory]`: creates
+//! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--checkpoint-mib N] [--cached-writes] [--memory]`: creates
 //! the pool (sparse) and a volume named `bench` when the pool file does not exist, then serves until killed. Fairness
 //! is on with the daemon's default slots unless `--fair-slots 0`. `--direct`: the pool file with O_DIRECT, as
 //! `blockmesh serve --direct` opens it (no page cache); `--checkpoint-mib`: the checkpoint interval (default the
-//! engine's). `--memory`: serve an in-memory export of the volume's size instead of the engine (the NBD layer alone,
+//! engine's). `--cached-writes`: large writes through the page cache too (the engine's default sends their log
+//! batches past it, `PoolOptions::uncached_write_min_bytes`), for comparison. `--memory`: serve an in-memory export of the volume's size instead of the engine (the NBD layer alone,
 //! for comparison; POOL_FILE is not touched).
 
 use std::path::PathBuf;
@@ -24,7 +25,10 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (Some(pool_path), Some(socket)) = (args.first(), args.get(1)) else {
-        bail!("usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--memory]");
+        bail!(
+            "usage: nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] \
+             [--checkpoint-mib N] [--cached-writes] [--memory]"
+        );
     };
     let pool_path = PathBuf::from(pool_path);
     let slots = arg(&args, "--fair-slots").map_or(blockmesh_nbd::DEFAULT_FAIR_SLOTS, |n| n as usize);
@@ -42,6 +46,11 @@ fn main() -> Result<()> {
     let opts = PoolOptions {
         checkpoint_interval_bytes: arg(&args, "--checkpoint-mib")
             .map_or(blockmesh_engine::DEFAULT_CHECKPOINT_INTERVAL_BYTES, |m| m << 20),
+        uncached_write_min_bytes: if args.iter().any(|a| a == "--cached-writes") {
+            u64::MAX
+        } else {
+            blockmesh_engine::DEFAULT_UNCACHED_WRITE_MIN_BYTES
+        },
         ..PoolOptions::default()
     };
     let pool = if pool_path.exists() {

@@ -12,11 +12,20 @@ pub const DIRECT_IO_ALIGN: usize = 4096;
 
 /// A file or block device accessed with positioned reads and writes, through the page cache or, opened with
 /// [`FileDevice::open_direct`], with O_DIRECT (misaligned requests go through an aligned bounce buffer).
+///
+/// Through the page cache, the device also holds the same file opened with O_DIRECT where the file system allows
+/// it, for [`Device::write_uncached_at`]: the log's batches of large writes skip the page cache (one copy and its
+/// writeback less per byte), while everything else, reads included, goes through it. Linux keeps the two coherent:
+/// an O_DIRECT write first writes back and drops the cached pages of its range, so a later read through the cache
+/// reads what it wrote; `fdatasync` on either descriptor covers writes through both (it syncs the inode and flushes
+/// the device's cache).
 #[derive(Debug)]
 pub struct FileDevice {
     file: File,
     size_bytes: u64,
     direct: bool,
+    /// The file opened with O_DIRECT beside the cached `file`; `None` when `direct` or where O_DIRECT is refused.
+    uncached: Option<File>,
 }
 
 impl FileDevice {
@@ -29,7 +38,7 @@ impl FileDevice {
             .open(path)
             .map_err(|e| Error::io("create", 0, size_bytes, annotate(e, path)))?;
         file.set_len(size_bytes).map_err(|e| Error::io("set_len", 0, size_bytes, annotate(e, path)))?;
-        Ok(Self { file, size_bytes, direct: false })
+        Ok(Self { file, size_bytes, direct: false, uncached: open_uncached(path) })
     }
 
     /// Open an existing file or block device read-write, through the page cache.
@@ -51,7 +60,21 @@ impl FileDevice {
         }
         let file = opts.open(path).map_err(|e| Error::io("open", 0, 0, annotate(e, path)))?;
         let size_bytes = device_size(&file).map_err(|e| Error::io("stat", 0, 0, annotate(e, path)))?;
-        Ok(Self { file, size_bytes, direct })
+        let uncached = if direct { None } else { open_uncached(path) };
+        Ok(Self { file, size_bytes, direct, uncached })
+    }
+
+    /// A cached device without the O_DIRECT descriptor: every write goes through the page cache (as on a file
+    /// system without O_DIRECT). For comparisons and tests.
+    pub fn without_uncached_writes(mut self) -> Self {
+        self.uncached = None;
+        self
+    }
+
+    /// Whether [`Device::write_uncached_at`] skips the page cache: a cached device with its O_DIRECT descriptor, or
+    /// a device opened with O_DIRECT.
+    pub fn writes_uncached(&self) -> bool {
+        self.direct || self.uncached.is_some()
     }
 
     /// True when the device bypasses the page cache.
@@ -93,6 +116,12 @@ pub(crate) fn device_size(file: &File) -> std::io::Result<u64> {
     use std::io::Seek;
     let mut f = file;
     f.seek(std::io::SeekFrom::End(0))
+}
+
+/// The file at `path` opened again with O_DIRECT, for uncached writes; `None` where that is refused (tmpfs): writes
+/// then all go through the page cache.
+fn open_uncached(path: &Path) -> Option<File> {
+    OpenOptions::new().write(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
 fn annotate(e: std::io::Error, path: &Path) -> std::io::Error {
@@ -177,6 +206,26 @@ impl Device for FileDevice {
         use std::os::fd::AsRawFd;
         Some(self.file.as_raw_fd())
     }
+
+    fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        match &self.uncached {
+            Some(file) if Self::aligned(buf, offset) => {
+                self.check_range("write", offset, buf.len())?;
+                match file.write_all_at(buf, offset) {
+                    Ok(()) => Ok(()),
+                    // a device whose sectors are larger than the alignment: through the page cache instead
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.write_at(buf, offset),
+                    Err(e) => Err(Error::io("write", offset, buf.len() as u64, e)),
+                }
+            }
+            _ => self.write_at(buf, offset),
+        }
+    }
+
+    fn uncached_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.uncached.as_ref().map(|f| f.as_raw_fd())
+    }
 }
 
 /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: start writeback of the range's dirty pages, without waiting for it.
@@ -217,5 +266,42 @@ mod tests {
         super::super::tests::device_contract(&dev);
         assert!(!dev.caches_writes(), "O_DIRECT writes skip the page cache: nothing to write back");
         assert!(FileDevice::create(&path, 1 << 20).is_err(), "create refuses an existing file");
+    }
+
+    /// Uncached writes (O_DIRECT beside the cached descriptor) and cached reads and writes of the same range see
+    /// each other: a cached page is not read stale after an uncached write over it; an unaligned buffer goes through
+    /// the cache; without the O_DIRECT descriptor everything does.
+    #[test]
+    fn uncached_writes_and_the_page_cache_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dev");
+        let dev = FileDevice::create(&path, 4 << 20).expect("create");
+        assert!(dev.writes_uncached() && dev.uncached_fd().is_some(), "O_DIRECT beside the cache (not tmpfs)");
+        let block = |fill: u8| {
+            let mut b = AlignedBuf::zeroed(2 * DIRECT_IO_ALIGN);
+            b.as_mut_slice().fill(fill);
+            b
+        };
+        let mut back = vec![0u8; 2 * DIRECT_IO_ALIGN];
+        dev.write_at(block(1).as_slice(), 8192).expect("cached write");
+        dev.read_at(&mut back, 8192).expect("read");
+        assert!(back.iter().all(|&b| b == 1), "the cached write, now in the page cache");
+        dev.write_uncached_at(block(2).as_slice(), 8192).expect("uncached write");
+        dev.read_at(&mut back, 8192).expect("read");
+        assert!(back.iter().all(|&b| b == 2), "the uncached write, not the stale cached page");
+        // one block in, so not aligned to DIRECT_IO_ALIGN: through the cache
+        let b3 = block(3);
+        dev.write_uncached_at(&b3.as_slice()[1..4097], 16384).expect("an unaligned buffer");
+        dev.read_at(&mut back[..4096], 16384).expect("read");
+        assert!(back[..4096].iter().all(|&b| b == 3));
+        dev.sync().expect("sync covers both descriptors");
+        drop(dev);
+        let dev = FileDevice::open(&path).expect("open").without_uncached_writes();
+        assert!(!dev.writes_uncached() && dev.uncached_fd().is_none());
+        dev.write_uncached_at(block(4).as_slice(), 8192).expect("a cached write after all");
+        dev.read_at(&mut back, 8192).expect("read");
+        assert!(back.iter().all(|&b| b == 4));
+        let direct = FileDevice::open_direct(&path).expect("O_DIRECT open");
+        assert!(direct.writes_uncached() && direct.uncached_fd().is_none(), "its own descriptor is uncached");
     }
 }

@@ -57,6 +57,19 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
+    /// Write all of `buf` at `offset`, past the device's cache where it has one and can: the log writes the batches
+    /// of large writes this way ([`crate::PoolOptions::uncached_write_min_bytes`]), which are seldom read back soon
+    /// and cost a cached file twice (the copy into the page cache, then its writeback). The same durability as
+    /// [`Device::write_at`]: only a later [`Device::sync`] makes it durable. `buf`, `offset` and the length are
+    /// multiples of [`crate::format::BLOCK_SIZE`], `buf` aligned to it. The default is `write_at`.
+    fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at(buf, offset)
+    }
+    /// The descriptor that [`Device::write_uncached_at`] writes through (the same file opened with O_DIRECT), for
+    /// the log's io_uring writer; `None` when there is none (the writer then uses [`Device::raw_fd`]).
+    fn uncached_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
 }
 
 /// An I/O error unless `[offset, offset + len)` lies inside a device of `size_bytes`.

@@ -41,6 +41,8 @@ struct OpenBatch {
     pba: u64,
     body: Enc,
     n_data: u32,
+    /// Every data block in it came from a large write ([`Log::uncached`]): written past the device's cache.
+    uncached: bool,
 }
 
 /// Bytes of the batch buffer: the header block, then the data blocks.
@@ -77,6 +79,12 @@ pub(crate) struct Log {
     pub(crate) blocks_written_synced: u64,
     /// Syncs taken in [`Log::switch_segment`] to write over segments the cleaner emptied [I13].
     pub(crate) emptied_segment_syncs: u64,
+    /// Set by a large volume write while it appends its blocks: a batch whose data blocks all come from such
+    /// writes is written with [`Device::write_uncached_at`]. Where it goes on disk and what a crash leaves of it
+    /// are those of any batch [I2]; only the page cache is skipped.
+    pub(crate) uncached: bool,
+    /// Batches written past the device's cache, for the figures.
+    pub(crate) uncached_batches: u64,
 }
 
 impl Log {
@@ -105,6 +113,8 @@ impl Log {
             synced_below: 0,
             blocks_written_synced: 0,
             emptied_segment_syncs: 0,
+            uncached: false,
+            uncached_batches: 0,
         }
     }
 
@@ -232,12 +242,18 @@ impl Log {
             if self.room_in_segment(segs) < 2 {
                 self.switch_segment(dev, segs, self.admitted)?;
             }
-            self.batch = Some(OpenBatch { pba: self.pos, body: Enc::with_capacity(BODY_CAPACITY_BYTES), n_data: 0 });
+            self.batch = Some(OpenBatch {
+                pba: self.pos,
+                body: Enc::with_capacity(BODY_CAPACITY_BYTES),
+                n_data: 0,
+                uncached: true,
+            });
         }
         let b = self.batch.as_mut().unwrap_or_else(|| unreachable!("batch opened above"));
         op.encode(&mut b.body);
         Ok(data.map(|d| {
             assert_eq!(d.len(), BLOCK);
+            b.uncached &= self.uncached;
             b.n_data += 1;
             // data block i sits after the header block, at buffer block 1 + i: copied once, written as is
             let at = b.n_data as usize * BLOCK;
@@ -286,7 +302,9 @@ impl Log {
         let blocks = 1 + u64::from(b.n_data);
         self.buf.as_mut_slice()[..BLOCK].copy_from_slice(&header.encode());
         let full = std::mem::replace(&mut self.buf, AlignedBuf::zeroed(0));
-        match self.pipeline.submit(b.pba, full, blocks as usize * BLOCK) {
+        let uncached = b.uncached && b.n_data > 0;
+        self.uncached_batches += u64::from(uncached);
+        match self.pipeline.submit(b.pba, full, blocks as usize * BLOCK, uncached) {
             Ok(next) => self.buf = next,
             Err(e) => {
                 self.buf = AlignedBuf::zeroed(BATCH_BUFFER_BYTES);

@@ -9,6 +9,9 @@
 //! instead of piling up gigabytes of dirty pages that the next checkpoint's or flush's sync (which writers wait
 //! behind) would have to write at once.
 //!
+//! Batches of large writes are written past the device's cache instead ([`Device::write_uncached_at`]; in the ring,
+//! on [`Device::uncached_fd`]), with no hint after them.
+//!
 //! Until a write completes, its buffer stays readable through [`Pipeline::read_buffered`]. A flush or checkpoint
 //! waits for every write in flight ([`Pipeline::drain`]) before it syncs. A failed write is reported by the next call
 //! that waits for it, and the pool then fails.
@@ -36,6 +39,8 @@ struct Job {
     pba: u64,
     buf: Arc<AlignedBuf>,
     len: usize,
+    /// Written with [`Device::write_uncached_at`] (no writeback hint follows).
+    uncached: bool,
 }
 
 struct Done {
@@ -86,6 +91,7 @@ impl Pipeline {
             let rx = Arc::new(Mutex::new(rx));
             let uring = dev.raw_fd().and_then(|fd| io_uring::IoUring::new(URING_ENTRIES).ok().map(|r| (fd, r)));
             if let Some((fd, ring)) = uring {
+                let fd = Fds { cached: fd, uncached: dev.uncached_fd() };
                 let (rx, done_tx, dev) = (rx.clone(), done_tx.clone(), dev.clone());
                 let spawned = std::thread::Builder::new()
                     .name("blockmesh-log-uring".into())
@@ -111,19 +117,23 @@ impl Pipeline {
         Self { dev, jobs, done, pending: VecDeque::new(), free: Vec::new(), next_id: 0, threads: handles, buffer_bytes }
     }
 
-    /// Write `buf[..len]` at block `pba` (in the background when there are writer threads); returns a buffer for
-    /// the next batch.
-    pub(crate) fn submit(&mut self, pba: u64, buf: AlignedBuf, len: usize) -> Result<AlignedBuf> {
+    /// Write `buf[..len]` at block `pba` (in the background when there are writer threads), past the device's
+    /// cache if `uncached` ([`Device::write_uncached_at`]); returns a buffer for the next batch.
+    pub(crate) fn submit(&mut self, pba: u64, buf: AlignedBuf, len: usize, uncached: bool) -> Result<AlignedBuf> {
         let Some(jobs) = &self.jobs else {
-            self.dev.write_at(&buf.as_slice()[..len], pba * BLOCK_SIZE)?;
-            // only a hint: its failure is not the write's
-            let _ = self.dev.start_writeback(pba * BLOCK_SIZE, len as u64);
+            if uncached {
+                self.dev.write_uncached_at(&buf.as_slice()[..len], pba * BLOCK_SIZE)?;
+            } else {
+                self.dev.write_at(&buf.as_slice()[..len], pba * BLOCK_SIZE)?;
+                // only a hint: its failure is not the write's
+                let _ = self.dev.start_writeback(pba * BLOCK_SIZE, len as u64);
+            }
             return Ok(buf);
         };
         let id = self.next_id;
         self.next_id += 1;
         let buf = Arc::new(buf);
-        jobs.send(Job { id, pba, buf: buf.clone(), len })
+        jobs.send(Job { id, pba, buf: buf.clone(), len, uncached })
             .map_err(|_| Error::io("write", pba * BLOCK_SIZE, len as u64, std::io::Error::other("log writer gone")))?;
         self.pending.push_back(Pending { id, pba, blocks: (len / BLOCK) as u64, buf, result: None });
         while self.pending.len() >= MAX_INFLIGHT_BATCHES {
@@ -226,8 +236,25 @@ fn submit_writeback_hint(ring: &mut io_uring::IoUring, fd: std::os::fd::RawFd, j
     unsafe { ring.submission().push(&entry).is_ok() }
 }
 
-fn submit_write(ring: &mut io_uring::IoUring, fd: std::os::fd::RawFd, job: &Job, done_bytes: usize) -> bool {
+/// The descriptors of the io_uring writer: the device's, and the one its uncached writes go through, if any.
+#[derive(Clone, Copy)]
+struct Fds {
+    cached: std::os::fd::RawFd,
+    uncached: Option<std::os::fd::RawFd>,
+}
+
+impl Fds {
+    fn of(&self, job: &Job) -> std::os::fd::RawFd {
+        match self.uncached {
+            Some(fd) if job.uncached => fd,
+            _ => self.cached,
+        }
+    }
+}
+
+fn submit_write(ring: &mut io_uring::IoUring, fds: Fds, job: &Job, done_bytes: usize) -> bool {
     use io_uring::{opcode, types};
+    let fd = fds.of(job);
     let rest = &job.buf.as_slice()[done_bytes..job.len];
     let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
         .offset(job.pba * BLOCK_SIZE + done_bytes as u64)
@@ -240,13 +267,7 @@ fn submit_write(ring: &mut io_uring::IoUring, fd: std::os::fd::RawFd, job: &Job,
 }
 
 /// The io_uring writer: up to [`MAX_INFLIGHT_BATCHES`] writes in flight from one thread; short writes continue.
-fn uring_jobs(
-    dev: &dyn Device,
-    fd: std::os::fd::RawFd,
-    mut ring: io_uring::IoUring,
-    rx: &Mutex<Receiver<Job>>,
-    done: &Sender<Done>,
-) {
+fn uring_jobs(dev: &dyn Device, fds: Fds, mut ring: io_uring::IoUring, rx: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
     use std::collections::HashMap;
     use std::sync::mpsc::TryRecvError;
     let mut inflight: HashMap<u64, (Job, usize)> = HashMap::new();
@@ -263,11 +284,11 @@ fn uring_jobs(
             };
             match next {
                 Ok(job) => {
-                    if submit_write(&mut ring, fd, &job, 0) {
+                    if submit_write(&mut ring, fds, &job, 0) {
                         inflight.insert(job.id, (job, 0));
                     } else {
                         // no room in the ring (cannot happen with its size): write it here instead
-                        let result = dev.write_at(&job.buf.as_slice()[..job.len], job.pba * BLOCK_SIZE);
+                        let result = write_here(dev, &job, 0);
                         let _ = done.send(Done { id: job.id, result });
                     }
                 }
@@ -287,7 +308,7 @@ fn uring_jobs(
             }
             // the ring is unusable: finish what is in flight synchronously and report it
             for (_, (job, n)) in inflight.drain() {
-                let result = dev.write_at(&job.buf.as_slice()[n..job.len], job.pba * BLOCK_SIZE + n as u64);
+                let result = write_here(dev, &job, n);
                 let _ = done.send(Done { id: job.id, result });
             }
             continue;
@@ -300,7 +321,11 @@ fn uring_jobs(
                 continue;
             }
             let Some((job, n)) = inflight.get_mut(&id) else { continue };
-            let outcome = if res < 0 {
+            let outcome = if res == -libc::EINVAL && job.uncached {
+                // O_DIRECT refused (sectors larger than the alignment): write it here, through `write_uncached_at`,
+                // which goes through the cache then
+                Some(write_here(dev, job, *n))
+            } else if res < 0 {
                 Some(Err(fail(job, std::io::Error::from_raw_os_error(-res))))
             } else if res == 0 {
                 Some(Err(fail(job, std::io::Error::other("device wrote nothing"))))
@@ -308,7 +333,7 @@ fn uring_jobs(
                 *n += res as usize;
                 if *n >= job.len {
                     Some(Ok(()))
-                } else if submit_write(&mut ring, fd, job, *n) {
+                } else if submit_write(&mut ring, fds, job, *n) {
                     None // a short write: the rest is in flight now
                 } else {
                     Some(Err(fail(job, std::io::Error::other("io_uring submission queue full"))))
@@ -316,8 +341,9 @@ fn uring_jobs(
             };
             if let Some(result) = outcome {
                 if let Some((job, _)) = inflight.remove(&id) {
-                    if hints && result.is_ok() && hints_inflight < MAX_INFLIGHT_WRITEBACK_HINTS {
-                        hints_inflight += usize::from(submit_writeback_hint(&mut ring, fd, &job));
+                    let cached = !job.uncached || fds.uncached.is_none();
+                    if hints && cached && result.is_ok() && hints_inflight < MAX_INFLIGHT_WRITEBACK_HINTS {
+                        hints_inflight += usize::from(submit_writeback_hint(&mut ring, fds.cached, &job));
                     }
                     drop(job.buf);
                     let _ = done.send(Done { id, result });
@@ -331,12 +357,22 @@ fn uring_jobs(
     }
 }
 
+/// Write the rest of `job` from byte `from` in this thread, through the device's cache or past it as the job says.
+fn write_here(dev: &dyn Device, job: &Job, from: usize) -> Result<()> {
+    let (buf, offset) = (&job.buf.as_slice()[from..job.len], job.pba * BLOCK_SIZE + from as u64);
+    if job.uncached {
+        dev.write_uncached_at(buf, offset)
+    } else {
+        dev.write_at(buf, offset)
+    }
+}
+
 fn write_jobs(dev: &dyn Device, rx: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
     loop {
         let job = rx.lock().recv();
         let Ok(job) = job else { return };
-        let result = dev.write_at(&job.buf.as_slice()[..job.len], job.pba * BLOCK_SIZE);
-        if result.is_ok() {
+        let result = write_here(dev, &job, 0);
+        if result.is_ok() && !job.uncached {
             // only a hint: its failure is not the write's (the next sync reports what the device does)
             let _ = dev.start_writeback(job.pba * BLOCK_SIZE, job.len as u64);
         }
@@ -352,11 +388,12 @@ mod tests {
     use super::*;
     use crate::io::{FileDevice, SimDevice};
 
-    /// A device that caches writes and records the writeback hints it gets.
+    /// A device that caches writes and records the writeback hints and the uncached writes it gets.
     #[derive(Debug)]
     struct Hinted {
         inner: Arc<SimDevice>,
         hints: Mutex<Vec<(u64, u64)>>,
+        uncached: Mutex<Vec<(u64, u64)>>,
     }
 
     impl Device for Hinted {
@@ -379,6 +416,18 @@ mod tests {
         fn caches_writes(&self) -> bool {
             true
         }
+        fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.uncached.lock().push((offset, buf.len() as u64));
+            self.inner.write_at(buf, offset)
+        }
+    }
+
+    fn hinted() -> Arc<Hinted> {
+        Arc::new(Hinted {
+            inner: SimDevice::new(16 << 20),
+            hints: Mutex::new(Vec::new()),
+            uncached: Mutex::new(Vec::new()),
+        })
     }
 
     fn batch(fill: u8, blocks: usize) -> AlignedBuf {
@@ -389,11 +438,11 @@ mod tests {
 
     #[test]
     fn writer_threads_hint_writeback_of_every_batch_they_wrote() {
-        let dev = Arc::new(Hinted { inner: SimDevice::new(16 << 20), hints: Mutex::new(Vec::new()) });
+        let dev = hinted();
         let mut p = Pipeline::new(dev.clone(), 1, 4 * BLOCK);
         for i in 0..6u64 {
             let blocks = 1 + i as usize % 4;
-            drop(p.submit(10 + 4 * i, batch(i as u8 + 1, blocks), blocks * BLOCK).expect("submit"));
+            drop(p.submit(10 + 4 * i, batch(i as u8 + 1, blocks), blocks * BLOCK, false).expect("submit"));
         }
         p.drain().expect("drain");
         let mut hints = dev.hints.lock().clone();
@@ -405,11 +454,37 @@ mod tests {
         assert!(back.iter().all(|&b| b == 6));
     }
 
+    /// Uncached batches go through `write_uncached_at` and get no writeback hint (nothing of theirs is cached);
+    /// the others are plain writes with their hint: with writer threads and without.
+    #[test]
+    fn uncached_batches_skip_the_cache_and_its_hint() {
+        for threads in [0, 1] {
+            let dev = hinted();
+            let mut p = Pipeline::new(dev.clone(), threads, 4 * BLOCK);
+            for i in 0..8u64 {
+                drop(p.submit(4 * i, batch(i as u8 + 1, 4), 4 * BLOCK, i % 2 == 1).expect("submit"));
+            }
+            p.drain().expect("drain");
+            let (mut hints, mut uncached) = (dev.hints.lock().clone(), dev.uncached.lock().clone());
+            hints.sort_unstable();
+            uncached.sort_unstable();
+            let at =
+                |odd: u64| (0..4u64).map(move |k| ((8 * k + 4 * odd) * BLOCK_SIZE, 4 * BLOCK_SIZE)).collect::<Vec<_>>();
+            assert_eq!(hints, at(0), "threads {threads}: a hint for each cached batch only");
+            assert_eq!(uncached, at(1), "threads {threads}: the uncached batches, written past the cache");
+            let mut back = vec![0u8; BLOCK];
+            for i in 0..8u64 {
+                dev.read_at(&mut back, 4 * i * BLOCK_SIZE).expect("read");
+                assert!(back.iter().all(|&b| b == i as u8 + 1), "threads {threads}: batch {i} written");
+            }
+        }
+    }
+
     #[test]
     fn writes_in_the_caller_hint_writeback_too() {
-        let dev = Arc::new(Hinted { inner: SimDevice::new(16 << 20), hints: Mutex::new(Vec::new()) });
+        let dev = hinted();
         let mut p = Pipeline::new(dev.clone(), 0, 4 * BLOCK);
-        drop(p.submit(12, batch(3, 2), 2 * BLOCK).expect("submit"));
+        drop(p.submit(12, batch(3, 2), 2 * BLOCK, false).expect("submit"));
         assert_eq!(*dev.hints.lock(), [(12 * BLOCK_SIZE, 2 * BLOCK_SIZE)]);
     }
 
@@ -422,7 +497,7 @@ mod tests {
         // more batches than writes and hints may be in flight, so the hint bound is reached
         let n = 4 * (MAX_INFLIGHT_BATCHES + MAX_INFLIGHT_WRITEBACK_HINTS) as u64;
         for i in 0..n {
-            drop(p.submit(8 * i, batch((i % 250) as u8 + 1, 8), 8 * BLOCK).expect("submit"));
+            drop(p.submit(8 * i, batch((i % 250) as u8 + 1, 8), 8 * BLOCK, i % 2 == 0).expect("submit"));
         }
         p.drain().expect("drain");
         drop(p); // the writer thread leaves with hints possibly still in flight

@@ -18,6 +18,7 @@ pub fn small_opts(pool_id: u64) -> PoolOptions {
         pool_id: Some(pool_id),
         log_writer_threads: 0,
         background_cleaning: false,
+        uncached_write_min_bytes: blockmesh_engine::DEFAULT_UNCACHED_WRITE_MIN_BYTES,
     }
 }
 
