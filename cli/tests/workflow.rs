@@ -249,19 +249,24 @@ fn serve_direct_io_opens_the_pool_with_o_direct() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let pool_is_direct = |d: &Daemon| -> bool {
+    // Whether each descriptor of the pool file the daemon holds has O_DIRECT. Through the page cache, the daemon
+    // also holds one with O_DIRECT, for the log batches of large writes.
+    let pool_fds_direct = |d: &Daemon| -> Vec<bool> {
         let pid = d.child.id();
         let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
-        fds.filter_map(|e| e.ok()).any(|e| {
-            let target = std::fs::read_link(e.path()).unwrap_or_default();
-            if !target.ends_with("pool.bm") {
-                return false;
-            }
-            let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()))
-                .unwrap_or_default();
-            let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap_or("0");
-            u32::from_str_radix(flags, 8).unwrap_or(0) & 0o40000 != 0 // O_DIRECT
-        })
+        fds.filter_map(|e| e.ok())
+            .filter(|e| std::fs::read_link(e.path()).unwrap_or_default().ends_with("pool.bm"))
+            .map(|e| {
+                let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()))
+                    .unwrap_or_default();
+                let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).map(str::trim).unwrap_or("0");
+                u32::from_str_radix(flags, 8).unwrap_or(0) & 0o40000 != 0 // O_DIRECT
+            })
+            .collect()
+    };
+    let pool_is_direct = |d: &Daemon| -> bool {
+        let fds = pool_fds_direct(d);
+        !fds.is_empty() && fds.iter().all(|&direct| direct)
     };
     let d = Daemon::start_with(dir.path(), &["--pool-size", "1G", "--direct-io"]);
     assert!(pool_is_direct(&d), "the new pool is open with O_DIRECT");
@@ -271,6 +276,7 @@ fn serve_direct_io_opens_the_pool_with_o_direct() {
     d.kill9();
     let d = Daemon::start(dir.path());
     assert!(!pool_is_direct(&d), "without the flag, through the page cache");
+    assert!(pool_fds_direct(&d).contains(&true), "and with O_DIRECT beside it, for large writes");
     qemu_ok(&format!("nbd://{}/admin/db@{}", d.nbd, c.id), &["read -P 5 0 1M"]);
     qemu_ok(&format!("nbd://{}/admin/db", d.nbd), &["write -P 6 1M 1M"]);
     d.ok(&["commit", "db", "-m", "buffered"]);
