@@ -27,8 +27,11 @@ use crate::format::{BLOCK, BLOCK_SIZE};
 use crate::io::{AlignedBuf, Device};
 use crate::{Error, Result};
 
-/// Batches written at once, at most: bounds the buffer memory of the log to this many batch buffers plus one.
-pub(crate) const MAX_INFLIGHT_BATCHES: usize = 8;
+/// Batches written at once, at most: bounds the buffer memory of the log to this many batch buffers plus one
+/// (16.5 MiB). Batches written past the page cache are in flight until the disk has them (about 2 ms each here), so
+/// it takes this many to keep a disk of a few GB/s busy: 1 MiB writes over NBD at queue depth 4 ran at 2,607-3,213
+/// MB/s with 8, 3,015-3,480 with 32 (`benches/nbd/cpu.sh`, three alternating rounds, benches/RESULTS.md).
+pub(crate) const MAX_INFLIGHT_BATCHES: usize = 32;
 /// Writer threads when the options do not say.
 pub const DEFAULT_LOG_WRITER_THREADS: usize = 2;
 /// Most writer threads a pool may ask for.
