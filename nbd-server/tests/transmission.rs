@@ -462,7 +462,7 @@ impl Export for WriteNow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_writes_the_export_takes_at_once_skip_the_blocking_pool() {
     for fair_slots in [None, Some(2)] {
-        let export = Arc::new(WriteNow { inner: Some(MemoryExport::new(1 << 20)), ..WriteNow::default() });
+        let export = Arc::new(WriteNow { inner: Some(MemoryExport::new(4 << 20)), ..WriteNow::default() });
         let map = Arc::new(ExportMap::new());
         map.insert("w", export.clone());
         let server = Server::new(map, ServerConfig { fair_slots, ..ServerConfig::default() }).unwrap();
@@ -474,7 +474,7 @@ async fn short_writes_the_export_takes_at_once_skip_the_blocking_pool() {
         assert_eq!(c.simple(CMD_FLAG_FUA, CMD_WRITE, 65536, INLINE_WRITE_MAX_BYTES, &limit).await, 0);
         assert_eq!(export.counts(), (2, 0), "up to the limit: at once");
         let long = pattern(3, INLINE_WRITE_MAX_BYTES as usize + 4096);
-        assert_eq!(c.simple(0, CMD_WRITE, 262144, long.len() as u32, &long).await, 0);
+        assert_eq!(c.simple(0, CMD_WRITE, 2 << 20, long.len() as u32, &long).await, 0);
         assert_eq!(export.counts(), (2, 1), "past the limit: the blocking pool");
         export.decline.store(true, Ordering::SeqCst);
         let declined = pattern(4, 8192);
@@ -482,7 +482,7 @@ async fn short_writes_the_export_takes_at_once_skip_the_blocking_pool() {
         assert_eq!(export.counts(), (2, 2), "declined: the blocking pool");
         assert_eq!(c.simple(0, CMD_WRITE, 12288, 4096, &short).await, ENOSPC, "the attempt's error");
         assert_eq!(export.counts(), (2, 2), "a failed attempt is not tried again");
-        for (offset, data) in [(0u64, &short), (4096, &declined), (65536, &limit), (262144, &long)] {
+        for (offset, data) in [(0u64, &short), (4096, &declined), (65536, &limit), (2 << 20, &long)] {
             assert_eq!(&c.read_structured(9, offset, data.len() as u32).await.unwrap(), data, "at {offset}");
         }
     }
