@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{AlignedBuf, Device};
 use crate::{Error, Result};
@@ -26,6 +27,9 @@ pub struct FileDevice {
     direct: bool,
     /// The file opened with O_DIRECT beside the cached `file`; `None` when `direct` or where O_DIRECT is refused.
     uncached: Option<File>,
+    /// A write through `uncached` failed with EINVAL (a device whose sectors are larger than [`DIRECT_IO_ALIGN`]):
+    /// every uncached write goes through the cache from then on, without trying O_DIRECT again.
+    uncached_refused: AtomicBool,
 }
 
 impl FileDevice {
@@ -38,7 +42,13 @@ impl FileDevice {
             .open(path)
             .map_err(|e| Error::io("create", 0, size_bytes, annotate(e, path)))?;
         file.set_len(size_bytes).map_err(|e| Error::io("set_len", 0, size_bytes, annotate(e, path)))?;
-        Ok(Self { file, size_bytes, direct: false, uncached: open_uncached(path) })
+        Ok(Self {
+            file,
+            size_bytes,
+            direct: false,
+            uncached: open_uncached(path),
+            uncached_refused: AtomicBool::new(false),
+        })
     }
 
     /// Open an existing file or block device read-write, through the page cache.
@@ -61,7 +71,7 @@ impl FileDevice {
         let file = opts.open(path).map_err(|e| Error::io("open", 0, 0, annotate(e, path)))?;
         let size_bytes = device_size(&file).map_err(|e| Error::io("stat", 0, 0, annotate(e, path)))?;
         let uncached = if direct { None } else { open_uncached(path) };
-        Ok(Self { file, size_bytes, direct, uncached })
+        Ok(Self { file, size_bytes, direct, uncached, uncached_refused: AtomicBool::new(false) })
     }
 
     /// A cached device without the O_DIRECT descriptor: every write goes through the page cache (as on a file
@@ -74,7 +84,12 @@ impl FileDevice {
     /// Whether [`Device::write_uncached_at`] skips the page cache: a cached device with its O_DIRECT descriptor, or
     /// a device opened with O_DIRECT.
     pub fn writes_uncached(&self) -> bool {
-        self.direct || self.uncached.is_some()
+        self.direct || self.uncached_file().is_some()
+    }
+
+    /// The O_DIRECT descriptor for uncached writes, unless there is none or it was refused.
+    fn uncached_file(&self) -> Option<&File> {
+        self.uncached.as_ref().filter(|_| !self.uncached_refused.load(Ordering::Relaxed))
     }
 
     /// True when the device bypasses the page cache.
@@ -208,13 +223,16 @@ impl Device for FileDevice {
     }
 
     fn write_uncached_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        match &self.uncached {
+        match self.uncached_file() {
             Some(file) if Self::aligned(buf, offset) => {
                 self.check_range("write", offset, buf.len())?;
                 match file.write_all_at(buf, offset) {
                     Ok(()) => Ok(()),
                     // a device whose sectors are larger than the alignment: through the page cache instead
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.write_at(buf, offset),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        self.uncached_refused.store(true, Ordering::Relaxed);
+                        self.write_at(buf, offset)
+                    }
                     Err(e) => Err(Error::io("write", offset, buf.len() as u64, e)),
                 }
             }
@@ -224,7 +242,7 @@ impl Device for FileDevice {
 
     fn uncached_fd(&self) -> Option<std::os::fd::RawFd> {
         use std::os::fd::AsRawFd;
-        self.uncached.as_ref().map(|f| f.as_raw_fd())
+        self.uncached_file().map(|f| f.as_raw_fd())
     }
 }
 

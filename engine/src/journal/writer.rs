@@ -270,7 +270,13 @@ fn submit_write(ring: &mut io_uring::IoUring, fds: Fds, job: &Job, done_bytes: u
 }
 
 /// The io_uring writer: up to [`MAX_INFLIGHT_BATCHES`] writes in flight from one thread; short writes continue.
-fn uring_jobs(dev: &dyn Device, fds: Fds, mut ring: io_uring::IoUring, rx: &Mutex<Receiver<Job>>, done: &Sender<Done>) {
+fn uring_jobs(
+    dev: &dyn Device,
+    mut fds: Fds,
+    mut ring: io_uring::IoUring,
+    rx: &Mutex<Receiver<Job>>,
+    done: &Sender<Done>,
+) {
     use std::collections::HashMap;
     use std::sync::mpsc::TryRecvError;
     let mut inflight: HashMap<u64, (Job, usize)> = HashMap::new();
@@ -326,7 +332,8 @@ fn uring_jobs(dev: &dyn Device, fds: Fds, mut ring: io_uring::IoUring, rx: &Mute
             let Some((job, n)) = inflight.get_mut(&id) else { continue };
             let outcome = if res == -libc::EINVAL && job.uncached {
                 // O_DIRECT refused (sectors larger than the alignment): write it here, through `write_uncached_at`,
-                // which goes through the cache then
+                // which goes through the cache then, and submit every later batch on the cached descriptor
+                fds.uncached = None;
                 Some(write_here(dev, job, *n))
             } else if res < 0 {
                 Some(Err(fail(job, std::io::Error::from_raw_os_error(-res))))
