@@ -3,7 +3,8 @@
 //!
 //! Usage: `nbd-bench-server POOL_FILE SOCKET [--pool-gib N] [--volume-mib N] [--fair-slots N] [--direct] [--checkpoint-mib N] [--cached-writes] [--memory]`: creates
 //! the pool (sparse) and a volume named `bench` when the pool file does not exist, then serves until killed. Fairness
-//! is on with the daemon's default slots unless `--fair-slots 0`. `--direct`: the pool file with O_DIRECT, as
+//! is on with the daemon's default slots unless `--fair-slots 0`. On SIGINT or SIGTERM it flushes the pool and prints
+//! its statistics (`PoolStats`) to standard error. `--direct`: the pool file with O_DIRECT, as
 //! `blockmesh serve --direct` opens it (no page cache); `--checkpoint-mib`: the checkpoint interval (default the
 //! engine's). `--cached-writes`: large writes through the page cache too (the engine's default sends their log
 //! batches past it, `PoolOptions::uncached_write_min_bytes`), for comparison. `--memory`: serve an in-memory export of the volume's size instead of the engine (the NBD layer alone,
@@ -64,6 +65,7 @@ fn main() -> Result<()> {
     let pool = Arc::new(pool);
     serve(Arc::new(PoolExports::new(pool.clone())), socket, config)?;
     pool.flush()?;
+    eprintln!("{:#?}", pool.stats());
     Ok(())
 }
 
@@ -73,9 +75,11 @@ fn serve(exports: Arc<dyn Exports>, socket: &str, config: ServerConfig) -> Resul
     rt.block_on(async {
         let server = Server::new(exports, config)?;
         let listener = Server::bind_unix(socket.as_ref()).context("binding the socket")?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             r = server.serve_unix(listener) => r?,
             r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
         }
         anyhow::Ok(())
     })
