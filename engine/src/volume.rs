@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::format::{crc32, BLOCK, BLOCK_SIZE};
 use crate::index::MappingKind;
 use crate::io::SECTOR_SIZE;
-use crate::pool::{flush, log_blocks_for, BlockSum, Inner, State, MAX_IO_BYTES};
+use crate::pool::{flush, log_blocks_for, BlockSum, Inner, State, WriteRun, MAX_IO_BYTES};
 use crate::{Error, Result};
 
 /// What a handle points at.
@@ -268,6 +268,8 @@ impl Volume {
         let mut sums = sums.into_iter();
         // a large write's batches skip the device's cache; the flag is down again before anything else appends
         st.log.uncached = len >= st.uncached_write_min_bytes;
+        // where the last whole block went: the next one of the same leaf is mapped there without a walk
+        let mut run = WriteRun::new(last);
         let logged = (first..=last).try_for_each(|b| {
             let base = b * BLOCK_SIZE;
             let lo = offset.max(base);
@@ -276,8 +278,9 @@ impl Volume {
             if hi - lo == BLOCK_SIZE {
                 // every request that passed validation has its sums
                 let sum = sums.next().unwrap_or_else(|| BlockSum::of(src));
-                st.write_summed_block(dev, id, b, src, sum)
+                st.write_summed_block(dev, id, b, src, sum, &mut run)
             } else {
+                run.forget();
                 st.read_block(dev, id, b, &mut block_buf)?;
                 block_buf[(lo - base) as usize..(hi - base) as usize].copy_from_slice(src);
                 st.write_block(dev, id, b, &block_buf)

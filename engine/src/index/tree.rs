@@ -287,20 +287,13 @@ impl Index {
     /// Drop one reference to `vbn`; `level` is `Some(level)` for a tree node, `None` for a data block. Frees what
     /// reaches zero, recursively.
     pub(crate) fn decref(&mut self, dev: &dyn Device, vbn: u64, level: Option<u8>) -> Result<()> {
+        if level.is_none() {
+            // a data block frees nothing below it: no stack (this runs for every block a write replaces)
+            return self.decref_data(vbn);
+        }
         let mut stack = vec![(vbn, level)];
         while let Some((vbn, level)) = stack.pop() {
-            let mut e = self.bt.get(vbn);
-            if e.refcount == 0 {
-                return Err(Error::corrupt(
-                    "block table",
-                    0,
-                    format!("a reference held on vbn {vbn}"),
-                    "refcount 0".to_string(),
-                ));
-            }
-            e.refcount -= 1;
-            if e.refcount > 0 {
-                self.bt.set(vbn, e);
+            if !self.unref(vbn)? {
                 continue;
             }
             if let Some(level) = level {
@@ -312,13 +305,41 @@ impl Index {
                     stack.push((s.a, child_level));
                 }
             }
-            if e.pba != 0 {
-                self.released.push(e.pba);
-            }
-            self.bt.set(vbn, BtEntry::default());
-            self.freed_vbns.insert(vbn);
+            self.free_vbn(vbn);
         }
         Ok(())
+    }
+
+    /// [`Index::decref`] of a data block.
+    fn decref_data(&mut self, vbn: u64) -> Result<()> {
+        if self.unref(vbn)? {
+            self.free_vbn(vbn);
+        }
+        Ok(())
+    }
+
+    /// Drop one reference to `vbn`; true when that was the last (its entry is left for [`Index::free_vbn`]).
+    fn unref(&mut self, vbn: u64) -> Result<bool> {
+        let mut e = self.bt.get(vbn);
+        if e.refcount == 0 {
+            return Err(Error::corrupt("block table", 0, format!("a reference held on vbn {vbn}"), "refcount 0"));
+        }
+        e.refcount -= 1;
+        if e.refcount > 0 {
+            self.bt.set(vbn, e);
+        }
+        Ok(e.refcount == 0)
+    }
+
+    /// Free `vbn`, which lost its last reference: its block is released, and the vbn is reused once the next
+    /// checkpoint completes [I9].
+    fn free_vbn(&mut self, vbn: u64) {
+        let e = self.bt.get(vbn);
+        if e.pba != 0 {
+            self.released.push(e.pba);
+        }
+        self.bt.set(vbn, BtEntry::default());
+        self.freed_vbns.insert(vbn);
     }
 
     /// Make node `vbn` (at `level`) private to its one parent: itself if unshared, else a fresh copy [I8].
@@ -409,6 +430,41 @@ impl Index {
         let idx = slot_index(block, 0);
         let old = Mapping::from_slot(self.node(leaf)[idx]);
         self.node_mut(leaf)[idx] = m.to_slot();
+        if old.kind == MappingKind::Data {
+            self.decref(dev, old.vbn, None)?;
+        }
+        Ok(())
+    }
+
+    /// The leaf that maps `block` in the tree at `root`, if every node on the path to it is in memory and private to
+    /// this tree (one reference each), as [`Index::set`] leaves the path it walked; `None` otherwise.
+    pub(crate) fn private_leaf(&self, root: Root, block: u64) -> Option<u64> {
+        if block >= root.capacity_blocks() {
+            return None;
+        }
+        let mut vbn = root.vbn;
+        for level in (0..root.height).rev() {
+            if vbn == 0 || self.bt.get(vbn).refcount != 1 {
+                return None;
+            }
+            let node = self.nodes.get(&vbn)?;
+            if level == 0 {
+                break;
+            }
+            vbn = node[slot_index(block, level)].a;
+        }
+        Some(vbn)
+    }
+
+    /// [`Index::set`] of a block that `leaf` maps, where `leaf` is what [`Index::private_leaf`] found for a block of
+    /// it, with nothing changed in the tree since but mappings of that leaf born in the same generation as `m`: the
+    /// same change, without the walk from the root (which would find every node on the path private, and every
+    /// slot on it born no earlier than `m`, and so change nothing).
+    pub(crate) fn set_in_leaf(&mut self, dev: &dyn Device, leaf: u64, block: u64, m: Mapping) -> Result<()> {
+        let idx = slot_index(block, 0);
+        let page = self.node_mut(leaf);
+        let old = Mapping::from_slot(page[idx]);
+        page[idx] = m.to_slot();
         if old.kind == MappingKind::Data {
             self.decref(dev, old.vbn, None)?;
         }
