@@ -171,6 +171,10 @@ pub struct PoolStats {
     /// Log batches written past the device's cache since the pool was opened (those of large writes,
     /// [`PoolOptions::uncached_write_min_bytes`]).
     pub uncached_batches: u64,
+    /// Log writes since the pool was opened that the io_uring writer submitted from batch buffers registered with
+    /// its ring (their pages pinned once, not for every write); 0 without io_uring or where the kernel refuses to
+    /// register them (e.g. over `RLIMIT_MEMLOCK`).
+    pub fixed_buffer_writes: u64,
     /// Blocks the cleaner copied since the pool was opened.
     pub cleaned_blocks: u64,
     /// Steps the background cleaner took since the pool was opened (moving passes and checkpoints; also counted
@@ -870,6 +874,7 @@ impl Pool {
             emptied_segments: st.segs.moved_count(),
             emptied_segment_syncs: st.log.emptied_segment_syncs,
             uncached_batches: st.log.uncached_batches,
+            fixed_buffer_writes: st.log.fixed_buffer_writes(),
             cleaned_blocks: st.counters.cleaned_blocks,
             background_clean_steps: st.counters.background_steps,
             background_log_syncs: st.counters.background_log_syncs,

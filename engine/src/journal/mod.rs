@@ -10,7 +10,7 @@ mod writer;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use writer::Pipeline;
+use writer::{BatchBuf, Pipeline};
 pub use writer::{DEFAULT_LOG_WRITER_THREADS, MAX_LOG_WRITER_THREADS};
 
 use crate::allocator::Segments;
@@ -18,7 +18,7 @@ use crate::format::ops::Op;
 use crate::format::record::{RecordHeader, RecordKind, BODY_CAPACITY_BYTES};
 use crate::format::superblock::LogCursor;
 use crate::format::{crc32, Enc, BLOCK, BLOCK_SIZE};
-use crate::io::{AlignedBuf, Device};
+use crate::io::Device;
 use crate::{Error, Result};
 
 /// Most data blocks in one batch (512 KiB): bounds the log buffer of the open batch.
@@ -59,10 +59,11 @@ pub(crate) struct Log {
     /// Sequence number of the next record.
     seq: u64,
     batch: Option<OpenBatch>,
-    /// The open batch's blocks, aligned for O_DIRECT and reused from batch to batch.
-    buf: AlignedBuf,
-    /// Writes of sealed batches.
+    /// Writes of sealed batches. Dropped before `buf`: the writers' ring may know that buffer, and the pipeline
+    /// joins them (see `writer::register_buffers`).
     pipeline: Pipeline,
+    /// The open batch's blocks, aligned for O_DIRECT and reused from batch to batch.
+    buf: BatchBuf,
     /// Segments left free for checkpoints: user data fails with "out of space" rather than take them.
     pub(crate) reserve_segments: u64,
     /// What the op being logged was admitted as (by the room check before it): every record it appends, its
@@ -97,6 +98,7 @@ impl Log {
         writer_threads: usize,
     ) -> Self {
         debug_assert!(cursor.pba >= segs.first_pba(cursor.segment) && cursor.pba <= segs.end_pba(cursor.segment));
+        let mut pipeline = Pipeline::new(dev, writer_threads, BATCH_BUFFER_BYTES);
         Self {
             pool_id,
             seg: cursor.segment,
@@ -104,8 +106,8 @@ impl Log {
             pos: cursor.pba,
             seq: cursor.seq,
             batch: None,
-            buf: AlignedBuf::zeroed(BATCH_BUFFER_BYTES),
-            pipeline: Pipeline::new(dev, writer_threads, BATCH_BUFFER_BYTES),
+            buf: pipeline.buffer(),
+            pipeline,
             reserve_segments,
             admitted: Purpose::Data,
             blocks_since_checkpoint: 0,
@@ -116,6 +118,11 @@ impl Log {
             uncached: false,
             uncached_batches: 0,
         }
+    }
+
+    /// Log writes submitted from buffers registered with the io_uring writer's ring.
+    pub(crate) fn fixed_buffer_writes(&self) -> u64 {
+        self.pipeline.fixed_writes()
     }
 
     /// Where the next record goes (with no batch open).
@@ -301,13 +308,13 @@ impl Log {
         };
         let blocks = 1 + u64::from(b.n_data);
         self.buf.as_mut_slice()[..BLOCK].copy_from_slice(&header.encode());
-        let full = std::mem::replace(&mut self.buf, AlignedBuf::zeroed(0));
+        let full = std::mem::replace(&mut self.buf, BatchBuf::plain(0));
         let uncached = b.uncached && b.n_data > 0;
         self.uncached_batches += u64::from(uncached);
         match self.pipeline.submit(b.pba, full, blocks as usize * BLOCK, uncached) {
             Ok(next) => self.buf = next,
             Err(e) => {
-                self.buf = AlignedBuf::zeroed(BATCH_BUFFER_BYTES);
+                self.buf = BatchBuf::plain(BATCH_BUFFER_BYTES);
                 return Err(e);
             }
         }

@@ -12,11 +12,17 @@
 //! Batches of large writes are written past the device's cache instead ([`Device::write_uncached_at`]; in the ring,
 //! on [`Device::uncached_fd`]), with no hint after them.
 //!
+//! The io_uring writer registers the batch buffers with its ring once ([`REGISTERED_BATCH_BUFFERS`] of them, made
+//! when the pipeline starts) and writes them with `WRITE_FIXED`: the kernel pins their pages once, instead of for
+//! every write (which cost as much CPU as the rest of an O_DIRECT write's submission: fio's `--fixedbufs` takes
+//! half the CPU per MiB on this machine's disk, benches/RESULTS.md).
+//!
 //! Until a write completes, its buffer stays readable through [`Pipeline::read_buffered`]. A flush or checkpoint
 //! waits for every write in flight ([`Pipeline::drain`]) before it syncs. A failed write is reported by the next call
 //! that waits for it, and the pool then fails.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -37,10 +43,45 @@ pub const DEFAULT_LOG_WRITER_THREADS: usize = 2;
 /// Most writer threads a pool may ask for.
 pub const MAX_LOG_WRITER_THREADS: usize = 8;
 
+/// Batch buffers registered with the io_uring writer's ring: one for each batch in flight and one for the batch being
+/// built, so that every batch is written from one (the pipeline never makes another while these are in use).
+const REGISTERED_BATCH_BUFFERS: usize = MAX_INFLIGHT_BATCHES + 1;
+
+/// A batch buffer: aligned for O_DIRECT, and its slot among the buffers registered with the io_uring writer's ring,
+/// if it is one of them (the slot is the buffer's own, given once: no other buffer ever carries it).
+#[derive(Debug)]
+pub(crate) struct BatchBuf {
+    buf: AlignedBuf,
+    slot: Option<u16>,
+}
+
+impl BatchBuf {
+    /// A buffer of `len` zero bytes, registered with no ring.
+    pub(crate) fn plain(len: usize) -> Self {
+        Self { buf: AlignedBuf::zeroed(len), slot: None }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        self.buf.as_slice()
+    }
+
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
+        self.buf.as_mut_slice()
+    }
+}
+
+/// Where the registered buffers lie, for the ring (addresses, not references: the thread that registers them never
+/// touches their bytes).
+#[derive(Debug, Clone, Copy)]
+struct BufferSpan {
+    addr: usize,
+    len: usize,
+}
+
 struct Job {
     id: u64,
     pba: u64,
-    buf: Arc<AlignedBuf>,
+    buf: Arc<BatchBuf>,
     len: usize,
     /// Written with [`Device::write_uncached_at`] (no writeback hint follows).
     uncached: bool,
@@ -56,7 +97,7 @@ struct Pending {
     id: u64,
     pba: u64,
     blocks: u64,
-    buf: Arc<AlignedBuf>,
+    buf: Arc<BatchBuf>,
     result: Option<Result<()>>,
 }
 
@@ -66,10 +107,15 @@ pub(crate) struct Pipeline {
     jobs: Option<SyncSender<Job>>,
     done: Receiver<Done>,
     pending: VecDeque<Pending>,
-    free: Vec<AlignedBuf>,
+    free: Vec<BatchBuf>,
+    /// Registered buffers that could not go back to `free` (a writer still held a reference, or the write never
+    /// reached a writer): kept until the writer threads, and the ring they are registered with, are gone, then freed.
+    retired: Vec<Arc<BatchBuf>>,
     next_id: u64,
     threads: Vec<JoinHandle<()>>,
     buffer_bytes: usize,
+    /// Writes submitted with `WRITE_FIXED` (from a registered buffer).
+    fixed_writes: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -87,6 +133,8 @@ impl Pipeline {
         let threads = threads.min(MAX_LOG_WRITER_THREADS);
         let (done_tx, done) = mpsc::channel::<Done>();
         let mut handles = Vec::new();
+        let mut free = Vec::new();
+        let fixed_writes = Arc::new(AtomicU64::new(0));
         let jobs = if threads == 0 {
             None
         } else {
@@ -94,13 +142,22 @@ impl Pipeline {
             let rx = Arc::new(Mutex::new(rx));
             let uring = dev.raw_fd().and_then(|fd| io_uring::IoUring::new(URING_ENTRIES).ok().map(|r| (fd, r)));
             if let Some((fd, ring)) = uring {
-                let fd = Fds { cached: fd, uncached: dev.uncached_fd() };
-                let (rx, done_tx, dev) = (rx.clone(), done_tx.clone(), dev.clone());
+                let fd = Fds { cached: fd, uncached: dev.uncached_fd(), registered: false };
+                // the buffers the ring will know, made before the thread that registers them
+                let bufs: Vec<BatchBuf> = (0..REGISTERED_BATCH_BUFFERS as u16)
+                    .map(|slot| BatchBuf { buf: AlignedBuf::zeroed(buffer_bytes), slot: Some(slot) })
+                    .collect();
+                let spans: Vec<BufferSpan> = bufs
+                    .iter()
+                    .map(|b| BufferSpan { addr: b.as_slice().as_ptr() as usize, len: buffer_bytes })
+                    .collect();
+                let (rx, done_tx, dev, counter) = (rx.clone(), done_tx.clone(), dev.clone(), fixed_writes.clone());
                 let spawned = std::thread::Builder::new()
                     .name("blockmesh-log-uring".into())
-                    .spawn(move || uring_jobs(&*dev, fd, ring, &rx, &done_tx));
+                    .spawn(move || uring_jobs(&*dev, fd, ring, &spans, &counter, &rx, &done_tx));
                 if let Ok(h) = spawned {
                     handles.push(h);
+                    free = bufs;
                 }
             }
             for i in 0..if handles.is_empty() { threads } else { 0 } {
@@ -117,12 +174,40 @@ impl Pipeline {
             }
             (!handles.is_empty()).then_some(tx)
         };
-        Self { dev, jobs, done, pending: VecDeque::new(), free: Vec::new(), next_id: 0, threads: handles, buffer_bytes }
+        Self {
+            dev,
+            jobs,
+            done,
+            pending: VecDeque::new(),
+            free,
+            retired: Vec::new(),
+            next_id: 0,
+            threads: handles,
+            buffer_bytes,
+            fixed_writes,
+        }
+    }
+
+    /// A buffer for the next batch: a free one, else a new one.
+    pub(crate) fn buffer(&mut self) -> BatchBuf {
+        self.free.pop().unwrap_or_else(|| BatchBuf::plain(self.buffer_bytes))
+    }
+
+    /// Writes submitted from a registered buffer so far (short writes continued count again).
+    pub(crate) fn fixed_writes(&self) -> u64 {
+        self.fixed_writes.load(Ordering::Relaxed)
+    }
+
+    /// Keep a buffer the ring may know until the ring is gone; let any other go.
+    fn retire(&mut self, buf: Arc<BatchBuf>) {
+        if buf.slot.is_some() {
+            self.retired.push(buf);
+        }
     }
 
     /// Write `buf[..len]` at block `pba` (in the background when there are writer threads), past the device's
     /// cache if `uncached` ([`Device::write_uncached_at`]); returns a buffer for the next batch.
-    pub(crate) fn submit(&mut self, pba: u64, buf: AlignedBuf, len: usize, uncached: bool) -> Result<AlignedBuf> {
+    pub(crate) fn submit(&mut self, pba: u64, buf: BatchBuf, len: usize, uncached: bool) -> Result<BatchBuf> {
         let Some(jobs) = &self.jobs else {
             if uncached {
                 self.dev.write_uncached_at(&buf.as_slice()[..len], pba * BLOCK_SIZE)?;
@@ -136,14 +221,17 @@ impl Pipeline {
         let id = self.next_id;
         self.next_id += 1;
         let buf = Arc::new(buf);
-        jobs.send(Job { id, pba, buf: buf.clone(), len, uncached })
-            .map_err(|_| Error::io("write", pba * BLOCK_SIZE, len as u64, std::io::Error::other("log writer gone")))?;
+        if let Err(mpsc::SendError(job)) = jobs.send(Job { id, pba, buf: buf.clone(), len, uncached }) {
+            drop(job);
+            self.retire(buf);
+            return Err(Error::io("write", pba * BLOCK_SIZE, len as u64, std::io::Error::other("log writer gone")));
+        }
         self.pending.push_back(Pending { id, pba, blocks: (len / BLOCK) as u64, buf, result: None });
         while self.pending.len() >= MAX_INFLIGHT_BATCHES {
             self.wait_one()?;
         }
         self.reap(false)?;
-        Ok(self.free.pop().unwrap_or_else(|| AlignedBuf::zeroed(self.buffer_bytes)))
+        Ok(self.buffer())
     }
 
     /// Whether `batches` more submissions would all return without waiting: there are writer threads (without,
@@ -171,11 +259,13 @@ impl Pipeline {
         }
         while self.pending.front().is_some_and(|p| p.result.is_some()) {
             let Some(p) = self.pending.pop_front() else { break };
+            // the writer let go of its reference before it reported the write done
+            match Arc::try_unwrap(p.buf) {
+                Ok(buf) => self.free.push(buf),
+                Err(shared) => self.retire(shared),
+            }
             if let Some(Err(e)) = p.result {
                 return Err(e);
-            }
-            if let Ok(buf) = Arc::try_unwrap(p.buf) {
-                self.free.push(buf);
             }
         }
         Ok(())
@@ -239,11 +329,13 @@ fn submit_writeback_hint(ring: &mut io_uring::IoUring, fd: std::os::fd::RawFd, j
     unsafe { ring.submission().push(&entry).is_ok() }
 }
 
-/// The descriptors of the io_uring writer: the device's, and the one its uncached writes go through, if any.
+/// The descriptors of the io_uring writer: the device's, and the one its uncached writes go through, if any; and
+/// whether the batch buffers are registered with its ring.
 #[derive(Clone, Copy)]
 struct Fds {
     cached: std::os::fd::RawFd,
     uncached: Option<std::os::fd::RawFd>,
+    registered: bool,
 }
 
 impl Fds {
@@ -255,18 +347,36 @@ impl Fds {
     }
 }
 
-fn submit_write(ring: &mut io_uring::IoUring, fds: Fds, job: &Job, done_bytes: usize) -> bool {
+fn submit_write(ring: &mut io_uring::IoUring, fds: Fds, job: &Job, done_bytes: usize, fixed: &AtomicU64) -> bool {
     use io_uring::{opcode, types};
-    let fd = fds.of(job);
+    let fd = types::Fd(fds.of(job));
     let rest = &job.buf.as_slice()[done_bytes..job.len];
-    let entry = opcode::Write::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
-        .offset(job.pba * BLOCK_SIZE + done_bytes as u64)
-        .build()
-        .user_data(job.id);
+    let offset = job.pba * BLOCK_SIZE + done_bytes as u64;
+    let entry = match job.buf.slot {
+        // a registered buffer: its pages were pinned once, when the ring took them
+        Some(slot) if fds.registered => {
+            fixed.fetch_add(1, Ordering::Relaxed);
+            opcode::WriteFixed::new(fd, rest.as_ptr(), rest.len() as u32, slot).offset(offset).build()
+        }
+        _ => opcode::Write::new(fd, rest.as_ptr(), rest.len() as u32).offset(offset).build(),
+    };
     // SAFETY: the buffer belongs to `job`, which the caller keeps in its in-flight table (holding an Arc on the
     // buffer) until this entry's completion has been reaped; the writer never leaves while entries are in flight,
     // so the kernel only ever reads memory that is alive and unchanged (a sealed batch buffer is never written).
-    unsafe { ring.submission().push(&entry).is_ok() }
+    // A fixed write names the slot the buffer itself was registered at, and lies inside it.
+    unsafe { ring.submission().push(&entry.user_data(job.id)).is_ok() }
+}
+
+/// Register the batch buffers with the writer's ring; false if the kernel refuses (e.g. over `RLIMIT_MEMLOCK`):
+/// the writer then writes them as plain buffers.
+fn register_buffers(ring: &io_uring::IoUring, spans: &[BufferSpan]) -> bool {
+    let iovecs: Vec<libc::iovec> =
+        spans.iter().map(|s| libc::iovec { iov_base: s.addr as *mut libc::c_void, iov_len: s.len }).collect();
+    // SAFETY: each span is the whole of a batch buffer the pipeline made for this ring (`Pipeline::new`) and never
+    // frees before the writer threads are joined (buffers the ring may know go back to its free list or, failing
+    // that, to `retired`; `Log` drops its pipeline before its own buffer), so the memory stays valid for as long as
+    // the ring, which this thread owns and drops when it ends.
+    !spans.is_empty() && unsafe { ring.submitter().register_buffers(&iovecs) }.is_ok()
 }
 
 /// The io_uring writer: up to [`MAX_INFLIGHT_BATCHES`] writes in flight from one thread; short writes continue.
@@ -274,9 +384,12 @@ fn uring_jobs(
     dev: &dyn Device,
     mut fds: Fds,
     mut ring: io_uring::IoUring,
+    spans: &[BufferSpan],
+    fixed: &AtomicU64,
     rx: &Mutex<Receiver<Job>>,
     done: &Sender<Done>,
 ) {
+    fds.registered = register_buffers(&ring, spans);
     use std::collections::HashMap;
     use std::sync::mpsc::TryRecvError;
     let mut inflight: HashMap<u64, (Job, usize)> = HashMap::new();
@@ -293,7 +406,7 @@ fn uring_jobs(
             };
             match next {
                 Ok(job) => {
-                    if submit_write(&mut ring, fds, &job, 0) {
+                    if submit_write(&mut ring, fds, &job, 0, fixed) {
                         inflight.insert(job.id, (job, 0));
                     } else {
                         // no room in the ring (cannot happen with its size): write it here instead
@@ -343,7 +456,7 @@ fn uring_jobs(
                 *n += res as usize;
                 if *n >= job.len {
                     Some(Ok(()))
-                } else if submit_write(&mut ring, fds, job, *n) {
+                } else if submit_write(&mut ring, fds, job, *n, fixed) {
                     None // a short write: the rest is in flight now
                 } else {
                     Some(Err(fail(job, std::io::Error::other("io_uring submission queue full"))))
@@ -440,8 +553,8 @@ mod tests {
         })
     }
 
-    fn batch(fill: u8, blocks: usize) -> AlignedBuf {
-        let mut buf = AlignedBuf::zeroed(blocks * BLOCK);
+    fn batch(fill: u8, blocks: usize) -> BatchBuf {
+        let mut buf = BatchBuf::plain(blocks * BLOCK);
         buf.as_mut_slice().fill(fill);
         buf
     }
@@ -516,6 +629,47 @@ mod tests {
         for i in 0..n {
             dev.read_at(&mut back, 8 * i * BLOCK_SIZE).expect("read");
             assert!(back.iter().all(|&b| b == (i % 250) as u8 + 1), "batch {i} reads back");
+        }
+    }
+
+    #[test]
+    fn the_uring_writer_writes_every_batch_from_its_registered_buffers() {
+        // as the log uses the pipeline: each batch built in the buffer the last submission returned, many more
+        // batches than there are buffers, cached and past the cache, some longer than others
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev: Arc<dyn Device> = Arc::new(FileDevice::create(&dir.path().join("dev"), 64 << 20).expect("create"));
+        let mut p = Pipeline::new(dev.clone(), 1, 8 * BLOCK);
+        let mut buf = p.buffer();
+        assert!(buf.slot.is_some(), "the first buffer is a registered one");
+        let n = 4 * REGISTERED_BATCH_BUFFERS as u64;
+        let blocks = |i: u64| 1 + (i % 8) as usize;
+        for i in 0..n {
+            buf.as_mut_slice()[..blocks(i) * BLOCK].fill((i % 250) as u8 + 1);
+            buf = p.submit(8 * i, buf, blocks(i) * BLOCK, i % 3 == 0).expect("submit");
+            assert!(buf.slot.is_some(), "batch {i}: the next buffer is a registered one too");
+        }
+        p.drain().expect("drain");
+        assert_eq!(p.fixed_writes(), n, "every batch went from a registered buffer");
+        assert!(p.retired.is_empty(), "every buffer came back");
+        drop(buf);
+        drop(p);
+        dev.sync().expect("sync");
+        for i in 0..n {
+            let mut back = vec![0u8; blocks(i) * BLOCK];
+            dev.read_at(&mut back, 8 * i * BLOCK_SIZE).expect("read");
+            assert!(back.iter().all(|&b| b == (i % 250) as u8 + 1), "batch {i} reads back");
+        }
+    }
+
+    #[test]
+    fn pipelines_without_io_uring_make_plain_buffers() {
+        for threads in [0, 1] {
+            let mut p = Pipeline::new(hinted(), threads, 4 * BLOCK);
+            let buf = p.buffer();
+            assert!(buf.slot.is_none(), "threads {threads}: no ring to register with");
+            drop(p.submit(0, buf, 4 * BLOCK, false).expect("submit"));
+            p.drain().expect("drain");
+            assert_eq!(p.fixed_writes(), 0, "threads {threads}");
         }
     }
 }
