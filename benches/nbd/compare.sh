@@ -52,7 +52,9 @@ suite() { # who uri
 }
 
 server_blockmesh() {
-  target/release/nbd-bench-server "$work/pool.bm" "$sock" --pool-gib 32 --volume-mib 1024 & pid=$!
+  # its pool statistics, printed when it stops, go to a log beside the results
+  target/release/nbd-bench-server "$work/pool.bm" "$sock" --pool-gib 32 --volume-mib 1024 \
+    2>> "$work/blockmesh-server.log" & pid=$!
   wait_socket
   suite blockmesh "nbd+unix:///bench?socket=$sock"
   stop
