@@ -184,9 +184,12 @@ fn a_file_pool_reusing_segments_for_both_kinds_reads_back_what_was_written() {
     }
     let stats = pool.stats();
     assert!(stats.uncached_batches > 0, "large writes went past the cache");
-    // the log's writer took every batch from the buffers registered with its ring (pages pinned once), and what
-    // it wrote from them is what reads back above and after the reopen below
-    assert!(stats.fixed_buffer_writes > 0, "batches went from registered buffers: {stats:?}");
+    // the log's writer took its batches from the buffers registered with its ring (pages pinned once, where this
+    // process may pin the 33 batch buffers), and what it wrote from them is what reads back above and after the
+    // reopen below
+    if common::may_pin_bytes(33 * (520 << 10)) {
+        assert!(stats.fixed_buffer_writes > 0, "batches went from registered buffers: {stats:?}");
+    }
     assert!(stats.blocks_written * BS as u64 > 3 * stats.pool_size_bytes, "segments were reused: {stats:?}");
     drop(v);
     pool.close().unwrap();

@@ -347,3 +347,22 @@ impl Model {
         );
     }
 }
+
+/// Whether this process may pin `bytes` of memory (io_uring's registered buffers count against it): it has
+/// CAP_IPC_LOCK (root has), or its RLIMIT_MEMLOCK allows them.
+pub fn may_pin_bytes(bytes: u64) -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let cap_ipc_lock = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0);
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let limit_allows = limits
+        .lines()
+        .find(|l| l.starts_with("Max locked memory"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .is_some_and(|soft| soft == "unlimited" || soft.parse::<u64>().is_ok_and(|b| b >= bytes));
+    cap_ipc_lock || limit_allows
+}
