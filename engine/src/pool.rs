@@ -918,11 +918,6 @@ impl WriteRun {
         Self { last, leaf: None }
     }
 
-    /// A write of block `block` alone.
-    pub(crate) fn single(block: u64) -> Self {
-        Self::new(block)
-    }
-
     /// Nothing known of where the next block goes (a block of the run was written some other way).
     pub(crate) fn forget(&mut self) {
         self.leaf = None;
@@ -946,8 +941,11 @@ pub(crate) struct WriteLeaf {
 }
 
 impl WriteLeaf {
-    fn holds(&self, volume: u64, root: Root, generation: u64, block: u64) -> bool {
-        self.volume == volume && self.root == root && self.generation == generation && self.leaf == block >> FANOUT_BITS
+    fn holds(&self, volume: u64, root: Option<Root>, generation: u64, block: u64) -> bool {
+        self.volume == volume
+            && root == Some(self.root)
+            && self.generation == generation
+            && self.leaf == block >> FANOUT_BITS
     }
 }
 
@@ -1337,12 +1335,14 @@ impl State {
 
     /// Log an op (with its data block) and apply it.
     pub(crate) fn log_apply(&mut self, dev: &dyn Device, op: Op, data: Option<&[u8]>) -> Result<()> {
-        self.counters.ops += 1;
-        let pba = match self.log.append_op(dev, &mut self.segs, &op, data) {
-            Ok(p) => p,
-            Err(e) => return Err(self.fail(e)),
-        };
+        let pba = self.append_op(dev, &op, data)?;
         self.apply(dev, &op, pba)
+    }
+
+    /// Append an op (with its data block) to the log; a failed append fails the pool.
+    fn append_op(&mut self, dev: &dyn Device, op: &Op, data: Option<&[u8]>) -> Result<Option<u64>> {
+        self.counters.ops += 1;
+        self.log.append_op(dev, &mut self.segs, op, data).map_err(|e| self.fail(e))
     }
 
     /// Log and apply a metadata op (no data block), after making room for it: an op that gives space back may use
@@ -1358,7 +1358,7 @@ impl State {
 
     /// Log and apply a write of one whole block.
     pub(crate) fn write_block(&mut self, dev: &dyn Device, volume: u64, block: u64, data: &[u8]) -> Result<()> {
-        self.write_summed_block(dev, volume, block, data, BlockSum::of(data), &mut WriteRun::single(block))
+        self.write_summed_block(dev, volume, block, data, BlockSum::of(data), &mut WriteRun::new(block))
     }
 
     /// Log and apply a write of one whole block whose [`BlockSum`] the caller computed (before taking the lock).
@@ -1381,30 +1381,30 @@ impl State {
         };
         let vbn = self.index.peek_vbn();
         let op = Op::Write { volume, block, vbn, crc };
-        let root = self.root_of(volume, block, 1)?;
-        let Some(known) = run.leaf.filter(|l| l.holds(volume, root, self.generation, block)) else {
+        let Some(known) = run.leaf.filter(|l| l.holds(volume, self.volume_root(volume), self.generation, block)) else {
             self.log_apply(dev, op, Some(data))?;
             let next_in_leaf = block < run.last && (block + 1) >> FANOUT_BITS == block >> FANOUT_BITS;
             run.leaf = if next_in_leaf { self.write_leaf(volume, block) } else { None };
             return Ok(());
         };
-        self.counters.ops += 1;
-        let pba = match self.log.append_op(dev, &mut self.segs, &op, Some(data)) {
-            Ok(Some(p)) => p,
-            Ok(None) => return Err(Error::corrupt("log", 0, "a data block for a write", "none")),
-            Err(e) => return Err(self.fail(e)),
-        };
+        let pba = self.append_op(dev, &op, Some(data))?;
+        let pba = pba.ok_or_else(|| Error::corrupt("log", 0, "a data block for a write", "none"))?;
         // what `apply` does for this op, with the walk from the root that `Index::set_in_leaf` spares
         let m = self.alloc_write(pba, vbn, crc)?;
-        self.index.set_in_leaf(dev, known.vbn, block, m)?;
+        self.index.set_in_leaf(known.vbn, block, m)?;
         self.settle_released();
         debug_assert_eq!(self.write_leaf(volume, block), Some(known), "the leaf of a run is where a walk leads");
         Ok(())
     }
 
+    /// The root of `volume`'s tree, if there is such a volume.
+    fn volume_root(&self, volume: u64) -> Option<Root> {
+        self.volumes.get(&volume).map(|v| v.root)
+    }
+
     /// The leaf that maps `block` of `volume`, as a write just left it (private and in memory), if it is.
     fn write_leaf(&self, volume: u64, block: u64) -> Option<WriteLeaf> {
-        let root = self.volumes.get(&volume)?.root;
+        let root = self.volume_root(volume)?;
         let vbn = self.index.private_leaf(root, block)?;
         Some(WriteLeaf { volume, root, generation: self.generation, leaf: block >> FANOUT_BITS, vbn })
     }

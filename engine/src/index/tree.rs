@@ -427,13 +427,7 @@ impl Index {
     /// Map one block; the old mapping's data block loses its reference.
     pub(crate) fn set(&mut self, dev: &dyn Device, root: &mut Root, block: u64, m: Mapping) -> Result<()> {
         let leaf = self.leaf_for_write(dev, root, block, m.birth)?;
-        let idx = slot_index(block, 0);
-        let old = Mapping::from_slot(self.node(leaf)[idx]);
-        self.node_mut(leaf)[idx] = m.to_slot();
-        if old.kind == MappingKind::Data {
-            self.decref(dev, old.vbn, None)?;
-        }
-        Ok(())
+        self.set_in_leaf(leaf, block, m)
     }
 
     /// The leaf that maps `block` in the tree at `root`, if every node on the path to it is in memory and private to
@@ -460,13 +454,13 @@ impl Index {
     /// it, with nothing changed in the tree since but mappings of that leaf born in the same generation as `m`: the
     /// same change, without the walk from the root (which would find every node on the path private, and every
     /// slot on it born no earlier than `m`, and so change nothing).
-    pub(crate) fn set_in_leaf(&mut self, dev: &dyn Device, leaf: u64, block: u64, m: Mapping) -> Result<()> {
+    pub(crate) fn set_in_leaf(&mut self, leaf: u64, block: u64, m: Mapping) -> Result<()> {
         let idx = slot_index(block, 0);
         let page = self.node_mut(leaf);
         let old = Mapping::from_slot(page[idx]);
         page[idx] = m.to_slot();
         if old.kind == MappingKind::Data {
-            self.decref(dev, old.vbn, None)?;
+            self.decref_data(old.vbn)?;
         }
         Ok(())
     }
