@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use blockmesh_engine::{CommitId, Pool, Volume, DEFAULT_SUBDOT, MAX_IO_BYTES};
 use blockmesh_nbd::{
     BlockSizes, Disconnect, ErrorKind, Export, ExportError, ExportListing, ExportResult, Exports, Extent, ExtentKind,
-    Qos, ZeroFlags,
+    Qos, WritePiece, ZeroFlags,
 };
 use parking_lot::Mutex;
 
@@ -139,13 +139,25 @@ pub struct VolumeExport {
     metrics: Option<Arc<Metrics>>,
     volume_metrics: Option<VolumeMetrics>,
     qos: Option<Arc<Qos>>,
+    /// Time the engine spent on the pieces taken so far of the write being streamed in
+    /// ([`Export::try_write_piece_now`]): the write is counted once, when its last piece is taken, with their sum.
+    piece_nanos: AtomicU64,
 }
 
 impl VolumeExport {
     /// Wraps a volume; its size is read now (the protocol fixes the size at negotiation).
     pub fn new(volume: Volume, description: Option<String>) -> blockmesh_engine::Result<Self> {
         let size_bytes = volume.size_bytes()?;
-        Ok(Self { volume, size_bytes, description, session: None, metrics: None, volume_metrics: None, qos: None })
+        Ok(Self {
+            volume,
+            size_bytes,
+            description,
+            session: None,
+            metrics: None,
+            volume_metrics: None,
+            qos: None,
+            piece_nanos: AtomicU64::new(0),
+        })
     }
 
     /// Runs one request, counting it in the metrics.
@@ -173,9 +185,14 @@ impl VolumeExport {
     }
 
     fn count(&self, op: NbdOp, bytes: u64, started: Instant, ok: bool) {
+        if self.metrics.is_some() {
+            self.count_elapsed(op, bytes, started.elapsed(), ok);
+        }
+    }
+
+    fn count_elapsed(&self, op: NbdOp, bytes: u64, elapsed: Duration, ok: bool) {
         let Some(m) = &self.metrics else { return };
         // one clock read for both the daemon's and the volume's histogram
-        let elapsed = started.elapsed();
         m.request(op, bytes, elapsed, ok);
         if let Some(v) = &self.volume_metrics {
             v.request(op, bytes, elapsed);
@@ -243,6 +260,29 @@ impl Export for VolumeExport {
             return Ok(false); // its flush waits for the disk
         }
         self.timed_attempt(NbdOp::Write, data.len() as u64, || self.volume.try_write_now(offset, data))
+    }
+
+    fn try_write_piece_now(&self, piece: WritePiece<'_>) -> ExportResult<bool> {
+        let started = Instant::now();
+        let r = self.volume.try_write_piece_now(piece.offset, piece.data, piece.write_bytes);
+        if self.metrics.is_none() {
+            return r.map_err(to_export_error);
+        }
+        let taken_bytes = piece.offset - piece.write_offset;
+        let mut nanos = if taken_bytes == 0 { 0 } else { self.piece_nanos.load(Ordering::Relaxed) };
+        nanos += u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.piece_nanos.store(nanos, Ordering::Relaxed);
+        let spent = Duration::from_nanos(nanos);
+        match &r {
+            // the whole write, as one request
+            Ok(true) if piece.is_last() => self.count_elapsed(NbdOp::Write, piece.write_bytes, spent, true),
+            Ok(true) => {}
+            // the pieces taken count as a request; the rest of the write, written as usual, counts as another
+            Ok(false) if taken_bytes > 0 => self.count_elapsed(NbdOp::Write, taken_bytes, spent, true),
+            Ok(false) => {}
+            Err(_) => self.count_elapsed(NbdOp::Write, piece.write_bytes, spent, false),
+        }
+        r.map_err(to_export_error)
     }
 
     fn flush(&self) -> ExportResult<()> {

@@ -221,7 +221,7 @@ impl Volume {
 
     /// Write `data` at `offset`. Acknowledged writes are durable after the next [`Volume::flush`].
     pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        let done = self.write_with(offset, data, false)?;
+        let done = self.write_with(offset, data, false, 0)?;
         assert!(done, "a blocking write always completes");
         Ok(())
     }
@@ -234,10 +234,18 @@ impl Volume {
     /// [`Volume::write`]). Errors are those of `write`. For servers that take short writes on their event loop:
     /// copying a few blocks into the open log batch costs less than the two thread hand-offs a blocking call takes.
     pub fn try_write_now(&self, offset: u64, data: &[u8]) -> Result<bool> {
-        self.write_with(offset, data, true)
+        self.write_with(offset, data, true, 0)
     }
 
-    fn write_with(&self, offset: u64, data: &[u8], nowait: bool) -> Result<bool> {
+    /// [`Volume::try_write_now`] for one piece of a longer write of `write_bytes`, for servers that take a write
+    /// piece by piece as its bytes arrive: the piece's log batches are written as the whole write's would be (past
+    /// the device's cache when it is large, [`crate::PoolOptions::uncached_write_min_bytes`]).
+    pub fn try_write_piece_now(&self, offset: u64, data: &[u8], write_bytes: u64) -> Result<bool> {
+        self.write_with(offset, data, true, write_bytes)
+    }
+
+    /// `write_bytes`: the length of the whole write `data` belongs to, when it is one piece of it (else 0).
+    fn write_with(&self, offset: u64, data: &[u8], nowait: bool, write_bytes: u64) -> Result<bool> {
         let dev = &*self.inner.dev;
         let gate = &self.inner.reuse_gate;
         let len = data.len() as u64;
@@ -267,7 +275,7 @@ impl Volume {
         let mut block_buf = vec![0u8; if aligned { 0 } else { BLOCK }];
         let mut sums = sums.into_iter();
         // a large write's batches skip the device's cache; the flag is down again before anything else appends
-        st.log.uncached = len >= st.uncached_write_min_bytes;
+        st.log.uncached = len.max(write_bytes) >= st.uncached_write_min_bytes;
         // where the last whole block went: the next one of the same leaf is mapped there without a walk
         let mut run = WriteRun::new(last);
         let logged = (first..=last).try_for_each(|b| {

@@ -1,6 +1,7 @@
 //! Large writes' log batches go past the device's cache (`Device::write_uncached_at`; O_DIRECT beside the cached
 //! descriptor on a file), everything else through it: a batch holding any block of a smaller write is written
-//! cached; writes taken without waiting (`Volume::try_write_now`) do the same; the option turns it off; what a
+//! cached; writes taken without waiting (`Volume::try_write_now`) do the same, and so do the pieces of a large
+//! write taken as its bytes arrive (`Volume::try_write_piece_now`); the option turns it off; what a
 //! flush covered survives a power cut either way; on a real file, segments reused by cached and uncached batches
 //! in turn always read back what was last written. Ends with reopen + integrity check.
 #![allow(clippy::unwrap_used)]
@@ -201,38 +202,81 @@ fn a_file_pool_reusing_segments_for_both_kinds_reads_back_what_was_written() {
     assert!(all == model, "the reopened pool holds the last writes");
 }
 
-/// Large writes taken without waiting (`Volume::try_write_now`, as the NBD server offers writes of up to 1 MiB on
-/// its event loop) go past the cache as `write`'s do, and read back; declined ones fall back to `write`.
-#[test]
-fn large_writes_taken_without_waiting_go_past_the_cache_too() {
+/// Runs `writes` on a 16 MiB volume of a pool on a recording device (with the background thread, so writes may be
+/// taken without waiting), `writes` keeping `model` up to date; checks that everything reads back, before and after
+/// reopening, with an integrity check; returns how many data blocks went past the cache.
+fn recorded(writes: impl FnOnce(&blockmesh_engine::Volume, &mut Vec<u8>)) -> usize {
     let sim = SimDevice::new(64 << 20);
     let dev = Arc::new(Recording { inner: sim.clone(), uncached: Mutex::new(Vec::new()) });
     let o = PoolOptions { background_cleaning: true, ..opts(4, 2, DEFAULT_UNCACHED_WRITE_MIN_BYTES) };
     let pool = Pool::create(dev.clone(), o.clone()).unwrap();
     let v = pool.create_volume("v", 16 << 20).unwrap();
     let mut model = vec![0u8; 16 << 20];
-    let mut taken = 0;
-    for i in 0..48u64 {
-        let b = (i as usize * 256) % (model.len() / BS);
-        let data = tagged(LARGE, 50 + i, 256);
-        if v.try_write_now((b * BS) as u64, &data).unwrap() {
-            taken += 1;
-        } else {
-            v.write((b * BS) as u64, &data).unwrap();
-        }
-        model[b * BS..(b + 256) * BS].copy_from_slice(&data);
-    }
-    assert!(taken > 0, "some writes were taken without waiting");
+    writes(&v, &mut model);
     let mut back = vec![0u8; model.len()];
     v.read(0, &mut back).unwrap();
     assert!(back == model);
     pool.flush().unwrap();
     let uncached: usize = dev.uncached.lock().iter().map(|(_, buf)| buf.len() / BS - 1).sum();
-    assert!(uncached * 2 > 48 * 256, "{uncached} of {} blocks went past the cache", 48 * 256);
     drop(v);
     pool.close().unwrap();
     let pool = Pool::open(sim, o).unwrap();
     assert!(pool.check().unwrap().is_ok());
     pool.volume("v").unwrap().read(0, &mut back).unwrap();
     assert!(back == model, "the reopened pool holds the last writes");
+    uncached
+}
+
+/// Large writes taken without waiting (`Volume::try_write_now`, as the NBD server offers writes of up to 1 MiB on
+/// its event loop) go past the cache as `write`'s do, and read back; declined ones fall back to `write`.
+#[test]
+fn large_writes_taken_without_waiting_go_past_the_cache_too() {
+    let uncached = recorded(|v, model| {
+        let mut taken = 0;
+        for i in 0..48u64 {
+            let b = (i as usize * 256) % (model.len() / BS);
+            let data = tagged(LARGE, 50 + i, 256);
+            if v.try_write_now((b * BS) as u64, &data).unwrap() {
+                taken += 1;
+            } else {
+                v.write((b * BS) as u64, &data).unwrap();
+            }
+            model[b * BS..(b + 256) * BS].copy_from_slice(&data);
+        }
+        assert!(taken > 0, "some writes were taken without waiting");
+    });
+    assert!(uncached * 2 > 48 * 256, "{uncached} of {} blocks went past the cache", 48 * 256);
+}
+
+/// The pieces of a write taken as its bytes arrive (`Volume::try_write_piece_now`, as the NBD server takes long
+/// writes) are written as the whole write would be: pieces of 64 KiB of a 1 MiB write go past the cache, the same
+/// pieces of a write of their own size do not.
+#[test]
+fn pieces_of_a_large_write_go_past_the_cache_as_the_whole_write_would() {
+    const PIECE_BLOCKS: usize = 16;
+    for whole_bytes in [1u64 << 20, (PIECE_BLOCKS * BS) as u64] {
+        let uncached = recorded(|v, model| {
+            let (mut taken, mut pieces) = (0, 0);
+            for i in 0..16u64 {
+                let b = (i as usize * 256) % (model.len() / BS);
+                let data = tagged(LARGE, 70 + i, 256);
+                for (k, piece) in data.chunks(PIECE_BLOCKS * BS).enumerate() {
+                    let at = ((b + k * PIECE_BLOCKS) * BS) as u64;
+                    pieces += 1;
+                    if v.try_write_piece_now(at, piece, whole_bytes).unwrap() {
+                        taken += 1;
+                    } else {
+                        v.write(at, piece).unwrap();
+                    }
+                }
+                model[b * BS..(b + 256) * BS].copy_from_slice(&data);
+            }
+            assert!(taken * 2 > pieces, "most pieces were taken without waiting: {taken} of {pieces}");
+        });
+        if whole_bytes >= DEFAULT_UNCACHED_WRITE_MIN_BYTES {
+            assert!(uncached * 2 > 16 * 256, "{uncached} of {} blocks went past the cache", 16 * 256);
+        } else {
+            assert_eq!(uncached, 0, "pieces of small writes are cached");
+        }
+    }
 }

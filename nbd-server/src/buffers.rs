@@ -31,6 +31,11 @@ impl Buf {
         &mut self.bytes[..self.len]
     }
 
+    /// Shortens the buffer to its first `len` bytes (no longer than it is).
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

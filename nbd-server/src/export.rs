@@ -123,6 +123,26 @@ pub struct Extent {
     pub kind: ExtentKind,
 }
 
+/// One piece of a write request taken as its payload arrives ([`Export::try_write_piece_now`]).
+#[derive(Debug, Clone, Copy)]
+pub struct WritePiece<'a> {
+    /// Where the whole write starts.
+    pub write_offset: u64,
+    /// The whole write's length.
+    pub write_bytes: u64,
+    /// Where this piece starts: `write_offset` for the first piece, where the one before it ended for the others.
+    pub offset: u64,
+    /// This piece's bytes.
+    pub data: &'a [u8],
+}
+
+impl WritePiece<'_> {
+    /// Whether this piece ends the write.
+    pub fn is_last(&self) -> bool {
+        self.offset + self.data.len() as u64 == self.write_offset + self.write_bytes
+    }
+}
+
 /// How `write_zeroes` may do its work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ZeroFlags {
@@ -182,6 +202,17 @@ pub trait Export: Send + Sync + 'static {
     /// block; the default declines.
     fn try_write_now(&self, offset: u64, data: &[u8], fua: bool) -> ExportResult<bool> {
         let _ = (offset, data, fua);
+        Ok(false)
+    }
+
+    /// One piece of a longer write, taken on the event loop while the rest of its payload is still arriving (the
+    /// server does this for writes of at least [`crate::transmission::STREAM_WRITE_MIN_BYTES`] without FUA, so the
+    /// export's work overlaps the transfer): like [`Export::try_write_now`] without FUA for `piece.data` at
+    /// `piece.offset`. `Ok(false)`: nothing of this piece was written, and the server writes the rest of the request
+    /// (from this piece on) as it would a whole write. A request's pieces come in order, one after the other, and
+    /// cover it exactly when all are taken; its reply waits for the last. Must not block; the default declines.
+    fn try_write_piece_now(&self, piece: WritePiece<'_>) -> ExportResult<bool> {
+        let _ = piece;
         Ok(false)
     }
 
@@ -469,6 +500,10 @@ impl Export for MemoryExport {
         let Some(mut blocks) = self.blocks.try_write() else { return Ok(false) };
         Self::store(&mut blocks, offset, data);
         Ok(true)
+    }
+
+    fn try_write_piece_now(&self, piece: WritePiece<'_>) -> ExportResult<bool> {
+        self.try_write_now(piece.offset, piece.data, false)
     }
 
     fn flush(&self) -> ExportResult<()> {

@@ -24,7 +24,7 @@ mod transmission;
 pub use error::{Error, Result};
 pub use export::{
     BlockSizes, Disconnect, ErrorKind, Export, ExportError, ExportListing, ExportMap, ExportResult, Exports, Extent,
-    ExtentKind, MemoryExport, ZeroFlags, MAX_PAYLOAD_BYTES,
+    ExtentKind, MemoryExport, WritePiece, ZeroFlags, MAX_PAYLOAD_BYTES,
 };
 pub use handshake::{BASE_ALLOCATION_ID, MAX_META_QUERIES, MAX_OPTIONS_PER_HANDSHAKE, MAX_OPTION_BYTES};
 pub use qos::{Direction, FairQueue, Limits, Qos, DEFAULT_FAIR_SLOTS};
@@ -37,3 +37,4 @@ pub use transmission::{
     HOLE_CHUNK_MIN_BYTES, INLINE_WRITE_MAX_BYTES, MAX_BLOCK_STATUS_DESCRIPTORS, MAX_INFLIGHT_BUFFER_BYTES,
     MAX_INFLIGHT_REQUESTS,
 };
+pub use transmission::{STREAM_PIECE_MIN_BYTES, STREAM_WRITE_MIN_BYTES};

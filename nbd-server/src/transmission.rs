@@ -3,7 +3,10 @@
 //!
 //! Small reads whose bytes are at hand ([`Export::try_read_now`]) are answered on the event loop instead: no thread
 //! hand-off at all, which is most of the cost of a cached 4 KiB read. Small writes the export can take without
-//! waiting ([`Export::try_write_now`]) likewise, after their fair-queue slot.
+//! waiting ([`Export::try_write_now`]) likewise, after their fair-queue slot. Large writes without FUA are handed to
+//! the export piece by piece while their payload is still arriving ([`Export::try_write_piece_now`],
+//! [`STREAM_WRITE_MIN_BYTES`]), each piece after a fair-queue slot of its own: the export's work on what has arrived
+//! overlaps the client's sending of the rest, where a whole write leaves the socket unread while the export works.
 //!
 //! Bounds per connection: [`MAX_INFLIGHT_REQUESTS`] requests and [`MAX_INFLIGHT_BUFFER_BYTES`] of payload buffers
 //! between reading a request and writing its reply. When either is used up the server stops reading requests, which
@@ -21,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::buffers::{Buf, BufPool};
-use crate::export::{ErrorKind, Export, ExportError, Extent, ZeroFlags};
+use crate::export::{ErrorKind, Export, ExportError, Extent, WritePiece, ZeroFlags};
 use crate::handshake::Negotiated;
 use crate::proto::*;
 use crate::qos::{Direction, FairQueue, Flow, Qos};
@@ -42,6 +45,14 @@ pub const HOLE_CHUNK_MIN_BYTES: u32 = 128 << 10;
 /// CPU per byte, benches/RESULTS.md), while longer ones keep the reader free to take the next request as they run
 /// and hold up no other connection on the same worker for more than the fraction of a millisecond 1 MiB takes.
 pub const INLINE_WRITE_MAX_BYTES: u32 = 1 << 20;
+/// Writes at least this long without FUA are taken piece by piece as their payload arrives
+/// ([`Export::try_write_piece_now`]): the export's work on one piece overlaps the transfer of the next, where a
+/// whole write would leave the socket unread while the export works.
+pub const STREAM_WRITE_MIN_BYTES: u32 = 256 << 10;
+/// Smallest piece of such a write handed to the export (but the last): fewer, larger pieces cost less per byte.
+pub const STREAM_PIECE_MIN_BYTES: usize = 64 << 10;
+/// Pieces start and end on multiples of this (device offsets), so none needs a read-modify-write.
+const STREAM_PIECE_ALIGN_BYTES: u64 = 4096;
 /// Reads up to this long are first tried on the event loop with [`Export::try_read_now`]: long enough for database
 /// pages and qcow2-sized clusters, short enough that copying them does not hold up other connections.
 pub const INLINE_READ_MAX_BYTES: u32 = 64 << 10;
@@ -521,7 +532,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
         if r.kind == CMD_DISC {
             return Ok(());
         }
-        let request_permit = requests.clone().acquire_owned().await.map_err(|_| closed())?;
+        let mut request_permit = requests.clone().acquire_owned().await.map_err(|_| closed())?;
         let verdict = conn.validate(&r);
         let payload_bytes = if r.kind == CMD_WRITE { r.length as usize } else { 0 };
         let op = match verdict {
@@ -548,13 +559,28 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             Op::Read { .. } | Op::Write { .. } => r.length as usize,
             _ => 0,
         };
-        let buffer_permit = if buffer_bytes > 0 {
+        let mut buffer_permit = if buffer_bytes > 0 {
             let units = buffer_bytes.div_ceil(BUDGET_UNIT_BYTES) as u32;
             Some(budget.clone().acquire_many_owned(units).await.map_err(|_| closed())?)
         } else {
             None
         };
-        let payload = if payload_bytes > 0 {
+        let streams = matches!(op, Op::Write { fua: false })
+            && r.length >= STREAM_WRITE_MIN_BYTES
+            && r.offset % STREAM_PIECE_ALIGN_BYTES == 0
+            && u64::from(r.length) % STREAM_PIECE_ALIGN_BYTES == 0;
+        let mut r = r;
+        let payload = if streams {
+            let permits = Permits { _request: request_permit, _buffer: buffer_permit };
+            match stream_write(rd, conn, &r, permits).await? {
+                Streamed::Replied => continue,
+                Streamed::Rest { header, data, permits } => {
+                    (request_permit, buffer_permit) = (permits._request, permits._buffer);
+                    r = header;
+                    Some(data)
+                }
+            }
+        } else if payload_bytes > 0 {
             let mut buf = conn.pool.take(payload_bytes);
             rd.read_exact(buf.as_mut_slice()).await?;
             Some(buf)
@@ -591,6 +617,81 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             drop(slot);
         });
     }
+}
+
+/// What [`stream_write`] left to do.
+enum Streamed {
+    /// Every piece was taken (or one failed) and the reply is queued.
+    Replied,
+    /// The export declined a piece: the rest of the write, from that piece on, as a request of its own (same
+    /// cookie) with its payload, for the usual path.
+    Rest { header: RequestHeader, data: Buf, permits: Permits },
+}
+
+/// Reads a write's payload and hands it to the export piece by piece as it arrives ([`STREAM_WRITE_MIN_BYTES`]):
+/// each read takes what the socket holds, and the whole blocks received so far go to
+/// [`Export::try_write_piece_now`] once they make [`STREAM_PIECE_MIN_BYTES`] (or end the write). The payload is
+/// read whole whatever happens, so the connection stays in step: after a failed piece the rest is read and dropped
+/// and the reply carries the error; after a declined one the rest is read and returned for the usual path.
+async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    conn: &Arc<Conn>,
+    r: &RequestHeader,
+    permits: Permits,
+) -> Result<Streamed> {
+    let len = r.length as usize;
+    let mut buf = conn.pool.take(len);
+    let (mut filled, mut taken) = (0usize, 0usize);
+    let mut failed = None;
+    let mut declined = false;
+    while filled < len {
+        let n = rd.read(&mut buf.as_mut_slice()[filled..]).await?;
+        if n == 0 {
+            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        filled += n;
+        if failed.is_some() || declined {
+            continue;
+        }
+        // whole blocks only (the write starts on one), and all of it at the end
+        let ready = if filled == len { len } else { filled - filled % STREAM_PIECE_ALIGN_BYTES as usize };
+        if ready < len && ready - taken < STREAM_PIECE_MIN_BYTES {
+            continue;
+        }
+        let slot = match &conn.fair {
+            Some(fair) => Some(fair.acquire(conn.flow(), (ready - taken) as u64).await),
+            None => None,
+        };
+        let piece = WritePiece {
+            write_offset: r.offset,
+            write_bytes: u64::from(r.length),
+            offset: r.offset + taken as u64,
+            data: &buf.as_slice()[taken..ready],
+        };
+        match conn.export.try_write_piece_now(piece) {
+            Ok(true) => taken = ready,
+            Ok(false) => declined = true,
+            Err(err) => failed = Some(err),
+        }
+        drop(slot);
+    }
+    if let Some(err) = failed {
+        conn.pool.give(buf);
+        let reply = conn.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits));
+        conn.tx.send(reply).await.map_err(|_| closed())?;
+        return Ok(Streamed::Replied);
+    }
+    if taken == len {
+        conn.pool.give(buf);
+        conn.tx.send(conn.simple(r.cookie, 0, None, Some(permits))).await.map_err(|_| closed())?;
+        return Ok(Streamed::Replied);
+    }
+    let header = RequestHeader { offset: r.offset + taken as u64, length: (len - taken) as u32, ..*r };
+    if taken > 0 {
+        buf.as_mut_slice().copy_within(taken.., 0);
+        buf.truncate(len - taken);
+    }
+    Ok(Streamed::Rest { header, data: buf, permits })
 }
 
 /// Sleeps out a rate limit's wait; cut short when the export's owner closes the connection (the request already
