@@ -277,8 +277,11 @@ impl Export for VolumeExport {
             // the whole write, as one request
             Ok(true) if piece.is_last() => self.count_elapsed(NbdOp::Write, piece.write_bytes, spent, true),
             Ok(true) => {}
-            // the pieces taken count as a request; the rest of the write, written as usual, counts as another
-            Ok(false) if taken_bytes > 0 => self.count_elapsed(NbdOp::Write, taken_bytes, spent, true),
+            // a declined piece is offered again, unless it ends the write: then the pieces taken count as a request
+            // and the rest of the write, written as usual, as another
+            Ok(false) if piece.is_last() && taken_bytes > 0 => {
+                self.count_elapsed(NbdOp::Write, taken_bytes, spent, true)
+            }
             Ok(false) => {}
             Err(_) => self.count_elapsed(NbdOp::Write, piece.write_bytes, spent, false),
         }

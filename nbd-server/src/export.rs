@@ -208,9 +208,11 @@ pub trait Export: Send + Sync + 'static {
     /// One piece of a longer write, taken on the event loop while the rest of its payload is still arriving (the
     /// server does this for writes of at least [`crate::transmission::STREAM_WRITE_MIN_BYTES`] without FUA, so the
     /// export's work overlaps the transfer): like [`Export::try_write_now`] without FUA for `piece.data` at
-    /// `piece.offset`. `Ok(false)`: nothing of this piece was written, and the server writes the rest of the request
-    /// (from this piece on) as it would a whole write. A request's pieces come in order, one after the other, and
-    /// cover it exactly when all are taken; its reply waits for the last. Must not block; the default declines.
+    /// `piece.offset`. `Ok(false)`: nothing of this piece was written; the server offers it again with what arrived
+    /// since, and writes what is still declined when the payload is all in as it would a whole write (so a declined
+    /// piece that ends the write, [`WritePiece::is_last`], is the last offered: the rest goes that way). A request's
+    /// pieces come in order, each starting where the last one taken ended, and cover it exactly when all are taken;
+    /// its reply waits for the last. Must not block; the default declines.
     fn try_write_piece_now(&self, piece: WritePiece<'_>) -> ExportResult<bool> {
         let _ = piece;
         Ok(false)

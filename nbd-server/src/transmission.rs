@@ -623,16 +623,18 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
 enum Streamed {
     /// Every piece was taken (or one failed) and the reply is queued.
     Replied,
-    /// The export declined a piece: the rest of the write, from that piece on, as a request of its own (same
-    /// cookie) with its payload, for the usual path.
+    /// The export declined the last piece, when the payload was all in: the rest of the write, from that piece on,
+    /// as a request of its own (same cookie) with its payload, for the usual path.
     Rest { header: RequestHeader, data: Buf, permits: Permits },
 }
 
 /// Reads a write's payload and hands it to the export piece by piece as it arrives ([`STREAM_WRITE_MIN_BYTES`]):
-/// each read takes what the socket holds, and the whole blocks received so far go to
-/// [`Export::try_write_piece_now`] once they make [`STREAM_PIECE_MIN_BYTES`] (or end the write). The payload is
-/// read whole whatever happens, so the connection stays in step: after a failed piece the rest is read and dropped
-/// and the reply carries the error; after a declined one the rest is read and returned for the usual path.
+/// each read takes what the socket holds, and the whole blocks received and not yet taken go to
+/// [`Export::try_write_piece_now`] once they make [`STREAM_PIECE_MIN_BYTES`] (or end the write). A declined piece is
+/// offered again after the next read, with what arrived since (the export's lock was taken, its log writers were
+/// busy: that passes); what is still declined when the payload is all in is returned for the usual path. The
+/// payload is read whole whatever happens, so the connection stays in step: after a failed piece the rest is read
+/// and dropped and the reply carries the error.
 async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     conn: &Arc<Conn>,
@@ -643,14 +645,13 @@ async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
     let mut buf = conn.pool.take(len);
     let (mut filled, mut taken) = (0usize, 0usize);
     let mut failed = None;
-    let mut declined = false;
     while filled < len {
         let n = rd.read(&mut buf.as_mut_slice()[filled..]).await?;
         if n == 0 {
             return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
         filled += n;
-        if failed.is_some() || declined {
+        if failed.is_some() {
             continue;
         }
         // whole blocks only (the write starts on one), and all of it at the end
@@ -670,7 +671,7 @@ async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
         };
         match conn.export.try_write_piece_now(piece) {
             Ok(true) => taken = ready,
-            Ok(false) => declined = true,
+            Ok(false) => {} // offered again, longer, after the next read
             Err(err) => failed = Some(err),
         }
         drop(slot);

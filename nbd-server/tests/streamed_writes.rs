@@ -1,6 +1,7 @@
 //! Large writes taken piece by piece as their payload arrives (`Export::try_write_piece_now`): the pieces come in
-//! order, on whole blocks, cover the write exactly and the reply waits for the last; a declined piece sends the rest
-//! of the write down the usual path; a failed one is the write's error reply and the connection stays in step; FUA,
+//! order, on whole blocks, cover the write exactly and the reply waits for the last; a declined piece is offered
+//! again with what arrived since, and what is still declined when the payload is all in goes down the usual path; a
+//! failed one is the write's error reply and the connection stays in step; FUA,
 //! short and unaligned writes are not streamed; exports that do not take pieces see whole writes as before.
 #![allow(clippy::unwrap_used)]
 
@@ -28,12 +29,13 @@ enum Call {
     Now { offset: u64, len: u64 },
 }
 
-/// A memory export that takes pieces and records every call; declines pieces at or past `decline_at`, fails the
-/// piece that starts at `fail_at`, and takes no pieces at all with `whole_only`.
+/// A memory export that takes pieces and records every call; declines pieces at or past `decline_at` and the next
+/// `decline_next` offers, fails the piece that starts at `fail_at`, and takes no pieces at all with `whole_only`.
 struct Pieces {
     mem: MemoryExport,
     calls: Mutex<Vec<Call>>,
     decline_at: AtomicU64,
+    decline_next: AtomicU64,
     fail_at: AtomicU64,
     whole_only: bool,
 }
@@ -44,6 +46,7 @@ impl Pieces {
             mem: MemoryExport::new(16 << 20),
             calls: Mutex::new(Vec::new()),
             decline_at: AtomicU64::new(u64::MAX),
+            decline_next: AtomicU64::new(0),
             fail_at: AtomicU64::new(u64::MAX),
             whole_only,
         })
@@ -79,6 +82,9 @@ impl Export for Pieces {
     }
     fn try_write_piece_now(&self, p: WritePiece<'_>) -> ExportResult<bool> {
         if self.whole_only || p.offset >= self.decline_at.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if self.decline_next.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             return Ok(false);
         }
         self.calls.lock().push(Call::Piece {
@@ -171,8 +177,29 @@ async fn a_large_write_is_taken_piece_by_piece_as_it_arrives() {
     }
 }
 
+/// A piece declined for a moment (a busy lock) is offered again, longer, once more has arrived: the write is still
+/// taken whole in pieces.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_declined_piece_sends_the_rest_of_the_write_down_the_usual_path() {
+async fn a_declined_piece_is_offered_again_with_what_arrived_since() {
+    let export = Pieces::new(false);
+    let server = serve(export.clone(), None);
+    let (mut c, _task) = pipe(&server);
+    c.open("p", true).await;
+    let data = pattern(14, 1 << 20);
+    export.decline_next.store(2, Ordering::SeqCst);
+    trickle(&mut c, 50, 2 << 20, &data, 70_000).await;
+    assert_eq!(c.reply().await, Reply::Simple { cookie: 50, errno: 0 });
+    assert_eq!(export.decline_next.load(Ordering::SeqCst), 0, "both declines were used");
+    let calls = export.take_calls();
+    assert_pieces_cover(&calls, 2 << 20, 1 << 20);
+    let Call::Piece { len: first, .. } = calls[0] else { unreachable!() };
+    assert!(first >= 3 * (64 << 10), "the first piece taken holds what arrived while it was declined: {calls:?}");
+    assert_eq!(c.read_structured(51, 2 << 20, 1 << 20).await.unwrap(), data);
+}
+
+/// Pieces still declined when the payload is all in: the rest of the write goes down the usual path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_piece_declined_to_the_end_sends_the_rest_down_the_usual_path() {
     let export = Pieces::new(false);
     let server = serve(export.clone(), Some(2));
     let (mut c, _task) = pipe(&server);
