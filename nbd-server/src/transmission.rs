@@ -44,6 +44,8 @@ pub const HOLE_CHUNK_MIN_BYTES: u32 = 128 << 10;
 /// 2.7x the IOPS; 1 MiB sequential writes whose log batches go past the page cache: 4-9% faster at 12-16% less
 /// CPU per byte, benches/RESULTS.md), while longer ones keep the reader free to take the next request as they run
 /// and hold up no other connection on the same worker for more than the fraction of a millisecond 1 MiB takes.
+/// Writes of [`STREAM_WRITE_MIN_BYTES`] or more without FUA are streamed instead; this applies to them only for
+/// the rest of one whose last piece the export declined.
 pub const INLINE_WRITE_MAX_BYTES: u32 = 1 << 20;
 /// Writes at least this long without FUA are taken piece by piece as their payload arrives
 /// ([`Export::try_write_piece_now`]): the export's work on one piece overlaps the transfer of the next, where a
