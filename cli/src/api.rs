@@ -153,6 +153,10 @@ pub struct PoolStatus {
     /// Log batches of large writes written past the page cache (O_DIRECT) since the daemon opened the pool.
     #[serde(default)]
     pub uncached_batches: u64,
+    /// Log writes submitted from buffers registered with the io_uring log writer's ring (no page pinning per write)
+    /// since the daemon opened the pool; 0 where the ring refused them (RLIMIT_MEMLOCK) or there is no io_uring.
+    #[serde(default)]
+    pub fixed_buffer_writes: u64,
     /// Syncs of the log the daemon's background thread took, outside the pool lock, as the log grew (so that
     /// checkpoints find it mostly on disk already).
     #[serde(default)]
@@ -794,6 +798,7 @@ async fn pool_status(State(s): State<Arc<ApiState>>) -> ApiResult<PoolStatus> {
             emptied_segments: st.emptied_segments,
             emptied_segment_syncs: st.emptied_segment_syncs,
             uncached_batches: st.uncached_batches,
+            fixed_buffer_writes: st.fixed_buffer_writes,
             background_log_syncs: st.background_log_syncs,
             failed: pool.health().err().map(|e| e.to_string()),
             dots: st.dots,

@@ -136,6 +136,7 @@ struct PoolGauges {
     emptied_segments: Gauge,
     emptied_segment_syncs: Gauge,
     uncached_batches: Gauge,
+    fixed_buffer_writes: Gauge,
     background_log_syncs: Gauge,
 }
 
@@ -222,7 +223,7 @@ impl Metrics {
         );
         registry.register("blockmesh_nbd_connections", "Open NBD exports (one per connection)", connections.clone());
         let pool = PoolGauges::default();
-        let gauges: [(&str, &str, &Gauge); 14] = [
+        let gauges: [(&str, &str, &Gauge); 15] = [
             ("blockmesh_pool_size_bytes", "Size of the pool", &pool.size_bytes),
             ("blockmesh_pool_used_bytes", "Bytes of blocks that volumes, commits and metadata hold", &pool.used_bytes),
             ("blockmesh_pool_segments", "Segments of the pool", &pool.segments),
@@ -255,6 +256,11 @@ impl Metrics {
                 "blockmesh_pool_uncached_batches",
                 "Log batches of large writes written past the page cache since the pool was opened",
                 &pool.uncached_batches,
+            ),
+            (
+                "blockmesh_pool_fixed_buffer_writes",
+                "Log writes from buffers registered with the io_uring writer's ring since the pool was opened",
+                &pool.fixed_buffer_writes,
             ),
             (
                 "blockmesh_pool_background_log_syncs",
@@ -450,6 +456,7 @@ impl Metrics {
         set(&p.emptied_segments, st.emptied_segments);
         set(&p.emptied_segment_syncs, st.emptied_segment_syncs);
         set(&p.uncached_batches, st.uncached_batches);
+        set(&p.fixed_buffer_writes, st.fixed_buffer_writes);
         set(&p.background_log_syncs, st.background_log_syncs);
         self.refresh_space(pool);
         let mut out = String::new();

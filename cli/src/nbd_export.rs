@@ -268,7 +268,7 @@ impl Export for VolumeExport {
         if self.metrics.is_none() {
             return r.map_err(to_export_error);
         }
-        let taken_bytes = piece.offset - piece.write_offset;
+        let taken_bytes = piece.offset.saturating_sub(piece.write_offset);
         let mut nanos = if taken_bytes == 0 { 0 } else { self.piece_nanos.load(Ordering::Relaxed) };
         nanos += u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.piece_nanos.store(nanos, Ordering::Relaxed);

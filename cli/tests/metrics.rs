@@ -42,6 +42,12 @@ fn metrics_count_nbd_requests_and_show_the_pool() {
     // cache; the 64 KiB write's did not
     let uncached = sample(&text, "blockmesh_pool_uncached_batches");
     assert!((1.0..=3.0).contains(&uncached), "uncached batches: {uncached}");
+    // registered-buffer log writes: as many as the API says (the pool is idle), at most one per log write (a few
+    // batches and the flush's); none where the ring may not pin its buffers
+    let fixed = sample(&text, "blockmesh_pool_fixed_buffer_writes");
+    let st: blockmesh::api::PoolStatus = d.json(&["pool", "status"]);
+    assert_eq!(fixed, st.fixed_buffer_writes as f64, "metrics and API agree");
+    assert!(fixed <= 16.0, "fixed-buffer writes: {fixed}");
     // 1 MiB written: far from what the background thread syncs on its own
     assert_eq!(sample(&text, "blockmesh_pool_background_log_syncs"), 0.0);
     // space, as `blockmesh list` shows it
