@@ -206,7 +206,7 @@ pub trait Export: Send + Sync + 'static {
     }
 
     /// One piece of a longer write, taken on the event loop while the rest of its payload is still arriving (the
-    /// server does this for writes of at least [`crate::transmission::STREAM_WRITE_MIN_BYTES`] without FUA, so the
+    /// server does this for writes of at least [`crate::STREAM_WRITE_MIN_BYTES`] without FUA, so the
     /// export's work overlaps the transfer): like [`Export::try_write_now`] without FUA for `piece.data` at
     /// `piece.offset`. `Ok(false)`: nothing of this piece was written; the server offers it again with what arrived
     /// since, and writes what is still declined when the payload is all in as it would a whole write (so a declined
