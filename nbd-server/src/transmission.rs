@@ -27,7 +27,7 @@ use crate::buffers::{Buf, BufPool};
 use crate::export::{ErrorKind, Export, ExportError, Extent, WritePiece, ZeroFlags};
 use crate::handshake::Negotiated;
 use crate::proto::*;
-use crate::qos::{Direction, FairQueue, Flow, Qos};
+use crate::qos::{Direction, FairQueue, Flow, Qos, FAIR_REQUEST_COST_BYTES};
 use crate::{Error, Result};
 
 /// Requests of one connection between being read and having their reply written.
@@ -648,6 +648,8 @@ async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
     let len = r.length as usize;
     let mut buf = conn.pool.take(len);
     let (mut filled, mut taken) = (0usize, 0usize);
+    // payload bytes the fair queue has been charged for, in offers taken or declined
+    let mut charged = 0usize;
     let mut failed = None;
     while filled < len {
         let n = rd.read(&mut buf.as_mut_slice()[filled..]).await?;
@@ -660,13 +662,15 @@ async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
         }
         // whole blocks only (the write starts on one), and all of it at the end
         let ready = if filled == len { len } else { filled - filled % STREAM_PIECE_ALIGN_BYTES as usize };
-        if ready < len && ready - taken < STREAM_PIECE_MIN_BYTES {
+        // too little yet, or nothing new since a declined offer
+        if ready < len && (ready - taken < STREAM_PIECE_MIN_BYTES || ready == charged) {
             continue;
         }
         let slot = match &conn.fair {
-            Some(fair) => Some(fair.acquire(conn.flow(), (ready - taken) as u64).await),
+            Some(fair) => Some(fair.acquire(conn.flow(), piece_fair_bytes(charged, ready)).await),
             None => None,
         };
+        charged = ready;
         let piece = WritePiece {
             write_offset: r.offset,
             write_bytes: u64::from(r.length),
@@ -697,6 +701,19 @@ async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
         buf.truncate(len - taken);
     }
     Ok(Streamed::Rest { header, data: buf, permits })
+}
+
+/// What one offer of a streamed write's piece costs its flow in the fair queue (`FairQueue::acquire` adds
+/// [`FAIR_REQUEST_COST_BYTES`] to it): the bytes received since the last offer, less that request cost after the
+/// first offer, so a write costs what it would taken whole however many pieces and offers it takes (each offer
+/// brings at least one new block, which is the request cost).
+fn piece_fair_bytes(charged: usize, ready: usize) -> u64 {
+    let new = (ready - charged) as u64;
+    if charged == 0 {
+        new
+    } else {
+        new.saturating_sub(FAIR_REQUEST_COST_BYTES)
+    }
 }
 
 /// Sleeps out a rate limit's wait; cut short when the export's owner closes the connection (the request already
@@ -748,4 +765,29 @@ async fn write_replies<W: tokio::io::AsyncWrite + Unpin>(
     // Ends TLS with close_notify, or half-closes a socket.
     let _ = w.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Offers at these ends of the received bytes cost, with the queue's per-acquire cost, what the whole write
+    /// would: its bytes plus one request's cost.
+    #[test]
+    fn a_streamed_write_costs_its_flow_what_a_whole_one_does() {
+        let len = 1usize << 20;
+        // pieces of 64 KiB and more; an offer declined and made again with one more block
+        for ends in [vec![len], vec![65536, 200_704, 401_408, 409_600, len], vec![262_144, len - 4096, len]] {
+            let mut charged = 0;
+            let total: u64 = ends
+                .iter()
+                .map(|&ready| {
+                    let cost = piece_fair_bytes(charged, ready) + FAIR_REQUEST_COST_BYTES;
+                    charged = ready;
+                    cost
+                })
+                .sum();
+            assert_eq!(total, len as u64 + FAIR_REQUEST_COST_BYTES, "offers ending at {ends:?}");
+        }
+    }
 }
