@@ -283,15 +283,19 @@ impl Conn {
         };
         let done = self.export.try_write_now(r.offset, data.as_slice(), fua);
         match done {
-            Ok(true) => {
-                self.pool.give(data);
-                Ok(self.simple(r.cookie, 0, None, Some(permits)))
-            }
             Ok(false) => Err((Some(data), permits)),
-            Err(err) => {
+            taken => {
                 self.pool.give(data);
-                Ok(self.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits)))
+                Ok(self.outcome(r, taken.map(|_| ()), permits))
             }
+        }
+    }
+
+    /// The reply to a command without data: success, or its error.
+    fn outcome(&self, r: &RequestHeader, res: std::result::Result<(), ExportError>, permits: Permits) -> Outgoing {
+        match res {
+            Ok(()) => self.simple(r.cookie, 0, None, Some(permits)),
+            Err(err) => self.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits)),
         }
     }
 
@@ -320,10 +324,8 @@ impl Conn {
     fn run(&self, r: RequestHeader, op: Op, payload: Option<Buf>, permits: Permits) {
         let len = u64::from(r.length);
         let e = &self.export;
-        let done = |res: std::result::Result<(), ExportError>, permits: Permits| match res {
-            Ok(()) => self.send(self.simple(r.cookie, 0, None, Some(permits))),
-            Err(err) => self.send(self.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits))),
-        };
+        let done =
+            |res: std::result::Result<(), ExportError>, permits: Permits| self.send(self.outcome(&r, res, permits));
         match op {
             Op::Write { fua } => {
                 let Some(data) = payload else { return done(Err(internal("write without payload")), permits) };
@@ -536,7 +538,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
         if r.kind == CMD_DISC {
             return Ok(());
         }
-        let mut request_permit = requests.clone().acquire_owned().await.map_err(|_| closed())?;
+        let request_permit = requests.clone().acquire_owned().await.map_err(|_| closed())?;
         let verdict = conn.validate(&r);
         let payload_bytes = if r.kind == CMD_WRITE { r.length as usize } else { 0 };
         let op = match verdict {
@@ -563,7 +565,7 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             Op::Read { .. } | Op::Write { .. } => r.length as usize,
             _ => 0,
         };
-        let mut buffer_permit = if buffer_bytes > 0 {
+        let buffer_permit = if buffer_bytes > 0 {
             let units = buffer_bytes.div_ceil(BUDGET_UNIT_BYTES) as u32;
             Some(budget.clone().acquire_many_owned(units).await.map_err(|_| closed())?)
         } else {
@@ -573,14 +575,13 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
             && r.length >= STREAM_WRITE_MIN_BYTES
             && r.offset % STREAM_PIECE_ALIGN_BYTES == 0
             && u64::from(r.length) % STREAM_PIECE_ALIGN_BYTES == 0;
+        let mut permits = Permits { _request: request_permit, _buffer: buffer_permit };
         let mut r = r;
         let payload = if streams {
-            let permits = Permits { _request: request_permit, _buffer: buffer_permit };
             match stream_write(rd, conn, &r, permits).await? {
                 Streamed::Replied => continue,
-                Streamed::Rest { header, data, permits } => {
-                    (request_permit, buffer_permit) = (permits._request, permits._buffer);
-                    r = header;
+                Streamed::Rest { header, data, permits: back } => {
+                    (r, permits) = (header, back);
                     Some(data)
                 }
             }
@@ -593,7 +594,6 @@ async fn read_requests<R: tokio::io::AsyncRead + Unpin>(
         } else {
             None
         };
-        let mut permits = Permits { _request: request_permit, _buffer: buffer_permit };
         if let Op::Read { df } = op {
             match conn.read_now(&r, df, permits) {
                 Ok(reply) => {
@@ -684,15 +684,10 @@ async fn stream_write<R: tokio::io::AsyncRead + Unpin>(
         }
         drop(slot);
     }
-    if let Some(err) = failed {
+    if failed.is_some() || taken == len {
         conn.pool.give(buf);
-        let reply = conn.error_reply(r.cookie, r.kind, export_refusal(err), Some(permits));
+        let reply = conn.outcome(r, failed.map_or(Ok(()), Err), permits);
         conn.tx.send(reply).await.map_err(|_| closed())?;
-        return Ok(Streamed::Replied);
-    }
-    if taken == len {
-        conn.pool.give(buf);
-        conn.tx.send(conn.simple(r.cookie, 0, None, Some(permits))).await.map_err(|_| closed())?;
         return Ok(Streamed::Replied);
     }
     let header = RequestHeader { offset: r.offset + taken as u64, length: (len - taken) as u32, ..*r };
