@@ -5,6 +5,7 @@
 //! is written when it is full, when the segment has no more room, and on flush, by the background writers of
 //! [`writer`]. Reads of blocks still in the open batch, or in a write not yet completed, are served from memory.
 
+mod copy;
 mod writer;
 
 use std::collections::BTreeSet;
@@ -262,9 +263,15 @@ impl Log {
             assert_eq!(d.len(), BLOCK);
             b.uncached &= self.uncached;
             b.n_data += 1;
-            // data block i sits after the header block, at buffer block 1 + i: copied once, written as is
+            // data block i sits after the header block, at buffer block 1 + i: copied once, written as is; past
+            // the CPU's caches when the batch is going past the device's (`copy`)
             let at = b.n_data as usize * BLOCK;
-            self.buf.as_mut_slice()[at..at + BLOCK].copy_from_slice(d);
+            let dst = &mut self.buf.as_mut_slice()[at..at + BLOCK];
+            if self.uncached {
+                copy::copy_block_streaming(dst, d);
+            } else {
+                dst.copy_from_slice(d);
+            }
             b.pba + u64::from(b.n_data)
         }))
     }
@@ -308,6 +315,8 @@ impl Log {
         };
         let blocks = 1 + u64::from(b.n_data);
         self.buf.as_mut_slice()[..BLOCK].copy_from_slice(&header.encode());
+        // the streamed copies of its data blocks are seen by the writer the buffer goes to
+        copy::publish();
         let full = std::mem::replace(&mut self.buf, BatchBuf::plain(0));
         let uncached = b.uncached && b.n_data > 0;
         self.uncached_batches += u64::from(uncached);
