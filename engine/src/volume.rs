@@ -275,7 +275,8 @@ impl Volume {
         let mut block_buf = vec![0u8; if aligned { 0 } else { BLOCK }];
         let mut sums = sums.into_iter();
         // a large write's batches skip the device's cache; the flag is down again before anything else appends
-        st.log.uncached = len.max(write_bytes) >= st.uncached_write_min_bytes;
+        let uncached = len.max(write_bytes) >= st.uncached_write_min_bytes;
+        st.log.set_uncached(uncached);
         // where the last whole block went: the next one of the same leaf is mapped there without a walk
         let mut run = WriteRun::new(last);
         let logged = (first..=last).try_for_each(|b| {
@@ -294,7 +295,7 @@ impl Volume {
                 st.write_block(dev, id, b, &block_buf)
             }
         });
-        st.log.uncached = false;
+        st.log.set_uncached(false);
         logged?;
         if nowait {
             // a checkpoint this write made due is begun by the background thread, or by the next write, which

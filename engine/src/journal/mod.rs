@@ -81,10 +81,10 @@ pub(crate) struct Log {
     pub(crate) blocks_written_synced: u64,
     /// Syncs taken in [`Log::switch_segment`] to write over segments the cleaner emptied [I13].
     pub(crate) emptied_segment_syncs: u64,
-    /// Set by a large volume write while it appends its blocks: a batch whose data blocks all come from such
-    /// writes is written with [`Device::write_uncached_at`]. Where it goes on disk and what a crash leaves of it
-    /// are those of any batch [I2]; only the page cache is skipped.
-    pub(crate) uncached: bool,
+    /// Set by a large volume write while it appends its blocks ([`Log::set_uncached`]): a batch whose data blocks
+    /// all come from such writes is written with [`Device::write_uncached_at`]. Where it goes on disk and what a
+    /// crash leaves of it are those of any batch [I2]; only the page cache is skipped.
+    uncached: bool,
     /// Batches written past the device's cache, for the figures.
     pub(crate) uncached_batches: u64,
 }
@@ -119,6 +119,17 @@ impl Log {
             uncached: false,
             uncached_batches: 0,
         }
+    }
+
+    /// Mark the data blocks appended from now on as a large write's (`true`) or not. A large write's blocks are
+    /// copied into the batch with streaming stores ([`copy`]); turning the mark off fences them, so that whatever
+    /// reads the batch buffer after this call (a read of a block still in it, under the pool's lock, from any
+    /// thread) sees them. [`Log::seal`] fences too, before a buffer goes to its writer.
+    pub(crate) fn set_uncached(&mut self, uncached: bool) {
+        if self.uncached && !uncached {
+            copy::publish();
+        }
+        self.uncached = uncached;
     }
 
     /// Log writes submitted from buffers registered with the io_uring writer's ring.
