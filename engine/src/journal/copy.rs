@@ -15,7 +15,7 @@ use crate::format::BLOCK;
 /// Copy one block into a batch buffer bound for an uncached write. The calling thread must call [`publish`] before
 /// anything touches those bytes again, itself included (streaming stores are ordered by a store fence only: the rule
 /// `std::arch` gives for `_mm_stream_si128`); the log does at [`super::Log::set_uncached`]`(false)` and in
-/// [`super::Log::seal`].
+/// [`super::Log::seal`] while a large write is still appending.
 pub(crate) fn copy_block_streaming(dst: &mut [u8], src: &[u8]) {
     assert_eq!(dst.len(), BLOCK, "a batch buffer takes whole blocks");
     assert_eq!(src.len(), BLOCK, "a batch buffer takes whole blocks");

@@ -124,7 +124,8 @@ impl Log {
     /// Mark the data blocks appended from now on as a large write's (`true`) or not. A large write's blocks are
     /// copied into the batch with streaming stores ([`copy`]); turning the mark off fences them, so that whatever
     /// reads the batch buffer after this call (a read of a block still in it, under the pool's lock, from any
-    /// thread) sees them. [`Log::seal`] fences too, before a buffer goes to its writer.
+    /// thread) sees them. [`Log::seal`] fences too when it seals in the middle of a large write, before the buffer
+    /// goes to its writer.
     pub(crate) fn set_uncached(&mut self, uncached: bool) {
         if self.uncached && !uncached {
             copy::publish();
@@ -326,8 +327,11 @@ impl Log {
         };
         let blocks = 1 + u64::from(b.n_data);
         self.buf.as_mut_slice()[..BLOCK].copy_from_slice(&header.encode());
-        // the streamed copies of its data blocks are seen by the writer the buffer goes to
-        copy::publish();
+        // a large write still appending: the writer the buffer goes to sees its streamed copies (every other
+        // streamed copy was fenced when its write ended, `set_uncached(false)`)
+        if self.uncached {
+            copy::publish();
+        }
         let full = std::mem::replace(&mut self.buf, BatchBuf::plain(0));
         let uncached = b.uncached && b.n_data > 0;
         self.uncached_batches += u64::from(uncached);
